@@ -1,0 +1,62 @@
+package proxy
+
+import (
+	"context"
+
+	"google.golang.org/grpc"
+)
+
+// Kind says how many messages each side of a method sends. The proxy cannot
+// tell from the wire, so the Director, which knows the API, says.
+type Kind uint8
+
+// The kinds of gRPC methods.
+const (
+	Unary        Kind = iota // one request, one reply
+	ServerStream             // one request, a stream of replies
+	ClientStream             // a stream of requests, one reply
+	BidiStream               // streams both ways
+)
+
+// String returns the kind's name as gRPC documentation writes it.
+func (k Kind) String() string {
+	switch k {
+	case Unary:
+		return "unary"
+	case ServerStream:
+		return "server-streaming"
+	case ClientStream:
+		return "client-streaming"
+	case BidiStream:
+		return "bidi-streaming"
+	}
+	return "unknown"
+}
+
+// Backend is one destination of a proxied call.
+type Backend interface {
+	// Name labels this backend's entries in one-to-many replies.
+	Name() string
+	// Connect returns the connection to send the call to and the context to
+	// send it with; the context carries the outgoing metadata and must be
+	// derived from ctx.
+	Connect(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error)
+}
+
+// Route is where one call goes.
+type Route struct {
+	// Backends receive the call; a one-to-one route has exactly one.
+	Backends []Backend
+	// OneToMany selects fan-out: the request goes to every backend and the
+	// replies are stamped with the backends' names and combined.
+	OneToMany bool
+	// Kind is the method's shape; one-to-many needs it to merge unary
+	// replies and interleave streamed ones.
+	Kind Kind
+}
+
+// Director decides where each call goes. An error it returns is sent to the
+// client as is, so it should be a gRPC status.
+type Director interface {
+	Route(ctx context.Context, fullMethod string) (Route, error)
+}

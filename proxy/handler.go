@@ -1,0 +1,85 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/status"
+)
+
+// Options tunes a Handler. The zero value is usable; each field documents
+// its default.
+type Options struct {
+	// NodeTimeout bounds each backend's part of a one-to-many unary call; a
+	// backend that misses it becomes an error entry with DeadlineExceeded
+	// while the others' replies are returned. Zero means no bound of its own
+	// (the call's deadline still applies).
+	NodeTimeout time.Duration
+	// StreamBuffer is how many stamped messages a one-to-many stream holds
+	// between the backends and the client before the fastest backends are
+	// paused. Default 64.
+	StreamBuffer int
+}
+
+func (o Options) withDefaults() Options {
+	if o.StreamBuffer <= 0 {
+		o.StreamBuffer = 64
+	}
+	return o
+}
+
+// Handler proxies every call it is given to the backends its Director picks.
+type Handler struct {
+	director Director
+	opts     Options
+	codec    encoding.CodecV2
+}
+
+// NewHandler returns a Handler that routes with d.
+func NewHandler(d Director, opts Options) *Handler {
+	return &Handler{director: d, opts: opts.withDefaults(), codec: Codec()}
+}
+
+// StreamHandler returns the handler to install with grpc.UnknownServiceHandler
+// on a server created with grpc.ForceServerCodecV2(Codec()).
+func (h *Handler) StreamHandler() grpc.StreamHandler { return h.handle }
+
+func (h *Handler) handle(_ any, ss grpc.ServerStream) error {
+	method, ok := grpc.MethodFromServerStream(ss)
+	if !ok {
+		return status.Error(codes.Internal, "proxy: no method on the server stream")
+	}
+	route, err := h.director.Route(ss.Context(), method)
+	if err != nil {
+		return err
+	}
+	switch {
+	case len(route.Backends) == 0:
+		return status.Errorf(codes.Unavailable, "no backend for %s", method)
+	case !route.OneToMany && len(route.Backends) != 1:
+		return status.Errorf(codes.Internal, "one-to-one route for %s has %d backends", method, len(route.Backends))
+	case !route.OneToMany:
+		return h.oneToOne(ss, method, route.Backends[0])
+	}
+	return h.oneToMany(ss, method, route)
+}
+
+// backendStatus turns an error met while reaching a backend into a status:
+// gRPC statuses keep their code, context errors get theirs, anything else is
+// Unavailable (the backend could not be used).
+func backendStatus(err error) *status.Status {
+	if st, ok := status.FromError(err); ok {
+		return st
+	}
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.New(codes.DeadlineExceeded, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.New(codes.Canceled, err.Error())
+	}
+	return status.New(codes.Unavailable, err.Error())
+}

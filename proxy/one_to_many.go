@@ -1,0 +1,283 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/apid/apid/aggregate"
+)
+
+var serverStreamDesc = &grpc.StreamDesc{ServerStreams: true}
+
+// oneToMany sends the client's single request to every backend and combines
+// their replies. A backend that fails is reported as an entry of the reply,
+// never as the call's own status.
+func (h *Handler) oneToMany(ss grpc.ServerStream, method string, route Route) error {
+	switch route.Kind {
+	case Unary, ServerStream:
+	default:
+		return status.Errorf(codes.InvalidArgument,
+			"%s is %s: a call to several nodes must send exactly one request; address one node instead", method, route.Kind)
+	}
+	req, err := readSingleRequest(ss, method)
+	if err != nil {
+		return err
+	}
+	if route.Kind == Unary {
+		return h.fanOutUnary(ss, method, route.Backends, req)
+	}
+	return h.fanOutStream(ss, method, route.Backends, req)
+}
+
+// readSingleRequest reads the one request message of a unary or
+// server-streaming call and checks the client sent no second one.
+func readSingleRequest(ss grpc.ServerStream, method string) ([]byte, error) {
+	var f frame
+	if err := ss.RecvMsg(&f); err != nil {
+		if err == io.EOF {
+			return nil, status.Errorf(codes.InvalidArgument, "%s: no request message", method)
+		}
+		return nil, err
+	}
+	req := append([]byte(nil), f.bytes()...)
+	f.release()
+
+	var extra frame
+	switch err := ss.RecvMsg(&extra); err {
+	case io.EOF:
+		return req, nil
+	case nil:
+		extra.release()
+		return nil, status.Errorf(codes.InvalidArgument,
+			"%s: a call to several nodes takes exactly one request message", method)
+	default:
+		return nil, err
+	}
+}
+
+// replyMD collects the header and trailer metadata of several backends
+// without losing any value.
+type replyMD struct {
+	mu      sync.Mutex
+	header  metadata.MD
+	trailer metadata.MD
+	sent    bool // header already sent to the client: later headers go to the trailer
+}
+
+func (r *replyMD) addHeader(md metadata.MD) {
+	if len(md) == 0 {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sent {
+		r.trailer = metadata.Join(r.trailer, md)
+		return
+	}
+	r.header = metadata.Join(r.header, md)
+}
+
+func (r *replyMD) addTrailer(md metadata.MD) {
+	if len(md) == 0 {
+		return
+	}
+	r.mu.Lock()
+	r.trailer = metadata.Join(r.trailer, md)
+	r.mu.Unlock()
+}
+
+// takeHeader returns the headers gathered so far; any arriving later are
+// delivered in the trailer.
+func (r *replyMD) takeHeader() metadata.MD {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sent = true
+	return r.header
+}
+
+func (r *replyMD) takeTrailer() metadata.MD {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sent = true
+	return metadata.Join(r.header, r.trailer)
+}
+
+// fanOutUnary calls every backend and replies with one message holding all
+// their entries, in the order of the backends.
+func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, backends []Backend, req []byte) error {
+	ctx := ss.Context()
+	parts := make([]aggregate.Part, len(backends))
+	replies := make([]frame, len(backends))
+	var md replyMD
+
+	var wg sync.WaitGroup
+	for i, b := range backends {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			parts[i] = h.callUnary(ctx, method, b, req, &replies[i], &md)
+		}()
+	}
+	wg.Wait()
+
+	reply := aggregate.Merge(parts)
+	for i := range replies {
+		replies[i].release()
+	}
+	if hdr := md.takeHeader(); len(hdr) > 0 {
+		if err := ss.SendHeader(hdr); err != nil {
+			return err
+		}
+	}
+	ss.SetTrailer(md.takeTrailer())
+	return ss.SendMsg(&frame{raw: reply})
+}
+
+// callUnary makes one backend's call and describes its outcome as a Part.
+// The reply's bytes stay in reply until the caller has merged them.
+func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req []byte, reply *frame, md *replyMD) aggregate.Part {
+	part := aggregate.Part{Host: b.Name()}
+	if h.opts.NodeTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, h.opts.NodeTimeout)
+		defer cancel()
+	}
+	outCtx, conn, err := b.Connect(ctx, method)
+	if err == nil {
+		var header, trailer metadata.MD
+		err = conn.Invoke(outCtx, method, &frame{raw: req}, reply,
+			grpc.ForceCodecV2(h.codec), grpc.Header(&header), grpc.Trailer(&trailer))
+		md.addHeader(header)
+		md.addTrailer(trailer)
+	}
+	if err != nil {
+		st := backendStatus(err)
+		part.Code, part.Message = st.Code(), st.Message()
+		return part
+	}
+	part.Body = reply.bytes()
+	return part
+}
+
+// fanOutStream streams every backend's messages to the client as they come,
+// each stamped with its backend's name. The buffer between them is bounded:
+// when the client reads slower than the backends write, the backends wait
+// (and HTTP/2 flow control pauses them) rather than memory growing.
+func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []Backend, req []byte) error {
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+
+	out := make(chan []byte, h.opts.StreamBuffer)
+	var md replyMD
+	var wg sync.WaitGroup
+	for _, b := range backends {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.streamFrom(ctx, method, b, req, out, &md)
+		}()
+	}
+	go func() {
+		wg.Wait()
+		close(out)
+	}()
+
+	var sendErr error
+	headerSent := false
+	for msg := range out {
+		if sendErr != nil {
+			continue // drain so every backend goroutine can finish
+		}
+		if !headerSent {
+			headerSent = true
+			if hdr := md.takeHeader(); len(hdr) > 0 {
+				if sendErr = ss.SendHeader(hdr); sendErr != nil {
+					cancel()
+					continue
+				}
+			}
+		}
+		if sendErr = ss.SendMsg(&frame{raw: msg}); sendErr != nil {
+			cancel()
+		}
+	}
+	if sendErr != nil {
+		return sendErr
+	}
+	ss.SetTrailer(md.takeTrailer())
+	return nil
+}
+
+// streamFrom relays one backend's stream into out. Its failure, at any
+// point, becomes one error message in the stream.
+func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req []byte, out chan<- []byte, md *replyMD) {
+	name := b.Name()
+	emit := func(msg []byte) bool {
+		select {
+		case out <- msg:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	fail := func(err error) {
+		if ctx.Err() != nil {
+			return // the client is gone: nobody to tell
+		}
+		st := backendStatus(err)
+		emit(aggregate.AppendErrorMessage(nil, name, st.Code(), st.Message()))
+	}
+
+	streamCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	outCtx, conn, err := b.Connect(streamCtx, method)
+	if err != nil {
+		fail(err)
+		return
+	}
+	cs, err := conn.NewStream(outCtx, serverStreamDesc, method, grpc.ForceCodecV2(h.codec))
+	if err != nil {
+		fail(err)
+		return
+	}
+	if err := cs.SendMsg(&frame{raw: req}); err != nil && err != io.EOF {
+		fail(err)
+		return
+	}
+	if err := cs.CloseSend(); err != nil {
+		fail(err)
+		return
+	}
+	if hdr, err := cs.Header(); err == nil {
+		md.addHeader(hdr)
+	}
+	for {
+		var f frame
+		err := cs.RecvMsg(&f)
+		if err == io.EOF {
+			md.addTrailer(cs.Trailer())
+			return
+		}
+		if err != nil {
+			md.addTrailer(cs.Trailer())
+			fail(err)
+			return
+		}
+		body := f.bytes()
+		stamped, err := aggregate.StampMessage(make([]byte, 0, len(body)+len(name)+12), body, name)
+		f.release()
+		if err != nil {
+			fail(status.Errorf(codes.Internal, "malformed reply: %v", err))
+			return
+		}
+		if !emit(stamped) {
+			return
+		}
+	}
+}

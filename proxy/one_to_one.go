@@ -1,0 +1,92 @@
+package proxy
+
+import (
+	"context"
+	"io"
+
+	"google.golang.org/grpc"
+)
+
+// relayDesc lets one stream carry any method: the proxy does not need to
+// know how many messages either side sends to relay them.
+var relayDesc = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
+
+// oneToOne relays frames both ways between the client and one backend, and
+// hands the backend's header, trailer and status back untouched.
+func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend) error {
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+
+	outCtx, conn, err := b.Connect(ctx, method)
+	if err != nil {
+		return backendStatus(err).Err()
+	}
+	cs, err := conn.NewStream(outCtx, relayDesc, method, grpc.ForceCodecV2(h.codec))
+	if err != nil {
+		return backendStatus(err).Err()
+	}
+
+	requests := make(chan error, 1)
+	go func() {
+		err := relayRequests(ss, cs)
+		if err != nil {
+			cancel() // the client is gone or sent something refused: stop the backend
+		}
+		requests <- err
+	}()
+
+	err = relayReplies(cs, ss)
+	ss.SetTrailer(cs.Trailer())
+	if err != nil && ctx.Err() != nil && ss.Context().Err() == nil {
+		// The backend was cancelled because the client's side failed (for
+		// example an oversized request): that failure is the one to report.
+		if rerr := <-requests; rerr != nil {
+			return rerr
+		}
+	}
+	return err
+}
+
+// relayRequests copies the client's messages to the backend until the client
+// half-closes. It returns nil when the client is done or the backend stopped
+// listening (the backend's status then arrives through relayReplies).
+func relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
+	for {
+		var f frame
+		if err := ss.RecvMsg(&f); err != nil {
+			if err == io.EOF {
+				return cs.CloseSend()
+			}
+			return err
+		}
+		err := cs.SendMsg(&f)
+		f.release() // a no-op unless the send never reached the codec
+		if err != nil {
+			return nil // io.EOF or the stream broke: the status is read by relayReplies
+		}
+	}
+}
+
+// relayReplies copies the backend's header and messages to the client and
+// returns the backend's status (nil for OK).
+func relayReplies(cs grpc.ClientStream, ss grpc.ServerStream) error {
+	if md, err := cs.Header(); err == nil && len(md) > 0 {
+		if err := ss.SendHeader(md); err != nil {
+			return err
+		}
+	}
+	for {
+		var f frame
+		if err := cs.RecvMsg(&f); err != nil {
+			if err == io.EOF {
+				return nil
+			}
+			return err
+		}
+		err := ss.SendMsg(&f)
+		f.release()
+		if err != nil {
+			return err
+		}
+	}
+}
