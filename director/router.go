@@ -1,0 +1,221 @@
+package director
+
+import (
+	"context"
+	"slices"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/apid/apid/proxy"
+	apidtls "github.com/apid/apid/tls"
+)
+
+// Metadata keys that carry routing and identity between clients and apids.
+const (
+	KeyNode      = "node"       // one target: proxy one-to-one
+	KeyNodes     = "nodes"      // several targets: fan out
+	KeyProxyFrom = "proxyfrom"  // set by an apid forwarding to another: serve locally
+	KeyRole      = "talos-role" // the original caller's roles, one value each
+)
+
+const reflectionPrefix = "/grpc.reflection."
+
+// DefaultForwardKeys are the client metadata keys passed on to the next hop:
+// the official client's context and runtime keys and W3C trace context.
+var DefaultForwardKeys = []string{"context", "runtime", "traceparent", "tracestate"}
+
+// Config is the routing policy.
+type Config struct {
+	// SelfNames are the names and addresses clients may use for this node;
+	// a target among them is served by the local backend, not by a TLS
+	// round trip to this apid itself.
+	SelfNames []string
+	// MaxNodes bounds the distinct nodes one request may name. Default 1000.
+	MaxNodes int
+	// ForwardKeys are client metadata keys passed on to the next hop in
+	// addition to DefaultForwardKeys.
+	ForwardKeys []string
+	// ServerStreaming, ClientStreaming and BidiStreaming name (as
+	// /package.Service/Method) methods outside the Talos API whose shape the
+	// fan-out must know; other unknown methods are treated as unary, or as
+	// server-streaming when their name ends in "Stream".
+	ServerStreaming, ClientStreaming, BidiStreaming []string
+}
+
+// Router is the Director of apid: it implements proxy.Director.
+type Router struct {
+	local   grpc.ClientConnInterface
+	pool    *Pool
+	self    map[string]bool
+	forward []string
+	kinds   methodKinds
+	max     int
+}
+
+// NewRouter returns a Router that sends local calls to local and calls for
+// other nodes through pool.
+func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
+	r := &Router{
+		local:   local,
+		pool:    pool,
+		self:    make(map[string]bool, len(cfg.SelfNames)),
+		forward: append(slices.Clone(DefaultForwardKeys), cfg.ForwardKeys...),
+		kinds:   newMethodKinds(cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
+		max:     cfg.MaxNodes,
+	}
+	if r.max <= 0 {
+		r.max = 1000
+	}
+	for i, k := range r.forward {
+		r.forward[i] = strings.ToLower(k)
+	}
+	for _, n := range cfg.SelfNames {
+		r.self[n] = true
+	}
+	return r
+}
+
+// Caller is who a call comes from, as far as routing is concerned.
+type Caller struct {
+	// Roles are the roles the call runs with: the certificate's, or those
+	// an impersonating apid forwarded.
+	Roles []string
+	// Forwarded is true when another apid forwarded the call; it is then
+	// served locally.
+	Forwarded bool
+	// Subject names the peer certificate, for logs.
+	Subject string
+}
+
+// Identify reads the caller from the peer certificate. Forwarded roles and
+// proxyfrom count only from a peer whose certificate holds os:impersonator;
+// from anyone else they are ignored.
+func Identify(ctx context.Context) (Caller, error) {
+	cert, ok := apidtls.PeerCertificate(ctx)
+	if !ok {
+		return Caller{}, status.Error(codes.Unauthenticated, "no verified client certificate")
+	}
+	c := Caller{Roles: apidtls.Roles(cert), Subject: cert.Subject.String()}
+	if !slices.Contains(c.Roles, apidtls.RoleImpersonator) {
+		return c, nil
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	roles, hasRoles := md[KeyRole]
+	c.Forwarded = len(md[KeyProxyFrom]) > 0
+	if hasRoles || c.Forwarded {
+		// An impersonating peer speaks for its caller: the caller's roles,
+		// and none of its own, even when the caller had none.
+		c.Roles = slices.Clone(roles)
+	}
+	return c, nil
+}
+
+// Route implements proxy.Director.
+func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, error) {
+	caller, err := Identify(ctx)
+	if err != nil {
+		return proxy.Route{}, err
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	out := r.outgoing(md, caller.Roles)
+	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
+		// Forwarded calls are this node's to serve (which also stops loops).
+		// Reflection describes the API, which every node shares, and is a
+		// bidirectional stream that cannot fan out, so tools that send
+		// their nodes header with it still work.
+		return r.oneToOne(r.localBackend("", out)), nil
+	}
+
+	node, nodes := md[KeyNode], md[KeyNodes]
+	switch {
+	case len(node) > 0 && len(nodes) > 0:
+		return proxy.Route{}, status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
+	case len(node) > 1:
+		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(node))
+	case len(node) == 1:
+		t, err := ParseTarget(node[0])
+		if err != nil {
+			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return r.oneToOne(r.backendFor(t, out, authority(md))), nil
+	case len(nodes) > 0:
+		targets, err := ParseTargets(nodes, r.max)
+		if err != nil {
+			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
+		}
+		backends := make([]proxy.Backend, len(targets))
+		from := authority(md)
+		for i, t := range targets {
+			backends[i] = r.backendFor(t, out, from)
+		}
+		return proxy.Route{Backends: backends, OneToMany: true, Kind: r.kinds.kind(fullMethod)}, nil
+	}
+	return r.oneToOne(r.localBackend("", out)), nil
+}
+
+func (r *Router) oneToOne(b proxy.Backend) proxy.Route {
+	return proxy.Route{Backends: []proxy.Backend{b}}
+}
+
+// outgoing builds the metadata for the next hop from nothing: allowlisted
+// client keys plus the roles this apid resolved. Whatever else the caller
+// sent (node, nodes, proxyfrom, talos-role, tokens, pseudo-headers) stays
+// here.
+func (r *Router) outgoing(in metadata.MD, roles []string) metadata.MD {
+	out := make(metadata.MD, len(r.forward)+2)
+	for _, k := range r.forward {
+		if v, ok := in[k]; ok {
+			out[k] = slices.Clone(v)
+		}
+	}
+	if len(roles) > 0 {
+		out[KeyRole] = slices.Clone(roles)
+	}
+	return out
+}
+
+func authority(md metadata.MD) string {
+	if v := md[":authority"]; len(v) > 0 {
+		return v[0]
+	}
+	return "apid"
+}
+
+func (r *Router) backendFor(target string, out metadata.MD, from string) proxy.Backend {
+	if r.self[target] {
+		return r.localBackend(target, out)
+	}
+	fwd := out.Copy()
+	fwd[KeyProxyFrom] = []string{from}
+	return &backend{name: target, md: fwd, pool: r.pool}
+}
+
+func (r *Router) localBackend(name string, out metadata.MD) proxy.Backend {
+	return &backend{name: name, md: out, local: r.local}
+}
+
+// backend is one destination chosen for one call: the local node agent
+// (local set) or the apid of node name, reached through pool.
+type backend struct {
+	name  string
+	md    metadata.MD
+	local grpc.ClientConnInterface
+	pool  *Pool
+}
+
+func (b *backend) Name() string { return b.name }
+
+func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, error) {
+	cc := b.local
+	if cc == nil {
+		var err error
+		if cc, err = b.pool.Conn(b.name); err != nil {
+			return nil, nil, err
+		}
+	}
+	return metadata.NewOutgoingContext(ctx, b.md), cc, nil
+}

@@ -1,0 +1,86 @@
+package director
+
+import (
+	"fmt"
+	"net"
+	"strings"
+)
+
+// ParseTarget checks one node target as a client wrote it: an IP address
+// (IPv6 optionally in brackets) or a DNS name, without a port. It returns
+// the target trimmed of surrounding spaces.
+func ParseTarget(s string) (string, error) {
+	t := strings.TrimSpace(s)
+	switch {
+	case t == "":
+		return "", fmt.Errorf("empty node name")
+	case len(t) > 253:
+		return "", fmt.Errorf("node name %.32q… is longer than 253 bytes", t)
+	}
+	if strings.HasPrefix(t, "[") && strings.HasSuffix(t, "]") {
+		if ip := net.ParseIP(t[1 : len(t)-1]); ip != nil && ip.To4() == nil {
+			return t, nil
+		}
+		return "", fmt.Errorf("node %q: brackets hold no IPv6 address", t)
+	}
+	if net.ParseIP(t) != nil {
+		return t, nil
+	}
+	if _, _, err := net.SplitHostPort(t); err == nil {
+		return "", fmt.Errorf("node %q: a node is named without a port", t)
+	}
+	for _, label := range strings.Split(t, ".") {
+		if !validLabel(label) {
+			return "", fmt.Errorf("node %q is neither an IP address nor a DNS name", t)
+		}
+	}
+	return t, nil
+}
+
+func validLabel(l string) bool {
+	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(l); i++ {
+		c := l[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// ParseTargets parses the values of a nodes header. Each value may itself
+// hold a comma-separated list (as people type it into grpcurl). Duplicates
+// are collapsed, keeping the first occurrence's place; more than max
+// distinct nodes is an error.
+func ParseTargets(values []string, max int) ([]string, error) {
+	var out []string
+	seen := make(map[string]struct{}, len(values))
+	for _, v := range values {
+		for _, item := range strings.Split(v, ",") {
+			t, err := ParseTarget(item)
+			if err != nil {
+				return nil, err
+			}
+			if _, dup := seen[t]; dup {
+				continue
+			}
+			if len(out) == max {
+				return nil, fmt.Errorf("more than %d nodes in one request", max)
+			}
+			seen[t] = struct{}{}
+			out = append(out, t)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("empty node list")
+	}
+	return out, nil
+}
+
+// dialAddress is where the apid of target listens.
+func dialAddress(target string, port int) string {
+	host := strings.TrimSuffix(strings.TrimPrefix(target, "["), "]")
+	return net.JoinHostPort(host, fmt.Sprint(port))
+}
