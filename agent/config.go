@@ -1,0 +1,102 @@
+package agent
+
+import (
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+)
+
+// Defaults applied by [New] to zero fields of [Config].
+const (
+	// DefaultKernelLogPath is the kernel log device read by Dmesg.
+	DefaultKernelLogPath = "/dev/kmsg"
+	// DefaultMeminfoPath is the file parsed by Memory.
+	DefaultMeminfoPath = "/proc/meminfo"
+	// DefaultLogCapacity is how many lines of its own log the agent keeps for Logs.
+	DefaultLogCapacity = 1000
+)
+
+// DefaultReadRoots are the directories Read may serve files from when
+// [Config.ReadRoots] is empty.
+var DefaultReadRoots = []string{"/proc", "/sys"}
+
+// Config describes an agent. The zero value is usable: every empty field gets
+// the default documented on it.
+type Config struct {
+	// Hostname is returned by the Hostname method and recorded in the agent's
+	// log. Default: os.Hostname(), or "localhost" if that fails.
+	Hostname string
+
+	// ReadRoots are the directories the Read method may open files under.
+	// Each is made absolute, cleaned and symlink-resolved once, in New; empty
+	// entries are ignored. A request for anything that is not (after cleaning
+	// and symlink resolution) inside one of them is refused with
+	// PermissionDenied. Default: DefaultReadRoots.
+	ReadRoots []string
+
+	// KernelLogPath is the kernel log device served by Dmesg. When it cannot
+	// be opened or read, Dmesg serves clearly labelled synthetic lines instead
+	// of failing. Default: DefaultKernelLogPath.
+	KernelLogPath string
+
+	// MeminfoPath is the file parsed by Memory. Default: DefaultMeminfoPath.
+	MeminfoPath string
+
+	// LogCapacity bounds the in-memory log served by Logs, in lines.
+	// Default: DefaultLogCapacity.
+	LogCapacity int
+
+	// Logger receives the agent's structured log (one record per call
+	// served). Default: records are kept only in the in-memory log.
+	Logger *slog.Logger
+}
+
+// withDefaults returns c with every zero field replaced by its default and
+// the read roots resolved.
+func (c Config) withDefaults() Config {
+	if c.Hostname == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "localhost"
+		}
+		c.Hostname = h
+	}
+	if len(c.ReadRoots) == 0 {
+		c.ReadRoots = slices.Clone(DefaultReadRoots)
+	}
+	if c.KernelLogPath == "" {
+		c.KernelLogPath = DefaultKernelLogPath
+	}
+	if c.MeminfoPath == "" {
+		c.MeminfoPath = DefaultMeminfoPath
+	}
+	if c.LogCapacity <= 0 {
+		c.LogCapacity = DefaultLogCapacity
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// resolveRoots makes each root absolute and clean and, when it exists,
+// resolves its symlinks, so that containment checks compare real paths.
+// It returns the cleaned roots as configured and their resolved forms.
+func resolveRoots(roots []string) (cleaned, resolved []string) {
+	for _, r := range roots {
+		if r == "" {
+			continue
+		}
+		abs, err := filepath.Abs(r)
+		if err != nil {
+			continue
+		}
+		cleaned = append(cleaned, abs)
+		if real, err := filepath.EvalSymlinks(abs); err == nil {
+			abs = real
+		}
+		resolved = append(resolved, abs)
+	}
+	return cleaned, resolved
+}

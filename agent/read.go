@@ -1,0 +1,150 @@
+package agent
+
+import (
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/common"
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// readChunkSize is the payload size of each message sent by Read.
+const readChunkSize = 32 << 10
+
+// Read streams a regular file under one of the read roots in chunks of
+// 32 KiB. Paths outside the roots, including ones that leave them through
+// ".." or a symlink, get PermissionDenied; missing files get NotFound.
+func (s *Server) Read(req *machine.ReadRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
+	defer s.logCall(stream.Context(), "Read", time.Now(), &err)
+	f, err := s.openForRead(req.GetPath())
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for {
+		// A fresh buffer per chunk: a sent message must not change afterwards.
+		buf := make([]byte, readChunkSize)
+		n, rerr := f.Read(buf)
+		if n > 0 {
+			if err := stream.Send(&common.Data{Bytes: buf[:n]}); err != nil {
+				return err
+			}
+		}
+		switch {
+		case errors.Is(rerr, io.EOF):
+			return nil
+		case rerr != nil:
+			return fsStatus(rerr, codes.Unavailable)
+		}
+	}
+}
+
+// openForRead applies the read-roots rule to p and opens the file it names.
+//
+// The lexical check runs first so that paths outside the roots are refused
+// without touching the file system (no existence probing). Symlinks are then
+// resolved and the real path must lie inside a root; finally the file is
+// opened through an os.Root for that root, which refuses any path that
+// escapes it, so a symlink swapped in after the check cannot widen access.
+func (s *Server) openForRead(p string) (*os.File, error) {
+	if p == "" {
+		return nil, status.Error(codes.InvalidArgument, "path is required")
+	}
+	if !filepath.IsAbs(p) {
+		return nil, status.Errorf(codes.InvalidArgument, "path %q is not absolute", p)
+	}
+	clean := filepath.Clean(p)
+	if containingRoot(clean, s.allowed) == "" && containingRoot(clean, s.resolved) == "" {
+		return nil, status.Errorf(codes.PermissionDenied, "%s is outside the readable roots", clean)
+	}
+	real, err := filepath.EvalSymlinks(clean)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, s.missingStatus(clean, err)
+	}
+	if err != nil {
+		return nil, fsStatus(err, codes.Internal)
+	}
+	root := containingRoot(real, s.resolved)
+	if root == "" {
+		return nil, status.Errorf(codes.PermissionDenied, "%s resolves outside the readable roots", clean)
+	}
+	rel, err := filepath.Rel(root, real)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "relate %s to %s: %v", real, root, err)
+	}
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return nil, fsStatus(err, codes.Internal)
+	}
+	defer r.Close()
+	// O_NONBLOCK keeps a FIFO from blocking the open; it is refused below.
+	f, err := r.OpenFile(rel, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		// Besides the errors fsStatus recognises, os.Root fails only when the
+		// path escapes the root: the tree changed since it was resolved.
+		return nil, fsStatus(err, codes.PermissionDenied)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fsStatus(err, codes.Internal)
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, status.Errorf(codes.InvalidArgument, "%s is not a regular file (%s)", clean, fi.Mode().Type())
+	}
+	return f, nil
+}
+
+// missingStatus answers a request for a path that does not exist: NotFound
+// if its nearest existing ancestor resolves inside the roots, otherwise
+// PermissionDenied, so that a symlinked directory cannot be used to learn
+// which files exist outside the roots.
+func (s *Server) missingStatus(clean string, notExist error) error {
+	for dir := filepath.Dir(clean); ; dir = filepath.Dir(dir) {
+		if real, err := filepath.EvalSymlinks(dir); err == nil {
+			if containingRoot(real, s.resolved) == "" {
+				return status.Errorf(codes.PermissionDenied, "%s resolves outside the readable roots", clean)
+			}
+			return fsStatus(notExist, codes.NotFound)
+		}
+		if dir == filepath.Dir(dir) {
+			return fsStatus(notExist, codes.NotFound)
+		}
+	}
+}
+
+// containingRoot returns the first of roots that contains path (both clean
+// and absolute), or "" if none does.
+func containingRoot(path string, roots []string) string {
+	for _, r := range roots {
+		if path == r || strings.HasPrefix(path, strings.TrimSuffix(r, string(filepath.Separator))+string(filepath.Separator)) {
+			return r
+		}
+	}
+	return ""
+}
+
+// fsStatus converts a file-system error to a status, using fallback for
+// errors without an obvious code.
+func fsStatus(err error, fallback codes.Code) error {
+	code := fallback
+	switch {
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ENOTDIR):
+		code = codes.NotFound
+	case errors.Is(err, fs.ErrPermission):
+		code = codes.PermissionDenied
+	case errors.Is(err, syscall.EISDIR):
+		code = codes.InvalidArgument
+	}
+	return status.Error(code, err.Error())
+}
