@@ -2,8 +2,10 @@ package director
 
 import (
 	"context"
+	"log/slog"
 	"slices"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -20,6 +22,9 @@ const (
 	KeyNodes     = "nodes"      // several targets: fan out
 	KeyProxyFrom = "proxyfrom"  // set by an apid forwarding to another: serve locally
 	KeyRole      = "talos-role" // the original caller's roles, one value each
+	// KeyNodeTimeout lets a client shorten the per-node deadline of a
+	// fan-out call (a Go duration such as "2s"); it can never lengthen it.
+	KeyNodeTimeout = "apid-node-timeout"
 )
 
 const reflectionPrefix = "/grpc.reflection."
@@ -44,6 +49,14 @@ type Config struct {
 	// fan-out must know; other unknown methods are treated as unary, or as
 	// server-streaming when their name ends in "Stream".
 	ServerStreaming, ClientStreaming, BidiStreaming []string
+	// Policy authorizes calls; nil means NewPolicy(nil, false), the Talos
+	// roles.
+	Policy *Policy
+	// NodeTimeout is the per-node deadline of fan-out unary calls that a
+	// client's KeyNodeTimeout may shorten. Zero: none.
+	NodeTimeout time.Duration
+	// Logger receives denied calls and unknown roles. Default: discard.
+	Logger *slog.Logger
 }
 
 // Router is the Director of apid: it implements proxy.Director.
@@ -54,6 +67,9 @@ type Router struct {
 	forward []string
 	kinds   methodKinds
 	max     int
+	policy  *Policy
+	timeout time.Duration
+	log     *slog.Logger
 }
 
 // NewRouter returns a Router that sends local calls to local and calls for
@@ -66,6 +82,15 @@ func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
 		forward: append(slices.Clone(DefaultForwardKeys), cfg.ForwardKeys...),
 		kinds:   newMethodKinds(cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
 		max:     cfg.MaxNodes,
+		policy:  cfg.Policy,
+		timeout: cfg.NodeTimeout,
+		log:     cfg.Logger,
+	}
+	if r.policy == nil {
+		r.policy, _ = NewPolicy(nil, false) // the built-in rules are valid
+	}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
 	}
 	if r.max <= 0 {
 		r.max = 1000
@@ -114,14 +139,28 @@ func Identify(ctx context.Context) (Caller, error) {
 	return c, nil
 }
 
-// Route implements proxy.Director.
+// Route implements proxy.Director. It refuses a non-canonical method path
+// before anything else (so no path trick can slip past the policy), then
+// authorizes the caller once, before any backend is contacted.
 func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, error) {
+	if !validMethod(fullMethod) {
+		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "malformed method path %.64q", fullMethod)
+	}
 	caller, err := Identify(ctx)
 	if err != nil {
 		return proxy.Route{}, err
 	}
+	roles, unknown := r.policy.Known(caller.Roles)
+	if len(unknown) > 0 {
+		r.log.Debug("ignoring unknown roles", "peer", caller.Subject, "roles", unknown)
+	}
+	if !r.policy.Permits(fullMethod, roles) {
+		r.log.Info("permission denied", "method", fullMethod, "peer", caller.Subject, "roles", roles, "unknown_roles", unknown)
+		return proxy.Route{}, status.Errorf(codes.PermissionDenied, "%s needs one of the roles %s; the caller has %s",
+			fullMethod, strings.Join(r.policy.Allowed(fullMethod), ", "), describeRoles(roles))
+	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	out := r.outgoing(md, caller.Roles)
+	out := r.outgoing(md, roles)
 	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
 		// Forwarded calls are this node's to serve (which also stops loops).
 		// Reflection describes the API, which every node shares, and is a
@@ -147,14 +186,42 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
+		timeout, err := r.nodeTimeout(md)
+		if err != nil {
+			return proxy.Route{}, err
+		}
 		backends := make([]proxy.Backend, len(targets))
 		from := authority(md)
 		for i, t := range targets {
 			backends[i] = r.backendFor(t, out, from)
 		}
-		return proxy.Route{Backends: backends, OneToMany: true, Kind: r.kinds.kind(fullMethod)}, nil
+		return proxy.Route{Backends: backends, OneToMany: true, Kind: r.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 	}
 	return r.oneToOne(r.localBackend("", out)), nil
+}
+
+// nodeTimeout is the configured per-node deadline, shortened by the
+// client's KeyNodeTimeout if it sent one.
+func (r *Router) nodeTimeout(md metadata.MD) (time.Duration, error) {
+	v := md[KeyNodeTimeout]
+	if len(v) == 0 {
+		return r.timeout, nil
+	}
+	d, err := time.ParseDuration(v[0])
+	if err != nil || d <= 0 || len(v) > 1 {
+		return 0, status.Errorf(codes.InvalidArgument, "%s: want one positive duration such as 2s", KeyNodeTimeout)
+	}
+	if r.timeout > 0 && r.timeout < d {
+		return r.timeout, nil
+	}
+	return d, nil
+}
+
+func describeRoles(roles []string) string {
+	if len(roles) == 0 {
+		return "none"
+	}
+	return strings.Join(roles, ", ")
 }
 
 func (r *Router) oneToOne(b proxy.Backend) proxy.Route {
