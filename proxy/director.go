@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"time"
 
 	"google.golang.org/grpc"
 )
@@ -53,6 +54,9 @@ type Route struct {
 	// Kind is the method's shape; one-to-many needs it to merge unary
 	// replies and interleave streamed ones.
 	Kind Kind
+	// NodeTimeout, when positive, bounds each backend's part of this
+	// one-to-many unary call, overriding Options.NodeTimeout.
+	NodeTimeout time.Duration
 }
 
 // Director decides where each call goes. An error it returns is sent to the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -30,7 +31,7 @@ func (h *Handler) oneToMany(ss grpc.ServerStream, method string, route Route) er
 		return err
 	}
 	if route.Kind == Unary {
-		return h.fanOutUnary(ss, method, route.Backends, req)
+		return h.fanOutUnary(ss, method, route, req)
 	}
 	return h.fanOutStream(ss, method, route.Backends, req)
 }
@@ -110,8 +111,10 @@ func (r *replyMD) takeTrailer() metadata.MD {
 
 // fanOutUnary calls every backend and replies with one message holding all
 // their entries, in the order of the backends.
-func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, backends []Backend, req []byte) error {
-	ctx := ss.Context()
+func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, req []byte) error {
+	backends := route.Backends
+	ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
+	defer cancel()
 	parts := make([]aggregate.Part, len(backends))
 	replies := make([]frame, len(backends))
 	var md replyMD
@@ -139,15 +142,41 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, backends []Ba
 	return ss.SendMsg(&frame{raw: reply})
 }
 
+// nodeContext bounds the nodes' part of a unary fan-out: by the route's
+// per-node timeout (or the handler's), and always a margin before the
+// call's own deadline, so that the partial reply still reaches the client
+// in time instead of the whole call failing with DeadlineExceeded.
+func (h *Handler) nodeContext(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	if timeout <= 0 {
+		timeout = h.opts.NodeTimeout
+	}
+	now := time.Now()
+	var deadline time.Time
+	if timeout > 0 {
+		deadline = now.Add(timeout)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		cut := dl.Add(-replyMargin(dl.Sub(now)))
+		if deadline.IsZero() || cut.Before(deadline) {
+			deadline = cut
+		}
+	}
+	if deadline.IsZero() {
+		return context.WithCancel(ctx)
+	}
+	return context.WithDeadline(ctx, deadline)
+}
+
+// replyMargin is the time kept back from a call's deadline to merge and
+// send the reply: 5 % of what is left, between 10 ms and 500 ms.
+func replyMargin(left time.Duration) time.Duration {
+	return min(max(left/20, 10*time.Millisecond), 500*time.Millisecond)
+}
+
 // callUnary makes one backend's call and describes its outcome as a Part.
 // The reply's bytes stay in reply until the caller has merged them.
 func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req []byte, reply *frame, md *replyMD) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
-	if h.opts.NodeTimeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, h.opts.NodeTimeout)
-		defer cancel()
-	}
 	outCtx, conn, err := b.Connect(ctx, method)
 	if err == nil {
 		var header, trailer metadata.MD
