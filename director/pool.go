@@ -3,6 +3,7 @@ package director
 import (
 	"context"
 	"errors"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -27,6 +28,10 @@ type PoolConfig struct {
 	// connections are closed oldest first, and a new node is refused only
 	// when every connection is busy. Default 1024.
 	MaxConns int
+	// MaxDials bounds the connection attempts (TCP connects) in progress at
+	// once across all nodes, so a fan-out to a thousand new nodes does not
+	// open a thousand sockets and handshakes in the same instant. Default 64.
+	MaxDials int
 	// DialOptions are applied to every connection (keepalive, backoff,
 	// message limits).
 	DialOptions []grpc.DialOption
@@ -46,6 +51,9 @@ func (c PoolConfig) withDefaults() PoolConfig {
 	if c.MaxConns <= 0 {
 		c.MaxConns = 1024
 	}
+	if c.MaxDials <= 0 {
+		c.MaxDials = 64
+	}
 	return c
 }
 
@@ -58,6 +66,7 @@ type Pool struct {
 	mu   sync.Mutex
 	live map[string]*poolConn
 
+	dials   chan struct{} // semaphore of connection attempts
 	stop    context.CancelFunc
 	stopped chan struct{}
 }
@@ -66,15 +75,18 @@ type Pool struct {
 // pool never closes a connection under a running stream.
 type poolConn struct {
 	*grpc.ClientConn
-	active   atomic.Int64
-	lastUsed atomic.Int64 // unix nanoseconds
+	active    atomic.Int64
+	lastUsed  atomic.Int64 // unix nanoseconds
+	retired   atomic.Bool  // out of the pool: close when the last call ends
+	closeOnce sync.Once
 }
 
 // NewPool returns a Pool and starts its janitor, which runs until Close.
 func NewPool(cfg PoolConfig) *Pool {
 	cfg = cfg.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Pool{cfg: cfg, now: time.Now, live: map[string]*poolConn{}, stop: cancel, stopped: make(chan struct{})}
+	p := &Pool{cfg: cfg, now: time.Now, live: map[string]*poolConn{}, dials: make(chan struct{}, cfg.MaxDials),
+		stop: cancel, stopped: make(chan struct{})}
 	go p.janitor(ctx)
 	return p
 }
@@ -96,12 +108,12 @@ func (p *Pool) Conn(target string) (grpc.ClientConnInterface, error) {
 	if len(p.live) >= p.cfg.MaxConns && !p.evictOldestIdleLocked() {
 		return nil, status.Error(codes.ResourceExhausted, ErrPoolFull.Error())
 	}
-	opts := p.cfg.DialOptions
+	opts := append(slices.Clip(p.cfg.DialOptions), grpc.WithContextDialer(p.dial))
 	if p.cfg.Credentials != nil {
 		host := strings.TrimSuffix(strings.TrimPrefix(target, "["), "]")
-		opts = append(slices.Clip(opts), grpc.WithTransportCredentials(p.cfg.Credentials(host)))
+		opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(host)))
 	} else {
-		opts = append(slices.Clip(opts), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	}
 	cc, err := grpc.NewClient(dialAddress(target, p.cfg.Port), opts...)
 	if err != nil {
@@ -111,6 +123,18 @@ func (p *Pool) Conn(target string) (grpc.ClientConnInterface, error) {
 	c.lastUsed.Store(p.now().UnixNano())
 	p.live[target] = c
 	return c, nil
+}
+
+// dial connects to addr once a slot among MaxDials is free.
+func (p *Pool) dial(ctx context.Context, addr string) (net.Conn, error) {
+	select {
+	case p.dials <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-p.dials }()
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", addr)
 }
 
 // Len returns how many connections the pool holds.
@@ -212,20 +236,19 @@ func (c *poolConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method 
 
 func (c *poolConn) done() {
 	c.lastUsed.Store(time.Now().UnixNano())
-	c.active.Add(-1)
+	if c.active.Add(-1) == 0 && c.retired.Load() {
+		c.close()
+	}
 }
 
 // closeWhenIdle closes the connection now if no call uses it, otherwise
-// when the last one ends.
+// when the last one ends. The connection is out of the pool, so no new
+// call starts on it.
 func (c *poolConn) closeWhenIdle() {
-	go func() {
-		// Polling here is bounded by the longest running call; the
-		// connection is out of the pool, so no new call can start on it.
-		t := time.NewTicker(time.Second)
-		defer t.Stop()
-		for c.active.Load() > 0 {
-			<-t.C
-		}
-		_ = c.ClientConn.Close()
-	}()
+	c.retired.Store(true)
+	if c.active.Load() == 0 {
+		c.close()
+	}
 }
+
+func (c *poolConn) close() { c.closeOnce.Do(func() { _ = c.ClientConn.Close() }) }

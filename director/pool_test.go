@@ -1,0 +1,143 @@
+package director
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testbackend"
+)
+
+func testPool(t *testing.T, cfg PoolConfig) *Pool {
+	t.Helper()
+	p := NewPool(cfg)
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func TestPoolSharesOneConnectionPerTarget(t *testing.T) {
+	p := testPool(t, PoolConfig{})
+	a, err := p.Conn("10.1.2.3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := p.Conn("10.1.2.3")
+	c, _ := p.Conn("10.1.2.4")
+	if a != b || a == c || p.Len() != 2 {
+		t.Fatalf("same target gave different connections or different targets the same (len %d)", p.Len())
+	}
+}
+
+func TestPoolIsBoundedAgainstMadeUpNodes(t *testing.T) {
+	p := testPool(t, PoolConfig{MaxConns: 8})
+	for i := 0; i < 1000; i++ {
+		if _, err := p.Conn(fmt.Sprintf("made-up-%d.invalid", i)); err != nil {
+			t.Fatalf("idle connection not evicted for node %d: %v", i, err)
+		}
+		if p.Len() > 8 {
+			t.Fatalf("pool grew to %d", p.Len())
+		}
+	}
+}
+
+func TestPoolRefusesWhenEveryConnectionIsBusy(t *testing.T) {
+	backend := testbackend.Start(t, "b", testbackend.Behaviour{Hang: true})
+	_, port, _ := net.SplitHostPort(backend.Addr)
+	var portNum int
+	fmt.Sscan(port, &portNum)
+	p := testPool(t, PoolConfig{MaxConns: 1, Port: portNum})
+	conn, err := p.Conn("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = stream
+	if _, err := p.Conn("127.0.0.2"); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("busy pool gave %v, want ResourceExhausted", err)
+	}
+	cancel()
+	// Once the call ended the connection is idle and may be evicted.
+	deadline := time.After(10 * time.Second)
+	for {
+		if _, err := p.Conn("127.0.0.2"); err == nil {
+			break
+		}
+		select {
+		case <-deadline:
+			t.Fatal("connection still counted busy after its call ended")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func TestPoolEvictsIdleButNotBusyConnections(t *testing.T) {
+	backend := testbackend.Start(t, "b", testbackend.Behaviour{})
+	_, port, _ := net.SplitHostPort(backend.Addr)
+	var portNum int
+	fmt.Sscan(port, &portNum)
+	p := testPool(t, PoolConfig{Port: portNum, IdleTimeout: time.Hour})
+	now := time.Now()
+	p.now = func() time.Time { return now }
+
+	conn, _ := p.Conn("127.0.0.1")
+	if _, err := machine.NewMachineServiceClient(conn).Version(context.Background(), &emptypb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	busy, _ := p.Conn("localhost")
+	if _, err := busy.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg"); err != nil {
+		t.Fatal(err)
+	}
+
+	now = now.Add(2 * time.Hour)
+	p.evictIdle()
+	if p.Len() != 1 {
+		t.Fatalf("after eviction %d connections, want the busy one only", p.Len())
+	}
+	if cc := conn.(*poolConn).ClientConn; cc.GetState() != connectivity.Shutdown {
+		t.Errorf("evicted connection is %v, want closed", cc.GetState())
+	}
+}
+
+func TestPoolResetClosesBusyConnectionsWhenTheirCallsEnd(t *testing.T) {
+	backend := testbackend.Start(t, "b", testbackend.Behaviour{Hang: true})
+	_, port, _ := net.SplitHostPort(backend.Addr)
+	var portNum int
+	fmt.Sscan(port, &portNum)
+	p := testPool(t, PoolConfig{Port: portNum})
+	conn, _ := p.Conn("127.0.0.1")
+	ctx, cancel := context.WithCancel(context.Background())
+	if _, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg"); err != nil {
+		t.Fatal(err)
+	}
+	p.Reset()
+	cc := conn.(*poolConn).ClientConn
+	if cc.GetState() == connectivity.Shutdown {
+		t.Fatal("reset closed a connection under a running call")
+	}
+	if again, _ := p.Conn("127.0.0.1"); again == conn {
+		t.Fatal("reset pool handed out the retired connection")
+	}
+	cancel()
+	waitCtx, done := context.WithTimeout(context.Background(), 10*time.Second)
+	defer done()
+	for s := cc.GetState(); s != connectivity.Shutdown; s = cc.GetState() {
+		if !cc.WaitForStateChange(waitCtx, s) {
+			t.Fatal("retired connection not closed after its last call")
+		}
+	}
+}
