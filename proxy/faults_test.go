@@ -1,0 +1,183 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/proxy"
+)
+
+func TestOneToManySlowNodeDoesNotHoldTheReply(t *testing.T) {
+	servers, bs := backends(t, testbackend.Behaviour{}, "n1", "n2", "slow")
+	servers[2].Set(testbackend.Behaviour{Delay: 10 * time.Second})
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 200 * time.Millisecond}, proxy.Options{})
+	start := time.Now()
+	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if elapsed := time.Since(start); elapsed >= 10*time.Second {
+		t.Fatalf("waited %v for the slow node", elapsed)
+	}
+	e := versionEntries(t, resp)
+	if len(e) != 3 || e["n1"].Version == nil || e["n2"].Version == nil ||
+		codes.Code(e["slow"].Metadata.GetStatus().GetCode()) != codes.DeadlineExceeded {
+		t.Fatalf("reply %v", resp)
+	}
+}
+
+func TestOneToManyCallDeadlineLeavesRoomForThePartialReply(t *testing.T) {
+	servers, bs := backends(t, testbackend.Behaviour{}, "n1", "hangs")
+	servers[1].Set(testbackend.Behaviour{Hang: true})
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	resp, err := c.Version(ctx, &emptypb.Empty{})
+	if err != nil {
+		t.Fatalf("the call itself failed (%v): nodes were not cut off before its deadline", err)
+	}
+	e := versionEntries(t, resp)
+	if e["n1"].Version == nil || codes.Code(e["hangs"].Metadata.GetStatus().GetCode()) != codes.DeadlineExceeded {
+		t.Fatalf("reply %v", resp)
+	}
+}
+
+func TestOneToManyOversizedReplyIsThatNodesError(t *testing.T) {
+	servers, _ := backends(t, testbackend.Behaviour{}, "small", "huge")
+	servers[1].Set(testbackend.Behaviour{Payload: 2 << 20})
+	var bs []proxy.Backend
+	for _, s := range servers {
+		cc, err := grpc.NewClient(s.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<20)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cc.Close() })
+		bs = append(bs, target{name: s.Name, conn: cc})
+	}
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
+	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := versionEntries(t, resp)
+	if e["small"].Version == nil || codes.Code(e["huge"].Metadata.GetStatus().GetCode()) != codes.ResourceExhausted {
+		t.Fatalf("reply %v", resp)
+	}
+}
+
+// TestStressMixedFaults runs a bounded number of concurrent fan-out calls,
+// unary and streamed, while backends fail in random ways, and checks every
+// reply accounts for every node with the right outcome.
+func TestStressMixedFaults(t *testing.T) {
+	const nodes, rounds, callsPerRound = 6, 8, 12
+	names := make([]string, nodes)
+	for i := range names {
+		names[i] = fmt.Sprintf("n%d", i)
+	}
+	servers, bs := backends(t, testbackend.Behaviour{}, names...)
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 300 * time.Millisecond}, proxy.Options{StreamBuffer: 4})
+	cs := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 4})
+	rng := rand.New(rand.NewPCG(1, 2))
+	faults := []testbackend.Behaviour{
+		{},
+		{Fail: codes.Internal},
+		{Hang: true},
+		{Delay: 20 * time.Millisecond, StreamMessages: 30},
+		{StreamMessages: 30, FailAfter: 7},
+	}
+	want := map[int]codes.Code{0: codes.OK, 1: codes.Internal, 2: codes.DeadlineExceeded, 3: codes.OK, 4: codes.OK}
+	for round := 0; round < rounds; round++ {
+		chosen := make([]int, nodes)
+		for i, s := range servers {
+			chosen[i] = rng.IntN(len(faults))
+			s.Set(faults[chosen[i]])
+		}
+		var wg sync.WaitGroup
+		for call := 0; call < callsPerRound; call++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if call%2 == 0 {
+					checkUnary(t, c, names, chosen, want)
+				} else {
+					checkStream(t, cs, names, chosen, faults)
+				}
+			}()
+		}
+		wg.Wait()
+		if t.Failed() {
+			t.Fatalf("round %d with faults %v failed", round, chosen)
+		}
+	}
+}
+
+func checkUnary(t *testing.T, c machine.MachineServiceClient, names []string, chosen []int, want map[int]codes.Code) {
+	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	if err != nil {
+		t.Errorf("unary call failed: %v", err)
+		return
+	}
+	if len(resp.Messages) != len(names) {
+		t.Errorf("%d entries, want %d", len(resp.Messages), len(names))
+		return
+	}
+	for i, m := range resp.Messages {
+		if m.Metadata.GetHostname() != names[i] || codes.Code(m.Metadata.GetStatus().GetCode()) != want[chosen[i]] {
+			t.Errorf("entry %d = %v, want %s with %v", i, m.Metadata, names[i], want[chosen[i]])
+		}
+	}
+}
+
+func checkStream(t *testing.T, c machine.MachineServiceClient, names []string, chosen []int, faults []testbackend.Behaviour) {
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
+	if err != nil {
+		t.Errorf("stream failed to start: %v", err)
+		return
+	}
+	data := map[string]int{}
+	errs := map[string]codes.Code{}
+	for {
+		d, err := stream.Recv()
+		if err != nil {
+			break // the end, or the bounded wait for hanging nodes ran out
+		}
+		if d.Metadata.GetError() != "" {
+			errs[d.Metadata.GetHostname()] = codes.Code(d.Metadata.GetStatus().GetCode())
+			continue
+		}
+		data[d.Metadata.GetHostname()]++
+	}
+	for i, n := range names {
+		f := faults[chosen[i]]
+		switch {
+		case f.Hang:
+			// Never answers: nothing to check but that it did not block the others.
+		case f.Fail != codes.OK:
+			if errs[n] != f.Fail {
+				t.Errorf("%s: error %v, want %v", n, errs[n], f.Fail)
+			}
+		case f.FailAfter > 0:
+			if data[n] != f.FailAfter || errs[n] != codes.Unavailable {
+				t.Errorf("%s: %d messages and error %v, want %d and Unavailable", n, data[n], errs[n], f.FailAfter)
+			}
+		default:
+			if data[n] != max(f.StreamMessages, 3) {
+				t.Errorf("%s: %d messages, want %d", n, data[n], max(f.StreamMessages, 3))
+			}
+		}
+	}
+}
