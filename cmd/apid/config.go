@@ -1,0 +1,202 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/apid/apid/director"
+)
+
+// Config is everything `apid serve` needs. Defaults come from
+// defaultConfig; a YAML file (-config) overrides them and flags override
+// the file.
+type Config struct {
+	// Listen is the gateway's address. Default ":50000".
+	Listen string `yaml:"listen"`
+	// CA is the PEM bundle of CAs that sign client and node certificates;
+	// during a rotation it holds both.
+	CA string `yaml:"ca"`
+	// Cert and Key are this node's certificate and key: served to clients
+	// and presented to other nodes' apid (so it should carry serverAuth,
+	// clientAuth and the os:impersonator role).
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+	// Backend is the local node agent: unix:///path.sock or host:port
+	// (plaintext; keep it on loopback).
+	Backend string `yaml:"backend"`
+	// RemotePort is where the apid of other nodes listens. Default 50000.
+	RemotePort int `yaml:"remotePort"`
+	// SelfNames are names and addresses of this node; targets among them are
+	// served by the local backend directly.
+	SelfNames []string `yaml:"selfNames"`
+	// MaxNodes bounds the nodes one request may name. Default 1000.
+	MaxNodes int `yaml:"maxNodes"`
+	// NodeTimeout bounds each node's part of a fan-out unary call. Default 30s.
+	NodeTimeout time.Duration `yaml:"nodeTimeout"`
+	// ForwardMetadata lists client metadata keys passed to the next hop in
+	// addition to context, runtime, traceparent and tracestate.
+	ForwardMetadata []string `yaml:"forwardMetadata"`
+	// ServerStreamingMethods, ClientStreamingMethods and BidiStreamingMethods
+	// declare the shape of methods outside the Talos API for fan-out.
+	ServerStreamingMethods []string `yaml:"serverStreamingMethods"`
+	ClientStreamingMethods []string `yaml:"clientStreamingMethods"`
+	BidiStreamingMethods   []string `yaml:"bidiStreamingMethods"`
+	// MaxMessageSize bounds one gRPC message either way. Default 32 MiB.
+	MaxMessageSize int `yaml:"maxMessageSize"`
+	// AllowTLS12 admits TLS 1.2 clients (with four AEAD suites only).
+	AllowTLS12 bool `yaml:"allowTLS12"`
+	// ReloadInterval is how often certificate files are checked for
+	// changes. Default 10s. SIGHUP reloads at once.
+	ReloadInterval time.Duration `yaml:"reloadInterval"`
+	// IdleTimeout closes connections to other nodes idle this long. Default 5m.
+	IdleTimeout time.Duration `yaml:"idleTimeout"`
+	// HandshakeTimeout closes connections whose TLS handshake has not
+	// finished in time. Default 10s.
+	HandshakeTimeout time.Duration `yaml:"handshakeTimeout"`
+	// MaxConcurrentStreams bounds the calls open at once on one client
+	// connection (HTTP/2 Rapid Reset). Default 1000.
+	MaxConcurrentStreams uint32 `yaml:"maxConcurrentStreams"`
+	// LogLevel is debug, info, warn or error. Default info.
+	LogLevel string `yaml:"logLevel"`
+	// Policy replaces or extends the built-in role policy.
+	Policy PolicyConfig `yaml:"policy"`
+}
+
+// PolicyConfig is the authorization section of the configuration.
+type PolicyConfig struct {
+	// Replace starts from an empty policy instead of the built-in Talos
+	// roles (os:admin may still call everything).
+	Replace bool `yaml:"replace"`
+	// Rules allow roles to call methods (/pkg.Service/Method or a pattern
+	// ending in *); a rule replaces the built-in one for the same method.
+	Rules []director.Rule `yaml:"rules"`
+}
+
+func defaultConfig() Config {
+	return Config{
+		Listen:         ":50000",
+		Backend:        "unix:///system/run/machined/machine.sock",
+		RemotePort:     50000,
+		MaxNodes:       1000,
+		NodeTimeout:    30 * time.Second,
+		MaxMessageSize: 32 << 20,
+		ReloadInterval: 10 * time.Second,
+		IdleTimeout:    5 * time.Minute,
+		LogLevel:       "info",
+
+		HandshakeTimeout:     10 * time.Second,
+		MaxConcurrentStreams: 1000,
+	}
+}
+
+// Validate lists every problem of the configuration at once.
+func (c Config) Validate() error {
+	var errs []error
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("listen %q: %w", c.Listen, err))
+	}
+	for name, v := range map[string]string{"ca": c.CA, "cert": c.Cert, "key": c.Key} {
+		if v == "" {
+			errs = append(errs, fmt.Errorf("%s: a file is required", name))
+		}
+	}
+	if c.Backend == "" {
+		errs = append(errs, errors.New("backend: an address is required"))
+	} else if !strings.HasPrefix(c.Backend, "unix://") {
+		if _, _, err := net.SplitHostPort(c.Backend); err != nil {
+			errs = append(errs, fmt.Errorf("backend %q: want unix:///path or host:port", c.Backend))
+		}
+	}
+	if c.RemotePort <= 0 || c.RemotePort > 65535 {
+		errs = append(errs, fmt.Errorf("remotePort %d: out of range", c.RemotePort))
+	}
+	if c.MaxNodes <= 0 {
+		errs = append(errs, fmt.Errorf("maxNodes %d: must be positive", c.MaxNodes))
+	}
+	if c.NodeTimeout < 0 || c.ReloadInterval <= 0 || c.IdleTimeout <= 0 || c.HandshakeTimeout <= 0 {
+		errs = append(errs, errors.New("nodeTimeout must be >= 0; reloadInterval, idleTimeout and handshakeTimeout > 0"))
+	}
+	if c.MaxConcurrentStreams == 0 {
+		errs = append(errs, errors.New("maxConcurrentStreams must be positive"))
+	}
+	if c.MaxMessageSize < 1024 {
+		errs = append(errs, fmt.Errorf("maxMessageSize %d: too small", c.MaxMessageSize))
+	}
+	if _, err := director.NewPolicy(c.Policy.Rules, c.Policy.Replace); err != nil {
+		errs = append(errs, err)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("logLevel %q: want debug, info, warn or error", c.LogLevel))
+	}
+	return errors.Join(errs...)
+}
+
+// loadConfig builds the configuration from defaults, the optional YAML
+// file and the flags: the file overrides defaults and flags override the
+// file, which is done by parsing the flags again over the file's values.
+func loadConfig(args []string, stderr io.Writer) (Config, error) {
+	parse := func(cfg *Config) (file string, err error) {
+		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		fs.StringVar(&file, "config", "", "YAML configuration `file` (flags override it)")
+		bindConfigFlags(fs, cfg)
+		return file, fs.Parse(args)
+	}
+	cfg := defaultConfig()
+	file, err := parse(&cfg)
+	if err != nil || file == "" {
+		if err == nil {
+			err = cfg.Validate()
+		}
+		return cfg, err
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return cfg, err
+	}
+	cfg = defaultConfig()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && err != io.EOF {
+		return cfg, fmt.Errorf("%s: %w", file, err)
+	}
+	if _, err := parse(&cfg); err != nil {
+		return cfg, err
+	}
+	return cfg, cfg.Validate()
+}
+
+// bindConfigFlags binds the flags to c, whose current values are the defaults
+// shown and kept when a flag is not given. -self adds to the names.
+func bindConfigFlags(fs *flag.FlagSet, c *Config) {
+	def := *c
+	fs.StringVar(&c.Listen, "listen", def.Listen, "gateway listen `address`")
+	fs.StringVar(&c.CA, "ca", def.CA, "CA bundle `file` (PEM)")
+	fs.StringVar(&c.Cert, "cert", def.Cert, "node certificate `file` (PEM)")
+	fs.StringVar(&c.Key, "key", def.Key, "node key `file` (PEM)")
+	fs.StringVar(&c.Backend, "backend", def.Backend, "local node agent `address`: unix:///path.sock or host:port")
+	fs.IntVar(&c.RemotePort, "remote-port", def.RemotePort, "`port` of other nodes' apid")
+	fs.Func("self", "a `name` or address of this node (repeatable or comma-separated)", func(s string) error {
+		for _, n := range strings.Split(s, ",") {
+			if n = strings.TrimSpace(n); n != "" {
+				c.SelfNames = append(c.SelfNames, n)
+			}
+		}
+		return nil
+	})
+	fs.IntVar(&c.MaxNodes, "max-nodes", def.MaxNodes, "most nodes one request may name")
+	fs.DurationVar(&c.NodeTimeout, "node-timeout", def.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
+	fs.BoolVar(&c.AllowTLS12, "allow-tls12", def.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
+	fs.StringVar(&c.LogLevel, "log-level", def.LogLevel, "debug, info, warn or error")
+}

@@ -1,0 +1,227 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+
+	"github.com/apid/apid/agent"
+	apidtls "github.com/apid/apid/tls"
+)
+
+// demoOptions are the flags of `apid demo`.
+type demoOptions struct {
+	dir      string
+	nodes    int
+	port     int
+	firstIP  netip.Addr
+	logLevel string
+}
+
+// demoNode is one node of the demo cluster: an example agent on a unix
+// socket and an apid on its own loopback address.
+type demoNode struct {
+	name string
+	ip   string
+	sock string
+	cert string
+	key  string
+}
+
+func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o demoOptions
+	first := fs.String("first-ip", "127.0.0.11", "loopback `address` of node 1; node i gets the i-th address from there")
+	fs.StringVar(&o.dir, "dir", "apid-demo", "`directory` for certificates, sockets and the talosconfig")
+	fs.IntVar(&o.nodes, "nodes", 3, "number of nodes")
+	fs.IntVar(&o.port, "port", 50000, "`port` every node's apid listens on")
+	fs.StringVar(&o.logLevel, "log-level", "warn", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	ip, err := netip.ParseAddr(*first)
+	var errs []error
+	if err != nil || !ip.Is4() || !ip.IsLoopback() {
+		errs = append(errs, fmt.Errorf("-first-ip %q: want an IPv4 loopback address", *first))
+	}
+	if o.nodes < 1 || o.nodes > 200 {
+		errs = append(errs, fmt.Errorf("-nodes %d: want 1 to 200", o.nodes))
+	}
+	if o.port < 1 || o.port > 65535 {
+		errs = append(errs, fmt.Errorf("-port %d: out of range", o.port))
+	}
+	o.firstIP = ip
+	return o, errors.Join(errs...)
+}
+
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	o, err := parseDemoFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, o.logLevel)
+	nodes, err := writeDemoPKI(o)
+	if err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g, ctx := errgroup.WithContext(ctx)
+	for _, n := range nodes {
+		agentLis, err := agent.Listen("unix://" + n.sock)
+		if err != nil {
+			return fmt.Errorf("%s: agent: %w", n.name, err)
+		}
+		agentSrv := grpc.NewServer()
+		agent.New(agent.Config{Hostname: n.name, Logger: log.With("node", n.name)}).Register(agentSrv)
+		g.Go(func() error { return serveUntil(ctx, agentSrv, agentLis, log) })
+
+		cfg := defaultConfig()
+		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
+		cfg.CA, cfg.Cert, cfg.Key = filepath.Join(o.dir, "ca.crt"), n.cert, n.key
+		cfg.Backend = "unix://" + n.sock
+		cfg.RemotePort = o.port
+		cfg.SelfNames = []string{n.ip, n.name}
+		cfg.NodeTimeout = 10 * time.Second
+		cfg.LogLevel = o.logLevel
+		gw, err := newGateway(cfg, log.With("node", n.name))
+		if err != nil {
+			return err
+		}
+		lis, err := net.Listen("tcp", cfg.Listen)
+		if err != nil {
+			gw.Close()
+			return fmt.Errorf("%s: %w (is another demo running?)", n.name, err)
+		}
+		g.Go(func() error {
+			defer gw.Close()
+			return gw.Serve(ctx, lis)
+		})
+	}
+	printDemoHelp(stdout, o, nodes)
+	return g.Wait()
+}
+
+// writeDemoPKI writes the demo's certificates and talosconfig into o.dir.
+// An existing CA there is kept, so a talosconfig from an earlier run keeps
+// working; everything else is issued anew.
+func writeDemoPKI(o demoOptions) ([]demoNode, error) {
+	if err := os.MkdirAll(o.dir, 0o700); err != nil {
+		return nil, err
+	}
+	caCrt, caKey := filepath.Join(o.dir, "ca.crt"), filepath.Join(o.dir, "ca.key")
+	ca, err := loadOrCreateCA(caCrt, caKey)
+	if err != nil {
+		return nil, err
+	}
+	const year = 365 * 24 * time.Hour
+	nodes := make([]demoNode, o.nodes)
+	ip := o.firstIP
+	ips := make([]string, o.nodes)
+	for i := range nodes {
+		name := fmt.Sprintf("node-%d", i+1)
+		n := demoNode{
+			name: name,
+			ip:   ip.String(),
+			sock: filepath.Join(o.dir, name+".sock"),
+			cert: filepath.Join(o.dir, name+".crt"),
+			key:  filepath.Join(o.dir, name+".key"),
+		}
+		crt, key, err := ca.IssueNode(name, []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, year, apidtls.KeyECDSA)
+		if err != nil {
+			return nil, err
+		}
+		if err := writePair(n.cert, crt, n.key, key); err != nil {
+			return nil, err
+		}
+		nodes[i], ips[i] = n, n.ip
+		if ip = ip.Next(); !ip.IsLoopback() {
+			return nil, fmt.Errorf("node %d: ran out of loopback addresses", i+2)
+		}
+	}
+	crt, key, err := ca.IssueClient("admin", []string{apidtls.RoleAdmin}, year, apidtls.KeyECDSA)
+	if err != nil {
+		return nil, err
+	}
+	if err := writePair(filepath.Join(o.dir, "admin.crt"), crt, filepath.Join(o.dir, "admin.key"), key); err != nil {
+		return nil, err
+	}
+	endpoints := make([]string, len(ips))
+	for i, a := range ips {
+		endpoints[i] = a
+		if o.port != 50000 {
+			endpoints[i] = net.JoinHostPort(a, strconv.Itoa(o.port))
+		}
+	}
+	tc := apidtls.TalosContext{Endpoints: endpoints, Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
+	return nodes, apidtls.WriteTalosconfig(filepath.Join(o.dir, "talosconfig"), "apid-demo", tc, apidtls.TalosconfigOverwrite)
+}
+
+func loadOrCreateCA(crtPath, keyPath string) (*apidtls.CA, error) {
+	crt, err1 := os.ReadFile(crtPath)
+	key, err2 := os.ReadFile(keyPath)
+	if err1 == nil && err2 == nil {
+		ca, err := apidtls.LoadCA(crt, key)
+		if err == nil && time.Until(ca.Cert.NotAfter) > 24*time.Hour {
+			return ca, nil
+		}
+	} else if !errors.Is(err1, fs.ErrNotExist) && err1 != nil {
+		return nil, err1
+	}
+	ca, err := apidtls.NewCA("apid demo CA", 10*365*24*time.Hour, apidtls.KeyECDSA)
+	if err != nil {
+		return nil, err
+	}
+	return ca, writePair(crtPath, ca.CertPEM, keyPath, ca.KeyPEM)
+}
+
+// writePair writes a certificate (0644) and its key (0600), replacing
+// earlier demo files.
+func writePair(crtPath string, crt []byte, keyPath string, key []byte) error {
+	if err := apidtls.WriteFile(crtPath, crt, 0o644, true); err != nil {
+		return err
+	}
+	return apidtls.WriteFile(keyPath, key, 0o600, true)
+}
+
+func printDemoHelp(w io.Writer, o demoOptions, nodes []demoNode) {
+	ips := make([]string, len(nodes))
+	for i, n := range nodes {
+		ips[i] = n.ip
+	}
+	dir := o.dir
+	if abs, err := filepath.Abs(dir); err == nil {
+		dir = abs
+	}
+	first := net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port))
+	fmt.Fprintf(w, `apid demo: %d nodes up (%s), each an apid on port %d in front of an example agent.
+Files are in %s (talosconfig, ca.crt, ca.key, admin.crt, admin.key).
+
+Try, from another terminal:
+  talosctl --talosconfig %s/talosconfig version
+  talosctl --talosconfig %s/talosconfig -n %s dmesg
+  grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key \
+    -rpc-header 'nodes: %s' %s machine.MachineService/Version
+  grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key %s list
+
+Press Ctrl-C to stop.
+`, len(nodes), strings.Join(ips, ", "), o.port, dir,
+		dir, dir, strings.Join(ips, ","),
+		dir, dir, dir, strings.Join(ips, ","), first,
+		dir, dir, dir, first)
+}

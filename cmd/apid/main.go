@@ -1,0 +1,67 @@
+// Command apid is a gateway that gives a whole cluster one gRPC API
+// endpoint: it terminates mutual TLS, routes each call by its node/nodes
+// metadata to the local node agent or to other nodes' apid, and merges the
+// replies of fanned-out calls.
+//
+// Subcommands:
+//
+//	apid serve   run the gateway (the production command)
+//	apid demo    run a local demo cluster of N gateways and example agents
+//	apid agent   run the example node agent alone
+//	apid gen     generate a CA, node and client certificates
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil && !errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintln(os.Stderr, "apid:", err)
+		os.Exit(1)
+	}
+}
+
+const usage = `usage: apid <command> [flags]
+
+commands:
+  serve   run the gateway (listens on :50000 with mutual TLS)
+  demo    run a demo cluster on this machine (127.0.0.11, .12, .13 …)
+  agent   run the example node agent
+  gen     generate certificates: gen ca | gen node | gen client
+
+Run 'apid <command> -h' for a command's flags.
+`
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command given")
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "serve":
+		return runServe(ctx, rest, stderr)
+	case "demo":
+		return runDemo(ctx, rest, stdout, stderr)
+	case "agent":
+		return runAgent(ctx, rest, stderr)
+	case "gen":
+		return runGen(rest, stdout, stderr)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("unknown command %q", cmd)
+}

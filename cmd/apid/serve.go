@@ -1,0 +1,235 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/apid/apid/director"
+	"github.com/apid/apid/proxy"
+	apidtls "github.com/apid/apid/tls"
+)
+
+// HTTP/2 flow-control windows, as the Talos API uses them: large enough
+// that a fanned-out stream is not throttled by the default 64 KiB.
+const (
+	streamWindow = 65535 * 32
+	connWindow   = 65535 * 16
+)
+
+func runServe(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg, err := loadConfig(args, stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, cfg.LogLevel)
+	gw, err := newGateway(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer gw.Close()
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				gw.reload()
+			}
+		}
+	}()
+
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return err
+	}
+	log.Info("apid serving", "listen", lis.Addr().String(), "backend", cfg.Backend, "remote_port", cfg.RemotePort)
+	return gw.Serve(ctx, lis)
+}
+
+func newLogger(w io.Writer, level string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(level))
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l}))
+}
+
+// gateway is one apid: the TLS material, the connections to the local
+// agent and to other nodes, and the gRPC server that proxies.
+type gateway struct {
+	cfg    Config
+	log    *slog.Logger
+	src    *apidtls.Source
+	local  *grpc.ClientConn
+	pool   *director.Pool
+	server *grpc.Server
+	stop   context.CancelFunc
+}
+
+func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
+	src, err := apidtls.NewSource(apidtls.Files{CA: cfg.CA, Cert: cfg.Cert, Key: cfg.Key})
+	if err != nil {
+		return nil, fmt.Errorf("load certificates: %w", err)
+	}
+	local, err := grpc.NewClient(cfg.Backend,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// Idle mode has hung local backends (grpc-go #9191); the local
+		// agent is one connection that is always wanted.
+		grpc.WithIdleTimeout(0),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
+		grpc.WithInitialWindowSize(streamWindow), grpc.WithInitialConnWindowSize(connWindow),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("local backend %q: %w", cfg.Backend, err)
+	}
+	pool := director.NewPool(director.PoolConfig{
+		Port:        cfg.RemotePort,
+		IdleTimeout: cfg.IdleTimeout,
+		DialOptions: remoteDialOptions(cfg.MaxMessageSize),
+		Credentials: func(host string) credentials.TransportCredentials {
+			return credentials.NewTLS(apidtls.ClientConfig(src, host))
+		},
+	})
+	policy, err := director.NewPolicy(cfg.Policy.Rules, cfg.Policy.Replace)
+	if err != nil {
+		return nil, err
+	}
+	router := director.NewRouter(director.Config{
+		Policy:          policy,
+		NodeTimeout:     cfg.NodeTimeout,
+		Logger:          log,
+		SelfNames:       cfg.SelfNames,
+		MaxNodes:        cfg.MaxNodes,
+		ForwardKeys:     cfg.ForwardMetadata,
+		ServerStreaming: cfg.ServerStreamingMethods,
+		ClientStreaming: cfg.ClientStreamingMethods,
+		BidiStreaming:   cfg.BidiStreamingMethods,
+	}, local, pool)
+	handler := proxy.NewHandler(router, proxy.Options{NodeTimeout: cfg.NodeTimeout})
+
+	server := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{AllowTLS12: cfg.AllowTLS12}))),
+		grpc.ForceServerCodecV2(proxy.Codec()),
+		grpc.UnknownServiceHandler(handler.StreamHandler()),
+		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),
+		grpc.MaxSendMsgSize(cfg.MaxMessageSize),
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(connWindow),
+		// A client that has not finished its TLS handshake by now is not
+		// going to; grpc-go's default waits 120 s.
+		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
+		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
+		grpc.MaxHeaderListSize(1<<20),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+		grpc.ChainStreamInterceptor(callLogger(log)),
+	)
+
+	ctx, stop := context.WithCancel(context.Background())
+	gw := &gateway{cfg: cfg, log: log, src: src, local: local, pool: pool, server: server, stop: stop}
+	go src.Watch(ctx, cfg.ReloadInterval, gw.certificatesChanged, func(err error) {
+		log.Warn("certificate reload failed; keeping the current ones", "err", err)
+	})
+	return gw, nil
+}
+
+// remoteDialOptions are the options of connections to other nodes' apid.
+func remoteDialOptions(maxMsg int) []grpc.DialOption {
+	bo := backoff.DefaultConfig
+	// A rebooted node should be back within seconds, not the 2 minutes of
+	// gRPC's default cap.
+	bo.MaxDelay = 15 * time.Second
+	return []grpc.DialOption{
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 20 * time.Second}),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsg), grpc.MaxCallSendMsgSize(maxMsg)),
+		grpc.WithInitialWindowSize(streamWindow), grpc.WithInitialConnWindowSize(connWindow),
+		// The pool closes idle connections itself.
+		grpc.WithIdleTimeout(0),
+	}
+}
+
+func (g *gateway) reload() {
+	changed, err := g.src.Reload()
+	switch {
+	case err != nil:
+		g.log.Warn("certificate reload failed; keeping the current ones", "err", err)
+	case changed:
+		g.certificatesChanged()
+	default:
+		g.log.Info("certificates unchanged")
+	}
+}
+
+// certificatesChanged makes new calls to other nodes use new connections
+// (and so the new certificate); running streams keep theirs.
+func (g *gateway) certificatesChanged() {
+	g.log.Info("certificates reloaded")
+	g.pool.Reset()
+}
+
+// Serve serves lis until ctx ends, then stops gracefully (running calls get
+// a few seconds to finish).
+func (g *gateway) Serve(ctx context.Context, lis net.Listener) error {
+	done := make(chan error, 1)
+	go func() { done <- g.server.Serve(lis) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	stopped := make(chan struct{})
+	go func() {
+		g.server.GracefulStop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		g.server.Stop()
+	}
+	<-done
+	return nil
+}
+
+// Close releases everything but the server, which Serve stops.
+func (g *gateway) Close() {
+	g.stop()
+	g.server.Stop()
+	_ = g.pool.Close()
+	_ = g.local.Close()
+}
+
+// callLogger logs each call with stable keys; metadata values are never
+// logged (they may carry tokens).
+func callLogger(log *slog.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		start := time.Now()
+		err := handler(srv, ss)
+		level := slog.LevelDebug
+		if err != nil {
+			level = slog.LevelInfo
+		}
+		if log.Enabled(ss.Context(), level) {
+			caller, _ := director.Identify(ss.Context())
+			log.Log(ss.Context(), level, "call", "method", info.FullMethod, "peer", caller.Subject,
+				"code", statusCode(err), "duration", time.Since(start))
+		}
+		return err
+	}
+}
