@@ -1,0 +1,227 @@
+package test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/go-multierror"
+	"github.com/siderolabs/talos/pkg/machinery/client"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+)
+
+// nodeErrors returns the per-node errors the official client reports.
+func nodeErrors(t *testing.T, err error) []*client.NodeError {
+	t.Helper()
+	if err == nil {
+		return nil
+	}
+	var me *multierror.Error
+	if !errors.As(err, &me) {
+		t.Fatalf("error %v is not the client's multi-error", err)
+	}
+	var out []*client.NodeError
+	for _, e := range me.Errors {
+		var ne *client.NodeError
+		if !errors.As(e, &ne) {
+			t.Fatalf("error %v is not a node error", e)
+		}
+		out = append(out, ne)
+	}
+	return out
+}
+
+func TestDemoCluster(t *testing.T) {
+	c := startDemo(t, 77, 3)
+	cl := c.client(t, c.endpoint(0))
+
+	t.Run("fan-out Version is stamped by every node", func(t *testing.T) {
+		resp, err := cl.Version(client.WithNodes(testContext(t), c.nodes...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range resp.Messages {
+			got = append(got, m.Metadata.GetHostname())
+			if m.Version.GetTag() == "" {
+				t.Errorf("entry of %s has no version", m.Metadata.GetHostname())
+			}
+		}
+		if !slices.Equal(got, c.nodes) {
+			t.Fatalf("entries from %v, want %v in request order", got, c.nodes)
+		}
+	})
+
+	t.Run("unreachable node is one node error, the rest arrive", func(t *testing.T) {
+		dead := "127.0.77.99"
+		resp, err := client.FilterMessages(cl.MachineClient.Hostname(client.WithNodes(testContext(t), append(slices.Clone(c.nodes), dead)...), &emptypb.Empty{}))
+		errs := nodeErrors(t, err)
+		if len(errs) != 1 || errs[0].Node != dead {
+			t.Fatalf("node errors %v, want one for %s", err, dead)
+		}
+		if resp == nil || len(resp.Messages) != 3 {
+			t.Fatalf("reply %v, want the 3 live nodes", resp)
+		}
+		for i, m := range resp.Messages {
+			if want := fmt.Sprintf("node-%d", i+1); m.Hostname != want || m.Metadata.GetHostname() != c.nodes[i] {
+				t.Errorf("entry %d = %s from %s, want %s from %s", i, m.Hostname, m.Metadata.GetHostname(), want, c.nodes[i])
+			}
+		}
+	})
+
+	t.Run("node header goes one-to-one, untouched", func(t *testing.T) {
+		resp, err := cl.MachineClient.Hostname(client.WithNode(testContext(t), c.nodes[1]), &emptypb.Empty{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Messages) != 1 || resp.Messages[0].Hostname != "node-2" || resp.Messages[0].Metadata != nil {
+			t.Fatalf("reply %v, want node-2's own unstamped reply", resp)
+		}
+	})
+
+	t.Run("no routing metadata reaches the local node", func(t *testing.T) {
+		for i := range c.nodes {
+			resp, err := c.client(t, c.endpoint(i)).MachineClient.Hostname(testContext(t), &emptypb.Empty{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := fmt.Sprintf("node-%d", i+1); resp.Messages[0].Hostname != want {
+				t.Errorf("endpoint %d answered as %s, want %s", i, resp.Messages[0].Hostname, want)
+			}
+		}
+	})
+
+	t.Run("node with two values is InvalidArgument", func(t *testing.T) {
+		ctx := metadata.AppendToOutgoingContext(testContext(t), "node", c.nodes[0], "node", c.nodes[1])
+		_, err := cl.MachineClient.Hostname(ctx, &emptypb.Empty{})
+		if status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("err = %v, want InvalidArgument", err)
+		}
+	})
+
+	t.Run("Dmesg fan-out streams every node's data", func(t *testing.T) {
+		stream, err := cl.Dmesg(client.WithNodes(testContext(t), c.nodes...), false, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		count := map[string]int{}
+		for {
+			d, err := stream.Recv()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Metadata.GetError() != "" {
+				t.Fatalf("node %s failed: %s", d.Metadata.GetHostname(), d.Metadata.GetError())
+			}
+			if len(d.Bytes) == 0 {
+				t.Errorf("empty message from %s", d.Metadata.GetHostname())
+			}
+			count[d.Metadata.GetHostname()]++
+		}
+		var hosts []string
+		for h := range count {
+			hosts = append(hosts, h)
+		}
+		sort.Strings(hosts)
+		if !slices.Equal(hosts, c.nodes) {
+			t.Fatalf("data from %v, want %v", hosts, c.nodes)
+		}
+	})
+
+	t.Run("dead node in a stream is an error message, not a failed stream", func(t *testing.T) {
+		dead := "127.0.77.98"
+		stream, err := cl.Dmesg(client.WithNodes(testContext(t), c.nodes[0], dead), false, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var data, errs int
+		for {
+			d, err := stream.Recv()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("stream failed: %v", err)
+			}
+			switch {
+			case d.Metadata.GetError() != "":
+				errs++
+				if d.Metadata.GetHostname() != dead || d.Metadata.GetStatus().GetCode() != int32(codes.Unavailable) {
+					t.Errorf("error message %v", d.Metadata)
+				}
+			case d.Metadata.GetHostname() == c.nodes[0]:
+				data++
+			default:
+				t.Errorf("message from %q", d.Metadata.GetHostname())
+			}
+		}
+		if data == 0 || errs != 1 {
+			t.Fatalf("%d data messages and %d errors, want some and 1", data, errs)
+		}
+	})
+
+	t.Run("EtcdRecover uploads one-to-one", func(t *testing.T) {
+		upload := bytes.Repeat([]byte("snapshot "), 100_000)
+		sum := sha256.Sum256(upload)
+		var trailer metadata.MD
+		resp, err := cl.EtcdRecover(client.WithNode(testContext(t), c.nodes[2]), bytes.NewReader(upload), grpc.Trailer(&trailer))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Messages) != 1 {
+			t.Errorf("reply %v", resp)
+		}
+		if got := trailer.Get("x-received-bytes"); len(got) != 1 || got[0] != fmt.Sprint(len(upload)) {
+			t.Errorf("agent received %v bytes, want %d", got, len(upload))
+		}
+		if got := trailer.Get("x-received-sha256"); len(got) != 1 || got[0] != hex.EncodeToString(sum[:]) {
+			t.Errorf("agent received sha256 %v", got)
+		}
+	})
+
+	t.Run("Reboot is simulated and reaches every node", func(t *testing.T) {
+		if err := cl.Reboot(client.WithNodes(testContext(t), c.nodes...)); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("Read streams a file one-to-one", func(t *testing.T) {
+		r, err := cl.Read(client.WithNode(testContext(t), c.nodes[1]), "/proc/self/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, err := io.ReadAll(r)
+		r.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(data), "Name:") {
+			t.Fatalf("read %.100q", data)
+		}
+	})
+
+	t.Run("Memory fan-out", func(t *testing.T) {
+		resp, err := cl.Memory(client.WithNodes(testContext(t), c.nodes...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Messages) != 3 || resp.Messages[0].Meminfo.GetMemtotal() == 0 {
+			t.Fatalf("reply %v", resp)
+		}
+	})
+
+}
