@@ -1,0 +1,37 @@
+# The targets a person runs are the ones CI runs.
+GO ?= go
+PKGS := ./...
+
+.PHONY: build test test-short bench lint fuzz demo clean
+
+build:
+	$(GO) build -o bin/apid ./cmd/apid
+
+# Everything CI checks: formatting, vet, and every test under the race detector.
+test: lint
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+# Unit tests only (no end-to-end processes), for a quick loop.
+test-short:
+	$(GO) test -race -count=1 -short $(PKGS)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+# Benchmarks against a direct call and the anchor proxies, benchstat-friendly.
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -count 6 -timeout 60m ./bench/ | tee bench.txt
+
+# A short run of every fuzz target.
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzStampReply -fuzztime 30s ./aggregate/
+	$(GO) test -run '^$$' -fuzz FuzzStampMessage -fuzztime 30s ./aggregate/
+	$(GO) test -run '^$$' -fuzz FuzzParseTargets -fuzztime 30s ./director/
+
+demo:
+	$(GO) run ./cmd/apid demo
+
+clean:
+	rm -rf bin bench.txt apid-demo
