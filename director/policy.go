@@ -170,6 +170,14 @@ func (p *Policy) Allowed(method string) []string {
 	return []string{apidtls.RoleAdmin}
 }
 
+// HasRule reports whether method is named by a rule of its own (not only
+// matched by a pattern or the admin-only fallback). Metrics use it to keep
+// caller-chosen method names out of their labels.
+func (p *Policy) HasRule(method string) bool {
+	_, ok := p.exact[method]
+	return ok
+}
+
 // Permits reports whether a caller holding roles may call method.
 func (p *Policy) Permits(method string, roles []string) bool {
 	if slices.Contains(roles, apidtls.RoleAdmin) {

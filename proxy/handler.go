@@ -23,6 +23,15 @@ type Options struct {
 	// between the backends and the client before the fastest backends are
 	// paused. Default 64.
 	StreamBuffer int
+	// Observer, if set, learns how each backend's part of a one-to-many
+	// call ended (for metrics).
+	Observer Observer
+}
+
+// Observer is told the outcome of every backend's part of a one-to-many
+// call. It must be safe for concurrent use and quick.
+type Observer interface {
+	BackendDone(kind Kind, code codes.Code, elapsed time.Duration)
 }
 
 func (o Options) withDefaults() Options {

@@ -177,6 +177,10 @@ func replyMargin(left time.Duration) time.Duration {
 // The reply's bytes stay in reply until the caller has merged them.
 func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req []byte, reply *frame, md *replyMD) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
+	if h.opts.Observer != nil {
+		start := time.Now()
+		defer func() { h.opts.Observer.BackendDone(Unary, part.Code, time.Since(start)) }()
+	}
 	outCtx, conn, err := b.Connect(ctx, method)
 	if err == nil {
 		var header, trailer metadata.MD
@@ -247,6 +251,11 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 // point, becomes one error message in the stream.
 func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req []byte, out chan<- []byte, md *replyMD) {
 	name := b.Name()
+	code := codes.OK
+	if h.opts.Observer != nil {
+		start := time.Now()
+		defer func() { h.opts.Observer.BackendDone(ServerStream, code, time.Since(start)) }()
+	}
 	emit := func(msg []byte) bool {
 		select {
 		case out <- msg:
@@ -260,6 +269,7 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 			return // the client is gone: nobody to tell
 		}
 		st := backendStatus(err)
+		code = st.Code()
 		emit(aggregate.AppendErrorMessage(nil, name, st.Code(), st.Message()))
 	}
 

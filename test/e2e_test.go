@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"slices"
 	"sort"
 	"strings"
@@ -224,4 +225,37 @@ func TestDemoCluster(t *testing.T) {
 		}
 	})
 
+}
+
+func TestServeExposesMetrics(t *testing.T) {
+	c := startDemo(t, 79, 1)
+	// The demo wires the same gateway; metrics are served by `apid serve`
+	// only, so start one next to the demo's node, reusing its certificates.
+	port := freePort(t, "127.0.79.20")
+	metricsPort := freePort(t, "127.0.79.20")
+	start(t, "apid serving", "serve",
+		"-listen", fmt.Sprintf("127.0.79.20:%d", port),
+		"-ca", c.dir+"/ca.crt", "-cert", c.dir+"/node-1.crt", "-key", c.dir+"/node-1.key",
+		"-backend", "unix://"+c.dir+"/node-1.sock", "-remote-port", fmt.Sprint(c.port),
+		"-metrics-listen", fmt.Sprintf("127.0.79.20:%d", metricsPort))
+	cl := c.client(t, fmt.Sprintf("127.0.79.20:%d", port))
+	if _, err := cl.Version(client.WithNodes(testContext(t), c.nodes[0], "127.0.79.99")); err == nil {
+		t.Fatal("expected a node error for the dead node")
+	}
+	resp, err := http.Get(fmt.Sprintf("http://127.0.79.20:%d/metrics", metricsPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`apid_calls_total{code="OK",method="/machine.MachineService/Version"} 1`,
+		`apid_fanout_node_results_total{code="OK",kind="unary"} 1`,
+		`apid_fanout_node_results_total{code="Unavailable",kind="unary"} 1`,
+		`apid_node_connections 2`, // node-1 and the dead node: this apid has no self names
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
 }

@@ -65,6 +65,9 @@ type Config struct {
 	// MaxConcurrentStreams bounds the calls open at once on one client
 	// connection (HTTP/2 Rapid Reset). Default 1000.
 	MaxConcurrentStreams uint32 `yaml:"maxConcurrentStreams"`
+	// MetricsListen serves Prometheus metrics on /metrics at this address
+	// (plain HTTP: keep it on a private interface). Empty: off.
+	MetricsListen string `yaml:"metricsListen"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `yaml:"logLevel"`
 	// Policy replaces or extends the built-in role policy.
@@ -130,6 +133,11 @@ func (c Config) Validate() error {
 	}
 	if c.MaxMessageSize < 1024 {
 		errs = append(errs, fmt.Errorf("maxMessageSize %d: too small", c.MaxMessageSize))
+	}
+	if c.MetricsListen != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			errs = append(errs, fmt.Errorf("metricsListen %q: %w", c.MetricsListen, err))
+		}
 	}
 	if _, err := director.NewPolicy(c.Policy.Rules, c.Policy.Replace); err != nil {
 		errs = append(errs, err)
@@ -198,5 +206,6 @@ func bindConfigFlags(fs *flag.FlagSet, c *Config) {
 	fs.IntVar(&c.MaxNodes, "max-nodes", def.MaxNodes, "most nodes one request may name")
 	fs.DurationVar(&c.NodeTimeout, "node-timeout", def.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
 	fs.BoolVar(&c.AllowTLS12, "allow-tls12", def.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", def.MetricsListen, "serve Prometheus /metrics on this `address` (off when empty)")
 	fs.StringVar(&c.LogLevel, "log-level", def.LogLevel, "debug, info, warn or error")
 }

@@ -59,6 +59,13 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if cfg.MetricsListen != "" {
+		go func() {
+			if err := gw.metrics.serve(ctx, cfg.MetricsListen, log); err != nil {
+				log.Error("metrics listener failed", "err", err)
+			}
+		}()
+	}
 	log.Info("apid serving", "listen", lis.Addr().String(), "backend", cfg.Backend, "remote_port", cfg.RemotePort)
 	return gw.Serve(ctx, lis)
 }
@@ -72,13 +79,14 @@ func newLogger(w io.Writer, level string) *slog.Logger {
 // gateway is one apid: the TLS material, the connections to the local
 // agent and to other nodes, and the gRPC server that proxies.
 type gateway struct {
-	cfg    Config
-	log    *slog.Logger
-	src    *apidtls.Source
-	local  *grpc.ClientConn
-	pool   *director.Pool
-	server *grpc.Server
-	stop   context.CancelFunc
+	cfg     Config
+	log     *slog.Logger
+	src     *apidtls.Source
+	local   *grpc.ClientConn
+	pool    *director.Pool
+	server  *grpc.Server
+	metrics *metrics
+	stop    context.CancelFunc
 }
 
 func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
@@ -120,7 +128,8 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		ClientStreaming: cfg.ClientStreamingMethods,
 		BidiStreaming:   cfg.BidiStreamingMethods,
 	}, local, pool)
-	handler := proxy.NewHandler(router, proxy.Options{NodeTimeout: cfg.NodeTimeout})
+	m := newMetrics(policy, pool)
+	handler := proxy.NewHandler(router, proxy.Options{NodeTimeout: cfg.NodeTimeout, Observer: m})
 
 	server := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{AllowTLS12: cfg.AllowTLS12}))),
@@ -137,11 +146,11 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		grpc.MaxHeaderListSize(1<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
-		grpc.ChainStreamInterceptor(callLogger(log)),
+		grpc.ChainStreamInterceptor(m.interceptor(), callLogger(log)),
 	)
 
 	ctx, stop := context.WithCancel(context.Background())
-	gw := &gateway{cfg: cfg, log: log, src: src, local: local, pool: pool, server: server, stop: stop}
+	gw := &gateway{cfg: cfg, log: log, src: src, local: local, pool: pool, server: server, metrics: m, stop: stop}
 	go src.Watch(ctx, cfg.ReloadInterval, gw.certificatesChanged, func(err error) {
 		log.Warn("certificate reload failed; keeping the current ones", "err", err)
 	})

@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/apid/apid/director"
+	"github.com/apid/apid/proxy"
+)
+
+// metrics are apid's Prometheus metrics. Method labels are limited to the
+// methods the policy names, so callers cannot mint label values.
+type metrics struct {
+	registry  *prometheus.Registry
+	policy    *director.Policy
+	calls     *prometheus.CounterVec
+	duration  *prometheus.HistogramVec
+	nodeCalls *prometheus.CounterVec
+	nodeTime  *prometheus.HistogramVec
+}
+
+func newMetrics(policy *director.Policy, pool *director.Pool) *metrics {
+	m := &metrics{
+		registry: prometheus.NewRegistry(),
+		policy:   policy,
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "apid_calls_total", Help: "Calls served, by method and status code.",
+		}, []string{"method", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "apid_call_duration_seconds", Help: "Duration of calls, by method.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10),
+		}, []string{"method"}),
+		nodeCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "apid_fanout_node_results_total", Help: "Outcome of each node's part of one-to-many calls.",
+		}, []string{"kind", "code"}),
+		nodeTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "apid_fanout_node_duration_seconds", Help: "Duration of each node's part of one-to-many calls.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10),
+		}, []string{"kind"}),
+	}
+	m.registry.MustRegister(m.calls, m.duration, m.nodeCalls, m.nodeTime,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "apid_node_connections", Help: "Connections to other nodes held in the pool.",
+		}, func() float64 { return float64(pool.Len()) }),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) label(method string) string {
+	if m.policy.HasRule(method) {
+		return method
+	}
+	return "other"
+}
+
+// interceptor counts and times every call.
+func (m *metrics) interceptor() grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		start := time.Now()
+		err := handler(srv, ss)
+		method := m.label(info.FullMethod)
+		m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
+		m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())
+		return err
+	}
+}
+
+// BackendDone implements proxy.Observer.
+func (m *metrics) BackendDone(kind proxy.Kind, code codes.Code, elapsed time.Duration) {
+	m.nodeCalls.WithLabelValues(kind.String(), code.String()).Inc()
+	m.nodeTime.WithLabelValues(kind.String()).Observe(elapsed.Seconds())
+}
+
+// serve serves /metrics on addr until ctx ends.
+func (m *metrics) serve(ctx context.Context, addr string, log *slog.Logger) error {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		_ = srv.Close()
+	}()
+	log.Info("metrics serving", "listen", lis.Addr().String())
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
