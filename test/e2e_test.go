@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os/exec"
 	"slices"
 	"sort"
 	"strings"
@@ -229,18 +230,23 @@ func TestDemoCluster(t *testing.T) {
 
 func TestServeExposesMetrics(t *testing.T) {
 	c := startDemo(t, 79, 1)
-	// The demo wires the same gateway; metrics are served by `apid serve`
-	// only, so start one next to the demo's node, reusing its certificates.
+	// Metrics are served by `apid serve` only: start one next to the
+	// demo's node, with a certificate minted from the demo's CA.
+	gen := exec.Command(apidBin, "gen", "node", "-ca-dir", c.dir, "-out", c.dir, "-name", "extra", "-ip", "127.0.79.20")
+	if out, err := gen.CombinedOutput(); err != nil {
+		t.Fatalf("gen node: %v\n%s", err, out)
+	}
 	port := freePort(t, "127.0.79.20")
 	metricsPort := freePort(t, "127.0.79.20")
 	start(t, "apid serving", "serve",
 		"-listen", fmt.Sprintf("127.0.79.20:%d", port),
-		"-ca", c.dir+"/ca.crt", "-cert", c.dir+"/node-1.crt", "-key", c.dir+"/node-1.key",
+		"-ca", c.dir+"/ca.crt", "-cert", c.dir+"/extra.crt", "-key", c.dir+"/extra.key",
 		"-backend", "unix://"+c.dir+"/node-1.sock", "-remote-port", fmt.Sprint(c.port),
 		"-metrics-listen", fmt.Sprintf("127.0.79.20:%d", metricsPort))
 	cl := c.client(t, fmt.Sprintf("127.0.79.20:%d", port))
-	if _, err := cl.Version(client.WithNodes(testContext(t), c.nodes[0], "127.0.79.99")); err == nil {
-		t.Fatal("expected a node error for the dead node")
+	_, err := cl.Version(client.WithNodes(testContext(t), c.nodes[0], "127.0.79.99"))
+	if errs := nodeErrors(t, err); len(errs) != 1 || errs[0].Node != "127.0.79.99" {
+		t.Fatalf("err = %v, want one node error for the dead node", err)
 	}
 	resp, err := http.Get(fmt.Sprintf("http://127.0.79.20:%d/metrics", metricsPort))
 	if err != nil {
@@ -257,5 +263,8 @@ func TestServeExposesMetrics(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+	if t.Failed() {
+		t.Logf("metrics:\n%s", body)
 	}
 }
