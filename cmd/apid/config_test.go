@@ -74,3 +74,13 @@ func TestConfigRejectsUnknownKeys(t *testing.T) {
 		t.Fatalf("typo in the file not reported: %v", err)
 	}
 }
+
+func TestShippedConfigIsValid(t *testing.T) {
+	cfg, err := loadConfig([]string{"-config", "../../deploy/apid.yaml"}, io.Discard)
+	if err != nil {
+		t.Fatalf("deploy/apid.yaml: %v", err)
+	}
+	if cfg.Listen != ":50000" || len(cfg.Policy.Rules) != 1 {
+		t.Fatalf("deploy/apid.yaml read as %+v", cfg)
+	}
+}
