@@ -1,0 +1,69 @@
+package tls_test
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"testing"
+
+	apidtls "github.com/apid/apid/tls"
+)
+
+func TestWriteFile(t *testing.T) {
+	t.Parallel()
+
+	dir := t.TempDir()
+
+	for _, perm := range []fs.FileMode{0o600, 0o644} {
+		path := filepath.Join(dir, perm.String())
+
+		if err := apidtls.WriteFile(path, []byte("first"), perm, false); err != nil {
+			t.Fatal(err)
+		}
+
+		info, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		if info.Mode().Perm() != perm {
+			t.Errorf("mode %v, want %v", info.Mode().Perm(), perm)
+		}
+
+		err = apidtls.WriteFile(path, []byte("second"), perm, false)
+		if !errors.Is(err, fs.ErrExist) {
+			t.Errorf("overwrite without force: error %v, want fs.ErrExist", err)
+		}
+
+		if got := string(readFile(t, path)); got != "first" {
+			t.Errorf("refused write changed the file to %q", got)
+		}
+
+		if err := apidtls.WriteFile(path, []byte("third"), perm, true); err != nil {
+			t.Fatal(err)
+		}
+
+		if got := string(readFile(t, path)); got != "third" {
+			t.Errorf("forced write left %q", got)
+		}
+	}
+
+	// No temporary files are left behind, refused or not.
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if len(entries) != 2 {
+		for _, e := range entries {
+			t.Log(e.Name())
+		}
+
+		t.Errorf("%d entries in the directory, want 2", len(entries))
+	}
+
+	if err := apidtls.WriteFile(filepath.Join(dir, "missing", "f"), nil, 0o600, false); err == nil {
+		t.Error("write into a missing directory succeeded")
+	}
+}

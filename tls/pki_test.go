@@ -1,0 +1,256 @@
+package tls_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	apidtls "github.com/apid/apid/tls"
+)
+
+func TestNewCA(t *testing.T) {
+	t.Parallel()
+
+	for _, kt := range []apidtls.KeyType{apidtls.KeyECDSA, apidtls.KeyEd25519} {
+		t.Run(kt.String(), func(t *testing.T) {
+			t.Parallel()
+
+			ca := must[*apidtls.CA](t)(apidtls.NewCA("cluster", time.Hour, kt))
+			c := ca.Cert
+
+			if !c.IsCA || !c.BasicConstraintsValid || c.MaxPathLen != 0 || !c.MaxPathLenZero ||
+				c.KeyUsage&x509.KeyUsageCertSign == 0 || c.Subject.CommonName != "cluster" {
+				t.Errorf("CA certificate: %+v", c)
+			}
+
+			if err := c.CheckSignatureFrom(c); err != nil {
+				t.Errorf("not self-signed: %v", err)
+			}
+
+			checkValidity(t, c, time.Hour)
+
+			loaded := must[*apidtls.CA](t)(apidtls.LoadCA(ca.CertPEM, ca.KeyPEM))
+			if !loaded.Cert.Equal(c) {
+				t.Error("LoadCA returned another certificate")
+			}
+
+			switch kt {
+			case apidtls.KeyECDSA:
+				if _, ok := loaded.Key.(*ecdsa.PrivateKey); !ok {
+					t.Errorf("key %T", loaded.Key)
+				}
+			case apidtls.KeyEd25519:
+				if _, ok := loaded.Key.(ed25519.PrivateKey); !ok {
+					t.Errorf("key %T", loaded.Key)
+				}
+			}
+		})
+	}
+}
+
+// checkValidity checks the rules every issued certificate follows.
+func checkValidity(t *testing.T, c *x509.Certificate, ttl time.Duration) {
+	t.Helper()
+
+	now := time.Now()
+
+	if c.SerialNumber.Sign() <= 0 || c.SerialNumber.BitLen() > 128 || c.SerialNumber.BitLen() < 64 {
+		t.Errorf("serial %x is not a positive random 128-bit number", c.SerialNumber)
+	}
+
+	if !c.NotBefore.Before(now.Add(-50*time.Second)) || c.NotBefore.Before(now.Add(-2*time.Minute)) {
+		t.Errorf("NotBefore %s is not about a minute ago", c.NotBefore)
+	}
+
+	if d := c.NotAfter.Sub(now); d > ttl || d < ttl-time.Minute {
+		t.Errorf("NotAfter %s is not %s from now", c.NotAfter, ttl)
+	}
+}
+
+func parseCert(t *testing.T, certPEM []byte) *x509.Certificate {
+	t.Helper()
+
+	block, _ := pem.Decode(certPEM)
+	if block == nil || block.Type != "CERTIFICATE" {
+		t.Fatal("no CERTIFICATE block")
+	}
+
+	return must[*x509.Certificate](t)(x509.ParseCertificate(block.Bytes))
+}
+
+func TestIssue(t *testing.T) {
+	t.Parallel()
+
+	ca := newCA(t, "cluster")
+	roots := pool(t, ca.CertPEM)
+
+	t.Run("node", func(t *testing.T) {
+		t.Parallel()
+
+		ips := []net.IP{net.ParseIP("10.0.0.1"), net.ParseIP("fd00::1")}
+
+		certPEM, keyPEM, err := ca.IssueNode("cp-1.example", []string{"cp-1.example"}, ips, time.Hour, apidtls.KeyEd25519)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		c := parseCert(t, certPEM)
+		checkValidity(t, c, time.Hour)
+
+		if !slices.Equal(c.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}) {
+			t.Errorf("EKU %v", c.ExtKeyUsage)
+		}
+
+		if !slices.Equal(apidtls.Roles(c), []string{apidtls.RoleImpersonator}) || c.Subject.CommonName != "cp-1.example" {
+			t.Errorf("subject %v", c.Subject)
+		}
+
+		for _, name := range []string{"cp-1.example", "10.0.0.1", "fd00::1"} {
+			_, err := c.Verify(x509.VerifyOptions{Roots: roots, DNSName: name, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+			if err != nil {
+				t.Errorf("verify as %s: %v", name, err)
+			}
+		}
+
+		if _, err := tls.X509KeyPair(certPEM, keyPEM); err != nil {
+			t.Errorf("certificate and key do not pair: %v", err)
+		}
+	})
+
+	t.Run("client", func(t *testing.T) {
+		t.Parallel()
+
+		roles := []string{apidtls.RoleOperator, "custom:role"}
+
+		certPEM, keyPEM, err := ca.IssueClient("alice", roles, 24*time.Hour, apidtls.KeyECDSA)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		c := parseCert(t, certPEM)
+		checkValidity(t, c, 24*time.Hour)
+
+		if !slices.Equal(c.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}) || len(c.DNSNames)+len(c.IPAddresses) != 0 {
+			t.Errorf("EKU %v, SANs %v %v", c.ExtKeyUsage, c.DNSNames, c.IPAddresses)
+		}
+
+		got := apidtls.Roles(c)
+		slices.Sort(got)
+
+		if want := slices.Sorted(slices.Values(roles)); !slices.Equal(got, want) {
+			t.Errorf("roles %q, want %q", got, want)
+		}
+
+		if _, err := c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+			t.Error(err)
+		}
+
+		block, _ := pem.Decode(keyPEM)
+		if block.Type != "PRIVATE KEY" {
+			t.Errorf("key PEM type %q", block.Type)
+		}
+
+		if _, err := tls.X509KeyPair(certPEM, keyPEM); err != nil {
+			t.Error(err)
+		}
+	})
+
+	t.Run("validity cut at the CA's", func(t *testing.T) {
+		t.Parallel()
+
+		certPEM, _, err := ca.IssueClient("c", []string{apidtls.RoleAdmin}, 48*time.Hour, apidtls.KeyECDSA)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		if c := parseCert(t, certPEM); !c.NotAfter.Equal(ca.Cert.NotAfter) {
+			t.Errorf("NotAfter %s, want the CA's %s", c.NotAfter, ca.Cert.NotAfter)
+		}
+	})
+
+	t.Run("serials differ", func(t *testing.T) {
+		t.Parallel()
+
+		a := parseCert(t, issueClient(t, ca, apidtls.RoleReader).cert)
+		b := parseCert(t, issueClient(t, ca, apidtls.RoleReader).cert)
+
+		if a.SerialNumber.Cmp(b.SerialNumber) == 0 {
+			t.Error("two certificates share a serial number")
+		}
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		t.Parallel()
+
+		errs := map[string]error{}
+		_, _, errs["node without SANs"] = ca.IssueNode("n", nil, nil, time.Hour, apidtls.KeyECDSA)
+		_, _, errs["node without name"] = ca.IssueNode("", []string{"n"}, nil, time.Hour, apidtls.KeyECDSA)
+		_, _, errs["client without roles"] = ca.IssueClient("c", nil, time.Hour, apidtls.KeyECDSA)
+		_, _, errs["client with empty role"] = ca.IssueClient("c", []string{""}, time.Hour, apidtls.KeyECDSA)
+		_, _, errs["zero ttl"] = ca.IssueClient("c", []string{apidtls.RoleAdmin}, 0, apidtls.KeyECDSA)
+		_, _, errs["unknown key type"] = ca.IssueClient("c", []string{apidtls.RoleAdmin}, time.Hour, apidtls.KeyType(9))
+
+		for name, err := range errs {
+			if err == nil {
+				t.Errorf("%s: no error", name)
+			}
+		}
+	})
+}
+
+func TestLoadCA(t *testing.T) {
+	t.Parallel()
+
+	ca := must[*apidtls.CA](t)(apidtls.NewCA("cluster", time.Hour, apidtls.KeyEd25519))
+	other := newCA(t, "other")
+
+	// Talos stores Ed25519 keys as PKCS#8 under its own label.
+	block, _ := pem.Decode(ca.KeyPEM)
+	talosKey := pem.EncodeToMemory(&pem.Block{Type: "ED25519 PRIVATE KEY", Bytes: block.Bytes})
+
+	loaded := must[*apidtls.CA](t)(apidtls.LoadCA(ca.CertPEM, talosKey))
+	if _, _, err := loaded.IssueClient("c", []string{apidtls.RoleAdmin}, time.Minute, apidtls.KeyECDSA); err != nil {
+		t.Fatal(err)
+	}
+
+	// SEC 1 ECDSA keys load too.
+	ecKey := other.Key.(*ecdsa.PrivateKey)
+	sec1 := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: must[[]byte](t)(x509.MarshalECPrivateKey(ecKey))})
+
+	if _, err := apidtls.LoadCA(other.CertPEM, sec1); err != nil {
+		t.Fatal(err)
+	}
+
+	leaf := issueClient(t, ca, apidtls.RoleAdmin)
+
+	for name, in := range map[string][2][]byte{
+		"key of another CA": {ca.CertPEM, other.KeyPEM},
+		"leaf certificate":  {leaf.cert, leaf.key},
+		"no certificate":    {nil, ca.KeyPEM},
+		"no key":            {ca.CertPEM, ca.CertPEM},
+	} {
+		if _, err := apidtls.LoadCA(in[0], in[1]); err == nil {
+			t.Errorf("%s: loaded", name)
+		}
+	}
+}
+
+func TestParseKeyType(t *testing.T) {
+	t.Parallel()
+
+	for in, want := range map[string]apidtls.KeyType{"ecdsa": apidtls.KeyECDSA, "P256": apidtls.KeyECDSA, "Ed25519": apidtls.KeyEd25519} {
+		if got, err := apidtls.ParseKeyType(in); err != nil || got != want {
+			t.Errorf("ParseKeyType(%q) = %v, %v", in, got, err)
+		}
+	}
+
+	if _, err := apidtls.ParseKeyType("rsa"); err == nil {
+		t.Error("rsa accepted")
+	}
+}
