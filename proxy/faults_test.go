@@ -181,3 +181,49 @@ func checkStream(t *testing.T, c machine.MachineServiceClient, names []string, c
 		}
 	}
 }
+
+// TestOneToManyFloodingNodeIsPausedNotBuffered has a node stream far more
+// than the client reads and checks the node is held back by flow control:
+// what it manages to send stays bounded by the windows and the proxy's
+// buffer, not by the size of its output.
+func TestOneToManyFloodingNodeIsPausedNotBuffered(t *testing.T) {
+	const total, size = 20000, 32 << 10 // 640 MiB if it were all buffered
+	servers, bs := backends(t, testbackend.Behaviour{StreamMessages: total, Payload: size}, "flood", "quiet")
+	servers[1].Set(testbackend.Behaviour{StreamMessages: 1})
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 8})
+	ctx, cancel := context.WithCancel(testContext(t))
+	defer cancel()
+	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10; i++ {
+		if _, err := stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The client stops reading. Wait until the flooding node stops making
+	// progress (bounded), then check how far it got.
+	last, still := int64(-1), 0
+	for deadline := time.Now().Add(10 * time.Second); still < 20 && time.Now().Before(deadline); {
+		n := servers[0].Sent()
+		if n == last {
+			still++
+		} else {
+			last, still = n, 0
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Windows: 64 KiB per HTTP/2 stream and connection by default on each of
+	// the two hops, plus the proxy's 8-message buffer: a few hundred KiB.
+	if sent := servers[0].Sent(); sent > 200 || still < 20 {
+		t.Fatalf("flooding node sent %d of %d messages (%d MiB) to a client that read 10; still=%d", sent, total, sent*size>>20, still)
+	}
+	t.Logf("flooding node paused after %d messages", servers[0].Sent())
+	cancel()
+	select {
+	case <-servers[0].Ended():
+	case <-time.After(10 * time.Second):
+		t.Fatal("flooding node's stream not cancelled")
+	}
+}

@@ -59,6 +59,7 @@ type Server struct {
 	behaviour atomic.Pointer[Behaviour]
 	calls     atomic.Int64
 	active    atomic.Int64
+	sent      atomic.Int64
 	ended     chan struct{}
 	grpc      *grpc.Server
 
@@ -119,6 +120,9 @@ func (s *Server) Set(b Behaviour) {
 
 // Calls returns how many calls the backend received.
 func (s *Server) Calls() int64 { return s.calls.Load() }
+
+// Sent returns how many streamed messages the backend has handed to gRPC.
+func (s *Server) Sent() int64 { return s.sent.Load() }
 
 // Active returns how many calls are running now.
 func (s *Server) Active() int64 { return s.active.Load() }
@@ -218,6 +222,7 @@ func (s *Server) Dmesg(_ *machine.DmesgRequest, stream machine.MachineService_Dm
 		if err := stream.Send(&common.Data{Bytes: msg}); err != nil {
 			return err
 		}
+		s.sent.Add(1)
 		if b.Stuck {
 			<-ctx.Done()
 			return status.FromContextError(ctx.Err()).Err()
