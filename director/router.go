@@ -33,6 +33,19 @@ const reflectionPrefix = "/grpc.reflection."
 // the official client's context and runtime keys and W3C trace context.
 var DefaultForwardKeys = []string{"context", "runtime", "traceparent", "tracestate"}
 
+// ReservedKey reports whether a metadata key is apid's own (routing,
+// identity, deadlines) or a transport pseudo-header or gRPC-reserved key.
+// Such keys are never copied from a caller to the next hop, whatever the
+// configuration says.
+func ReservedKey(k string) bool {
+	k = strings.ToLower(k)
+	switch k {
+	case KeyNode, KeyNodes, KeyProxyFrom, KeyRole, KeyNodeTimeout:
+		return true
+	}
+	return strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-")
+}
+
 // Config is the routing policy.
 type Config struct {
 	// SelfNames are the names and addresses clients may use for this node;
@@ -42,7 +55,8 @@ type Config struct {
 	// MaxNodes bounds the distinct nodes one request may name. Default 1000.
 	MaxNodes int
 	// ForwardKeys are client metadata keys passed on to the next hop in
-	// addition to DefaultForwardKeys.
+	// addition to DefaultForwardKeys; reserved keys (ReservedKey) are
+	// ignored.
 	ForwardKeys []string
 	// ServerStreaming, ClientStreaming and BidiStreaming name (as
 	// /package.Service/Method) methods outside the Talos API whose shape the
@@ -95,6 +109,7 @@ func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
 	if r.max <= 0 {
 		r.max = 1000
 	}
+	r.forward = slices.DeleteFunc(r.forward, func(k string) bool { return ReservedKey(k) })
 	for i, k := range r.forward {
 		r.forward[i] = strings.ToLower(k)
 	}

@@ -139,6 +139,11 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("metricsListen %q: %w", c.MetricsListen, err))
 		}
 	}
+	for _, k := range c.ForwardMetadata {
+		if director.ReservedKey(k) {
+			errs = append(errs, fmt.Errorf("forwardMetadata: %q is apid's own or reserved and is never forwarded", k))
+		}
+	}
 	if _, err := director.NewPolicy(c.Policy.Rules, c.Policy.Replace); err != nil {
 		errs = append(errs, err)
 	}
