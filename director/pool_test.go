@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"strconv"
 	"testing"
 	"time"
 
@@ -22,6 +23,20 @@ func testPool(t *testing.T, cfg PoolConfig) *Pool {
 	p := NewPool(cfg)
 	t.Cleanup(func() { p.Close() })
 	return p
+}
+
+// port returns the port of a host:port address.
+func port(t *testing.T, addr string) int {
+	t.Helper()
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 func TestPoolSharesOneConnectionPerTarget(t *testing.T) {
@@ -51,9 +66,7 @@ func TestPoolIsBoundedAgainstMadeUpNodes(t *testing.T) {
 
 func TestPoolRefusesWhenEveryConnectionIsBusy(t *testing.T) {
 	backend := testbackend.Start(t, "b", testbackend.Behaviour{Hang: true})
-	_, port, _ := net.SplitHostPort(backend.Addr)
-	var portNum int
-	fmt.Sscan(port, &portNum)
+	portNum := port(t, backend.Addr)
 	p := testPool(t, PoolConfig{MaxConns: 1, Port: portNum})
 	conn, err := p.Conn("127.0.0.1")
 	if err != nil {
@@ -85,9 +98,7 @@ func TestPoolRefusesWhenEveryConnectionIsBusy(t *testing.T) {
 
 func TestPoolEvictsIdleButNotBusyConnections(t *testing.T) {
 	backend := testbackend.Start(t, "b", testbackend.Behaviour{})
-	_, port, _ := net.SplitHostPort(backend.Addr)
-	var portNum int
-	fmt.Sscan(port, &portNum)
+	portNum := port(t, backend.Addr)
 	p := testPool(t, PoolConfig{Port: portNum, IdleTimeout: time.Hour})
 	now := time.Now()
 	p.now = func() time.Time { return now }
@@ -115,9 +126,7 @@ func TestPoolEvictsIdleButNotBusyConnections(t *testing.T) {
 
 func TestPoolResetClosesBusyConnectionsWhenTheirCallsEnd(t *testing.T) {
 	backend := testbackend.Start(t, "b", testbackend.Behaviour{Hang: true})
-	_, port, _ := net.SplitHostPort(backend.Addr)
-	var portNum int
-	fmt.Sscan(port, &portNum)
+	portNum := port(t, backend.Addr)
 	p := testPool(t, PoolConfig{Port: portNum})
 	conn, _ := p.Conn("127.0.0.1")
 	ctx, cancel := context.WithCancel(context.Background())
