@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
 	"slices"
 	"sort"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/hashicorp/go-multierror"
 	"github.com/siderolabs/talos/pkg/machinery/client"
+	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -266,5 +268,38 @@ func TestServeExposesMetrics(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("metrics:\n%s", body)
+	}
+}
+
+func TestDemoRerunOnTheSameDirectory(t *testing.T) {
+	dir := t.TempDir()
+	nodes := []string{"127.0.76.11", "127.0.76.12"}
+	port := freePort(t, nodes...)
+	args := []string{"demo", "-dir", dir, "-nodes", "2", "-first-ip", nodes[0], "-port", fmt.Sprint(port)}
+	first := start(t, "nodes up", args...)
+	old, err := os.ReadFile(dir + "/talosconfig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.stop(t)
+
+	start(t, "nodes up", args...)
+	// A talosconfig from the first run still works: the CA was kept.
+	if err := os.WriteFile(dir+"/old-talosconfig", old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := clientconfig.Open(dir + "/old-talosconfig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Contexts[cfg.Context].Endpoints = []string{fmt.Sprintf("%s:%d", nodes[1], port)}
+	cl, err := client.New(testContext(t), client.WithConfig(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	resp, err := cl.Version(client.WithNodes(testContext(t), nodes...))
+	if err != nil || len(resp.Messages) != 2 {
+		t.Fatalf("second run with the first run's talosconfig: %v, %v", resp, err)
 	}
 }
