@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -148,5 +150,55 @@ func TestPoolResetClosesBusyConnectionsWhenTheirCallsEnd(t *testing.T) {
 		if !cc.WaitForStateChange(waitCtx, s) {
 			t.Fatal("retired connection not closed after its last call")
 		}
+	}
+}
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	accepted atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted.Add(1)
+	}
+	return c, err
+}
+
+func TestPoolConcurrentCallsToANewNodeShareOneConnection(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis := &countingListener{Listener: inner}
+	backend := testbackend.New("b", testbackend.Behaviour{})
+	go func() { _ = backend.Serve(lis) }()
+	t.Cleanup(backend.Stop)
+
+	p := testPool(t, PoolConfig{Port: port(t, inner.Addr().String())})
+	var wg sync.WaitGroup
+	errs := make(chan error, 50)
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			conn, err := p.Conn("127.0.0.1")
+			if err == nil {
+				_, err = machine.NewMachineServiceClient(conn).Version(context.Background(), &emptypb.Empty{})
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := lis.accepted.Load(); n != 1 {
+		t.Fatalf("50 concurrent calls to one new node opened %d connections, want 1", n)
 	}
 }
