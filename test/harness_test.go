@@ -202,3 +202,24 @@ func testContext(t *testing.T) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// waitOutput waits until the process has printed text at least n times in
+// all, for events a process reports only in its log (a reload that failed,
+// for example). It reports whether that happened within timeout.
+func (p *process) waitOutput(text string, n int, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for {
+		if strings.Count(p.log(), text) >= n {
+			return true
+		}
+		select {
+		case <-p.exited:
+			return strings.Count(p.log(), text) >= n
+		default:
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
