@@ -499,7 +499,6 @@ func TestForwardKeys(t *testing.T) {
 // in the configured allowlist must not let a caller's value of it through,
 // or one careless line of configuration reopens what the allowlist closes.
 func TestForwardKeysCannotCarryRoutingKeys(t *testing.T) {
-	t.Skip("BUG: NewRouter copies configured forward keys verbatim, so forwardMetadata: [node, nodes, proxyfrom, apid-node-timeout] carries the caller's values to the next hop; remove this line once reserved keys are refused")
 	reserved := []string{KeyNode, KeyNodes, KeyProxyFrom, KeyRole, KeyNodeTimeout, ":authority"}
 	r := newTestRouter(t, Config{ForwardKeys: reserved, SelfNames: []string{"10.0.0.1"}})
 	md := forged(KeyNodes, "10.0.0.2,10.0.0.1")
