@@ -3,6 +3,7 @@ package director
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 )
 
@@ -63,13 +64,14 @@ func ParseTargets(values []string, max int) ([]string, error) {
 			if err != nil {
 				return nil, err
 			}
-			if _, dup := seen[t]; dup {
+			key := canonical(t)
+			if _, dup := seen[key]; dup {
 				continue
 			}
 			if len(out) == max {
 				return nil, fmt.Errorf("more than %d nodes in one request", max)
 			}
-			seen[t] = struct{}{}
+			seen[key] = struct{}{}
 			out = append(out, t)
 		}
 	}
@@ -77,6 +79,16 @@ func ParseTargets(values []string, max int) ([]string, error) {
 		return nil, fmt.Errorf("empty node list")
 	}
 	return out, nil
+}
+
+// canonical is the identity of a target for de-duplication: an IP address
+// in its canonical form (so ::ffff:10.0.0.1, 10.0.0.1 and [::ffff:a00:1]
+// are one node), a name lower-cased.
+func canonical(t string) string {
+	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(t, "["), "]")); err == nil {
+		return a.Unmap().WithZone("").String()
+	}
+	return strings.ToLower(t)
 }
 
 // dialAddress is where the apid of target listens.

@@ -38,6 +38,10 @@ func TestParseTargets(t *testing.T) {
 	if err != nil || !slices.Equal(got, []string{"a", "b", "c"}) {
 		t.Fatalf("got %v, %v", got, err)
 	}
+	got, err = ParseTargets([]string{"10.0.0.1", "::ffff:10.0.0.1", "::FFFF:a00:1", "Node-1", "node-1"}, 10)
+	if err != nil || !slices.Equal(got, []string{"10.0.0.1", "Node-1"}) {
+		t.Fatalf("spellings of one node not collapsed: %v, %v", got, err)
+	}
 	if _, err := ParseTargets([]string{"a,b,c"}, 2); err == nil {
 		t.Fatal("3 nodes with a limit of 2 accepted")
 	}
