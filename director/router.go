@@ -114,7 +114,7 @@ func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
 		r.forward[i] = strings.ToLower(k)
 	}
 	for _, n := range cfg.SelfNames {
-		r.self[n] = true
+		r.self[canonical(n)] = true
 	}
 	return r
 }
@@ -268,7 +268,7 @@ func authority(md metadata.MD) string {
 }
 
 func (r *Router) backendFor(target string, out metadata.MD, from string) proxy.Backend {
-	if r.self[target] {
+	if r.self[canonical(target)] {
 		return r.localBackend(target, out)
 	}
 	fwd := out.Copy()
