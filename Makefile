@@ -24,11 +24,17 @@ lint:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count 6 -timeout 60m ./bench/ | tee bench.txt
 
-# A short run of every fuzz target.
+# A short run of every fuzz target (FUZZTIME each).
+FUZZTIME ?= 30s
+FUZZ_TARGETS := aggregate:FuzzStampReply aggregate:FuzzStampMessage aggregate:FuzzErrorEntry \
+	director:FuzzParseTargets director:FuzzPolicy tls:FuzzMergeTalosconfig \
+	agent:FuzzParseMeminfo agent:FuzzFormatKmsgRecord
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzStampReply -fuzztime 30s ./aggregate/
-	$(GO) test -run '^$$' -fuzz FuzzStampMessage -fuzztime 30s ./aggregate/
-	$(GO) test -run '^$$' -fuzz FuzzParseTargets -fuzztime 30s ./director/
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "fuzz $$fn ($$pkg)"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) ./$$pkg/; \
+	done
 
 demo:
 	$(GO) run ./cmd/apid demo
