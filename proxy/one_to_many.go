@@ -78,10 +78,10 @@ func (r *replyMD) addHeader(md metadata.MD) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.sent {
-		r.trailer = metadata.Join(r.trailer, md)
+		r.trailer = appendMD(r.trailer, md)
 		return
 	}
-	r.header = metadata.Join(r.header, md)
+	r.header = appendMD(r.header, md)
 }
 
 func (r *replyMD) addTrailer(md metadata.MD) {
@@ -89,8 +89,20 @@ func (r *replyMD) addTrailer(md metadata.MD) {
 		return
 	}
 	r.mu.Lock()
-	r.trailer = metadata.Join(r.trailer, md)
+	r.trailer = appendMD(r.trailer, md)
 	r.mu.Unlock()
+}
+
+// appendMD adds src's values to dst in place (metadata.Join would copy
+// everything gathered so far for every backend: quadratic in fan-out).
+func appendMD(dst, src metadata.MD) metadata.MD {
+	if dst == nil {
+		dst = make(metadata.MD, len(src))
+	}
+	for k, v := range src {
+		dst[k] = append(dst[k], v...)
+	}
+	return dst
 }
 
 // takeHeader returns the headers gathered so far; any arriving later are
@@ -102,11 +114,16 @@ func (r *replyMD) takeHeader() metadata.MD {
 	return r.header
 }
 
+// takeTrailer returns the trailers, plus the headers if they were never
+// sent (a stream that ended before its first message).
 func (r *replyMD) takeTrailer() metadata.MD {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.sent = true
-	return metadata.Join(r.header, r.trailer)
+	if !r.sent {
+		r.sent = true
+		r.trailer = appendMD(r.trailer, r.header)
+	}
+	return r.trailer
 }
 
 // fanOutUnary calls every backend and replies with one message holding all

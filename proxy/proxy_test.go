@@ -242,6 +242,9 @@ func TestOneToManyUnaryStampsEveryEntryInRequestOrder(t *testing.T) {
 	if ts := trailer.Get("x-backend-trailer"); len(ts) != 3 {
 		t.Errorf("merged trailer x-backend-trailer = %v", ts)
 	}
+	if again := trailer.Get("x-backend"); len(again) != 0 {
+		t.Errorf("headers repeated in the trailer: %v", again)
+	}
 }
 
 func TestOneToManyUnaryFailuresBecomeErrorEntries(t *testing.T) {
