@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -223,7 +224,7 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 
-	out := make(chan []byte, h.opts.StreamBuffer)
+	out := make(chan frame, h.opts.StreamBuffer)
 	var md replyMD
 	var wg sync.WaitGroup
 	for _, b := range backends {
@@ -240,20 +241,25 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 
 	var sendErr error
 	headerSent := false
-	for msg := range out {
+	var msg frame // one variable for the loop: SendMsg's argument escapes
+	for msg = range out {
 		if sendErr != nil {
-			continue // drain so every backend goroutine can finish
+			msg.release() // drain so every backend goroutine can finish
+			continue
 		}
 		if !headerSent {
 			headerSent = true
 			if hdr := md.takeHeader(); len(hdr) > 0 {
 				if sendErr = ss.SendHeader(hdr); sendErr != nil {
+					msg.release()
 					cancel()
 					continue
 				}
 			}
 		}
-		if sendErr = ss.SendMsg(&frame{raw: msg}); sendErr != nil {
+		sendErr = ss.SendMsg(&msg)
+		msg.release() // a no-op unless the send never reached the codec
+		if sendErr != nil {
 			cancel()
 		}
 	}
@@ -266,18 +272,19 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 
 // streamFrom relays one backend's stream into out. Its failure, at any
 // point, becomes one error message in the stream.
-func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req []byte, out chan<- []byte, md *replyMD) {
+func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req []byte, out chan<- frame, md *replyMD) {
 	name := b.Name()
 	code := codes.OK
 	if h.opts.Observer != nil {
 		start := time.Now()
 		defer func() { h.opts.Observer.BackendDone(ServerStream, code, time.Since(start)) }()
 	}
-	emit := func(msg []byte) bool {
+	emit := func(msg frame) bool {
 		select {
 		case out <- msg:
 			return true
 		case <-ctx.Done():
+			msg.release()
 			return false
 		}
 	}
@@ -287,7 +294,7 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 		}
 		st := backendStatus(err)
 		code = st.Code()
-		emit(aggregate.AppendErrorMessage(nil, name, st.Code(), st.Message()))
+		emit(frame{raw: aggregate.AppendErrorMessage(nil, name, st.Code(), st.Message())})
 	}
 
 	streamCtx, cancel := context.WithCancel(ctx)
@@ -313,8 +320,8 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 	if hdr, err := cs.Header(); err == nil {
 		md.addHeader(hdr)
 	}
+	var f frame // one variable for the loop: RecvMsg's argument escapes
 	for {
-		var f frame
 		err := cs.RecvMsg(&f)
 		if err == io.EOF {
 			md.addTrailer(cs.Trailer())
@@ -325,8 +332,7 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 			fail(err)
 			return
 		}
-		body := f.bytes()
-		stamped, err := aggregate.StampMessage(make([]byte, 0, len(body)+len(name)+12), body, name)
+		stamped, err := stampFrame(f.bytes(), name)
 		f.release()
 		if err != nil {
 			fail(status.Errorf(codes.Internal, "malformed reply: %v", err))
@@ -336,4 +342,28 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 			return
 		}
 	}
+}
+
+// stampFrame returns body stamped with name in a frame whose buffer, when it
+// is large enough to be worth it, comes from gRPC's pool and goes back to it
+// once the frame is written.
+func stampFrame(body []byte, name string) (frame, error) {
+	// The stamp is field 1 (tag and length, at most 6 bytes) holding field 1
+	// (the same) with the name: at most 12 bytes besides the name.
+	n := len(body) + len(name) + 12
+	if mem.IsBelowBufferPoolingThreshold(n) {
+		b, err := aggregate.StampMessage(make([]byte, 0, n), body, name)
+		return frame{raw: b}, err
+	}
+	pool := mem.DefaultBufferPool()
+	buf := pool.Get(n)
+	b, err := aggregate.StampMessage((*buf)[:0], body, name)
+	if err != nil || len(b) > cap(*buf) {
+		// Failed, or grew past the pooled buffer (a name that needed
+		// repairing): the pooled buffer was not used.
+		pool.Put(buf)
+		return frame{raw: b}, err
+	}
+	*buf = b
+	return frame{data: mem.BufferSlice{mem.NewBuffer(buf, pool)}}, nil
 }
