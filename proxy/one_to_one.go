@@ -51,8 +51,8 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend) error
 // half-closes. It returns nil when the client is done or the backend stopped
 // listening (the backend's status then arrives through relayReplies).
 func relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
+	var f frame // one variable for the loop: the stream calls make it escape
 	for {
-		var f frame
 		if err := ss.RecvMsg(&f); err != nil {
 			if err == io.EOF {
 				return cs.CloseSend()
@@ -75,8 +75,8 @@ func relayReplies(cs grpc.ClientStream, ss grpc.ServerStream) error {
 			return err
 		}
 	}
+	var f frame
 	for {
-		var f frame
 		if err := cs.RecvMsg(&f); err != nil {
 			if err == io.EOF {
 				return nil
