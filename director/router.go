@@ -195,7 +195,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
-		return r.oneToOne(r.backendFor(t, out, authority(md))), nil
+		return r.oneToOne(r.backendFor(t, out, forwarded(out, md))), nil
 	case len(nodes) > 0:
 		targets, err := ParseTargets(nodes, r.max)
 		if err != nil {
@@ -206,9 +206,9 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 			return proxy.Route{}, err
 		}
 		backends := make([]proxy.Backend, len(targets))
-		from := authority(md)
+		remote := forwarded(out, md) // shared by every remote backend: read-only from here on
 		for i, t := range targets {
-			backends[i] = r.backendFor(t, out, from)
+			backends[i] = r.backendFor(t, out, remote)
 		}
 		return proxy.Route{Backends: backends, OneToMany: true, Kind: r.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 	}
@@ -260,20 +260,25 @@ func (r *Router) outgoing(in metadata.MD, roles []string) metadata.MD {
 	return out
 }
 
-func authority(md metadata.MD) string {
-	if v := md[":authority"]; len(v) > 0 {
-		return v[0]
+// forwarded is the metadata for another node's apid: the local one plus
+// proxyfrom, the :authority the caller used to reach this apid.
+func forwarded(out, in metadata.MD) metadata.MD {
+	fwd := out.Copy()
+	from := "apid"
+	if v := in[":authority"]; len(v) > 0 {
+		from = v[0]
 	}
-	return "apid"
+	fwd[KeyProxyFrom] = []string{from}
+	return fwd
 }
 
-func (r *Router) backendFor(target string, out metadata.MD, from string) proxy.Backend {
+// backendFor is the backend serving target: the local agent when target is
+// this node, otherwise target's apid.
+func (r *Router) backendFor(target string, local, remote metadata.MD) proxy.Backend {
 	if r.self[canonical(target)] {
-		return r.localBackend(target, out)
+		return r.localBackend(target, local)
 	}
-	fwd := out.Copy()
-	fwd[KeyProxyFrom] = []string{from}
-	return &backend{name: target, md: fwd, pool: r.pool}
+	return &backend{name: target, md: remote, pool: r.pool}
 }
 
 func (r *Router) localBackend(name string, out metadata.MD) proxy.Backend {
