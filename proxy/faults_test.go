@@ -227,3 +227,20 @@ func TestOneToManyFloodingNodeIsPausedNotBuffered(t *testing.T) {
 		t.Fatal("flooding node's stream not cancelled")
 	}
 }
+
+func TestOneToManyOversizedMergeDropsTheLargestEntries(t *testing.T) {
+	servers, bs := backends(t, testbackend.Behaviour{Payload: 300 << 10}, "a", "big", "b")
+	servers[1].Set(testbackend.Behaviour{Payload: 600 << 10})
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 1 << 20})
+	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	if err != nil {
+		t.Fatalf("the merged call failed instead of leaving out the largest reply: %v", err)
+	}
+	e := versionEntries(t, resp)
+	if e["a"].Version == nil || e["b"].Version == nil {
+		t.Fatalf("small replies lost: %v", resp.Messages)
+	}
+	if big := e["big"]; big.Version != nil || codes.Code(big.Metadata.GetStatus().GetCode()) != codes.ResourceExhausted {
+		t.Fatalf("largest reply not replaced by an error entry: %v", big.Metadata)
+	}
+}

@@ -23,6 +23,11 @@ type Options struct {
 	// between the backends and the client before the fastest backends are
 	// paused. Default 64.
 	StreamBuffer int
+	// MaxReplySize bounds a merged one-to-many unary reply; set it to what
+	// clients accept (the Talos API's 32 MiB). When the merge would be
+	// larger, the largest nodes' entries are replaced by ResourceExhausted
+	// error entries until it fits. Zero: no bound.
+	MaxReplySize int
 	// Observer, if set, learns how each backend's part of a one-to-many
 	// call ended (for metrics).
 	Observer Observer

@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"slices"
+	"sort"
 	"sync"
 	"time"
 
@@ -148,6 +151,9 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	wg.Wait()
 
 	reply := aggregate.Merge(parts)
+	if max := h.opts.MaxReplySize; max > 0 && len(reply) > max {
+		reply = aggregate.Merge(fitParts(parts, max))
+	}
 	for i := range replies {
 		replies[i].release()
 	}
@@ -158,6 +164,40 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	}
 	ss.SetTrailer(md.takeTrailer())
 	return ss.SendMsg(&frame{raw: reply})
+}
+
+// fitParts replaces the largest replies with ResourceExhausted entries
+// until the merged reply fits in max bytes, so that an oversized merge
+// costs the client those nodes' entries rather than the whole call.
+func fitParts(parts []aggregate.Part, max int) []aggregate.Part {
+	sizes := make([]int, len(parts))
+	total := 0
+	for i, p := range parts {
+		if p.Code == codes.OK {
+			sizes[i], _ = aggregate.StampedReplySize(p.Body, p.Host)
+		} else {
+			sizes[i] = aggregate.ErrorReplySize(p.Host, p.Code, p.Message)
+		}
+		total += sizes[i]
+	}
+	order := make([]int, len(parts))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(a, b int) bool { return sizes[order[a]] > sizes[order[b]] })
+	fitted := slices.Clone(parts)
+	for _, i := range order {
+		if total <= max {
+			break
+		}
+		if fitted[i].Code != codes.OK {
+			continue
+		}
+		msg := fmt.Sprintf("reply of %d bytes left out: the merged reply would exceed %d bytes; ask this node alone", sizes[i], max)
+		fitted[i] = aggregate.Part{Host: fitted[i].Host, Code: codes.ResourceExhausted, Message: msg}
+		total += aggregate.ErrorReplySize(fitted[i].Host, fitted[i].Code, msg) - sizes[i]
+	}
+	return fitted
 }
 
 // nodeContext bounds the nodes' part of a unary fan-out: by the route's
