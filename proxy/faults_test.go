@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -242,5 +243,34 @@ func TestOneToManyOversizedMergeDropsTheLargestEntries(t *testing.T) {
 	}
 	if big := e["big"]; big.Version != nil || codes.Code(big.Metadata.GetStatus().GetCode()) != codes.ResourceExhausted {
 		t.Fatalf("largest reply not replaced by an error entry: %v", big.Metadata)
+	}
+}
+
+func TestOneToManyDoesNotHoardRepliesThatCannotBeSent(t *testing.T) {
+	names := []string{"n0", "n1", "n2", "n3", "n4", "n5"}
+	_, bs := backends(t, testbackend.Behaviour{Payload: 200 << 10}, names...)
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 256 << 10})
+	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kept, dropped, onArrival int
+	for _, m := range resp.Messages {
+		switch codes.Code(m.Metadata.GetStatus().GetCode()) {
+		case codes.OK:
+			kept++
+		case codes.ResourceExhausted:
+			dropped++
+			if strings.Contains(m.Metadata.GetError(), "already held") {
+				onArrival++
+			}
+		default:
+			t.Errorf("entry %v", m.Metadata)
+		}
+	}
+	// 512 KiB may be held: two replies of 200 KiB, of which one fits the
+	// 256 KiB merge; the other four are dropped on arrival or at the merge.
+	if len(resp.Messages) != len(names) || kept != 1 || dropped != 5 || onArrival != 4 {
+		t.Fatalf("%d entries: %d kept, %d dropped (%d on arrival, want 4)", len(resp.Messages), kept, dropped, onArrival)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -139,13 +140,14 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	parts := make([]aggregate.Part, len(backends))
 	replies := make([]frame, len(backends))
 	var md replyMD
+	var held atomic.Int64 // reply bytes kept for the merge so far
 
 	var wg sync.WaitGroup
 	for i, b := range backends {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			parts[i] = h.callUnary(ctx, method, b, req, &replies[i], &md)
+			parts[i] = h.callUnary(ctx, method, b, req, &replies[i], &md, &held)
 		}()
 	}
 	wg.Wait()
@@ -233,7 +235,12 @@ func replyMargin(left time.Duration) time.Duration {
 
 // callUnary makes one backend's call and describes its outcome as a Part.
 // The reply's bytes stay in reply until the caller has merged them.
-func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req []byte, reply *frame, md *replyMD) aggregate.Part {
+//
+// Replies are held until every backend answered; with MaxReplySize set, a
+// reply arriving once twice that many bytes are held is dropped at once (an
+// error entry) instead of held, so one call cannot hoard memory for a merge
+// that could never be sent (the reference was OOM-killed this way).
+func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req []byte, reply *frame, md *replyMD, held *atomic.Int64) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
 	if h.opts.Observer != nil {
 		start := time.Now()
@@ -253,6 +260,15 @@ func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req [
 		return part
 	}
 	part.Body = reply.bytes()
+	if limit := int64(h.opts.MaxReplySize); limit > 0 {
+		if n := held.Add(int64(len(part.Body))); n > 2*limit {
+			held.Add(-int64(len(part.Body)))
+			reply.release()
+			return aggregate.Part{Host: part.Host, Code: codes.ResourceExhausted, Message: fmt.Sprintf(
+				"reply of %d bytes left out: the replies already held exceed what a merged reply may carry (%d bytes); ask this node alone",
+				len(part.Body), limit)}
+		}
+	}
 	return part
 }
 
