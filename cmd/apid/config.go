@@ -59,6 +59,12 @@ type Config struct {
 	ReloadInterval time.Duration `yaml:"reloadInterval"`
 	// IdleTimeout closes connections to other nodes idle this long. Default 5m.
 	IdleTimeout time.Duration `yaml:"idleTimeout"`
+	// MaxConnections bounds the nodes connected at once (idle ones are
+	// evicted first). Default 1024.
+	MaxConnections int `yaml:"maxConnections"`
+	// MaxDials bounds the connection attempts to other nodes in progress at
+	// once. Default 64.
+	MaxDials int `yaml:"maxDials"`
 	// HandshakeTimeout closes connections whose TLS handshake has not
 	// finished in time. Default 10s.
 	HandshakeTimeout time.Duration `yaml:"handshakeTimeout"`
@@ -94,6 +100,8 @@ func defaultConfig() Config {
 		MaxMessageSize: 32 << 20,
 		ReloadInterval: 10 * time.Second,
 		IdleTimeout:    5 * time.Minute,
+		MaxConnections: 1024,
+		MaxDials:       64,
 		LogLevel:       "info",
 
 		HandshakeTimeout:     10 * time.Second,
@@ -127,6 +135,9 @@ func (c Config) Validate() error {
 	}
 	if c.NodeTimeout < 0 || c.ReloadInterval <= 0 || c.IdleTimeout <= 0 || c.HandshakeTimeout <= 0 {
 		errs = append(errs, errors.New("nodeTimeout must be >= 0; reloadInterval, idleTimeout and handshakeTimeout > 0"))
+	}
+	if c.MaxConnections <= 0 || c.MaxDials <= 0 {
+		errs = append(errs, errors.New("maxConnections and maxDials must be positive"))
 	}
 	if c.MaxConcurrentStreams == 0 {
 		errs = append(errs, errors.New("maxConcurrentStreams must be positive"))

@@ -108,6 +108,8 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 	pool := director.NewPool(director.PoolConfig{
 		Port:        cfg.RemotePort,
 		IdleTimeout: cfg.IdleTimeout,
+		MaxConns:    cfg.MaxConnections,
+		MaxDials:    cfg.MaxDials,
 		DialOptions: remoteDialOptions(cfg.MaxMessageSize),
 		Credentials: func(host string) credentials.TransportCredentials {
 			return credentials.NewTLS(apidtls.ClientConfig(src, host))
