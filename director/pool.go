@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -110,8 +109,7 @@ func (p *Pool) Conn(target string) (grpc.ClientConnInterface, error) {
 	}
 	opts := append(slices.Clip(p.cfg.DialOptions), grpc.WithContextDialer(p.dial))
 	if p.cfg.Credentials != nil {
-		host := strings.TrimSuffix(strings.TrimPrefix(target, "["), "]")
-		opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(host)))
+		opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(unbracket(target))))
 	} else {
 		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	}

@@ -81,11 +81,16 @@ func ParseTargets(values []string, max int) ([]string, error) {
 	return out, nil
 }
 
+// unbracket returns target without the brackets of an IPv6 literal.
+func unbracket(target string) string {
+	return strings.TrimSuffix(strings.TrimPrefix(target, "["), "]")
+}
+
 // canonical is the identity of a target for de-duplication: an IP address
 // in its canonical form (so ::ffff:10.0.0.1, 10.0.0.1 and [::ffff:a00:1]
 // are one node), a name lower-cased.
 func canonical(t string) string {
-	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(t, "["), "]")); err == nil {
+	if a, err := netip.ParseAddr(unbracket(t)); err == nil {
 		return a.Unmap().WithZone("").String()
 	}
 	return strings.ToLower(t)
@@ -93,6 +98,5 @@ func canonical(t string) string {
 
 // dialAddress is where the apid of target listens.
 func dialAddress(target string, port int) string {
-	host := strings.TrimSuffix(strings.TrimPrefix(target, "["), "]")
-	return net.JoinHostPort(host, fmt.Sprint(port))
+	return net.JoinHostPort(unbracket(target), fmt.Sprint(port))
 }
