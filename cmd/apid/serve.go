@@ -131,7 +131,7 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		BidiStreaming:   cfg.BidiStreamingMethods,
 	}, local, pool)
 	m := newMetrics(policy, pool)
-	handler := proxy.NewHandler(router, proxy.Options{NodeTimeout: cfg.NodeTimeout, MaxReplySize: cfg.MaxMessageSize, Observer: m})
+	handler := proxy.NewHandler(router, proxy.Options{MaxReplySize: cfg.MaxMessageSize, Observer: m})
 
 	server := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{AllowTLS12: cfg.AllowTLS12}))),
