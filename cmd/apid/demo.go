@@ -173,15 +173,22 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 }
 
 func loadOrCreateCA(crtPath, keyPath string) (*apidtls.CA, error) {
-	crt, err1 := os.ReadFile(crtPath)
-	key, err2 := os.ReadFile(keyPath)
-	if err1 == nil && err2 == nil {
+	crt, errCrt := os.ReadFile(crtPath)
+	key, errKey := os.ReadFile(keyPath)
+	switch {
+	case errCrt == nil && errKey == nil:
 		ca, err := apidtls.LoadCA(crt, key)
-		if err == nil && time.Until(ca.Cert.NotAfter) > 24*time.Hour {
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w (remove the directory to start afresh)", crtPath, err)
+		}
+		if time.Until(ca.Cert.NotAfter) > 24*time.Hour {
 			return ca, nil
 		}
-	} else if !errors.Is(err1, fs.ErrNotExist) && err1 != nil {
-		return nil, err1
+		// About to expire: a new CA is the demo's business.
+	case !errors.Is(errCrt, fs.ErrNotExist) && errCrt != nil:
+		return nil, errCrt
+	case !errors.Is(errKey, fs.ErrNotExist) && errKey != nil:
+		return nil, errKey
 	}
 	ca, err := apidtls.NewCA("apid demo CA", 10*365*24*time.Hour, apidtls.KeyECDSA)
 	if err != nil {
