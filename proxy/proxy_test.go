@@ -190,7 +190,7 @@ func TestOneToOneClientStreamUpload(t *testing.T) {
 }
 
 func TestOneToOneOversizedRequestIsRefused(t *testing.T) {
-	servers, bs := backends(t, testbackend.Behaviour{}, "n1")
+	_, bs := backends(t, testbackend.Behaviour{}, "n1")
 	c := startProxy(t, proxy.Route{Backends: bs}, proxy.Options{}, grpc.MaxRecvMsgSize(1024))
 	stream, err := c.EtcdRecover(testContext(t))
 	if err != nil {
@@ -201,7 +201,6 @@ func TestOneToOneOversizedRequestIsRefused(t *testing.T) {
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("err = %v, want ResourceExhausted", err)
 	}
-	_ = servers
 }
 
 func versionEntries(t *testing.T, resp *machine.VersionResponse) map[string]*machine.Version {
