@@ -26,7 +26,7 @@ bench:
 
 # A short run of every fuzz target (FUZZTIME each).
 FUZZTIME ?= 30s
-FUZZ_TARGETS := aggregate:FuzzStampReply aggregate:FuzzStampMessage aggregate:FuzzErrorEntry \
+FUZZ_TARGETS := aggregate:FuzzStampReply aggregate:FuzzStampMessage aggregate:FuzzCheckMessage aggregate:FuzzErrorEntry \
 	director:FuzzParseTargets director:FuzzPolicy tls:FuzzMergeTalosconfig \
 	agent:FuzzParseMeminfo agent:FuzzFormatKmsgRecord
 fuzz:

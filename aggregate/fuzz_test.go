@@ -3,6 +3,7 @@ package aggregate_test
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -190,6 +191,36 @@ func FuzzErrorEntry(f *testing.F) {
 		if md.GetError() == "" || md.GetError() != md.GetStatus().GetMessage() ||
 			md.GetHostname() != strings.ToValidUTF8(host, "\uFFFD") || md.GetStatus().GetCode() != int32(code) {
 			t.Fatalf("error entry %v for host %q code %d msg %q", md, host, code, msg)
+		}
+	})
+}
+
+// FuzzCheckMessage splits a message at up to three fuzzed points (as the
+// transport may deliver it in several buffers) and checks that CheckMessage
+// judges it exactly as StampMessage judges the whole, and that appending
+// Stamp stamps it as StampMessage does.
+func FuzzCheckMessage(f *testing.F) {
+	seedReplies(f)
+	f.Fuzz(func(t *testing.T, msg []byte, host string) {
+		_, want := aggregate.StampMessage(nil, msg, host)
+		cuts := []int{0, len(msg)}
+		for i := 0; i < 3 && i < len(host); i++ {
+			cuts = append(cuts, int(host[i])*len(msg)/255)
+		}
+		slices.Sort(cuts)
+		var segs [][]byte
+		for i := 1; i < len(cuts); i++ {
+			segs = append(segs, msg[cuts[i-1]:cuts[i]])
+		}
+		got := aggregate.CheckMessage(segs...)
+		if (got == nil) != (want == nil) || (got != nil && got.Error() != want.Error()) {
+			t.Fatalf("CheckMessage over %d segments: %v; StampMessage: %v", len(segs), got, want)
+		}
+		if got == nil {
+			stamped, _ := aggregate.StampMessage(nil, msg, host)
+			if joined := append(slices.Clip(msg), aggregate.Stamp(host)...); !bytes.Equal(joined, stamped) {
+				t.Fatalf("message + Stamp differs from StampMessage")
+			}
 		}
 	})
 }

@@ -155,3 +155,121 @@ func grow(dst []byte, n int) []byte {
 	copy(b, dst)
 	return b
 }
+
+// Stamp returns the bytes that, appended to a server-streamed reply message,
+// stamp it with host: the same field-1 common.Metadata StampMessage appends.
+// They depend on host alone, so a relay computes them once per node and
+// appends them to each message without copying the message (see
+// CheckMessage).
+func Stamp(host string) []byte {
+	s := newStamp(host)
+	return s.appendTo(make([]byte, 0, s.size))
+}
+
+// CheckMessage reports whether the concatenation of segs (one message as
+// the transport delivered it, possibly in several buffers) has the shape
+// StampMessage requires: well-formed fields whose field 1, if any, is
+// length-delimited. It returns the error StampMessage would return, and
+// never copies the message.
+func CheckMessage(segs ...[]byte) error {
+	var f failure
+	if len(segs) == 1 {
+		f = checkFields(segs[0], 0)
+	} else {
+		f = checkSegments(segs)
+	}
+	if !f.ok() {
+		return &malformedError{f}
+	}
+	return nil
+}
+
+// checkSegments is checkFields over a message split into segments. Each
+// field's head (tag, and length or value, at most 20 bytes) is gathered
+// across segment boundaries into a small array and parsed there, so the
+// parse, and every error, is exactly the one checkFields would give.
+func checkSegments(segs [][]byte) failure {
+	total := 0
+	for _, s := range segs {
+		total += len(s)
+	}
+	c := segmentCursor{segs: segs}
+	for c.pos < total {
+		var head [maxFieldHead]byte
+		h := c.peek(head[:])
+		num, typ, n := protowire.ConsumeTag(h)
+		var cause error
+		skip := 0
+		switch {
+		case n < 0:
+			cause = protowire.ParseError(n)
+		case num > protowire.MaxValidNumber:
+			cause = errFieldNumber
+		case typ == protowire.StartGroupType || typ == protowire.EndGroupType:
+			cause = errGroup
+		case typ == protowire.BytesType:
+			v, m := protowire.ConsumeVarint(h[n:])
+			switch {
+			case m < 0:
+				cause = protowire.ParseError(m)
+			case v > uint64(total-c.pos-n-m):
+				cause = protowire.ParseError(-1) // truncated, as ConsumeBytes reports it
+			default:
+				skip = n + m + int(v)
+			}
+		default:
+			if m := protowire.ConsumeFieldValue(num, typ, h[n:]); m < 0 {
+				cause = protowire.ParseError(m)
+			} else {
+				skip = n + m
+			}
+		}
+		if cause == nil && num == 1 && typ != protowire.BytesType {
+			cause = errNotBytes
+		}
+		if cause != nil {
+			return failure{cause: cause, field: c.pos, entry: -1}
+		}
+		c.skip(skip)
+	}
+	return failure{}
+}
+
+// maxFieldHead bounds the head of a field: a tag and a varint (a length
+// or a value), at most ten bytes each.
+const maxFieldHead = 20
+
+// segmentCursor is a read position in a message split into segments.
+type segmentCursor struct {
+	segs [][]byte
+	seg  int // current segment
+	off  int // offset in it
+	pos  int // offset in the whole message
+}
+
+// peek copies up to len(buf) bytes from the position into buf without
+// moving, and returns what it copied.
+func (c *segmentCursor) peek(buf []byte) []byte {
+	n := 0
+	for i, off := c.seg, c.off; i < len(c.segs) && n < len(buf); i, off = i+1, 0 {
+		n += copy(buf[n:], c.segs[i][off:])
+	}
+	return buf[:n]
+}
+
+// skip moves the position n bytes on.
+func (c *segmentCursor) skip(n int) {
+	c.pos += n
+	for n > 0 && c.seg < len(c.segs) {
+		left := len(c.segs[c.seg]) - c.off
+		if n < left {
+			c.off += n
+			return
+		}
+		n -= left
+		c.seg, c.off = c.seg+1, 0
+	}
+	for c.seg < len(c.segs) && c.off == len(c.segs[c.seg]) {
+		c.seg, c.off = c.seg+1, 0
+	}
+}
