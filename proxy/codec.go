@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"slices"
+
 	"google.golang.org/grpc/encoding"
 	_ "google.golang.org/grpc/encoding/proto" // registers the fallback codec
 	"google.golang.org/grpc/mem"
@@ -27,6 +29,25 @@ func (f *frame) bytes() []byte {
 	f.data.Free()
 	f.data = nil
 	return f.raw
+}
+
+// len returns the payload's length.
+func (f *frame) len() int {
+	if f.data != nil {
+		return f.data.Len()
+	}
+	return len(f.raw)
+}
+
+// share returns a frame holding the same bytes as f, for one more send:
+// received buffers gain a reference (each send frees its own), so a
+// request sent to many backends is held once, never copied.
+func (f *frame) share() *frame {
+	if f.data == nil {
+		return &frame{raw: f.raw}
+	}
+	f.data.Ref()
+	return &frame{data: slices.Clone(f.data)}
 }
 
 // release returns any buffer still held to gRPC's pool.

@@ -40,7 +40,9 @@ type Backend interface {
 	Name() string
 	// Connect returns the connection to send the call to and the context to
 	// send it with; the context carries the outgoing metadata and must be
-	// derived from ctx.
+	// derived from ctx. The proxy cancels ctx as soon as this backend's
+	// part of the call is over, so a Backend may tie what it lent the call
+	// (a pooled connection) to ctx.
 	Connect(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error)
 }
 

@@ -23,6 +23,11 @@ type Options struct {
 	// between the backends and the client before the fastest backends are
 	// paused. Default 64.
 	StreamBuffer int
+	// NodeBuffer is how many bytes of one backend's messages a one-to-many
+	// stream holds for a client that reads slower than the backends write;
+	// past it that backend waits (and HTTP/2 flow control pauses it). A
+	// message larger than NodeBuffer is held alone. Default 64 KiB.
+	NodeBuffer int
 	// MaxReplySize bounds a merged one-to-many unary reply; set it to what
 	// clients accept (the Talos API's 32 MiB). When the merge would be
 	// larger, the largest nodes' entries are replaced by ResourceExhausted
@@ -31,6 +36,22 @@ type Options struct {
 	// Observer, if set, learns how each backend's part of a one-to-many
 	// call ended (for metrics).
 	Observer Observer
+	// Budget, if set, is told every byte the proxy holds for calls in
+	// flight and may refuse new calls.
+	Budget Budget
+}
+
+// Budget accounts for the bytes the proxy holds on behalf of calls in
+// flight: messages being relayed, a request kept for several backends,
+// replies kept for a merge, messages queued for a slow client. (What the
+// transport buffers is bounded by its flow-control windows instead.) It
+// must be safe for concurrent use and quick.
+type Budget interface {
+	// Admit is asked before a call contacts any backend; a non-nil error
+	// (a gRPC status) refuses the call.
+	Admit() error
+	// Hold adds n bytes to what is held; a negative n releases them.
+	Hold(n int64)
 }
 
 // Observer is told the outcome of every backend's part of a one-to-many
@@ -42,6 +63,9 @@ type Observer interface {
 func (o Options) withDefaults() Options {
 	if o.StreamBuffer <= 0 {
 		o.StreamBuffer = 64
+	}
+	if o.NodeBuffer <= 0 {
+		o.NodeBuffer = 64 << 10
 	}
 	return o
 }
@@ -71,6 +95,11 @@ func (h *Handler) handle(_ any, ss grpc.ServerStream) error {
 	if err != nil {
 		return err
 	}
+	if h.opts.Budget != nil {
+		if err := h.opts.Budget.Admit(); err != nil {
+			return err
+		}
+	}
 	switch {
 	case len(route.Backends) == 0:
 		return status.Errorf(codes.Unavailable, "no backend for %s", method)
@@ -80,6 +109,13 @@ func (h *Handler) handle(_ any, ss grpc.ServerStream) error {
 		return h.oneToOne(ss, method, route.Backends[0])
 	}
 	return h.oneToMany(ss, method, route)
+}
+
+// hold tells the budget, if any, that n more bytes are held (n < 0: fewer).
+func (h *Handler) hold(n int) {
+	if h.opts.Budget != nil && n != 0 {
+		h.opts.Budget.Hold(int64(n))
+	}
 }
 
 // backendStatus turns an error met while reaching a backend into a status:

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/mem"
@@ -35,6 +36,13 @@ func (h *Handler) oneToMany(ss grpc.ServerStream, method string, route Route) er
 	if err != nil {
 		return err
 	}
+	// The request is held once for all backends, whatever their number.
+	n := req.len()
+	h.hold(n)
+	defer func() {
+		req.release()
+		h.hold(-n)
+	}()
 	if route.Kind == Unary {
 		return h.fanOutUnary(ss, method, route, req)
 	}
@@ -42,27 +50,27 @@ func (h *Handler) oneToMany(ss grpc.ServerStream, method string, route Route) er
 }
 
 // readSingleRequest reads the one request message of a unary or
-// server-streaming call and checks the client sent no second one.
-func readSingleRequest(ss grpc.ServerStream, method string) ([]byte, error) {
-	var f frame
-	if err := ss.RecvMsg(&f); err != nil {
+// server-streaming call and checks the client sent no second one. The
+// caller releases the frame.
+func readSingleRequest(ss grpc.ServerStream, method string) (*frame, error) {
+	req := new(frame)
+	if err := ss.RecvMsg(req); err != nil {
 		if err == io.EOF {
 			return nil, status.Errorf(codes.InvalidArgument, "%s: no request message", method)
 		}
 		return nil, err
 	}
-	req := append([]byte(nil), f.bytes()...)
-	f.release()
-
 	var extra frame
 	switch err := ss.RecvMsg(&extra); err {
 	case io.EOF:
 		return req, nil
 	case nil:
 		extra.release()
+		req.release()
 		return nil, status.Errorf(codes.InvalidArgument,
 			"%s: a call to several nodes takes exactly one request message", method)
 	default:
+		req.release()
 		return nil, err
 	}
 }
@@ -133,7 +141,7 @@ func (r *replyMD) takeTrailer() metadata.MD {
 
 // fanOutUnary calls every backend and replies with one message holding all
 // their entries, in the order of the backends.
-func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, req []byte) error {
+func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, req *frame) error {
 	backends := route.Backends
 	ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
 	defer cancel()
@@ -159,6 +167,8 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	for i := range replies {
 		replies[i].release()
 	}
+	h.hold(len(reply) - int(held.Load()))
+	defer h.hold(-len(reply))
 	if hdr := md.takeHeader(); len(hdr) > 0 {
 		if err := ss.SendHeader(hdr); err != nil {
 			return err
@@ -240,7 +250,7 @@ func replyMargin(left time.Duration) time.Duration {
 // reply arriving once twice that many bytes are held is dropped at once (an
 // error entry) instead of held, so one call cannot hoard memory for a merge
 // that could never be sent (the reference was OOM-killed this way).
-func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req []byte, reply *frame, md *replyMD, held *atomic.Int64) aggregate.Part {
+func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req *frame, reply *frame, md *replyMD, held *atomic.Int64) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
 	if h.opts.Observer != nil {
 		start := time.Now()
@@ -249,8 +259,10 @@ func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req [
 	outCtx, conn, err := b.Connect(ctx, method)
 	if err == nil {
 		var header, trailer metadata.MD
-		err = conn.Invoke(outCtx, method, &frame{raw: req}, reply,
+		sent := req.share()
+		err = conn.Invoke(outCtx, method, sent, reply,
 			grpc.ForceCodecV2(h.codec), grpc.Header(&header), grpc.Trailer(&trailer))
+		sent.release() // a no-op unless the send never reached the codec
 		md.addHeader(header)
 		md.addTrailer(trailer)
 	}
@@ -260,27 +272,30 @@ func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req [
 		return part
 	}
 	part.Body = reply.bytes()
-	if limit := int64(h.opts.MaxReplySize); limit > 0 {
-		if n := held.Add(int64(len(part.Body))); n > 2*limit {
-			held.Add(-int64(len(part.Body)))
-			reply.release()
-			return aggregate.Part{Host: part.Host, Code: codes.ResourceExhausted, Message: fmt.Sprintf(
-				"reply of %d bytes left out: the replies already held exceed what a merged reply may carry (%d bytes); ask this node alone",
-				len(part.Body), limit)}
-		}
+	n := held.Add(int64(len(part.Body)))
+	if limit := int64(h.opts.MaxReplySize); limit > 0 && n > 2*limit {
+		held.Add(-int64(len(part.Body)))
+		reply.release()
+		return aggregate.Part{Host: part.Host, Code: codes.ResourceExhausted, Message: fmt.Sprintf(
+			"reply of %d bytes left out: the replies already held exceed what a merged reply may carry (%d bytes); ask this node alone",
+			len(part.Body), limit)}
 	}
+	h.hold(len(part.Body))
 	return part
 }
 
 // fanOutStream streams every backend's messages to the client as they come,
-// each stamped with its backend's name. The buffer between them is bounded:
-// when the client reads slower than the backends write, the backends wait
-// (and HTTP/2 flow control pauses them) rather than memory growing.
-func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []Backend, req []byte) error {
+// each stamped with its backend's name. What is held between them is
+// bounded twice: each backend may have at most NodeBuffer bytes queued, and
+// the queue at most StreamBuffer messages. When the client reads slower
+// than the backends write, the backends wait, their streams' receive
+// windows fill, and HTTP/2 flow control pauses the nodes, rather than
+// memory growing.
+func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []Backend, req *frame) error {
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 
-	out := make(chan frame, h.opts.StreamBuffer)
+	out := make(chan queued, h.opts.StreamBuffer)
 	var md replyMD
 	var wg sync.WaitGroup
 	for _, b := range backends {
@@ -297,24 +312,24 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 
 	var sendErr error
 	headerSent := false
-	var msg frame // one variable for the loop: SendMsg's argument escapes
-	for msg = range out {
+	var q queued // one variable for the loop: SendMsg's argument escapes
+	for q = range out {
 		if sendErr != nil {
-			msg.release() // drain so every backend goroutine can finish
+			h.done(&q) // drain so every backend goroutine can finish
 			continue
 		}
 		if !headerSent {
 			headerSent = true
 			if hdr := md.takeHeader(); len(hdr) > 0 {
 				if sendErr = ss.SendHeader(hdr); sendErr != nil {
-					msg.release()
+					h.done(&q)
 					cancel()
 					continue
 				}
 			}
 		}
-		sendErr = ss.SendMsg(&msg)
-		msg.release() // a no-op unless the send never reached the codec
+		sendErr = ss.SendMsg(&q.f)
+		h.done(&q)
 		if sendErr != nil {
 			cancel()
 		}
@@ -326,21 +341,45 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 	return nil
 }
 
+// queued is one stamped message waiting for the client, with what it
+// holds of its backend's buffer.
+type queued struct {
+	f      frame
+	buffer *semaphore.Weighted // its backend's NodeBuffer
+	weight int64               // what it holds of it
+	size   int                 // what it holds of the Budget
+}
+
+// done releases what q holds once it was sent or dropped.
+func (h *Handler) done(q *queued) {
+	q.f.release() // a no-op unless the send never reached the codec
+	q.buffer.Release(q.weight)
+	h.hold(-q.size)
+}
+
 // streamFrom relays one backend's stream into out. Its failure, at any
 // point, becomes one error message in the stream.
-func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req []byte, out chan<- frame, md *replyMD) {
+func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req *frame, out chan<- queued, md *replyMD) {
 	name := b.Name()
 	code := codes.OK
 	if h.opts.Observer != nil {
 		start := time.Now()
 		defer func() { h.opts.Observer.BackendDone(ServerStream, code, time.Since(start)) }()
 	}
-	emit := func(msg frame) bool {
+	buffer := semaphore.NewWeighted(int64(h.opts.NodeBuffer))
+	emit := func(f frame) bool {
+		size := f.len()
+		q := queued{f: f, buffer: buffer, weight: min(int64(size), int64(h.opts.NodeBuffer)), size: size}
+		if err := buffer.Acquire(ctx, q.weight); err != nil {
+			f.release()
+			return false
+		}
+		h.hold(size)
 		select {
-		case out <- msg:
+		case out <- q:
 			return true
 		case <-ctx.Done():
-			msg.release()
+			h.done(&q)
 			return false
 		}
 	}
@@ -365,7 +404,10 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 		fail(err)
 		return
 	}
-	if err := cs.SendMsg(&frame{raw: req}); err != nil && err != io.EOF {
+	sent := req.share()
+	err = cs.SendMsg(sent)
+	sent.release() // a no-op unless the send never reached the codec
+	if err != nil && err != io.EOF {
 		fail(err)
 		return
 	}
@@ -376,8 +418,10 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 	if hdr, err := cs.Header(); err == nil {
 		md.addHeader(hdr)
 	}
-	var f frame // one variable for the loop: RecvMsg's argument escapes
+	stamp := mem.SliceBuffer(aggregate.Stamp(name))
+	var segs [][]byte // reused to check each message in place
 	for {
+		var f frame
 		err := cs.RecvMsg(&f)
 		if err == io.EOF {
 			md.addTrailer(cs.Trailer())
@@ -388,38 +432,36 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 			fail(err)
 			return
 		}
-		stamped, err := stampFrame(f.bytes(), name)
-		f.release()
-		if err != nil {
+		if segs, err = stampFrame(&f, stamp, segs); err != nil {
+			f.release()
 			fail(status.Errorf(codes.Internal, "malformed reply: %v", err))
 			return
 		}
-		if !emit(stamped) {
+		if !emit(f) {
 			return
 		}
 	}
 }
 
-// stampFrame returns body stamped with name in a frame whose buffer, when it
-// is large enough to be worth it, comes from gRPC's pool and goes back to it
-// once the frame is written.
-func stampFrame(body []byte, name string) (frame, error) {
-	// The stamp is field 1 (tag and length, at most 6 bytes) holding field 1
-	// (the same) with the name: at most 12 bytes besides the name.
-	n := len(body) + len(name) + 12
-	if mem.IsBelowBufferPoolingThreshold(n) {
-		b, err := aggregate.StampMessage(make([]byte, 0, n), body, name)
-		return frame{raw: b}, err
+// stampFrame checks that f, as received, is a message the stamp can be
+// appended to, and appends it: the stamp becomes one more buffer of the
+// frame, so the message itself is never copied. segs is scratch space for
+// the check, returned for reuse.
+func stampFrame(f *frame, stamp mem.Buffer, segs [][]byte) ([][]byte, error) {
+	segs = segs[:0]
+	for _, b := range f.data {
+		segs = append(segs, b.ReadOnlyData())
 	}
-	pool := mem.DefaultBufferPool()
-	buf := pool.Get(n)
-	b, err := aggregate.StampMessage((*buf)[:0], body, name)
-	if err != nil || len(b) > cap(*buf) {
-		// Failed, or grew past the pooled buffer (a name that needed
-		// repairing): the pooled buffer was not used.
-		pool.Put(buf)
-		return frame{raw: b}, err
+	if f.data == nil && f.raw != nil {
+		segs = append(segs, f.raw)
 	}
-	*buf = b
-	return frame{data: mem.BufferSlice{mem.NewBuffer(buf, pool)}}, nil
+	if err := aggregate.CheckMessage(segs...); err != nil {
+		return segs, err
+	}
+	if f.data == nil && f.raw != nil {
+		f.data, f.raw = mem.BufferSlice{mem.SliceBuffer(f.raw)}, nil
+	}
+	// Clip: the slice gRPC handed over is not ours to append to in place.
+	f.data = append(slices.Clip(f.data), stamp)
+	return segs, nil
 }

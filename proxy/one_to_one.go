@@ -28,14 +28,14 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend) error
 
 	requests := make(chan error, 1)
 	go func() {
-		err := relayRequests(ss, cs)
+		err := h.relayRequests(ss, cs)
 		if err != nil {
 			cancel() // the client is gone or sent something refused: stop the backend
 		}
 		requests <- err
 	}()
 
-	err = relayReplies(cs, ss)
+	err = h.relayReplies(cs, ss)
 	ss.SetTrailer(cs.Trailer())
 	if err != nil && ctx.Err() != nil && ss.Context().Err() == nil {
 		// The backend was cancelled because the client's side failed (for
@@ -50,7 +50,7 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend) error
 // relayRequests copies the client's messages to the backend until the client
 // half-closes. It returns nil when the client is done or the backend stopped
 // listening (the backend's status then arrives through relayReplies).
-func relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
+func (h *Handler) relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
 	var f frame // one variable for the loop: the stream calls make it escape
 	for {
 		if err := ss.RecvMsg(&f); err != nil {
@@ -59,8 +59,11 @@ func relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
 			}
 			return err
 		}
+		n := f.len()
+		h.hold(n)
 		err := cs.SendMsg(&f)
 		f.release() // a no-op unless the send never reached the codec
+		h.hold(-n)
 		if err != nil {
 			return nil // io.EOF or the stream broke: the status is read by relayReplies
 		}
@@ -69,7 +72,7 @@ func relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
 
 // relayReplies copies the backend's header and messages to the client and
 // returns the backend's status (nil for OK).
-func relayReplies(cs grpc.ClientStream, ss grpc.ServerStream) error {
+func (h *Handler) relayReplies(cs grpc.ClientStream, ss grpc.ServerStream) error {
 	if md, err := cs.Header(); err == nil && len(md) > 0 {
 		if err := ss.SendHeader(md); err != nil {
 			return err
@@ -83,8 +86,11 @@ func relayReplies(cs grpc.ClientStream, ss grpc.ServerStream) error {
 			}
 			return err
 		}
+		n := f.len()
+		h.hold(n)
 		err := ss.SendMsg(&f)
 		f.release()
+		h.hold(-n)
 		if err != nil {
 			return err
 		}
