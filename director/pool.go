@@ -6,11 +6,11 @@ import (
 	"net"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -56,9 +56,12 @@ func (c PoolConfig) withDefaults() PoolConfig {
 	return c
 }
 
-// Pool holds one connection per node target, created on first use and
+// Pool holds one connection per node, keyed by the node's canonical form
+// (so every spelling of one node shares it), created on first use and
 // closed once idle, so that naming made-up nodes cannot grow it without
-// bound.
+// bound. A connection is counted in use from the moment Conn hands it out
+// until its release, so neither eviction nor Reset can close it under a
+// call.
 type Pool struct {
 	cfg  PoolConfig
 	now  func() time.Time
@@ -70,14 +73,15 @@ type Pool struct {
 	stopped chan struct{}
 }
 
-// poolConn is a pooled connection that counts the calls using it, so the
-// pool never closes a connection under a running stream.
+// poolConn is a pooled connection; every field but the connection is
+// guarded by the pool's mutex.
 type poolConn struct {
-	*grpc.ClientConn
-	active    atomic.Int64
-	lastUsed  atomic.Int64 // unix nanoseconds
-	retired   atomic.Bool  // out of the pool: close when the last call ends
-	closeOnce sync.Once
+	cc       *grpc.ClientConn
+	key      string
+	active   int       // calls using it
+	lastUsed time.Time // when the last call started or ended
+	ready    bool      // it has been READY at least once
+	retired  bool      // out of the pool: close when the last call ends
 }
 
 // NewPool returns a Pool and starts its janitor, which runs until Close.
@@ -94,33 +98,63 @@ func NewPool(cfg PoolConfig) *Pool {
 // may hold no more.
 var ErrPoolFull = errors.New("connection pool is full: every connection is busy")
 
-// Conn returns the connection to target's apid, creating it when needed.
-// grpc.NewClient does not dial, so creation is cheap and never blocks on
-// the network; the first call on the connection does the dialling.
-func (p *Pool) Conn(target string) (grpc.ClientConnInterface, error) {
+// Conn returns the connection to target's apid, creating it when needed,
+// counted in use until release is called (exactly once, when the call is
+// over). grpc.NewClient does not dial, so creation is cheap and never
+// blocks on the network; the first call on the connection does the
+// dialling.
+func (p *Pool) Conn(target string) (conn grpc.ClientConnInterface, release func(), err error) {
+	key := canonical(target)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if c, ok := p.live[target]; ok {
-		c.lastUsed.Store(p.now().UnixNano())
-		return c, nil
+	c, ok := p.live[key]
+	if !ok {
+		if len(p.live) >= p.cfg.MaxConns && !p.evictOldestIdleLocked() {
+			return nil, nil, status.Error(codes.ResourceExhausted, ErrPoolFull.Error())
+		}
+		opts := append(slices.Clip(p.cfg.DialOptions), grpc.WithContextDialer(p.dial))
+		if p.cfg.Credentials != nil {
+			opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(unbracket(key))))
+		} else {
+			opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		}
+		cc, err := grpc.NewClient(dialAddress(key, p.cfg.Port), opts...)
+		if err != nil {
+			return nil, nil, status.Errorf(codes.InvalidArgument, "node %q: %v", target, err)
+		}
+		c = &poolConn{cc: cc, key: key}
+		p.live[key] = c
 	}
-	if len(p.live) >= p.cfg.MaxConns && !p.evictOldestIdleLocked() {
-		return nil, status.Error(codes.ResourceExhausted, ErrPoolFull.Error())
+	c.active++
+	c.lastUsed = p.now()
+	var once sync.Once
+	return c.cc, func() { once.Do(func() { p.release(c) }) }, nil
+}
+
+// release ends one call on c. A connection that has never been ready
+// (a node that does not exist or does not answer) is closed with its last
+// call rather than kept, with its goroutines, for IdleTimeout; the next
+// call to that node dials afresh.
+func (p *Pool) release(c *poolConn) {
+	ready := c.cc.GetState() == connectivity.Ready
+	p.mu.Lock()
+	c.active--
+	c.lastUsed = p.now()
+	c.ready = c.ready || ready
+	closing := false
+	if c.active == 0 {
+		switch {
+		case c.retired:
+			closing = true
+		case !c.ready && p.live[c.key] == c:
+			delete(p.live, c.key)
+			closing = true
+		}
 	}
-	opts := append(slices.Clip(p.cfg.DialOptions), grpc.WithContextDialer(p.dial))
-	if p.cfg.Credentials != nil {
-		opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(unbracket(target))))
-	} else {
-		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	p.mu.Unlock()
+	if closing {
+		_ = c.cc.Close()
 	}
-	cc, err := grpc.NewClient(dialAddress(target, p.cfg.Port), opts...)
-	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "node %q: %v", target, err)
-	}
-	c := &poolConn{ClientConn: cc}
-	c.lastUsed.Store(p.now().UnixNano())
-	p.live[target] = c
-	return c, nil
 }
 
 // dial connects to addr once a slot among MaxDials is free.
@@ -149,9 +183,16 @@ func (p *Pool) Reset() {
 	p.mu.Lock()
 	old := p.live
 	p.live = map[string]*poolConn{}
-	p.mu.Unlock()
+	var idle []*poolConn
 	for _, c := range old {
-		c.closeWhenIdle()
+		c.retired = true
+		if c.active == 0 {
+			idle = append(idle, c)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range idle {
+		_ = c.cc.Close()
 	}
 }
 
@@ -162,9 +203,9 @@ func (p *Pool) Close() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var errs []error
-	for t, c := range p.live {
-		errs = append(errs, c.Close())
-		delete(p.live, t)
+	for k, c := range p.live {
+		errs = append(errs, c.cc.Close())
+		delete(p.live, k)
 	}
 	return errors.Join(errs...)
 }
@@ -185,68 +226,28 @@ func (p *Pool) janitor(ctx context.Context) {
 
 // evictIdle closes connections that have carried no call for IdleTimeout.
 func (p *Pool) evictIdle() {
-	cutoff := p.now().Add(-p.cfg.IdleTimeout).UnixNano()
+	cutoff := p.now().Add(-p.cfg.IdleTimeout)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for t, c := range p.live {
-		if c.active.Load() == 0 && c.lastUsed.Load() < cutoff {
-			delete(p.live, t)
-			_ = c.Close()
+	for k, c := range p.live {
+		if c.active == 0 && c.lastUsed.Before(cutoff) {
+			delete(p.live, k)
+			_ = c.cc.Close()
 		}
 	}
 }
 
 func (p *Pool) evictOldestIdleLocked() bool {
-	var oldest string
-	var at int64
-	for t, c := range p.live {
-		if c.active.Load() == 0 && (oldest == "" || c.lastUsed.Load() < at) {
-			oldest, at = t, c.lastUsed.Load()
+	var oldest *poolConn
+	for _, c := range p.live {
+		if c.active == 0 && (oldest == nil || c.lastUsed.Before(oldest.lastUsed)) {
+			oldest = c
 		}
 	}
-	if oldest == "" {
+	if oldest == nil {
 		return false
 	}
-	_ = p.live[oldest].Close()
-	delete(p.live, oldest)
+	_ = oldest.cc.Close()
+	delete(p.live, oldest.key)
 	return true
 }
-
-// Invoke counts the unary call while it runs.
-func (c *poolConn) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
-	c.active.Add(1)
-	defer c.done()
-	return c.ClientConn.Invoke(ctx, method, args, reply, opts...)
-}
-
-// NewStream counts the stream until its context ends; the proxy always
-// cancels a call's context when the call is over.
-func (c *poolConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	c.active.Add(1)
-	cs, err := c.ClientConn.NewStream(ctx, desc, method, opts...)
-	if err != nil {
-		c.done()
-		return nil, err
-	}
-	context.AfterFunc(ctx, c.done)
-	return cs, nil
-}
-
-func (c *poolConn) done() {
-	c.lastUsed.Store(time.Now().UnixNano())
-	if c.active.Add(-1) == 0 && c.retired.Load() {
-		c.close()
-	}
-}
-
-// closeWhenIdle closes the connection now if no call uses it, otherwise
-// when the last one ends. The connection is out of the pool, so no new
-// call starts on it.
-func (c *poolConn) closeWhenIdle() {
-	c.retired.Store(true)
-	if c.active.Load() == 0 {
-		c.close()
-	}
-}
-
-func (c *poolConn) close() { c.closeOnce.Do(func() { _ = c.ClientConn.Close() }) }

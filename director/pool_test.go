@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -41,27 +42,134 @@ func port(t *testing.T, addr string) int {
 	return n
 }
 
-func TestPoolSharesOneConnectionPerTarget(t *testing.T) {
-	p := testPool(t, PoolConfig{})
-	a, err := p.Conn("10.1.2.3")
+// conn gets target's connection from p, released when the test ends.
+func conn(t *testing.T, p *Pool, target string) grpc.ClientConnInterface {
+	t.Helper()
+	c, release, err := p.Conn(target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, _ := p.Conn("10.1.2.3")
-	c, _ := p.Conn("10.1.2.4")
-	if a != b || a == c || p.Len() != 2 {
-		t.Fatalf("same target gave different connections or different targets the same (len %d)", p.Len())
+	t.Cleanup(release)
+	return c
+}
+
+func TestPoolSharesOneConnectionPerNode(t *testing.T) {
+	p := testPool(t, PoolConfig{})
+	a := conn(t, p, "10.1.2.3")
+	b := conn(t, p, "::ffff:10.1.2.3")
+	c := conn(t, p, "10.1.2.4")
+	d, e := conn(t, p, "[2001:db8::1]"), conn(t, p, "2001:DB8:0::1")
+	f, g := conn(t, p, "Node-A.example"), conn(t, p, "node-a.example")
+	if a != b || a == c || d != e || f != g || p.Len() != 4 {
+		t.Fatalf("spellings of one node gave different connections or different nodes the same (len %d)", p.Len())
 	}
 }
 
 func TestPoolIsBoundedAgainstMadeUpNodes(t *testing.T) {
 	p := testPool(t, PoolConfig{MaxConns: 8})
 	for i := 0; i < 1000; i++ {
-		if _, err := p.Conn(fmt.Sprintf("made-up-%d.invalid", i)); err != nil {
-			t.Fatalf("idle connection not evicted for node %d: %v", i, err)
+		_, release, err := p.Conn(fmt.Sprintf("made-up-%d.invalid", i))
+		if err != nil {
+			t.Fatalf("node %d: %v", i, err)
 		}
 		if p.Len() > 8 {
 			t.Fatalf("pool grew to %d", p.Len())
+		}
+		release()
+	}
+}
+
+func TestPoolClosesAConnectionThatNeverWorkedWithItsLastCall(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := port(t, lis.Addr().String())
+	lis.Close() // nothing listens there now: connections are refused
+	p := testPool(t, PoolConfig{Port: dead})
+	c, release, err := p.Conn("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := machine.NewMachineServiceClient(c).Version(ctx, &emptypb.Empty{}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("call to a dead node: %v, want Unavailable", err)
+	}
+	if p.Len() != 1 {
+		t.Fatalf("pool holds %d connections during the call, want 1", p.Len())
+	}
+	release()
+	if p.Len() != 0 {
+		t.Fatalf("pool kept %d connections that never became ready", p.Len())
+	}
+	if s := c.(*grpc.ClientConn).GetState(); s != connectivity.Shutdown {
+		t.Fatalf("connection that never worked is %v after its last call, want closed", s)
+	}
+}
+
+func TestPoolKeepsAConnectionThatWorked(t *testing.T) {
+	backend := testbackend.Start(t, "b", testbackend.Behaviour{})
+	p := testPool(t, PoolConfig{Port: port(t, backend.Addr)})
+	c, release, err := p.Conn("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := machine.NewMachineServiceClient(c).Version(context.Background(), &emptypb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	release() // a second release is a no-op
+	if again := conn(t, p, "127.0.0.1"); again != c || p.Len() != 1 {
+		t.Fatal("a connection that worked was not kept for the next call")
+	}
+}
+
+// TestPoolNeverClosesAConnectionItHandedOut races Reset and idle eviction
+// against a burst of calls: a call that got its connection must never find
+// it closed (which gRPC reports as Canceled).
+func TestPoolNeverClosesAConnectionItHandedOut(t *testing.T) {
+	backend := testbackend.Start(t, "b", testbackend.Behaviour{})
+	p := testPool(t, PoolConfig{Port: port(t, backend.Addr), IdleTimeout: time.Hour})
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	p.now = func() time.Time { return time.Unix(0, clock.Load()) }
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			clock.Add(int64(2 * time.Hour)) // every connection looks idle for long
+			p.evictIdle()
+			p.Reset()
+		}
+	})
+	errs := make(chan error, 400)
+	var calls sync.WaitGroup
+	for i := range 400 {
+		calls.Go(func() {
+			c, release, err := p.Conn([]string{"127.0.0.1", "localhost"}[i%2])
+			runtime.Gosched() // let the janitor run between handing out and using
+			if err == nil {
+				_, err = machine.NewMachineServiceClient(c).Version(ctx, &emptypb.Empty{})
+				release()
+			}
+			errs <- err
+		})
+	}
+	calls.Wait()
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("a call lost its connection to eviction or Reset: %v", err)
 		}
 	}
 }
@@ -70,32 +178,25 @@ func TestPoolRefusesWhenEveryConnectionIsBusy(t *testing.T) {
 	backend := testbackend.Start(t, "b", testbackend.Behaviour{Hang: true})
 	portNum := port(t, backend.Addr)
 	p := testPool(t, PoolConfig{MaxConns: 1, Port: portNum})
-	conn, err := p.Conn("127.0.0.1")
+	c, release, err := p.Conn("127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	stream, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg")
-	if err != nil {
+	defer cancel()
+	if _, err := c.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg"); err != nil {
 		t.Fatal(err)
 	}
-	_ = stream
-	if _, err := p.Conn("127.0.0.2"); status.Code(err) != codes.ResourceExhausted {
+	if _, _, err := p.Conn("127.0.0.2"); status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("busy pool gave %v, want ResourceExhausted", err)
 	}
-	cancel()
+	release()
 	// Once the call ended the connection is idle and may be evicted.
-	deadline := time.After(10 * time.Second)
-	for {
-		if _, err := p.Conn("127.0.0.2"); err == nil {
-			break
-		}
-		select {
-		case <-deadline:
-			t.Fatal("connection still counted busy after its call ended")
-		case <-time.After(5 * time.Millisecond):
-		}
+	_, release2, err := p.Conn("127.0.0.2")
+	if err != nil {
+		t.Fatalf("connection still counted busy after its call ended: %v", err)
 	}
+	release2()
 }
 
 func TestPoolEvictsIdleButNotBusyConnections(t *testing.T) {
@@ -105,14 +206,16 @@ func TestPoolEvictsIdleButNotBusyConnections(t *testing.T) {
 	now := time.Now()
 	p.now = func() time.Time { return now }
 
-	conn, _ := p.Conn("127.0.0.1")
-	if _, err := machine.NewMachineServiceClient(conn).Version(context.Background(), &emptypb.Empty{}); err != nil {
+	idle, release, err := p.Conn("127.0.0.1")
+	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	busy, _ := p.Conn("localhost")
-	if _, err := busy.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg"); err != nil {
+	if _, err := machine.NewMachineServiceClient(idle).Version(context.Background(), &emptypb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	busy := conn(t, p, "localhost")
+	if _, err := machine.NewMachineServiceClient(busy).Version(context.Background(), &emptypb.Empty{}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -121,8 +224,11 @@ func TestPoolEvictsIdleButNotBusyConnections(t *testing.T) {
 	if p.Len() != 1 {
 		t.Fatalf("after eviction %d connections, want the busy one only", p.Len())
 	}
-	if cc := conn.(*poolConn).ClientConn; cc.GetState() != connectivity.Shutdown {
+	if cc := idle.(*grpc.ClientConn); cc.GetState() != connectivity.Shutdown {
 		t.Errorf("evicted connection is %v, want closed", cc.GetState())
+	}
+	if cc := busy.(*grpc.ClientConn); cc.GetState() == connectivity.Shutdown {
+		t.Error("eviction closed a connection still handed out")
 	}
 }
 
@@ -130,20 +236,25 @@ func TestPoolResetClosesBusyConnectionsWhenTheirCallsEnd(t *testing.T) {
 	backend := testbackend.Start(t, "b", testbackend.Behaviour{Hang: true})
 	portNum := port(t, backend.Addr)
 	p := testPool(t, PoolConfig{Port: portNum})
-	conn, _ := p.Conn("127.0.0.1")
+	c, release, err := p.Conn("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	if _, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg"); err != nil {
+	defer cancel()
+	if _, err := c.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/machine.MachineService/Dmesg"); err != nil {
 		t.Fatal(err)
 	}
 	p.Reset()
-	cc := conn.(*poolConn).ClientConn
+	cc := c.(*grpc.ClientConn)
 	if cc.GetState() == connectivity.Shutdown {
 		t.Fatal("reset closed a connection under a running call")
 	}
-	if again, _ := p.Conn("127.0.0.1"); again == conn {
+	if again := conn(t, p, "127.0.0.1"); again == c {
 		t.Fatal("reset pool handed out the retired connection")
 	}
 	cancel()
+	release()
 	waitCtx, done := context.WithTimeout(context.Background(), 10*time.Second)
 	defer done()
 	for s := cc.GetState(); s != connectivity.Shutdown; s = cc.GetState() {
@@ -184,9 +295,10 @@ func TestPoolConcurrentCallsToANewNodeShareOneConnection(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			conn, err := p.Conn("127.0.0.1")
+			c, release, err := p.Conn("127.0.0.1")
 			if err == nil {
-				_, err = machine.NewMachineServiceClient(conn).Version(context.Background(), &emptypb.Empty{})
+				_, err = machine.NewMachineServiceClient(c).Version(context.Background(), &emptypb.Empty{})
+				release()
 			}
 			errs <- err
 		}()
