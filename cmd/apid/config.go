@@ -8,12 +8,14 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/limits"
 )
 
 // Config is everything `apid serve` needs. Defaults come from
@@ -71,6 +73,12 @@ type Config struct {
 	// MaxConcurrentStreams bounds the calls open at once on one client
 	// connection (HTTP/2 Rapid Reset). Default 1000.
 	MaxConcurrentStreams uint32 `yaml:"maxConcurrentStreams"`
+	// MaxConnectionIdle closes a client connection that has carried no call
+	// for this long (a GOAWAY first, so the client reconnects cleanly when
+	// it needs to). Default 5m.
+	MaxConnectionIdle time.Duration `yaml:"maxConnectionIdle"`
+	// Limits bound what clients can make apid hold.
+	Limits LimitsConfig `yaml:"limits"`
 	// MetricsListen serves Prometheus metrics on /metrics at this address
 	// (plain HTTP: keep it on a private interface). Empty: off.
 	MetricsListen string `yaml:"metricsListen"`
@@ -78,6 +86,65 @@ type Config struct {
 	LogLevel string `yaml:"logLevel"`
 	// Policy replaces or extends the built-in role policy.
 	Policy PolicyConfig `yaml:"policy"`
+}
+
+// LimitsConfig bounds the memory and connections clients can make apid
+// hold. Sizes are bytes, or a number with KiB, MiB or GiB.
+type LimitsConfig struct {
+	// BufferedBytes is the budget of bytes held for calls in flight
+	// (messages being relayed, requests kept for several nodes, replies kept
+	// for a merge, messages queued for a slow client); past it new calls
+	// get RESOURCE_EXHAUSTED and running ones go on. Default: an eighth of
+	// the memory of the machine or cgroup, at least 64 MiB.
+	BufferedBytes ByteSize `yaml:"bufferedBytes"`
+	// Connections bounds the client connections open at once. Default 4096.
+	Connections int `yaml:"connections"`
+	// ConnectionsPerIdentity bounds the connections open at once with one
+	// client certificate subject. Default 256.
+	ConnectionsPerIdentity int `yaml:"connectionsPerIdentity"`
+	// StreamWindow is the HTTP/2 receive window of each stream, towards
+	// clients and towards nodes: what one stream whose reader stalls can
+	// make a hop hold. Default 256 KiB.
+	StreamWindow ByteSize `yaml:"streamWindow"`
+	// ConnectionWindow is the HTTP/2 receive window of each connection,
+	// shared by its streams. Default 1 MiB.
+	ConnectionWindow ByteSize `yaml:"connectionWindow"`
+	// NodeBuffer is what a streamed fan-out queues of one node's messages
+	// for a client that reads slower than the nodes send. Default 64 KiB.
+	NodeBuffer ByteSize `yaml:"nodeBuffer"`
+}
+
+// ByteSize is a number of bytes, written in YAML as an integer or as a
+// number followed by B, KiB, MiB or GiB ("256KiB").
+type ByteSize int64
+
+// UnmarshalYAML accepts an integer or a number with a binary unit.
+func (b *ByteSize) UnmarshalYAML(n *yaml.Node) error {
+	v, err := parseByteSize(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	*b = v
+	return nil
+}
+
+func parseByteSize(s string) (ByteSize, error) {
+	s = strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"B", 1}} {
+		if v, ok := strings.CutSuffix(s, u.suffix); ok {
+			s, mult = strings.TrimSpace(v), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("%q is not a size: want bytes, or a number with KiB, MiB or GiB", s)
+	}
+	return ByteSize(n * mult), nil
 }
 
 // PolicyConfig is the authorization section of the configuration.
@@ -106,6 +173,15 @@ func defaultConfig() Config {
 
 		HandshakeTimeout:     10 * time.Second,
 		MaxConcurrentStreams: 1000,
+		MaxConnectionIdle:    5 * time.Minute,
+		Limits: LimitsConfig{
+			BufferedBytes:          ByteSize(limits.DefaultMemory()),
+			Connections:            4096,
+			ConnectionsPerIdentity: 256,
+			StreamWindow:           256 << 10,
+			ConnectionWindow:       1 << 20,
+			NodeBuffer:             64 << 10,
+		},
 	}
 }
 
@@ -139,6 +215,10 @@ func (c Config) Validate() error {
 	if c.MaxConnections <= 0 || c.MaxDials <= 0 {
 		errs = append(errs, errors.New("maxConnections and maxDials must be positive"))
 	}
+	if c.MaxConnectionIdle <= 0 {
+		errs = append(errs, errors.New("maxConnectionIdle must be positive"))
+	}
+	errs = append(errs, c.Limits.validate()...)
 	if c.MaxConcurrentStreams == 0 {
 		errs = append(errs, errors.New("maxConcurrentStreams must be positive"))
 	}
@@ -164,6 +244,26 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("logLevel %q: want debug, info, warn or error", c.LogLevel))
 	}
 	return errors.Join(errs...)
+}
+
+func (l LimitsConfig) validate() []error {
+	var errs []error
+	if l.BufferedBytes < 1<<20 {
+		errs = append(errs, fmt.Errorf("limits.bufferedBytes %d: want at least 1 MiB", l.BufferedBytes))
+	}
+	if l.Connections <= 0 || l.ConnectionsPerIdentity <= 0 {
+		errs = append(errs, errors.New("limits.connections and limits.connectionsPerIdentity must be positive"))
+	}
+	for name, v := range map[string]ByteSize{"streamWindow": l.StreamWindow, "connectionWindow": l.ConnectionWindow} {
+		// gRPC ignores windows under the HTTP/2 default of 64 KiB.
+		if v < 64<<10 || v > 1<<30 {
+			errs = append(errs, fmt.Errorf("limits.%s %d: want 64 KiB to 1 GiB", name, v))
+		}
+	}
+	if l.NodeBuffer < 1<<10 {
+		errs = append(errs, fmt.Errorf("limits.nodeBuffer %d: want at least 1 KiB", l.NodeBuffer))
+	}
+	return errs
 }
 
 // loadConfig builds the configuration from defaults, the optional YAML

@@ -21,6 +21,11 @@ key: /etc/node.key
 backend: unix:///run/agent.sock
 nodeTimeout: 3s
 selfNames: [10.0.0.2]
+maxConnectionIdle: 90s
+limits:
+  bufferedBytes: 2GiB
+  streamWindow: 512KiB
+  connectionsPerIdentity: 8
 policy:
   rules:
     - method: /custom.Svc/*
@@ -45,6 +50,24 @@ policy:
 	if len(cfg.Policy.Rules) != 1 {
 		t.Errorf("policy %+v", cfg.Policy)
 	}
+	l := cfg.Limits
+	if cfg.MaxConnectionIdle != 90*time.Second || l.BufferedBytes != 2<<30 || l.StreamWindow != 512<<10 ||
+		l.ConnectionsPerIdentity != 8 || l.Connections != 4096 || l.NodeBuffer != 64<<10 {
+		t.Errorf("limits from the file or their defaults lost: %v %+v", cfg.MaxConnectionIdle, l)
+	}
+}
+
+func TestByteSizes(t *testing.T) {
+	for in, want := range map[string]ByteSize{"0": 0, "1024": 1024, "64KiB": 64 << 10, "1 MiB": 1 << 20, "3GiB": 3 << 30, "12B": 12} {
+		if got, err := parseByteSize(in); err != nil || got != want {
+			t.Errorf("%q: %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1", "1.5MiB", "12kb", "MiB", "99999999999GiB"} {
+		if _, err := parseByteSize(in); err == nil {
+			t.Errorf("%q accepted", in)
+		}
+	}
 }
 
 func TestConfigValidateListsEveryProblem(t *testing.T) {
@@ -53,12 +76,14 @@ func TestConfigValidateListsEveryProblem(t *testing.T) {
 	cfg.Backend = "also nonsense"
 	cfg.RemotePort = 0
 	cfg.LogLevel = "loud"
+	cfg.Limits.StreamWindow = 1024
+	cfg.Limits.BufferedBytes = 0
 	cfg.Policy.Rules = append(cfg.Policy.Rules, director.Rule{Method: "no-slash", Roles: []string{"os:reader"}})
 	err := cfg.Validate()
 	if err == nil {
 		t.Fatal("invalid configuration accepted")
 	}
-	for _, want := range []string{"listen", "ca:", "cert:", "key:", "backend", "remotePort", "logLevel", "no-slash"} {
+	for _, want := range []string{"listen", "ca:", "cert:", "key:", "backend", "remotePort", "logLevel", "no-slash", "limits.streamWindow", "limits.bufferedBytes"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error does not mention %s:\n%v", want, err)
 		}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
 
@@ -30,7 +31,7 @@ type metrics struct {
 	nodeTime  *prometheus.HistogramVec
 }
 
-func newMetrics(policy *director.Policy, pool *director.Pool) *metrics {
+func newMetrics(policy *director.Policy, pool *director.Pool, budget *limits.Memory, conns *limits.Connections) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
 		policy:   policy,
@@ -53,8 +54,45 @@ func newMetrics(policy *director.Policy, pool *director.Pool) *metrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "apid_node_connections", Help: "Connections to other nodes held in the pool.",
 		}, func() float64 { return float64(pool.Len()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "apid_buffered_bytes", Help: "Bytes held for calls in flight (limits.bufferedBytes bounds new calls).",
+		}, func() float64 { return float64(budget.Held()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "apid_buffered_bytes_limit", Help: "The limits.bufferedBytes budget.",
+		}, func() float64 { return float64(budget.Limit()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "apid_client_connections", Help: "Client connections open, handshaking ones included.",
+		}, func() float64 { return float64(conns.Open()) }),
+		newRefusals(budget, conns),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// refusals exports how many calls and connections each limit refused.
+type refusals struct {
+	desc   *prometheus.Desc
+	budget *limits.Memory
+	conns  *limits.Connections
+}
+
+func newRefusals(budget *limits.Memory, conns *limits.Connections) *refusals {
+	return &refusals{
+		desc: prometheus.NewDesc("apid_limit_refusals_total",
+			"Calls or connections refused by a limit, by the limit's configuration key.", []string{"limit"}, nil),
+		budget: budget, conns: conns,
+	}
+}
+
+func (r *refusals) Describe(ch chan<- *prometheus.Desc) { ch <- r.desc }
+
+func (r *refusals) Collect(ch chan<- prometheus.Metric) {
+	for limit, n := range map[string]int64{
+		"bufferedBytes":          r.budget.Refused(),
+		"connections":            r.conns.RefusedTotal(),
+		"connectionsPerIdentity": r.conns.RefusedPerIdentity(),
+	} {
+		ch <- prometheus.MustNewConstMetric(r.desc, prometheus.CounterValue, float64(n), limit)
+	}
 }
 
 func (m *metrics) label(method string) string {

@@ -18,15 +18,9 @@ import (
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 	apidtls "github.com/apid/apid/tls"
-)
-
-// HTTP/2 flow-control windows, as the Talos API uses them: large enough
-// that a fanned-out stream is not throttled by the default 64 KiB.
-const (
-	streamWindow = 65535 * 32
-	connWindow   = 65535 * 16
 )
 
 func runServe(ctx context.Context, args []string, stderr io.Writer) error {
@@ -86,6 +80,7 @@ type gateway struct {
 	pool    *director.Pool
 	server  *grpc.Server
 	metrics *metrics
+	conns   *limits.Connections
 	stop    context.CancelFunc
 }
 
@@ -100,7 +95,7 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		// agent is one connection that is always wanted.
 		grpc.WithIdleTimeout(0),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
-		grpc.WithInitialWindowSize(streamWindow), grpc.WithInitialConnWindowSize(connWindow),
+		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("local backend %q: %w", cfg.Backend, err)
@@ -110,7 +105,7 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		IdleTimeout: cfg.IdleTimeout,
 		MaxConns:    cfg.MaxConnections,
 		MaxDials:    cfg.MaxDials,
-		DialOptions: remoteDialOptions(cfg.MaxMessageSize),
+		DialOptions: remoteDialOptions(cfg),
 		Credentials: func(host string) credentials.TransportCredentials {
 			return credentials.NewTLS(apidtls.ClientConfig(src, host))
 		},
@@ -130,29 +125,35 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		ClientStreaming: cfg.ClientStreamingMethods,
 		BidiStreaming:   cfg.BidiStreamingMethods,
 	}, local, pool)
-	m := newMetrics(policy, pool)
-	handler := proxy.NewHandler(router, proxy.Options{MaxReplySize: cfg.MaxMessageSize, Observer: m})
+	budget := limits.NewMemory(int64(cfg.Limits.BufferedBytes))
+	conns := limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log)
+	m := newMetrics(policy, pool, budget, conns)
+	handler := proxy.NewHandler(router, proxy.Options{
+		MaxReplySize: cfg.MaxMessageSize, NodeBuffer: int(cfg.Limits.NodeBuffer), Observer: m, Budget: budget,
+	})
 
 	server := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{AllowTLS12: cfg.AllowTLS12}))),
+		grpc.Creds(conns.Credentials(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(handler.StreamHandler()),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),
 		grpc.MaxSendMsgSize(cfg.MaxMessageSize),
-		grpc.InitialWindowSize(streamWindow),
-		grpc.InitialConnWindowSize(connWindow),
+		// Fixed windows (which also turn off gRPC's dynamic window that
+		// grows to 16 MiB) bound what a stream whose reader stalls holds.
+		grpc.InitialWindowSize(int32(cfg.Limits.StreamWindow)),
+		grpc.InitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 		// A client that has not finished its TLS handshake by now is not
 		// going to; grpc-go's default waits 120 s.
 		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(1<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: cfg.MaxConnectionIdle}),
 		grpc.ChainStreamInterceptor(m.interceptor(), callLogger(log)),
 	)
 
 	ctx, stop := context.WithCancel(context.Background())
-	gw := &gateway{cfg: cfg, log: log, src: src, local: local, pool: pool, server: server, metrics: m, stop: stop}
+	gw := &gateway{cfg: cfg, log: log, src: src, local: local, pool: pool, server: server, metrics: m, conns: conns, stop: stop}
 	go src.Watch(ctx, cfg.ReloadInterval, gw.certificatesChanged, func(err error) {
 		log.Warn("certificate reload failed; keeping the current ones", "err", err)
 	})
@@ -160,7 +161,7 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 }
 
 // remoteDialOptions are the options of connections to other nodes' apid.
-func remoteDialOptions(maxMsg int) []grpc.DialOption {
+func remoteDialOptions(cfg Config) []grpc.DialOption {
 	bo := backoff.DefaultConfig
 	// A rebooted node should be back within seconds, not the 2 minutes of
 	// gRPC's default cap.
@@ -168,8 +169,8 @@ func remoteDialOptions(maxMsg int) []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 20 * time.Second}),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsg), grpc.MaxCallSendMsgSize(maxMsg)),
-		grpc.WithInitialWindowSize(streamWindow), grpc.WithInitialConnWindowSize(connWindow),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
+		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 		// The pool closes idle connections itself.
 		grpc.WithIdleTimeout(0),
 	}
@@ -198,7 +199,7 @@ func (g *gateway) certificatesChanged() {
 // a few seconds to finish).
 func (g *gateway) Serve(ctx context.Context, lis net.Listener) error {
 	done := make(chan error, 1)
-	go func() { done <- g.server.Serve(lis) }()
+	go func() { done <- g.server.Serve(g.conns.Listener(lis)) }()
 	select {
 	case err := <-done:
 		return err

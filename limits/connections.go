@@ -1,0 +1,163 @@
+package limits
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/credentials"
+)
+
+// Connections bounds the client connections open at once: Total in all
+// (counted from accept, so connections still in their handshake count) and
+// PerIdentity for one client certificate identity (its subject, counted
+// once the handshake has verified it). A connection over either limit is
+// closed at once and the reason logged, at most once a second.
+type Connections struct {
+	total       int
+	perIdentity int
+	log         *slog.Logger
+
+	open     atomic.Int64
+	mu       sync.Mutex
+	identity map[string]int
+	// By limit (byTotal, byIdentity): refusals, when one was last logged
+	// (unix nanoseconds), and how many were not logged since.
+	refusals [2]atomic.Int64
+	lastLog  [2]atomic.Int64
+	quiet    [2]atomic.Int64
+}
+
+// The limits a connection can be refused by.
+const (
+	byTotal = iota
+	byIdentity
+)
+
+// NewConnections returns limits of total connections and perIdentity
+// connections per identity; zero or less means unlimited. log receives the
+// refusals (nil: discarded).
+func NewConnections(total, perIdentity int, log *slog.Logger) *Connections {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Connections{total: total, perIdentity: perIdentity, log: log, identity: map[string]int{}}
+}
+
+// Open returns the client connections open now.
+func (c *Connections) Open() int64 { return c.open.Load() }
+
+// RefusedTotal counts the connections refused by the total limit.
+func (c *Connections) RefusedTotal() int64 { return c.refusals[byTotal].Load() }
+
+// RefusedPerIdentity counts the connections refused by the per-identity
+// limit.
+func (c *Connections) RefusedPerIdentity() int64 { return c.refusals[byIdentity].Load() }
+
+// Listener counts the connections l accepts and closes those over the
+// total limit at once.
+func (c *Connections) Listener(l net.Listener) net.Listener { return &listener{Listener: l, c: c} }
+
+type listener struct {
+	net.Listener
+	c *Connections
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		n := l.c.open.Add(1)
+		if l.c.total > 0 && n > int64(l.c.total) {
+			l.c.open.Add(-1)
+			l.c.refused(byTotal, "connection refused: limits.connections reached",
+				"remote", conn.RemoteAddr().String(), "limit", l.c.total)
+			_ = conn.Close()
+			continue
+		}
+		return &countedConn{Conn: conn, release: func() { l.c.open.Add(-1) }}, nil
+	}
+}
+
+// countedConn runs release once, when it is first closed.
+type countedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *countedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// Credentials wraps server transport credentials: after a handshake that
+// verified a client certificate, the connection counts against its
+// subject, and one over PerIdentity is closed.
+func (c *Connections) Credentials(tc credentials.TransportCredentials) credentials.TransportCredentials {
+	return &limitedCreds{TransportCredentials: tc, c: c}
+}
+
+type limitedCreds struct {
+	credentials.TransportCredentials
+	c *Connections
+}
+
+func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, info, err := l.TransportCredentials.ServerHandshake(raw)
+	if err != nil || l.c.perIdentity <= 0 {
+		return conn, info, err
+	}
+	tlsInfo, ok := info.(credentials.TLSInfo)
+	if !ok || len(tlsInfo.State.PeerCertificates) == 0 {
+		return conn, info, err
+	}
+	id := tlsInfo.State.PeerCertificates[0].Subject.String()
+	l.c.mu.Lock()
+	n := l.c.identity[id]
+	if n >= l.c.perIdentity {
+		l.c.mu.Unlock()
+		l.c.refused(byIdentity, "connection refused: limits.connectionsPerIdentity reached",
+			"peer", id, "remote", raw.RemoteAddr().String(), "limit", l.c.perIdentity)
+		_ = conn.Close()
+		return nil, nil, fmt.Errorf("%s already has %d connections (limits.connectionsPerIdentity)", id, n)
+	}
+	l.c.identity[id] = n + 1
+	l.c.mu.Unlock()
+	return &countedConn{Conn: conn, release: func() { l.c.forget(id) }}, info, nil
+}
+
+func (l *limitedCreds) Clone() credentials.TransportCredentials {
+	return &limitedCreds{TransportCredentials: l.TransportCredentials.Clone(), c: l.c}
+}
+
+func (c *Connections) forget(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.identity[id]--; c.identity[id] <= 0 {
+		delete(c.identity, id)
+	}
+}
+
+// refused counts a refusal by limit and logs it unless one by the same
+// limit was logged less than a second ago, so that a flood of connections
+// cannot fill the disk; the next line logged says how many were left out.
+func (c *Connections) refused(limit int, msg string, args ...any) {
+	c.refusals[limit].Add(1)
+	now := time.Now().UnixNano()
+	last := c.lastLog[limit].Load()
+	if now-last < int64(time.Second) || !c.lastLog[limit].CompareAndSwap(last, now) {
+		c.quiet[limit].Add(1)
+		return
+	}
+	if q := c.quiet[limit].Swap(0); q > 0 {
+		args = append(args, "not_logged_since", q)
+	}
+	c.log.Warn(msg, args...)
+}
