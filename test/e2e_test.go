@@ -260,7 +260,14 @@ func TestServeExposesMetrics(t *testing.T) {
 		`apid_calls_total{code="OK",method="/machine.MachineService/Version"} 1`,
 		`apid_fanout_node_results_total{code="OK",kind="unary"} 1`,
 		`apid_fanout_node_results_total{code="Unavailable",kind="unary"} 1`,
-		`apid_node_connections 2`, // node-1 and the dead node: this apid has no self names
+		// node-1 (this apid has no self names); the dead node's connection
+		// never worked and was closed with its call.
+		`apid_node_connections 1`,
+		`apid_buffered_bytes 0`, // nothing held once the calls are over
+		`apid_buffered_bytes_limit `,
+		`apid_client_connections 1`,
+		`apid_limit_refusals_total{limit="bufferedBytes"} 0`,
+		`apid_limit_refusals_total{limit="connectionsPerIdentity"} 0`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)

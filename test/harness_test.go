@@ -20,8 +20,36 @@ import (
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 )
 
-// apidBin is the apid binary built once for all tests.
+// apidBin is the apid binary built once for all tests, with the race
+// detector unless APID_E2E_NORACE is set.
 var apidBin string
+
+// buildDir holds the binaries the tests build.
+var buildDir string
+
+var (
+	plainOnce sync.Once
+	plainPath string
+	plainErr  error
+)
+
+// plainBin returns an apid built without the race detector, for tests that
+// measure memory: the detector's shadow memory would swamp what they
+// measure. It is built on first use.
+func plainBin(t *testing.T) string {
+	t.Helper()
+	plainOnce.Do(func() {
+		plainPath = filepath.Join(buildDir, "apid-plain")
+		out, err := exec.Command("go", "build", "-o", plainPath, "../cmd/apid").CombinedOutput()
+		if err != nil {
+			plainErr = fmt.Errorf("build apid without -race: %v\n%s", err, out)
+		}
+	})
+	if plainErr != nil {
+		t.Fatal(plainErr)
+	}
+	return plainPath
+}
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "apid-e2e-")
@@ -39,6 +67,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "build apid:", err)
 		os.Exit(1)
 	}
+	buildDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -58,7 +87,13 @@ type process struct {
 // or if apid exits first.
 func start(t *testing.T, ready string, args ...string) *process {
 	t.Helper()
-	p := &process{cmd: exec.Command(apidBin, args...), exited: make(chan struct{})}
+	return startBin(t, apidBin, ready, args...)
+}
+
+// startBin is start with another build of apid (see plainBin).
+func startBin(t *testing.T, bin, ready string, args ...string) *process {
+	t.Helper()
+	p := &process{cmd: exec.Command(bin, args...), exited: make(chan struct{})}
 	stdout, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,11 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	listen := fs.String("listen", "unix:///tmp/apid-agent.sock", "`address` to serve on: unix:///path.sock or host:port")
 	hostname := fs.String("hostname", "", "hostname to report (default: this machine's)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	var roots []string
+	fs.Func("read-root", "a `directory` Read, List and Copy may serve files from (repeatable; default /proc and /sys)", func(s string) error {
+		roots = append(roots, s)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -27,7 +32,7 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	srv := grpc.NewServer()
-	agent.New(agent.Config{Hostname: *hostname, Logger: log}).Register(srv)
+	agent.New(agent.Config{Hostname: *hostname, ReadRoots: roots, Logger: log}).Register(srv)
 	log.Info("example agent serving", "listen", *listen)
 	return serveUntil(ctx, srv, lis, log)
 }
