@@ -15,7 +15,12 @@ test: lint
 test-short:
 	$(GO) test -race -count=1 -short $(PKGS)
 
+# Source only: a tracked file over 1 MiB is a build output or data that
+# does not belong in the repository.
+MAX_FILE_BYTES := 1048576
 lint:
+	@big=$$(git ls-files -z 2>/dev/null | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk -v max=$(MAX_FILE_BYTES) '$$1 > max'); \
+	  if [ -n "$$big" ]; then echo "tracked files over $(MAX_FILE_BYTES) bytes:"; echo "$$big"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
