@@ -5,8 +5,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
-
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/certs"
 )
 
 // Rule allows the listed roles to call the methods it matches. Method is a
@@ -103,9 +102,9 @@ func DefaultRules() []Rule {
 			}
 		}
 	}
-	add(readOnlyMethods, apidtls.RoleReader, apidtls.RoleOperator, apidtls.RoleEtcdBackup)
-	add(operationalMethods, apidtls.RoleOperator)
-	add(etcdBackupMethods, apidtls.RoleEtcdBackup)
+	add(readOnlyMethods, certs.RoleReader, certs.RoleOperator, certs.RoleEtcdBackup)
+	add(operationalMethods, certs.RoleOperator)
+	add(etcdBackupMethods, certs.RoleEtcdBackup)
 	rules := make([]Rule, 0, len(roles))
 	for m, rs := range roles {
 		rules = append(rules, Rule{Method: m, Roles: rs})
@@ -119,8 +118,8 @@ func DefaultRules() []Rule {
 // before it for the same method or pattern.
 func NewPolicy(rules []Rule, replace bool) (*Policy, error) {
 	p := &Policy{exact: map[string][]string{}, known: map[string]bool{}}
-	for _, r := range []string{apidtls.RoleAdmin, apidtls.RoleOperator, apidtls.RoleReader, apidtls.RoleEtcdBackup,
-		apidtls.RoleImageVerifier, apidtls.RoleMetaWriter, apidtls.RoleImpersonator} {
+	for _, r := range []string{certs.RoleAdmin, certs.RoleOperator, certs.RoleReader, certs.RoleEtcdBackup,
+		certs.RoleImageVerifier, certs.RoleMetaWriter, certs.RoleImpersonator} {
 		p.known[r] = true
 	}
 	all := rules
@@ -160,14 +159,14 @@ func NewPolicy(rules []Rule, replace bool) (*Policy, error) {
 // them.
 func (p *Policy) Allowed(method string) []string {
 	if roles, ok := p.exact[method]; ok {
-		return append([]string{apidtls.RoleAdmin}, roles...)
+		return append([]string{certs.RoleAdmin}, roles...)
 	}
 	for _, r := range p.patterns {
 		if strings.HasPrefix(method, r.Method) {
-			return append([]string{apidtls.RoleAdmin}, r.Roles...)
+			return append([]string{certs.RoleAdmin}, r.Roles...)
 		}
 	}
-	return []string{apidtls.RoleAdmin}
+	return []string{certs.RoleAdmin}
 }
 
 // HasRule reports whether method is named by a rule of its own (not only
@@ -180,7 +179,7 @@ func (p *Policy) HasRule(method string) bool {
 
 // Permits reports whether a caller holding roles may call method.
 func (p *Policy) Permits(method string, roles []string) bool {
-	if slices.Contains(roles, apidtls.RoleAdmin) {
+	if slices.Contains(roles, certs.RoleAdmin) {
 		return true
 	}
 	allowed := p.Allowed(method)

@@ -4,8 +4,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
-
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/certs"
 )
 
 // Methods the policy tests ask about, named once so a typo cannot make a
@@ -48,15 +47,15 @@ func TestDefaultPolicy(t *testing.T) {
 		roles   []string
 		allowed []string
 	}{
-		{"admin", []string{apidtls.RoleAdmin}, policyMethods},
-		{"admin among unknown roles", []string{"team:ops", apidtls.RoleAdmin}, policyMethods},
-		{"operator", []string{apidtls.RoleOperator}, append(slices.Clone(readOnly), mReboot, mRestart, mServiceRestart, mEtcdSnapshot)},
-		{"reader", []string{apidtls.RoleReader}, readOnly},
-		{"etcd backup", []string{apidtls.RoleEtcdBackup}, append(slices.Clone(readOnly), mEtcdSnapshot)},
-		{"reader and etcd backup", []string{apidtls.RoleReader, apidtls.RoleEtcdBackup}, append(slices.Clone(readOnly), mEtcdSnapshot)},
-		{"impersonator only", []string{apidtls.RoleImpersonator}, nil},
-		{"image verifier only", []string{apidtls.RoleImageVerifier}, nil},
-		{"meta writer only", []string{apidtls.RoleMetaWriter}, nil},
+		{"admin", []string{certs.RoleAdmin}, policyMethods},
+		{"admin among unknown roles", []string{"team:ops", certs.RoleAdmin}, policyMethods},
+		{"operator", []string{certs.RoleOperator}, append(slices.Clone(readOnly), mReboot, mRestart, mServiceRestart, mEtcdSnapshot)},
+		{"reader", []string{certs.RoleReader}, readOnly},
+		{"etcd backup", []string{certs.RoleEtcdBackup}, append(slices.Clone(readOnly), mEtcdSnapshot)},
+		{"reader and etcd backup", []string{certs.RoleReader, certs.RoleEtcdBackup}, append(slices.Clone(readOnly), mEtcdSnapshot)},
+		{"impersonator only", []string{certs.RoleImpersonator}, nil},
+		{"image verifier only", []string{certs.RoleImageVerifier}, nil},
+		{"meta writer only", []string{certs.RoleMetaWriter}, nil},
 		{"unknown roles only", []string{"os:wizard", "OS:ADMIN", "os:admin "}, nil},
 		{"empty role", []string{""}, nil},
 		{"no roles", nil, nil},
@@ -91,7 +90,7 @@ func TestDefaultRulesAreCanonical(t *testing.T) {
 		}
 		// os:admin needs no rule, and a catch-all among the defaults would
 		// quietly open every method a future Talos release adds.
-		if slices.Contains(r.Roles, apidtls.RoleAdmin) || strings.Contains(r.Method, "*") {
+		if slices.Contains(r.Roles, certs.RoleAdmin) || strings.Contains(r.Method, "*") {
 			t.Errorf("default rule %+v names os:admin or a pattern", r)
 		}
 	}
@@ -108,10 +107,10 @@ func TestAllowedNamesAdminFirst(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := p.Allowed(mReboot)
-	if len(got) == 0 || got[0] != apidtls.RoleAdmin || !slices.Contains(got, apidtls.RoleOperator) || slices.Contains(got, apidtls.RoleReader) {
+	if len(got) == 0 || got[0] != certs.RoleAdmin || !slices.Contains(got, certs.RoleOperator) || slices.Contains(got, certs.RoleReader) {
 		t.Errorf("Allowed(Reboot) = %q, want os:admin first, os:operator, no os:reader", got)
 	}
-	if got := p.Allowed(mUnknown); !slices.Equal(got, []string{apidtls.RoleAdmin}) {
+	if got := p.Allowed(mUnknown); !slices.Equal(got, []string{certs.RoleAdmin}) {
 		t.Errorf("Allowed(unknown method) = %q, want only os:admin", got)
 	}
 	// Allowed must hand out copies: a caller appending to the result must
@@ -152,10 +151,10 @@ func TestPolicyPatterns(t *testing.T) {
 		{"/b.Other/M", "r:b", true},
 		{"/a.SX/Get", "r:wide", false},
 		{"/c.S/Get", "r:wide", false},
-		{"/c.S/Get", apidtls.RoleAdmin, true},
+		{"/c.S/Get", certs.RoleAdmin, true},
 		// With replace, nothing of the built-in policy is left.
-		{mVersion, apidtls.RoleReader, false},
-		{mVersion, apidtls.RoleAdmin, true},
+		{mVersion, certs.RoleReader, false},
+		{mVersion, certs.RoleAdmin, true},
 	} {
 		if got := p.Permits(tc.method, []string{tc.role}); got != tc.want {
 			t.Errorf("Permits(%s, %s) = %v, want %v", tc.method, tc.role, got, tc.want)
@@ -164,20 +163,20 @@ func TestPolicyPatterns(t *testing.T) {
 }
 
 func TestPolicyExtendAndReplace(t *testing.T) {
-	rebootForReaders := []Rule{{Method: mReboot, Roles: []string{apidtls.RoleReader}}}
+	rebootForReaders := []Rule{{Method: mReboot, Roles: []string{certs.RoleReader}}}
 
 	t.Run("extend", func(t *testing.T) {
 		p, err := NewPolicy(rebootForReaders, false)
 		if err != nil {
 			t.Fatal(err)
 		}
-		check(t, p, mReboot, apidtls.RoleReader, true)
+		check(t, p, mReboot, certs.RoleReader, true)
 		// A rule for a method replaces the built-in one for it: the
 		// operator, who had Reboot by default, no longer has it.
-		check(t, p, mReboot, apidtls.RoleOperator, false)
-		check(t, p, mVersion, apidtls.RoleReader, true)
-		check(t, p, mRead, apidtls.RoleReader, false)
-		check(t, p, mReboot, apidtls.RoleAdmin, true)
+		check(t, p, mReboot, certs.RoleOperator, false)
+		check(t, p, mVersion, certs.RoleReader, true)
+		check(t, p, mRead, certs.RoleReader, false)
+		check(t, p, mReboot, certs.RoleAdmin, true)
 	})
 
 	t.Run("replace", func(t *testing.T) {
@@ -185,10 +184,10 @@ func TestPolicyExtendAndReplace(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		check(t, p, mReboot, apidtls.RoleReader, true)
-		check(t, p, mVersion, apidtls.RoleReader, false)
-		check(t, p, mVersion, apidtls.RoleOperator, false)
-		check(t, p, mVersion, apidtls.RoleAdmin, true)
+		check(t, p, mReboot, certs.RoleReader, true)
+		check(t, p, mVersion, certs.RoleReader, false)
+		check(t, p, mVersion, certs.RoleOperator, false)
+		check(t, p, mVersion, certs.RoleAdmin, true)
 	})
 
 	t.Run("replace with nothing leaves admin only", func(t *testing.T) {
@@ -197,8 +196,8 @@ func TestPolicyExtendAndReplace(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, m := range policyMethods {
-			check(t, p, m, apidtls.RoleAdmin, true)
-			for _, r := range []string{apidtls.RoleOperator, apidtls.RoleReader, apidtls.RoleEtcdBackup} {
+			check(t, p, m, certs.RoleAdmin, true)
+			for _, r := range []string{certs.RoleOperator, certs.RoleReader, certs.RoleEtcdBackup} {
 				check(t, p, m, r, false)
 			}
 		}
@@ -209,8 +208,8 @@ func TestPolicyExtendAndReplace(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		known, unknown := p.Known([]string{"team:ops", "team:dev", apidtls.RoleReader})
-		if !slices.Equal(known, []string{"team:ops", apidtls.RoleReader}) || !slices.Equal(unknown, []string{"team:dev"}) {
+		known, unknown := p.Known([]string{"team:ops", "team:dev", certs.RoleReader})
+		if !slices.Equal(known, []string{"team:ops", certs.RoleReader}) || !slices.Equal(unknown, []string{"team:dev"}) {
 			t.Errorf("Known = %q, %q", known, unknown)
 		}
 		check(t, p, "/x.S/M", "team:ops", true)
@@ -218,7 +217,7 @@ func TestPolicyExtendAndReplace(t *testing.T) {
 	})
 
 	t.Run("rules are copied", func(t *testing.T) {
-		rules := []Rule{{Method: mReboot, Roles: []string{apidtls.RoleReader}}}
+		rules := []Rule{{Method: mReboot, Roles: []string{certs.RoleReader}}}
 		p, err := NewPolicy(rules, false)
 		if err != nil {
 			t.Fatal(err)
@@ -242,14 +241,14 @@ func TestPolicyRejectsInvalidRules(t *testing.T) {
 	}{
 		{"no roles", Rule{Method: mVersion}},
 		{"empty role list", Rule{Method: mVersion, Roles: []string{}}},
-		{"no leading slash", Rule{Method: "machine.MachineService/Version", Roles: []string{apidtls.RoleReader}}},
-		{"double leading slash", Rule{Method: "//machine.MachineService/Version", Roles: []string{apidtls.RoleReader}}},
-		{"three segments", Rule{Method: "/machine.MachineService/Version/x", Roles: []string{apidtls.RoleReader}}},
-		{"no method", Rule{Method: "/machine.MachineService/", Roles: []string{apidtls.RoleReader}}},
-		{"no service", Rule{Method: "//Version", Roles: []string{apidtls.RoleReader}}},
-		{"empty", Rule{Method: "", Roles: []string{apidtls.RoleReader}}},
-		{"bare star", Rule{Method: "*", Roles: []string{apidtls.RoleReader}}},
-		{"pattern without leading slash", Rule{Method: "machine.*", Roles: []string{apidtls.RoleReader}}},
+		{"no leading slash", Rule{Method: "machine.MachineService/Version", Roles: []string{certs.RoleReader}}},
+		{"double leading slash", Rule{Method: "//machine.MachineService/Version", Roles: []string{certs.RoleReader}}},
+		{"three segments", Rule{Method: "/machine.MachineService/Version/x", Roles: []string{certs.RoleReader}}},
+		{"no method", Rule{Method: "/machine.MachineService/", Roles: []string{certs.RoleReader}}},
+		{"no service", Rule{Method: "//Version", Roles: []string{certs.RoleReader}}},
+		{"empty", Rule{Method: "", Roles: []string{certs.RoleReader}}},
+		{"bare star", Rule{Method: "*", Roles: []string{certs.RoleReader}}},
+		{"pattern without leading slash", Rule{Method: "machine.*", Roles: []string{certs.RoleReader}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for _, replace := range []bool{false, true} {
@@ -349,10 +348,10 @@ func FuzzPolicy(f *testing.F) {
 		}
 
 		_ = validMethod(method)
-		if !p.Permits(method, []string{apidtls.RoleAdmin}) {
+		if !p.Permits(method, []string{certs.RoleAdmin}) {
 			t.Fatalf("os:admin denied %q", method)
 		}
-		if !p.Permits(method, append(slices.Clone(roles), apidtls.RoleAdmin)) {
+		if !p.Permits(method, append(slices.Clone(roles), certs.RoleAdmin)) {
 			t.Fatalf("os:admin with %q denied %q", roles, method)
 		}
 		if p.Permits(method, nil) || p.Permits(method, []string{}) {
@@ -373,7 +372,7 @@ func FuzzPolicy(f *testing.F) {
 		}
 
 		allowed := p.Allowed(method)
-		if len(allowed) == 0 || allowed[0] != apidtls.RoleAdmin {
+		if len(allowed) == 0 || allowed[0] != certs.RoleAdmin {
 			t.Fatalf("Allowed(%q) = %q, want os:admin first", method, allowed)
 		}
 		if p.Permits(method, roles) {

@@ -13,7 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apid/apid/proxy"
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/certs"
 )
 
 // Metadata keys that carry routing and identity between clients and apids.
@@ -135,12 +135,12 @@ type Caller struct {
 // proxyfrom count only from a peer whose certificate holds os:impersonator;
 // from anyone else they are ignored.
 func Identify(ctx context.Context) (Caller, error) {
-	cert, ok := apidtls.PeerCertificate(ctx)
+	cert, ok := certs.PeerCertificate(ctx)
 	if !ok {
 		return Caller{}, status.Error(codes.Unauthenticated, "no verified client certificate")
 	}
-	c := Caller{Roles: apidtls.Roles(cert), Subject: cert.Subject.String()}
-	if !slices.Contains(c.Roles, apidtls.RoleImpersonator) {
+	c := Caller{Roles: certs.Roles(cert), Subject: cert.Subject.String()}
+	if !slices.Contains(c.Roles, certs.RoleImpersonator) {
 		return c, nil
 	}
 	md, _ := metadata.FromIncomingContext(ctx)

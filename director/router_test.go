@@ -19,7 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apid/apid/proxy"
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/certs"
 )
 
 // unusedConn stands for the local node agent. Routing must only hand it
@@ -114,8 +114,8 @@ func expectMD(t *testing.T, what string, md, want metadata.MD) {
 // the keys every next hop should see.
 func forged(extra ...string) metadata.MD {
 	md := metadata.Pairs(
-		KeyRole, apidtls.RoleAdmin,
-		KeyRole, apidtls.RoleImpersonator,
+		KeyRole, certs.RoleAdmin,
+		KeyRole, certs.RoleImpersonator,
 		KeyProxyFrom, "attacker",
 		"token", "secret",
 		"authorization", "Bearer stolen",
@@ -151,11 +151,11 @@ func with(md metadata.MD, kv ...string) metadata.MD {
 	return out
 }
 
-var reader = []string{apidtls.RoleReader}
+var reader = []string{certs.RoleReader}
 
 func TestRouteForgedMetadataFromReader(t *testing.T) {
 	r := newTestRouter(t, Config{SelfNames: []string{"10.0.0.1", "cp-1"}})
-	asReader := with(allowlisted(), KeyRole, apidtls.RoleReader)
+	asReader := with(allowlisted(), KeyRole, certs.RoleReader)
 	toRemote := with(asReader, KeyProxyFrom, gatewayAuthority)
 
 	t.Run("local", func(t *testing.T) {
@@ -216,7 +216,7 @@ func TestRouteForgedMetadataFromReader(t *testing.T) {
 		if len(hs) != 1 || hs[0].local {
 			t.Fatalf("hops %+v: a reader's proxyfrom kept the call local", hs)
 		}
-		expectMD(t, "next apid", hs[0].md, metadata.Pairs(KeyRole, apidtls.RoleReader, KeyProxyFrom, gatewayAuthority))
+		expectMD(t, "next apid", hs[0].md, metadata.Pairs(KeyRole, certs.RoleReader, KeyProxyFrom, gatewayAuthority))
 	})
 
 	t.Run("forged roles grant nothing", func(t *testing.T) {
@@ -266,10 +266,10 @@ func TestOutgoingWithoutRoles(t *testing.T) {
 
 func TestRouteImpersonator(t *testing.T) {
 	r := newTestRouter(t, Config{SelfNames: []string{"10.0.0.1"}})
-	impersonator := []string{apidtls.RoleImpersonator}
+	impersonator := []string{certs.RoleImpersonator}
 
 	t.Run("forwarded call is served here with the forwarded roles", func(t *testing.T) {
-		md := with(allowlisted(), KeyProxyFrom, "10.0.0.9:50000", KeyRole, apidtls.RoleReader, KeyRole, "os:wizard",
+		md := with(allowlisted(), KeyProxyFrom, "10.0.0.9:50000", KeyRole, certs.RoleReader, KeyRole, "os:wizard",
 			KeyNode, "10.0.0.2", "token", "secret")
 		rt, hs := route(t, r, mVersion, impersonator, md)
 		if rt.OneToMany || len(hs) != 1 || !hs[0].local {
@@ -277,22 +277,22 @@ func TestRouteImpersonator(t *testing.T) {
 		}
 		// The unknown role is dropped, the impersonator's own role is not
 		// added, proxyfrom and node stop here.
-		expectMD(t, "local agent", hs[0].md, with(allowlisted(), KeyRole, apidtls.RoleReader))
+		expectMD(t, "local agent", hs[0].md, with(allowlisted(), KeyRole, certs.RoleReader))
 		if _, err := r.Route(callerContext(impersonator, md), mReboot); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("forwarded reader calling Reboot: %v, want PermissionDenied", err)
 		}
 	})
 
 	t.Run("forwarded roles replace the peer's own", func(t *testing.T) {
-		both := []string{apidtls.RoleAdmin, apidtls.RoleImpersonator}
-		md := metadata.Pairs(KeyProxyFrom, "x", KeyRole, apidtls.RoleReader)
+		both := []string{certs.RoleAdmin, certs.RoleImpersonator}
+		md := metadata.Pairs(KeyProxyFrom, "x", KeyRole, certs.RoleReader)
 		if _, err := r.Route(callerContext(both, md), mReboot); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("admin impersonator forwarding a reader's Reboot: %v, want PermissionDenied", err)
 		}
 	})
 
 	t.Run("forwarded call without roles has none", func(t *testing.T) {
-		for _, peerRoles := range [][]string{impersonator, {apidtls.RoleAdmin, apidtls.RoleImpersonator}} {
+		for _, peerRoles := range [][]string{impersonator, {certs.RoleAdmin, certs.RoleImpersonator}} {
 			md := metadata.Pairs(KeyProxyFrom, "10.0.0.9:50000")
 			for _, m := range []string{mVersion, mReflection} {
 				_, err := r.Route(callerContext(peerRoles, md), m)
@@ -308,12 +308,12 @@ func TestRouteImpersonator(t *testing.T) {
 	})
 
 	t.Run("impersonating client routes with the asserted roles", func(t *testing.T) {
-		md := metadata.Pairs(KeyRole, apidtls.RoleOperator, KeyNode, "10.0.0.2")
+		md := metadata.Pairs(KeyRole, certs.RoleOperator, KeyNode, "10.0.0.2")
 		_, hs := route(t, r, mReboot, impersonator, md)
 		if len(hs) != 1 || hs[0].local || hs[0].name != "10.0.0.2" {
 			t.Fatalf("hops %+v: want the apid of 10.0.0.2", hs)
 		}
-		expectMD(t, "next apid", hs[0].md, metadata.Pairs(KeyRole, apidtls.RoleOperator, KeyProxyFrom, gatewayAuthority))
+		expectMD(t, "next apid", hs[0].md, metadata.Pairs(KeyRole, certs.RoleOperator, KeyProxyFrom, gatewayAuthority))
 	})
 
 	t.Run("impersonator alone may call nothing", func(t *testing.T) {
@@ -325,7 +325,7 @@ func TestRouteImpersonator(t *testing.T) {
 
 func TestRouteNeedsVerifiedCertificate(t *testing.T) {
 	r := newTestRouter(t, Config{})
-	admin := &x509.Certificate{Subject: pkix.Name{Organization: []string{apidtls.RoleAdmin}}}
+	admin := &x509.Certificate{Subject: pkix.Name{Organization: []string{certs.RoleAdmin}}}
 	for name, ctx := range map[string]context.Context{
 		"no peer": context.Background(),
 		"no TLS":  peer.NewContext(context.Background(), &peer.Peer{}),
@@ -341,7 +341,7 @@ func TestRouteNeedsVerifiedCertificate(t *testing.T) {
 
 func TestRouteRefusesMalformedMethods(t *testing.T) {
 	r := newTestRouter(t, Config{})
-	admin := []string{apidtls.RoleAdmin}
+	admin := []string{certs.RoleAdmin}
 	for _, m := range []string{
 		"machine.MachineService/Version",
 		"//machine.MachineService/Version",
@@ -363,7 +363,7 @@ func TestRouteRefusesMalformedMethods(t *testing.T) {
 
 func TestRouteTargets(t *testing.T) {
 	r := newTestRouter(t, Config{MaxNodes: 3, SelfNames: []string{"10.0.0.1"}})
-	admin := []string{apidtls.RoleAdmin}
+	admin := []string{certs.RoleAdmin}
 	for _, tc := range []struct {
 		name string
 		md   metadata.MD
@@ -429,7 +429,7 @@ func TestRouteTargets(t *testing.T) {
 }
 
 func TestRouteNodeTimeout(t *testing.T) {
-	admin := []string{apidtls.RoleAdmin}
+	admin := []string{certs.RoleAdmin}
 	for _, tc := range []struct {
 		configured time.Duration
 		header     []string
@@ -466,25 +466,25 @@ func TestRouteNodeTimeout(t *testing.T) {
 
 func TestPermissionDeniedMessage(t *testing.T) {
 	r := newTestRouter(t, Config{})
-	_, err := r.Route(callerContext([]string{apidtls.RoleReader, "os:wizard"}, forged()), mReboot)
+	_, err := r.Route(callerContext([]string{certs.RoleReader, "os:wizard"}, forged()), mReboot)
 	st := status.Convert(err)
 	if st.Code() != codes.PermissionDenied {
 		t.Fatalf("%v, want PermissionDenied", err)
 	}
 	msg := st.Message()
-	for _, want := range []string{mReboot, apidtls.RoleAdmin, apidtls.RoleOperator, "the caller has " + apidtls.RoleReader} {
+	for _, want := range []string{mReboot, certs.RoleAdmin, certs.RoleOperator, "the caller has " + certs.RoleReader} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("message %q does not mention %q", msg, want)
 		}
 	}
 	// Neither the forged role nor the ignored unknown one is presented as
 	// the caller's.
-	if strings.Contains(msg, "wizard") || strings.Contains(msg, "the caller has "+apidtls.RoleAdmin) {
+	if strings.Contains(msg, "wizard") || strings.Contains(msg, "the caller has "+certs.RoleAdmin) {
 		t.Errorf("message %q names roles the caller does not hold", msg)
 	}
 
 	_, err = r.Route(callerContext(reader, nil), mUnknown)
-	if msg := status.Convert(err).Message(); !strings.Contains(msg, mUnknown) || !strings.Contains(msg, "needs one of the roles "+apidtls.RoleAdmin+";") {
+	if msg := status.Convert(err).Message(); !strings.Contains(msg, mUnknown) || !strings.Contains(msg, "needs one of the roles "+certs.RoleAdmin+";") {
 		t.Errorf("unknown method: message %q, want it admin-only", msg)
 	}
 }
@@ -492,7 +492,7 @@ func TestPermissionDeniedMessage(t *testing.T) {
 func TestForwardKeys(t *testing.T) {
 	r := newTestRouter(t, Config{ForwardKeys: []string{"X-Custom"}})
 	_, hs := route(t, r, mVersion, reader, forged())
-	expectMD(t, "local agent", hs[0].md, with(allowlisted(), "x-custom", "1", KeyRole, apidtls.RoleReader))
+	expectMD(t, "local agent", hs[0].md, with(allowlisted(), "x-custom", "1", KeyRole, certs.RoleReader))
 }
 
 // TestForwardKeysCannotCarryRoutingKeys: naming a routing or identity key
@@ -506,6 +506,6 @@ func TestForwardKeysCannotCarryRoutingKeys(t *testing.T) {
 	if len(hs) != 2 || !rt.OneToMany {
 		t.Fatalf("hops %+v", hs)
 	}
-	expectMD(t, "next apid", hs[0].md, with(allowlisted(), KeyRole, apidtls.RoleReader, KeyProxyFrom, gatewayAuthority))
-	expectMD(t, "local agent", hs[1].md, with(allowlisted(), KeyRole, apidtls.RoleReader))
+	expectMD(t, "next apid", hs[0].md, with(allowlisted(), KeyRole, certs.RoleReader, KeyProxyFrom, gatewayAuthority))
+	expectMD(t, "local agent", hs[1].md, with(allowlisted(), KeyRole, certs.RoleReader))
 }

@@ -45,7 +45,7 @@ const (
 // memCluster is a few nodes, each an `apid agent` and an `apid serve`
 // process, with node 0 used as the gateway.
 type memCluster struct {
-	pki     *pki
+	pki     *testPKI
 	port    int
 	ips     []string
 	procs   []*process

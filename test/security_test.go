@@ -39,8 +39,9 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/pki"
 )
 
 // The security tests run two apid processes on 127.0.91.1 (A) and
@@ -140,11 +141,11 @@ func (a *recordingAgent) since(n int) []agentCall {
 	return slices.Clone(a.calls[n:])
 }
 
-// pki is what `apid gen` produced for the tests, plus the CA loaded so that
+// testPKI is what `apid gen` produced for the tests, plus the CA loaded so that
 // the tests can mint the certificates apid gen refuses to make.
-type pki struct {
+type testPKI struct {
 	dir  string
-	ca   *apidtls.CA
+	ca   *pki.CA
 	pool *x509.CertPool
 }
 
@@ -178,7 +179,7 @@ func genAll(t *testing.T, cmds [][]string) {
 	}
 }
 
-func newPKI(t *testing.T, dir string) *pki {
+func newPKI(t *testing.T, dir string) *testPKI {
 	t.Helper()
 	mustGen(t, "ca", "-out", dir, "-name", "security test CA")
 	crt, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
@@ -189,18 +190,18 @@ func newPKI(t *testing.T, dir string) *pki {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := apidtls.LoadCA(crt, key)
+	ca, err := pki.LoadCA(crt, key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Cert)
-	return &pki{dir: dir, ca: ca, pool: pool}
+	return &testPKI{dir: dir, ca: ca, pool: pool}
 }
 
-func (p *pki) path(name string) string { return filepath.Join(p.dir, name) }
+func (p *testPKI) path(name string) string { return filepath.Join(p.dir, name) }
 
-func (p *pki) load(t *testing.T, base string) tls.Certificate {
+func (p *testPKI) load(t *testing.T, base string) tls.Certificate {
 	t.Helper()
 	c, err := tls.LoadX509KeyPair(p.path(base+".crt"), p.path(base+".key"))
 	if err != nil {
@@ -212,7 +213,7 @@ func (p *pki) load(t *testing.T, base string) tls.Certificate {
 // mint signs tmpl with parent's key (the CA when parent is nil; tmpl itself
 // when selfSigned) and returns it with a fresh key, for certificates that
 // apid gen, rightly, will not produce.
-func (p *pki) mint(t *testing.T, tmpl *x509.Certificate, parent *tls.Certificate, selfSigned bool) tls.Certificate {
+func (p *testPKI) mint(t *testing.T, tmpl *x509.Certificate, parent *tls.Certificate, selfSigned bool) tls.Certificate {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -356,17 +357,17 @@ type spyNode struct {
 	peers []*x509.Certificate
 }
 
-func startSpy(t *testing.T, p *pki, port int) *spyNode {
+func startSpy(t *testing.T, p *testPKI, port int) *spyNode {
 	t.Helper()
-	src, err := apidtls.NewSource(apidtls.Files{CA: p.path("ca.crt"), Cert: p.path("spy.crt"), Key: p.path("spy.key")})
+	src, err := certs.NewSource(certs.Files{CA: p.path("ca.crt"), Cert: p.path("spy.crt"), Key: p.path("spy.key")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := &spyNode{}
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{}))),
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{}))),
 		grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
 			md, _ := metadata.FromIncomingContext(ss.Context())
-			cert, _ := apidtls.PeerCertificate(ss.Context())
+			cert, _ := certs.PeerCertificate(ss.Context())
 			s.mu.Lock()
 			s.md = append(s.md, md.Copy())
 			s.peers = append(s.peers, cert)
@@ -440,7 +441,7 @@ func startImpostor(t *testing.T, addr string, cert tls.Certificate) *impostor {
 
 // secCluster is the system under test.
 type secCluster struct {
-	pki            *pki
+	pki            *testPKI
 	port           int
 	procA, procB   *process
 	agentA, agentB *recordingAgent
@@ -512,7 +513,7 @@ func startSecCluster(t *testing.T) *secCluster {
 		}
 		node := p.load(t, "node-a").Leaf
 		if !slices.Equal(node.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}) ||
-			!slices.Equal(node.Subject.Organization, []string{apidtls.RoleImpersonator}) ||
+			!slices.Equal(node.Subject.Organization, []string{certs.RoleImpersonator}) ||
 			len(node.IPAddresses) != 1 || node.IPAddresses[0].String() != ipA {
 			t.Errorf("node certificate: EKU %v, O %q, IPs %v", node.ExtKeyUsage, node.Subject.Organization, node.IPAddresses)
 		}
@@ -610,13 +611,13 @@ func TestSecurity(t *testing.T) {
 
 func (c *secCluster) testHandshake(t *testing.T) {
 	p := c.pki
-	admin := []string{apidtls.RoleAdmin}
+	admin := []string{certs.RoleAdmin}
 	clientAuth := x509.ExtKeyUsageClientAuth
-	otherCA, err := apidtls.NewCA("another CA", time.Hour, apidtls.KeyECDSA)
+	otherCA, err := pki.NewCA("another CA", time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}
-	otherCrt, otherKey, err := otherCA.IssueClient("admin", admin, time.Hour, apidtls.KeyECDSA)
+	otherCrt, otherKey, err := otherCA.IssueClient("admin", admin, time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -773,7 +774,7 @@ func expectReaderMD(t *testing.T, what string, md metadata.MD) {
 	if got, want := appKeys(md), []string{"context", "talos-role", "traceparent"}; !slices.Equal(got, want) {
 		t.Errorf("%s: keys %q arrived, want exactly %q", what, got, want)
 	}
-	if got := md.Get("talos-role"); !slices.Equal(got, []string{apidtls.RoleReader}) {
+	if got := md.Get("talos-role"); !slices.Equal(got, []string{certs.RoleReader}) {
 		t.Errorf("%s: talos-role = %q, want [os:reader]", what, got)
 	}
 	if got := md.Get("context"); !slices.Equal(got, []string{"prod"}) {
@@ -922,13 +923,13 @@ func (c *secCluster) testSpoofing(t *testing.T) {
 			if got, want := appKeys(md), []string{"context", "proxyfrom", "talos-role", "traceparent"}; !slices.Equal(got, want) {
 				t.Errorf("%v: keys %q arrived, want exactly %q", rt, got, want)
 			}
-			if got := md.Get("talos-role"); !slices.Equal(got, []string{apidtls.RoleReader}) {
+			if got := md.Get("talos-role"); !slices.Equal(got, []string{certs.RoleReader}) {
 				t.Errorf("%v: talos-role = %q, want [os:reader]", rt, got)
 			}
 			if got := md.Get("proxyfrom"); !slices.Equal(got, []string{c.addr(ipA)}) {
 				t.Errorf("%v: proxyfrom = %q, want A's address as the client dialled it", rt, got)
 			}
-			if peerCert == nil || peerCert.Subject.CommonName != "node-a" || !slices.Equal(apidtls.Roles(peerCert), []string{apidtls.RoleImpersonator}) {
+			if peerCert == nil || peerCert.Subject.CommonName != "node-a" || !slices.Equal(certs.Roles(peerCert), []string{certs.RoleImpersonator}) {
 				t.Errorf("%v: A forwarded with certificate %v", rt, peerCert)
 			}
 		}
@@ -940,11 +941,11 @@ func (c *secCluster) testSpoofing(t *testing.T) {
 // server's certificate, and its own (impersonating) certificate must never
 // reach the impostor.
 func (c *secCluster) testForwardingTargets(t *testing.T) {
-	otherCA, err := apidtls.NewCA("impostor CA", time.Hour, apidtls.KeyECDSA)
+	otherCA, err := pki.NewCA("impostor CA", time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}
-	crt, key, err := otherCA.IssueNode("rogue", nil, []net.IP{net.ParseIP(ipRogue)}, time.Hour, apidtls.KeyECDSA)
+	crt, key, err := otherCA.IssueNode("rogue", nil, []net.IP{net.ParseIP(ipRogue)}, time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}

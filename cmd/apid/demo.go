@@ -19,7 +19,8 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/apid/apid/agent"
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/pki"
 )
 
 // demoOptions are the flags of `apid demo`.
@@ -142,7 +143,7 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 			cert: filepath.Join(o.dir, name+".crt"),
 			key:  filepath.Join(o.dir, name+".key"),
 		}
-		crt, key, err := ca.IssueNode(name, []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, year, apidtls.KeyECDSA)
+		crt, key, err := ca.IssueNode(name, []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, year, pki.KeyECDSA)
 		if err != nil {
 			return nil, err
 		}
@@ -154,7 +155,7 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 			return nil, fmt.Errorf("node %d: ran out of loopback addresses", i+2)
 		}
 	}
-	crt, key, err := ca.IssueClient("admin", []string{apidtls.RoleAdmin}, year, apidtls.KeyECDSA)
+	crt, key, err := ca.IssueClient("admin", []string{certs.RoleAdmin}, year, pki.KeyECDSA)
 	if err != nil {
 		return nil, err
 	}
@@ -168,16 +169,16 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 			endpoints[i] = net.JoinHostPort(a, strconv.Itoa(o.port))
 		}
 	}
-	tc := apidtls.TalosContext{Endpoints: endpoints, Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
-	return nodes, apidtls.WriteTalosconfig(filepath.Join(o.dir, "talosconfig"), "apid-demo", tc, apidtls.TalosconfigOverwrite)
+	tc := pki.TalosContext{Endpoints: endpoints, Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
+	return nodes, pki.WriteTalosconfig(filepath.Join(o.dir, "talosconfig"), "apid-demo", tc, pki.TalosconfigOverwrite)
 }
 
-func loadOrCreateCA(crtPath, keyPath string) (*apidtls.CA, error) {
+func loadOrCreateCA(crtPath, keyPath string) (*pki.CA, error) {
 	crt, errCrt := os.ReadFile(crtPath)
 	key, errKey := os.ReadFile(keyPath)
 	switch {
 	case errCrt == nil && errKey == nil:
-		ca, err := apidtls.LoadCA(crt, key)
+		ca, err := pki.LoadCA(crt, key)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w (remove the directory to start afresh)", crtPath, err)
 		}
@@ -190,7 +191,7 @@ func loadOrCreateCA(crtPath, keyPath string) (*apidtls.CA, error) {
 	case !errors.Is(errKey, fs.ErrNotExist) && errKey != nil:
 		return nil, errKey
 	}
-	ca, err := apidtls.NewCA("apid demo CA", 10*365*24*time.Hour, apidtls.KeyECDSA)
+	ca, err := pki.NewCA("apid demo CA", 10*365*24*time.Hour, pki.KeyECDSA)
 	if err != nil {
 		return nil, err
 	}
@@ -200,10 +201,10 @@ func loadOrCreateCA(crtPath, keyPath string) (*apidtls.CA, error) {
 // writePair writes a certificate (0644) and its key (0600), replacing
 // earlier demo files.
 func writePair(crtPath string, crt []byte, keyPath string, key []byte) error {
-	if err := apidtls.WriteFile(crtPath, crt, 0o644, true); err != nil {
+	if err := pki.WriteFile(crtPath, crt, 0o644, true); err != nil {
 		return err
 	}
-	return apidtls.WriteFile(keyPath, key, 0o600, true)
+	return pki.WriteFile(keyPath, key, 0o600, true)
 }
 
 func printDemoHelp(w io.Writer, o demoOptions, nodes []demoNode) {

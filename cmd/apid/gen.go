@@ -10,8 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
-
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/pki"
 )
 
 const genUsage = `usage:
@@ -48,11 +47,11 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	kt := apidtls.KeyECDSA
+	kt := pki.KeyECDSA
 	switch *keyType {
 	case "ecdsa":
 	case "ed25519":
-		kt = apidtls.KeyEd25519
+		kt = pki.KeyEd25519
 	default:
 		return fmt.Errorf("-key-type %q: want ecdsa or ed25519", *keyType)
 	}
@@ -69,10 +68,10 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 				return fmt.Errorf("%s exists (use -force to overwrite)", p)
 			}
 		}
-		if err := apidtls.WriteFile(crtPath, crt, 0o644, *force); err != nil {
+		if err := pki.WriteFile(crtPath, crt, 0o644, *force); err != nil {
 			return err
 		}
-		if err := apidtls.WriteFile(keyPath, key, 0o600, *force); err != nil {
+		if err := pki.WriteFile(keyPath, key, 0o600, *force); err != nil {
 			return err
 		}
 		fmt.Fprintf(stdout, "wrote %s and %s\n", crtPath, keyPath)
@@ -84,7 +83,7 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		if cn == "" {
 			cn = "apid CA"
 		}
-		ca, err := apidtls.NewCA(cn, *ttl, kt)
+		ca, err := pki.NewCA(cn, *ttl, kt)
 		if err != nil {
 			return err
 		}
@@ -135,8 +134,8 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		if ctxName == "" {
 			ctxName = *name
 		}
-		tc := apidtls.TalosContext{Endpoints: splitList(*endpoints), Nodes: splitList(*nodes), CA: ca.CertPEM, Crt: crt, Key: key}
-		if err := apidtls.WriteTalosconfig(*talosconfig, ctxName, tc, apidtls.TalosconfigMerge); err != nil {
+		tc := pki.TalosContext{Endpoints: splitList(*endpoints), Nodes: splitList(*nodes), CA: ca.CertPEM, Crt: crt, Key: key}
+		if err := pki.WriteTalosconfig(*talosconfig, ctxName, tc, pki.TalosconfigMerge); err != nil {
 			return err
 		}
 		fmt.Fprintf(stdout, "wrote context %q to %s\n", ctxName, *talosconfig)
@@ -146,7 +145,7 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	return fmt.Errorf("gen: unknown kind %q", what)
 }
 
-func readCA(dir string) (*apidtls.CA, error) {
+func readCA(dir string) (*pki.CA, error) {
 	crt, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
 	if err != nil {
 		return nil, err
@@ -155,7 +154,7 @@ func readCA(dir string) (*apidtls.CA, error) {
 	if err != nil {
 		return nil, err
 	}
-	return apidtls.LoadCA(crt, key)
+	return pki.LoadCA(crt, key)
 }
 
 func splitList(s string) []string {

@@ -20,7 +20,7 @@ import (
 	"github.com/apid/apid/director"
 	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
-	apidtls "github.com/apid/apid/tls"
+	"github.com/apid/apid/certs"
 )
 
 func runServe(ctx context.Context, args []string, stderr io.Writer) error {
@@ -75,7 +75,7 @@ func newLogger(w io.Writer, level string) *slog.Logger {
 type gateway struct {
 	cfg     Config
 	log     *slog.Logger
-	src     *apidtls.Source
+	src     *certs.Source
 	local   *grpc.ClientConn
 	pool    *director.Pool
 	server  *grpc.Server
@@ -85,7 +85,7 @@ type gateway struct {
 }
 
 func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
-	src, err := apidtls.NewSource(apidtls.Files{CA: cfg.CA, Cert: cfg.Cert, Key: cfg.Key})
+	src, err := certs.NewSource(certs.Files{CA: cfg.CA, Cert: cfg.Cert, Key: cfg.Key})
 	if err != nil {
 		return nil, fmt.Errorf("load certificates: %w", err)
 	}
@@ -107,7 +107,7 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 		MaxDials:    cfg.MaxDials,
 		DialOptions: remoteDialOptions(cfg),
 		Credentials: func(host string) credentials.TransportCredentials {
-			return credentials.NewTLS(apidtls.ClientConfig(src, host))
+			return credentials.NewTLS(certs.ClientConfig(src, host))
 		},
 	})
 	policy, err := director.NewPolicy(cfg.Policy.Rules, cfg.Policy.Replace)
@@ -133,7 +133,7 @@ func newGateway(cfg Config, log *slog.Logger) (*gateway, error) {
 	})
 
 	server := grpc.NewServer(
-		grpc.Creds(conns.Credentials(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
+		grpc.Creds(conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(handler.StreamHandler()),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),

@@ -1,4 +1,4 @@
-package tls_test
+package certs_test
 
 import (
 	"testing"

@@ -1,4 +1,4 @@
-package tls
+package pki
 
 import (
 	"errors"
@@ -7,18 +7,6 @@ import (
 	"os"
 	"path/filepath"
 )
-
-// Files names the PEM files that hold a node's key material.
-type Files struct {
-	// CA holds the certificates trusted to sign peers. It may hold several
-	// so that a CA can be rotated without downtime.
-	CA string
-	// Cert holds the node's certificate, optionally followed by
-	// intermediates.
-	Cert string
-	// Key holds the private key matching Cert.
-	Key string
-}
 
 // WriteFile writes data to path atomically: readers see either the old
 // content or the new one, never a partial file. The file gets exactly perm,

@@ -1,4 +1,4 @@
-package tls_test
+package pki_test
 
 import (
 	"crypto/ecdsa"
@@ -6,22 +6,23 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testpki"
+	"github.com/apid/apid/pki"
 	"net"
 	"slices"
 	"testing"
 	"time"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 func TestNewCA(t *testing.T) {
 	t.Parallel()
 
-	for _, kt := range []apidtls.KeyType{apidtls.KeyECDSA, apidtls.KeyEd25519} {
+	for _, kt := range []pki.KeyType{pki.KeyECDSA, pki.KeyEd25519} {
 		t.Run(kt.String(), func(t *testing.T) {
 			t.Parallel()
 
-			ca := must[*apidtls.CA](t)(apidtls.NewCA("cluster", time.Hour, kt))
+			ca := testpki.Must[*pki.CA](t)(pki.NewCA("cluster", time.Hour, kt))
 			c := ca.Cert
 
 			if !c.IsCA || !c.BasicConstraintsValid || c.MaxPathLen != 0 || !c.MaxPathLenZero ||
@@ -35,17 +36,17 @@ func TestNewCA(t *testing.T) {
 
 			checkValidity(t, c, time.Hour)
 
-			loaded := must[*apidtls.CA](t)(apidtls.LoadCA(ca.CertPEM, ca.KeyPEM))
+			loaded := testpki.Must[*pki.CA](t)(pki.LoadCA(ca.CertPEM, ca.KeyPEM))
 			if !loaded.Cert.Equal(c) {
 				t.Error("LoadCA returned another certificate")
 			}
 
 			switch kt {
-			case apidtls.KeyECDSA:
+			case pki.KeyECDSA:
 				if _, ok := loaded.Key.(*ecdsa.PrivateKey); !ok {
 					t.Errorf("key %T", loaded.Key)
 				}
-			case apidtls.KeyEd25519:
+			case pki.KeyEd25519:
 				if _, ok := loaded.Key.(ed25519.PrivateKey); !ok {
 					t.Errorf("key %T", loaded.Key)
 				}
@@ -81,21 +82,21 @@ func parseCert(t *testing.T, certPEM []byte) *x509.Certificate {
 		t.Fatal("no CERTIFICATE block")
 	}
 
-	return must[*x509.Certificate](t)(x509.ParseCertificate(block.Bytes))
+	return testpki.Must[*x509.Certificate](t)(x509.ParseCertificate(block.Bytes))
 }
 
 func TestIssue(t *testing.T) {
 	t.Parallel()
 
-	ca := newCA(t, "cluster")
-	roots := pool(t, ca.CertPEM)
+	ca := testpki.NewCA(t, "cluster")
+	roots := testpki.Pool(t, ca.CertPEM)
 
 	t.Run("node", func(t *testing.T) {
 		t.Parallel()
 
 		ips := []net.IP{net.ParseIP("10.0.0.1"), net.ParseIP("fd00::1")}
 
-		certPEM, keyPEM, err := ca.IssueNode("cp-1.example", []string{"cp-1.example"}, ips, time.Hour, apidtls.KeyEd25519)
+		certPEM, keyPEM, err := ca.IssueNode("cp-1.example", []string{"cp-1.example"}, ips, time.Hour, pki.KeyEd25519)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -107,7 +108,7 @@ func TestIssue(t *testing.T) {
 			t.Errorf("EKU %v", c.ExtKeyUsage)
 		}
 
-		if !slices.Equal(apidtls.Roles(c), []string{apidtls.RoleImpersonator}) || c.Subject.CommonName != "cp-1.example" {
+		if !slices.Equal(certs.Roles(c), []string{certs.RoleImpersonator}) || c.Subject.CommonName != "cp-1.example" {
 			t.Errorf("subject %v", c.Subject)
 		}
 
@@ -126,9 +127,9 @@ func TestIssue(t *testing.T) {
 	t.Run("client", func(t *testing.T) {
 		t.Parallel()
 
-		roles := []string{apidtls.RoleOperator, "custom:role"}
+		roles := []string{certs.RoleOperator, "custom:role"}
 
-		certPEM, keyPEM, err := ca.IssueClient("alice", roles, 24*time.Hour, apidtls.KeyECDSA)
+		certPEM, keyPEM, err := ca.IssueClient("alice", roles, 24*time.Hour, pki.KeyECDSA)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -140,7 +141,7 @@ func TestIssue(t *testing.T) {
 			t.Errorf("EKU %v, SANs %v %v", c.ExtKeyUsage, c.DNSNames, c.IPAddresses)
 		}
 
-		got := apidtls.Roles(c)
+		got := certs.Roles(c)
 		slices.Sort(got)
 
 		if want := slices.Sorted(slices.Values(roles)); !slices.Equal(got, want) {
@@ -164,7 +165,7 @@ func TestIssue(t *testing.T) {
 	t.Run("validity cut at the CA's", func(t *testing.T) {
 		t.Parallel()
 
-		certPEM, _, err := ca.IssueClient("c", []string{apidtls.RoleAdmin}, 48*time.Hour, apidtls.KeyECDSA)
+		certPEM, _, err := ca.IssueClient("c", []string{certs.RoleAdmin}, 48*time.Hour, pki.KeyECDSA)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -177,8 +178,8 @@ func TestIssue(t *testing.T) {
 	t.Run("serials differ", func(t *testing.T) {
 		t.Parallel()
 
-		a := parseCert(t, issueClient(t, ca, apidtls.RoleReader).cert)
-		b := parseCert(t, issueClient(t, ca, apidtls.RoleReader).cert)
+		a := parseCert(t, issueClient(t, ca, certs.RoleReader).cert)
+		b := parseCert(t, issueClient(t, ca, certs.RoleReader).cert)
 
 		if a.SerialNumber.Cmp(b.SerialNumber) == 0 {
 			t.Error("two certificates share a serial number")
@@ -189,12 +190,12 @@ func TestIssue(t *testing.T) {
 		t.Parallel()
 
 		errs := map[string]error{}
-		_, _, errs["node without SANs"] = ca.IssueNode("n", nil, nil, time.Hour, apidtls.KeyECDSA)
-		_, _, errs["node without name"] = ca.IssueNode("", []string{"n"}, nil, time.Hour, apidtls.KeyECDSA)
-		_, _, errs["client without roles"] = ca.IssueClient("c", nil, time.Hour, apidtls.KeyECDSA)
-		_, _, errs["client with empty role"] = ca.IssueClient("c", []string{""}, time.Hour, apidtls.KeyECDSA)
-		_, _, errs["zero ttl"] = ca.IssueClient("c", []string{apidtls.RoleAdmin}, 0, apidtls.KeyECDSA)
-		_, _, errs["unknown key type"] = ca.IssueClient("c", []string{apidtls.RoleAdmin}, time.Hour, apidtls.KeyType(9))
+		_, _, errs["node without SANs"] = ca.IssueNode("n", nil, nil, time.Hour, pki.KeyECDSA)
+		_, _, errs["node without name"] = ca.IssueNode("", []string{"n"}, nil, time.Hour, pki.KeyECDSA)
+		_, _, errs["client without roles"] = ca.IssueClient("c", nil, time.Hour, pki.KeyECDSA)
+		_, _, errs["client with empty role"] = ca.IssueClient("c", []string{""}, time.Hour, pki.KeyECDSA)
+		_, _, errs["zero ttl"] = ca.IssueClient("c", []string{certs.RoleAdmin}, 0, pki.KeyECDSA)
+		_, _, errs["unknown key type"] = ca.IssueClient("c", []string{certs.RoleAdmin}, time.Hour, pki.KeyType(9))
 
 		for name, err := range errs {
 			if err == nil {
@@ -207,27 +208,27 @@ func TestIssue(t *testing.T) {
 func TestLoadCA(t *testing.T) {
 	t.Parallel()
 
-	ca := must[*apidtls.CA](t)(apidtls.NewCA("cluster", time.Hour, apidtls.KeyEd25519))
-	other := newCA(t, "other")
+	ca := testpki.Must[*pki.CA](t)(pki.NewCA("cluster", time.Hour, pki.KeyEd25519))
+	other := testpki.NewCA(t, "other")
 
 	// Talos stores Ed25519 keys as PKCS#8 under its own label.
 	block, _ := pem.Decode(ca.KeyPEM)
 	talosKey := pem.EncodeToMemory(&pem.Block{Type: "ED25519 PRIVATE KEY", Bytes: block.Bytes})
 
-	loaded := must[*apidtls.CA](t)(apidtls.LoadCA(ca.CertPEM, talosKey))
-	if _, _, err := loaded.IssueClient("c", []string{apidtls.RoleAdmin}, time.Minute, apidtls.KeyECDSA); err != nil {
+	loaded := testpki.Must[*pki.CA](t)(pki.LoadCA(ca.CertPEM, talosKey))
+	if _, _, err := loaded.IssueClient("c", []string{certs.RoleAdmin}, time.Minute, pki.KeyECDSA); err != nil {
 		t.Fatal(err)
 	}
 
 	// SEC 1 ECDSA keys load too.
 	ecKey := other.Key.(*ecdsa.PrivateKey)
-	sec1 := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: must[[]byte](t)(x509.MarshalECPrivateKey(ecKey))})
+	sec1 := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: testpki.Must[[]byte](t)(x509.MarshalECPrivateKey(ecKey))})
 
-	if _, err := apidtls.LoadCA(other.CertPEM, sec1); err != nil {
+	if _, err := pki.LoadCA(other.CertPEM, sec1); err != nil {
 		t.Fatal(err)
 	}
 
-	leaf := issueClient(t, ca, apidtls.RoleAdmin)
+	leaf := issueClient(t, ca, certs.RoleAdmin)
 
 	for name, in := range map[string][2][]byte{
 		"key of another CA": {ca.CertPEM, other.KeyPEM},
@@ -235,7 +236,7 @@ func TestLoadCA(t *testing.T) {
 		"no certificate":    {nil, ca.KeyPEM},
 		"no key":            {ca.CertPEM, ca.CertPEM},
 	} {
-		if _, err := apidtls.LoadCA(in[0], in[1]); err == nil {
+		if _, err := pki.LoadCA(in[0], in[1]); err == nil {
 			t.Errorf("%s: loaded", name)
 		}
 	}
@@ -244,13 +245,25 @@ func TestLoadCA(t *testing.T) {
 func TestParseKeyType(t *testing.T) {
 	t.Parallel()
 
-	for in, want := range map[string]apidtls.KeyType{"ecdsa": apidtls.KeyECDSA, "P256": apidtls.KeyECDSA, "Ed25519": apidtls.KeyEd25519} {
-		if got, err := apidtls.ParseKeyType(in); err != nil || got != want {
+	for in, want := range map[string]pki.KeyType{"ecdsa": pki.KeyECDSA, "P256": pki.KeyECDSA, "Ed25519": pki.KeyEd25519} {
+		if got, err := pki.ParseKeyType(in); err != nil || got != want {
 			t.Errorf("ParseKeyType(%q) = %v, %v", in, got, err)
 		}
 	}
 
-	if _, err := apidtls.ParseKeyType("rsa"); err == nil {
+	if _, err := pki.ParseKeyType("rsa"); err == nil {
 		t.Error("rsa accepted")
 	}
+}
+
+// issued is a certificate and key in PEM.
+type issued struct{ cert, key []byte }
+
+func issueClient(t *testing.T, ca *pki.CA, roles ...string) issued {
+	t.Helper()
+	crt, key, err := ca.IssueClient("client", roles, time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return issued{crt, key}
 }

@@ -1,6 +1,8 @@
-package tls
+package pki
 
 import (
+	"github.com/apid/apid/certs"
+
 	"bytes"
 	"crypto/tls"
 	"encoding/base64"
@@ -35,7 +37,7 @@ func (c TalosContext) Validate() error {
 		errs = append(errs, errors.New("no endpoints"))
 	}
 
-	if _, err := parseCAPool(c.CA); err != nil {
+	if _, err := certs.ParseCAPool(c.CA); err != nil {
 		errs = append(errs, fmt.Errorf("ca: %w", err))
 	}
 

@@ -1,4 +1,4 @@
-package tls_test
+package certs_test
 
 import (
 	"context"
@@ -9,10 +9,9 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/apid/apid/certs"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 func TestRoles(t *testing.T) {
@@ -24,11 +23,11 @@ func TestRoles(t *testing.T) {
 		want []string
 	}{
 		{"none", nil, nil},
-		{"one", []string{apidtls.RoleAdmin}, []string{apidtls.RoleAdmin}},
-		{"order kept", []string{apidtls.RoleReader, apidtls.RoleEtcdBackup}, []string{apidtls.RoleReader, apidtls.RoleEtcdBackup}},
-		{"duplicates dropped", []string{apidtls.RoleReader, apidtls.RoleAdmin, apidtls.RoleReader}, []string{apidtls.RoleReader, apidtls.RoleAdmin}},
-		{"unknown kept", []string{"os:future", apidtls.RoleReader}, []string{"os:future", apidtls.RoleReader}},
-		{"empty dropped", []string{"", apidtls.RoleImpersonator, ""}, []string{apidtls.RoleImpersonator}},
+		{"one", []string{certs.RoleAdmin}, []string{certs.RoleAdmin}},
+		{"order kept", []string{certs.RoleReader, certs.RoleEtcdBackup}, []string{certs.RoleReader, certs.RoleEtcdBackup}},
+		{"duplicates dropped", []string{certs.RoleReader, certs.RoleAdmin, certs.RoleReader}, []string{certs.RoleReader, certs.RoleAdmin}},
+		{"unknown kept", []string{"os:future", certs.RoleReader}, []string{"os:future", certs.RoleReader}},
+		{"empty dropped", []string{"", certs.RoleImpersonator, ""}, []string{certs.RoleImpersonator}},
 		{"only empty", []string{""}, nil},
 	}
 
@@ -37,13 +36,13 @@ func TestRoles(t *testing.T) {
 			t.Parallel()
 
 			cert := &x509.Certificate{Subject: pkix.Name{Organization: tt.orgs}}
-			if got := apidtls.Roles(cert); !slices.Equal(got, tt.want) {
+			if got := certs.Roles(cert); !slices.Equal(got, tt.want) {
 				t.Errorf("Roles(%q) = %q, want %q", tt.orgs, got, tt.want)
 			}
 		})
 	}
 
-	if got := apidtls.Roles(nil); got != nil {
+	if got := certs.Roles(nil); got != nil {
 		t.Errorf("Roles(nil) = %q", got)
 	}
 }
@@ -75,7 +74,7 @@ func TestPeerCertificate(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 
-			got, ok := apidtls.PeerCertificate(tt.ctx)
+			got, ok := certs.PeerCertificate(tt.ctx)
 			if ok != tt.want || (ok && got != leaf) || (!ok && got != nil) {
 				t.Errorf("PeerCertificate = %v, %v; want ok=%v", got, ok, tt.want)
 			}

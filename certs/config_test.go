@@ -1,35 +1,36 @@
-package tls_test
+package certs_test
 
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testpki"
+	"github.com/apid/apid/pki"
 	"slices"
 	"testing"
 	"time"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 // gateway starts a ServerConfig listener for a fresh CA and node certificate
 // and returns the CA so that tests can issue clients for it.
-func gateway(t *testing.T, opts apidtls.ServerOptions) (*apidtls.CA, *tlsServer) {
+func gateway(t *testing.T, opts certs.ServerOptions) (*pki.CA, *tlsServer) {
 	t.Helper()
 
-	ca := newCA(t, "cluster")
-	files := writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, apidtls.KeyECDSA))
-	src := must[*apidtls.Source](t)(apidtls.NewSource(files))
+	ca := testpki.NewCA(t, "cluster")
+	files := writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, pki.KeyECDSA))
+	src := testpki.Must[*certs.Source](t)(certs.NewSource(files))
 
-	return ca, startTLSServer(t, apidtls.ServerConfig(src, opts))
+	return ca, startTLSServer(t, certs.ServerConfig(src, opts))
 }
 
 func TestServerConfigClientCertificates(t *testing.T) {
 	t.Parallel()
 
-	ca, srv := gateway(t, apidtls.ServerOptions{})
-	other := newCA(t, "other")
-	roots := pool(t, ca.CertPEM)
+	ca, srv := gateway(t, certs.ServerOptions{})
+	other := testpki.NewCA(t, "other")
+	roots := testpki.Pool(t, ca.CertPEM)
 
-	reader := issueClient(t, ca, apidtls.RoleReader, apidtls.RoleOperator, apidtls.RoleReader, "custom:role")
+	reader := issueClient(t, ca, certs.RoleReader, certs.RoleOperator, certs.RoleReader, "custom:role")
 	both := craft(t, ca, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}})
 	expired := craft(t, ca, &x509.Certificate{
 		NotBefore:   time.Now().Add(-2 * time.Hour),
@@ -41,7 +42,7 @@ func TestServerConfigClientCertificates(t *testing.T) {
 		NotAfter:    time.Now().Add(2 * time.Hour),
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	})
-	wrongCA := issueClient(t, other, apidtls.RoleAdmin)
+	wrongCA := issueClient(t, other, certs.RoleAdmin)
 	selfSigned := craft(t, nil, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
 	serverOnly := craft(t, ca, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
 	noEKU := craft(t, ca, &x509.Certificate{})
@@ -51,8 +52,8 @@ func TestServerConfigClientCertificates(t *testing.T) {
 		client    *pair
 		wantRoles []string // nil: refused
 	}{
-		{"valid client", &reader, []string{apidtls.RoleReader, apidtls.RoleOperator, "custom:role"}},
-		{"clientAuth and serverAuth", &both, []string{apidtls.RoleAdmin}},
+		{"valid client", &reader, []string{certs.RoleReader, certs.RoleOperator, "custom:role"}},
+		{"clientAuth and serverAuth", &both, []string{certs.RoleAdmin}},
 		{"expired", &expired, nil},
 		{"not yet valid", &notYetValid, nil},
 		{"other CA", &wrongCA, nil},
@@ -83,7 +84,7 @@ func TestServerConfigClientCertificates(t *testing.T) {
 
 			// DER sorts the values of the Organization attribute set, so the
 			// order read back is not the order issued.
-			got := apidtls.Roles(h.state.PeerCertificates[0])
+			got := certs.Roles(h.state.PeerCertificates[0])
 			slices.Sort(got)
 			slices.Sort(tt.wantRoles)
 
@@ -112,8 +113,8 @@ func TestServerConfigTLS12(t *testing.T) {
 	t.Run("refused by default", func(t *testing.T) {
 		t.Parallel()
 
-		ca, srv := gateway(t, apidtls.ServerOptions{})
-		cfg := tls12(t, pool(t, ca.CertPEM), issueClient(t, ca, apidtls.RoleAdmin), tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384)
+		ca, srv := gateway(t, certs.ServerOptions{})
+		cfg := tls12(t, testpki.Pool(t, ca.CertPEM), issueClient(t, ca, certs.RoleAdmin), tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384)
 
 		if _, err := dial(t, srv.addr, cfg); err == nil {
 			t.Fatal("TLS 1.2 client accepted")
@@ -127,9 +128,9 @@ func TestServerConfigTLS12(t *testing.T) {
 	t.Run("allowed", func(t *testing.T) {
 		t.Parallel()
 
-		ca, srv := gateway(t, apidtls.ServerOptions{AllowTLS12: true})
-		roots := pool(t, ca.CertPEM)
-		client := issueClient(t, ca, apidtls.RoleAdmin)
+		ca, srv := gateway(t, certs.ServerOptions{AllowTLS12: true})
+		roots := testpki.Pool(t, ca.CertPEM)
+		client := issueClient(t, ca, certs.RoleAdmin)
 
 		// The node key is ECDSA, so only the ECDSA half of the allowed
 		// suites can be negotiated; the RSA half is checked on the config.
@@ -161,11 +162,11 @@ func TestServerConfigTLS12(t *testing.T) {
 func TestServerConfigSettings(t *testing.T) {
 	t.Parallel()
 
-	ca := newCA(t, "cluster")
-	src := must[*apidtls.Source](t)(apidtls.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, apidtls.KeyECDSA))))
+	ca := testpki.NewCA(t, "cluster")
+	src := testpki.Must[*certs.Source](t)(certs.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, pki.KeyECDSA))))
 
-	for _, opts := range []apidtls.ServerOptions{{}, {AllowTLS12: true}} {
-		outer := apidtls.ServerConfig(src, opts)
+	for _, opts := range []certs.ServerOptions{{}, {AllowTLS12: true}} {
+		outer := certs.ServerConfig(src, opts)
 
 		cfg, err := outer.GetConfigForClient(&tls.ClientHelloInfo{})
 		if err != nil {

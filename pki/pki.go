@@ -1,6 +1,8 @@
-package tls
+package pki
 
 import (
+	"github.com/apid/apid/certs"
+
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -175,7 +177,7 @@ func (ca *CA) IssueNode(commonName string, dnsNames []string, ips []net.IP, ttl 
 		return nil, nil, errors.New("issue node certificate: no DNS names or IP addresses")
 	}
 
-	tmpl, err := template(commonName, []string{RoleImpersonator}, time.Now(), ttl)
+	tmpl, err := template(commonName, []string{certs.RoleImpersonator}, time.Now(), ttl)
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue node certificate: %w", err)
 	}

@@ -1,4 +1,4 @@
-package tls_test
+package certs_test
 
 import (
 	"context"
@@ -7,18 +7,17 @@ import (
 	"sync"
 	"time"
 
+	"github.com/apid/apid/certs"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 // Example wires a Source into a gRPC server that keeps its certificates
 // current, and reads the caller's roles in an interceptor.
 func Example() {
-	src, err := apidtls.NewSource(apidtls.Files{
+	src, err := certs.NewSource(certs.Files{
 		CA:   "/system/secrets/ca.crt",
 		Cert: "/system/secrets/apid.crt",
 		Key:  "/system/secrets/apid.key",
@@ -40,10 +39,10 @@ func Example() {
 	})
 
 	srv := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(src, apidtls.ServerOptions{}))),
+		grpc.Creds(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{}))),
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-			cert, ok := apidtls.PeerCertificate(ctx)
-			if !ok || !slices.Contains(apidtls.Roles(cert), apidtls.RoleAdmin) {
+			cert, ok := certs.PeerCertificate(ctx)
+			if !ok || !slices.Contains(certs.Roles(cert), certs.RoleAdmin) {
 				return nil, status.Error(codes.PermissionDenied, "admin role required")
 			}
 

@@ -1,4 +1,4 @@
-package tls_test
+package certs_test
 
 import (
 	"context"
@@ -11,16 +11,16 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testpki"
+	"github.com/apid/apid/pki"
 	"io"
 	"math/big"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 // testTimeout bounds every network wait in these tests.
@@ -28,36 +28,16 @@ const testTimeout = 10 * time.Second
 
 var loopback = []net.IP{net.IPv4(127, 0, 0, 1)}
 
-func must[T any](t *testing.T) func(T, error) T {
-	t.Helper()
-
-	return func(v T, err error) T {
-		t.Helper()
-
-		if err != nil {
-			t.Fatal(err)
-		}
-
-		return v
-	}
-}
-
-func newCA(t *testing.T, name string) *apidtls.CA {
-	t.Helper()
-
-	return must[*apidtls.CA](t)(apidtls.NewCA(name, 24*time.Hour, apidtls.KeyECDSA))
-}
-
 // pair is a PEM certificate and key.
 type pair struct{ cert, key []byte }
 
 func (p pair) tls(t *testing.T) tls.Certificate {
 	t.Helper()
 
-	return must[tls.Certificate](t)(tls.X509KeyPair(p.cert, p.key))
+	return testpki.Must[tls.Certificate](t)(tls.X509KeyPair(p.cert, p.key))
 }
 
-func issueNode(t *testing.T, ca *apidtls.CA, kt apidtls.KeyType) pair {
+func issueNode(t *testing.T, ca *pki.CA, kt pki.KeyType) pair {
 	t.Helper()
 
 	c, k, err := ca.IssueNode("node.test", []string{"node.test"}, loopback, time.Hour, kt)
@@ -68,10 +48,10 @@ func issueNode(t *testing.T, ca *apidtls.CA, kt apidtls.KeyType) pair {
 	return pair{c, k}
 }
 
-func issueClient(t *testing.T, ca *apidtls.CA, roles ...string) pair {
+func issueClient(t *testing.T, ca *pki.CA, roles ...string) pair {
 	t.Helper()
 
-	c, k, err := ca.IssueClient("client", roles, time.Hour, apidtls.KeyECDSA)
+	c, k, err := ca.IssueClient("client", roles, time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,14 +62,14 @@ func issueClient(t *testing.T, ca *apidtls.CA, roles ...string) pair {
 // craft signs a certificate the PKI functions refuse to make: tmpl is
 // completed with a fresh key, a serial and a subject when missing. A nil
 // parent makes it self-signed.
-func craft(t *testing.T, parent *apidtls.CA, tmpl *x509.Certificate) pair {
+func craft(t *testing.T, parent *pki.CA, tmpl *x509.Certificate) pair {
 	t.Helper()
 
-	key := must[*ecdsa.PrivateKey](t)(ecdsa.GenerateKey(elliptic.P256(), rand.Reader))
+	key := testpki.Must[*ecdsa.PrivateKey](t)(ecdsa.GenerateKey(elliptic.P256(), rand.Reader))
 
 	tmpl.SerialNumber = big.NewInt(time.Now().UnixNano())
 	if tmpl.Subject.CommonName == "" {
-		tmpl.Subject = pkix.Name{CommonName: "crafted", Organization: []string{apidtls.RoleAdmin}}
+		tmpl.Subject = pkix.Name{CommonName: "crafted", Organization: []string{certs.RoleAdmin}}
 	}
 
 	if tmpl.NotBefore.IsZero() {
@@ -109,8 +89,8 @@ func craft(t *testing.T, parent *apidtls.CA, tmpl *x509.Certificate) pair {
 		signer, issuer = parent.Key, parent.Cert
 	}
 
-	der := must[[]byte](t)(x509.CreateCertificate(rand.Reader, tmpl, issuer, key.Public(), signer))
-	keyDER := must[[]byte](t)(x509.MarshalPKCS8PrivateKey(key))
+	der := testpki.Must[[]byte](t)(x509.CreateCertificate(rand.Reader, tmpl, issuer, key.Public(), signer))
+	keyDER := testpki.Must[[]byte](t)(x509.MarshalPKCS8PrivateKey(key))
 
 	return pair{
 		cert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
@@ -118,33 +98,19 @@ func craft(t *testing.T, parent *apidtls.CA, tmpl *x509.Certificate) pair {
 	}
 }
 
-func pool(t *testing.T, pems ...[]byte) *x509.CertPool {
-	t.Helper()
-
-	p := x509.NewCertPool()
-
-	for _, b := range pems {
-		if !p.AppendCertsFromPEM(b) {
-			t.Fatal("no certificates in PEM")
-		}
-	}
-
-	return p
-}
-
 // writeFiles writes a node's material into dir under fixed names, replacing
 // what is there, and returns the paths.
-func writeFiles(t *testing.T, dir string, caPEM []byte, node pair) apidtls.Files {
+func writeFiles(t *testing.T, dir string, caPEM []byte, node pair) certs.Files {
 	t.Helper()
 
-	f := apidtls.Files{
+	f := certs.Files{
 		CA:   filepath.Join(dir, "ca.crt"),
 		Cert: filepath.Join(dir, "node.crt"),
 		Key:  filepath.Join(dir, "node.key"),
 	}
 
 	for path, data := range map[string][]byte{f.CA: caPEM, f.Cert: node.cert, f.Key: node.key} {
-		if err := apidtls.WriteFile(path, data, 0o600, true); err != nil {
+		if err := pki.WriteFile(path, data, 0o600, true); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -168,7 +134,7 @@ type tlsServer struct {
 func startTLSServer(t *testing.T, cfg *tls.Config) *tlsServer {
 	t.Helper()
 
-	ln := must[net.Listener](t)(net.Listen("tcp", "127.0.0.1:0"))
+	ln := testpki.Must[net.Listener](t)(net.Listen("tcp", "127.0.0.1:0"))
 	s := &tlsServer{addr: ln.Addr().String(), handshakes: make(chan handshake, 16)}
 
 	var (
@@ -289,10 +255,4 @@ func clientConfig(t *testing.T, roots *x509.CertPool, p *pair) *tls.Config {
 	}
 
 	return cfg
-}
-
-func readFile(t *testing.T, path string) []byte {
-	t.Helper()
-
-	return must[[]byte](t)(os.ReadFile(path))
 }

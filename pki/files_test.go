@@ -1,13 +1,13 @@
-package tls_test
+package pki_test
 
 import (
 	"errors"
+	"github.com/apid/apid/internal/testpki"
+	"github.com/apid/apid/pki"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 func TestWriteFile(t *testing.T) {
@@ -18,7 +18,7 @@ func TestWriteFile(t *testing.T) {
 	for _, perm := range []fs.FileMode{0o600, 0o644} {
 		path := filepath.Join(dir, perm.String())
 
-		if err := apidtls.WriteFile(path, []byte("first"), perm, false); err != nil {
+		if err := pki.WriteFile(path, []byte("first"), perm, false); err != nil {
 			t.Fatal(err)
 		}
 
@@ -31,20 +31,20 @@ func TestWriteFile(t *testing.T) {
 			t.Errorf("mode %v, want %v", info.Mode().Perm(), perm)
 		}
 
-		err = apidtls.WriteFile(path, []byte("second"), perm, false)
+		err = pki.WriteFile(path, []byte("second"), perm, false)
 		if !errors.Is(err, fs.ErrExist) {
 			t.Errorf("overwrite without force: error %v, want fs.ErrExist", err)
 		}
 
-		if got := string(readFile(t, path)); got != "first" {
+		if got := string(testpki.ReadFile(t, path)); got != "first" {
 			t.Errorf("refused write changed the file to %q", got)
 		}
 
-		if err := apidtls.WriteFile(path, []byte("third"), perm, true); err != nil {
+		if err := pki.WriteFile(path, []byte("third"), perm, true); err != nil {
 			t.Fatal(err)
 		}
 
-		if got := string(readFile(t, path)); got != "third" {
+		if got := string(testpki.ReadFile(t, path)); got != "third" {
 			t.Errorf("forced write left %q", got)
 		}
 	}
@@ -63,7 +63,7 @@ func TestWriteFile(t *testing.T) {
 		t.Errorf("%d entries in the directory, want 2", len(entries))
 	}
 
-	if err := apidtls.WriteFile(filepath.Join(dir, "missing", "f"), nil, 0o600, false); err == nil {
+	if err := pki.WriteFile(filepath.Join(dir, "missing", "f"), nil, 0o600, false); err == nil {
 		t.Error("write into a missing directory succeeded")
 	}
 }

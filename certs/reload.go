@@ -1,4 +1,4 @@
-package tls
+package certs
 
 import (
 	"context"
@@ -18,6 +18,18 @@ import (
 // DefaultWatchInterval is the polling interval Watch uses when given a
 // non-positive one.
 const DefaultWatchInterval = 10 * time.Second
+
+// Files names the PEM files that hold a node's key material.
+type Files struct {
+	// CA holds the certificates trusted to sign peers. It may hold several
+	// so that a CA can be rotated without downtime.
+	CA string
+	// Cert holds the node's certificate, optionally followed by
+	// intermediates.
+	Cert string
+	// Key holds the private key matching Cert.
+	Key string
+}
 
 // Source holds a node's current key pair and CA pool, loaded from Files, and
 // replaces them when the files change. Configs built by ServerConfig and
@@ -209,7 +221,7 @@ func (r rawFiles) parse(files Files) (*material, error) {
 		return nil, fmt.Errorf("load key pair %s, %s: %w", files.Cert, files.Key, err)
 	}
 
-	pool, err := parseCAPool(r.ca)
+	pool, err := ParseCAPool(r.ca)
 	if err != nil {
 		return nil, fmt.Errorf("load CA %s: %w", files.CA, err)
 	}
@@ -231,10 +243,10 @@ func load(files Files) (*material, error) {
 	return raw.parse(files)
 }
 
-// parseCAPool accepts only CERTIFICATE blocks of CA certificates: a stray
+// ParseCAPool accepts only CERTIFICATE blocks of CA certificates: a stray
 // private key or a leaf in a trust bundle is a mistake worth stopping for,
 // and a leaf in a pool would be trusted as a root.
-func parseCAPool(data []byte) (*x509.CertPool, error) {
+func ParseCAPool(data []byte) (*x509.CertPool, error) {
 	pool := x509.NewCertPool()
 	n := 0
 

@@ -1,8 +1,9 @@
-package tls_test
+package pki_test
 
 import (
 	"encoding/base64"
 	"errors"
+	"github.com/apid/apid/internal/testpki"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -10,22 +11,22 @@ import (
 	"testing"
 	"time"
 
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/pki"
 	"github.com/siderolabs/talos/pkg/machinery/client"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
-func talosContext(t *testing.T, endpoints ...string) apidtls.TalosContext {
+func talosContext(t *testing.T, endpoints ...string) pki.TalosContext {
 	t.Helper()
 
-	ca := newCA(t, "cluster")
-	certPEM, keyPEM, err := ca.IssueClient("admin", []string{apidtls.RoleAdmin}, time.Hour, apidtls.KeyEd25519)
+	ca := testpki.NewCA(t, "cluster")
+	certPEM, keyPEM, err := ca.IssueClient("admin", []string{certs.RoleAdmin}, time.Hour, pki.KeyEd25519)
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	return apidtls.TalosContext{
+	return pki.TalosContext{
 		Endpoints: endpoints,
 		Nodes:     []string{"10.0.0.2", "10.0.0.3"},
 		CA:        ca.CertPEM,
@@ -35,7 +36,7 @@ func talosContext(t *testing.T, endpoints ...string) apidtls.TalosContext {
 }
 
 // checkContext checks that the Talos client reads c back from ctx.
-func checkContext(t *testing.T, ctx *clientconfig.Context, c apidtls.TalosContext) {
+func checkContext(t *testing.T, ctx *clientconfig.Context, c pki.TalosContext) {
 	t.Helper()
 
 	if ctx == nil {
@@ -43,7 +44,7 @@ func checkContext(t *testing.T, ctx *clientconfig.Context, c apidtls.TalosContex
 	}
 
 	decode := func(s string) []byte {
-		return must[[]byte](t)(base64.StdEncoding.DecodeString(s))
+		return testpki.Must[[]byte](t)(base64.StdEncoding.DecodeString(s))
 	}
 
 	if !slices.Equal(ctx.Endpoints, c.Endpoints) || !slices.Equal(ctx.Nodes, c.Nodes) {
@@ -67,7 +68,7 @@ func TestWriteTalosconfig(t *testing.T) {
 	first := talosContext(t, "10.0.0.1:50000")
 	second := talosContext(t, "lb.example")
 
-	if err := apidtls.WriteTalosconfig(path, "first", first, apidtls.TalosconfigCreate); err != nil {
+	if err := pki.WriteTalosconfig(path, "first", first, pki.TalosconfigCreate); err != nil {
 		t.Fatal(err)
 	}
 
@@ -75,24 +76,24 @@ func TestWriteTalosconfig(t *testing.T) {
 		t.Fatalf("stat: %v, %v", info, err)
 	}
 
-	cfg := must[*clientconfig.Config](t)(clientconfig.Open(path))
+	cfg := testpki.Must[*clientconfig.Config](t)(clientconfig.Open(path))
 	if cfg.Context != "first" || len(cfg.Contexts) != 1 {
 		t.Fatalf("context %q, %d contexts", cfg.Context, len(cfg.Contexts))
 	}
 
 	checkContext(t, cfg.Contexts["first"], first)
 
-	err := apidtls.WriteTalosconfig(path, "second", second, apidtls.TalosconfigCreate)
+	err := pki.WriteTalosconfig(path, "second", second, pki.TalosconfigCreate)
 	if !errors.Is(err, fs.ErrExist) {
 		t.Fatalf("create over an existing file: %v", err)
 	}
 
 	// Merging adds a context and makes it current.
-	if err := apidtls.WriteTalosconfig(path, "second", second, apidtls.TalosconfigMerge); err != nil {
+	if err := pki.WriteTalosconfig(path, "second", second, pki.TalosconfigMerge); err != nil {
 		t.Fatal(err)
 	}
 
-	cfg = must[*clientconfig.Config](t)(clientconfig.Open(path))
+	cfg = testpki.Must[*clientconfig.Config](t)(clientconfig.Open(path))
 	if cfg.Context != "second" || len(cfg.Contexts) != 2 {
 		t.Fatalf("context %q, %d contexts", cfg.Context, len(cfg.Contexts))
 	}
@@ -102,11 +103,11 @@ func TestWriteTalosconfig(t *testing.T) {
 
 	// Merging a context of an existing name replaces it.
 	replaced := talosContext(t, "10.0.0.9")
-	if err := apidtls.WriteTalosconfig(path, "first", replaced, apidtls.TalosconfigMerge); err != nil {
+	if err := pki.WriteTalosconfig(path, "first", replaced, pki.TalosconfigMerge); err != nil {
 		t.Fatal(err)
 	}
 
-	cfg = must[*clientconfig.Config](t)(clientconfig.Open(path))
+	cfg = testpki.Must[*clientconfig.Config](t)(clientconfig.Open(path))
 	if cfg.Context != "first" || len(cfg.Contexts) != 2 {
 		t.Fatalf("context %q, %d contexts", cfg.Context, len(cfg.Contexts))
 	}
@@ -115,11 +116,11 @@ func TestWriteTalosconfig(t *testing.T) {
 	checkContext(t, cfg.Contexts["second"], second)
 
 	// Overwriting leaves only the new context.
-	if err := apidtls.WriteTalosconfig(path, "only", first, apidtls.TalosconfigOverwrite); err != nil {
+	if err := pki.WriteTalosconfig(path, "only", first, pki.TalosconfigOverwrite); err != nil {
 		t.Fatal(err)
 	}
 
-	cfg = must[*clientconfig.Config](t)(clientconfig.Open(path))
+	cfg = testpki.Must[*clientconfig.Config](t)(clientconfig.Open(path))
 	if cfg.Context != "only" || len(cfg.Contexts) != 1 {
 		t.Fatalf("context %q, %d contexts", cfg.Context, len(cfg.Contexts))
 	}
@@ -147,11 +148,11 @@ func TestMergeTalosconfigKeepsForeignContent(t *testing.T) {
 	}
 
 	c := talosContext(t, "10.0.0.1")
-	if err := apidtls.WriteTalosconfig(path, "apid", c, apidtls.TalosconfigMerge); err != nil {
+	if err := pki.WriteTalosconfig(path, "apid", c, pki.TalosconfigMerge); err != nil {
 		t.Fatal(err)
 	}
 
-	cfg := must[*clientconfig.Config](t)(clientconfig.Open(path))
+	cfg := testpki.Must[*clientconfig.Config](t)(clientconfig.Open(path))
 	if cfg.Context != "apid" {
 		t.Errorf("current context %q", cfg.Context)
 	}
@@ -165,13 +166,13 @@ func TestMergeTalosconfigKeepsForeignContent(t *testing.T) {
 
 	// A file the Talos client created empty merges as well.
 	empty := filepath.Join(t.TempDir(), "empty")
-	must[*clientconfig.Config](t)(clientconfig.Open(empty))
+	testpki.Must[*clientconfig.Config](t)(clientconfig.Open(empty))
 
-	if err := apidtls.WriteTalosconfig(empty, "apid", c, apidtls.TalosconfigMerge); err != nil {
+	if err := pki.WriteTalosconfig(empty, "apid", c, pki.TalosconfigMerge); err != nil {
 		t.Fatal(err)
 	}
 
-	cfg = must[*clientconfig.Config](t)(clientconfig.Open(empty))
+	cfg = testpki.Must[*clientconfig.Config](t)(clientconfig.Open(empty))
 	checkContext(t, cfg.Contexts["apid"], c)
 }
 
@@ -191,17 +192,17 @@ func TestWriteTalosconfigRejects(t *testing.T) {
 	noCA := good
 	noCA.CA = nil
 
-	for name, c := range map[string]apidtls.TalosContext{
+	for name, c := range map[string]pki.TalosContext{
 		"no endpoints":   noEndpoints,
 		"mismatched key": mismatched,
 		"no CA":          noCA,
 	} {
-		if err := apidtls.WriteTalosconfig(filepath.Join(dir, name), "x", c, apidtls.TalosconfigCreate); err == nil {
+		if err := pki.WriteTalosconfig(filepath.Join(dir, name), "x", c, pki.TalosconfigCreate); err == nil {
 			t.Errorf("%s: written", name)
 		}
 	}
 
-	if err := apidtls.WriteTalosconfig(filepath.Join(dir, "unnamed"), "", good, apidtls.TalosconfigCreate); err == nil {
+	if err := pki.WriteTalosconfig(filepath.Join(dir, "unnamed"), "", good, pki.TalosconfigCreate); err == nil {
 		t.Error("empty context name accepted")
 	}
 
@@ -210,7 +211,7 @@ func TestWriteTalosconfigRejects(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := apidtls.WriteTalosconfig(notTalos, "x", good, apidtls.TalosconfigMerge); err == nil {
+	if err := pki.WriteTalosconfig(notTalos, "x", good, pki.TalosconfigMerge); err == nil {
 		t.Error("merged into a YAML list")
 	}
 }
@@ -222,7 +223,7 @@ func TestWriteTalosconfigMergeThroughSymlink(t *testing.T) {
 	real, link := filepath.Join(dir, "real"), filepath.Join(dir, "link")
 	first, second := talosContext(t, "10.0.0.1"), talosContext(t, "10.0.0.2")
 
-	if err := apidtls.WriteTalosconfig(real, "first", first, apidtls.TalosconfigCreate); err != nil {
+	if err := pki.WriteTalosconfig(real, "first", first, pki.TalosconfigCreate); err != nil {
 		t.Fatal(err)
 	}
 
@@ -230,7 +231,7 @@ func TestWriteTalosconfigMergeThroughSymlink(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := apidtls.WriteTalosconfig(link, "second", second, apidtls.TalosconfigMerge); err != nil {
+	if err := pki.WriteTalosconfig(link, "second", second, pki.TalosconfigMerge); err != nil {
 		t.Fatal(err)
 	}
 
@@ -238,7 +239,7 @@ func TestWriteTalosconfigMergeThroughSymlink(t *testing.T) {
 		t.Fatalf("symlink replaced: %v, %v", info, err)
 	}
 
-	cfg := must[*clientconfig.Config](t)(clientconfig.Open(real))
+	cfg := testpki.Must[*clientconfig.Config](t)(clientconfig.Open(real))
 	checkContext(t, cfg.Contexts["first"], first)
 	checkContext(t, cfg.Contexts["second"], second)
 }
@@ -275,10 +276,10 @@ func FuzzMergeTalosconfig(f *testing.F) {
 		f.Add([]byte(seed))
 	}
 
-	c := apidtls.TalosContext{Endpoints: []string{"10.0.0.1"}, CA: []byte("ca"), Crt: []byte("crt"), Key: []byte("key")}
+	c := pki.TalosContext{Endpoints: []string{"10.0.0.1"}, CA: []byte("ca"), Crt: []byte("crt"), Key: []byte("key")}
 
 	f.Fuzz(func(t *testing.T, existing []byte) {
-		out, err := apidtls.MergeTalosconfig(existing, "apid", c)
+		out, err := pki.MergeTalosconfig(existing, "apid", c)
 		if err != nil || len(existing) != 0 && !talosReads(existing) {
 			return
 		}

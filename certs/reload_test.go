@@ -1,18 +1,19 @@
-package tls_test
+package certs_test
 
 import (
 	"context"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testpki"
+	"github.com/apid/apid/pki"
 	"io/fs"
 	"os"
 	"slices"
 	"sync"
 	"testing"
 	"time"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 func leafOf(t *testing.T, p pair) *x509.Certificate {
@@ -20,7 +21,7 @@ func leafOf(t *testing.T, p pair) *x509.Certificate {
 
 	block, _ := pem.Decode(p.cert)
 
-	return must[*x509.Certificate](t)(x509.ParseCertificate(block.Bytes))
+	return testpki.Must[*x509.Certificate](t)(x509.ParseCertificate(block.Bytes))
 }
 
 func closed(ch <-chan struct{}) bool {
@@ -36,14 +37,14 @@ func TestSourceReload(t *testing.T) {
 	t.Parallel()
 
 	dir := t.TempDir()
-	ca1, ca2 := newCA(t, "old"), newCA(t, "new")
-	node1, node2 := issueNode(t, ca1, apidtls.KeyECDSA), issueNode(t, ca2, apidtls.KeyEd25519)
-	client1, client2 := issueClient(t, ca1, apidtls.RoleAdmin), issueClient(t, ca2, apidtls.RoleAdmin)
-	bothRoots := pool(t, ca1.CertPEM, ca2.CertPEM)
+	ca1, ca2 := testpki.NewCA(t, "old"), testpki.NewCA(t, "new")
+	node1, node2 := issueNode(t, ca1, pki.KeyECDSA), issueNode(t, ca2, pki.KeyEd25519)
+	client1, client2 := issueClient(t, ca1, certs.RoleAdmin), issueClient(t, ca2, certs.RoleAdmin)
+	bothRoots := testpki.Pool(t, ca1.CertPEM, ca2.CertPEM)
 
 	files := writeFiles(t, dir, ca1.CertPEM, node1)
-	src := must[*apidtls.Source](t)(apidtls.NewSource(files))
-	srv := startTLSServer(t, apidtls.ServerConfig(src, apidtls.ServerOptions{}))
+	src := testpki.Must[*certs.Source](t)(certs.NewSource(files))
+	srv := startTLSServer(t, certs.ServerConfig(src, certs.ServerOptions{}))
 
 	accepted := func(t *testing.T, client pair, wantServer pair) {
 		t.Helper()
@@ -111,7 +112,7 @@ func TestSourceReload(t *testing.T) {
 	// material stays in use.
 	before, gen := src.Certificate(), src.Generation()
 
-	if err := apidtls.WriteFile(files.Key, node1.key, 0o600, true); err != nil {
+	if err := pki.WriteFile(files.Key, node1.key, 0o600, true); err != nil {
 		t.Fatal(err)
 	}
 
@@ -134,10 +135,10 @@ func TestSourceWatch(t *testing.T) {
 	t.Parallel()
 
 	dir := t.TempDir()
-	ca1, ca2 := newCA(t, "old"), newCA(t, "new")
-	node1, node2 := issueNode(t, ca1, apidtls.KeyECDSA), issueNode(t, ca2, apidtls.KeyECDSA)
+	ca1, ca2 := testpki.NewCA(t, "old"), testpki.NewCA(t, "new")
+	node1, node2 := issueNode(t, ca1, pki.KeyECDSA), issueNode(t, ca2, pki.KeyECDSA)
 	files := writeFiles(t, dir, ca1.CertPEM, node1)
-	src := must[*apidtls.Source](t)(apidtls.NewSource(files))
+	src := testpki.Must[*certs.Source](t)(certs.NewSource(files))
 
 	changes := make(chan struct{}, 1)
 	failures := make(chan error, 1)
@@ -166,7 +167,7 @@ func TestSourceWatch(t *testing.T) {
 	})
 
 	// A single broken file is reported and nothing changes.
-	if err := apidtls.WriteFile(files.Key, node2.key, 0o600, true); err != nil {
+	if err := pki.WriteFile(files.Key, node2.key, 0o600, true); err != nil {
 		t.Fatal(err)
 	}
 
@@ -186,7 +187,7 @@ func TestSourceWatch(t *testing.T) {
 	writeFiles(t, dir, ca2.CertPEM, node2)
 
 	want := leafOf(t, node2)
-	wantPool := pool(t, ca2.CertPEM)
+	wantPool := testpki.Pool(t, ca2.CertPEM)
 	deadline := time.After(testTimeout)
 
 	for !src.Certificate().Leaf.Equal(want) || !src.Pool().Equal(wantPool) {
@@ -204,9 +205,9 @@ func TestSourceWatch(t *testing.T) {
 func TestNewSourceRejects(t *testing.T) {
 	t.Parallel()
 
-	ca := newCA(t, "cluster")
-	node := issueNode(t, ca, apidtls.KeyECDSA)
-	other := issueNode(t, ca, apidtls.KeyECDSA)
+	ca := testpki.NewCA(t, "cluster")
+	node := issueNode(t, ca, pki.KeyECDSA)
+	other := issueNode(t, ca, pki.KeyECDSA)
 
 	tests := []struct {
 		name string
@@ -225,7 +226,7 @@ func TestNewSourceRejects(t *testing.T) {
 			t.Parallel()
 
 			files := writeFiles(t, t.TempDir(), tt.ca, tt.node)
-			if _, err := apidtls.NewSource(files); err == nil {
+			if _, err := certs.NewSource(files); err == nil {
 				t.Fatal("NewSource accepted broken material")
 			}
 		})
@@ -239,7 +240,7 @@ func TestNewSourceRejects(t *testing.T) {
 			t.Fatal(err)
 		}
 
-		if _, err := apidtls.NewSource(files); !errors.Is(err, fs.ErrNotExist) {
+		if _, err := certs.NewSource(files); !errors.Is(err, fs.ErrNotExist) {
 			t.Fatalf("NewSource error = %v, want fs.ErrNotExist", err)
 		}
 	})

@@ -1,20 +1,21 @@
-package tls_test
+package certs_test
 
 import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"github.com/apid/apid/internal/testpki"
 	"net"
 	"slices"
 	"sync"
 	"testing"
 
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/pki"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-
-	apidtls "github.com/apid/apid/tls"
 )
 
 // TestNodeToNode dials a gRPC server built on ServerConfig with ClientConfig
@@ -22,9 +23,9 @@ import (
 func TestNodeToNode(t *testing.T) {
 	t.Parallel()
 
-	ca := newCA(t, "cluster")
-	server := must[*apidtls.Source](t)(apidtls.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, apidtls.KeyECDSA))))
-	client := must[*apidtls.Source](t)(apidtls.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, apidtls.KeyEd25519))))
+	ca := testpki.NewCA(t, "cluster")
+	server := testpki.Must[*certs.Source](t)(certs.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, pki.KeyECDSA))))
+	client := testpki.Must[*certs.Source](t)(certs.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, pki.KeyEd25519))))
 
 	var (
 		mu    sync.Mutex
@@ -32,11 +33,11 @@ func TestNodeToNode(t *testing.T) {
 	)
 
 	srv := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(apidtls.ServerConfig(server, apidtls.ServerOptions{}))),
+		grpc.Creds(credentials.NewTLS(certs.ServerConfig(server, certs.ServerOptions{}))),
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-			if cert, ok := apidtls.PeerCertificate(ctx); ok {
+			if cert, ok := certs.PeerCertificate(ctx); ok {
 				mu.Lock()
-				roles = apidtls.Roles(cert)
+				roles = certs.Roles(cert)
 				mu.Unlock()
 			}
 
@@ -45,7 +46,7 @@ func TestNodeToNode(t *testing.T) {
 	)
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 
-	lis := must[net.Listener](t)(net.Listen("tcp", "127.0.0.1:0"))
+	lis := testpki.Must[net.Listener](t)(net.Listen("tcp", "127.0.0.1:0"))
 
 	var wg sync.WaitGroup
 
@@ -55,8 +56,8 @@ func TestNodeToNode(t *testing.T) {
 		wg.Wait()
 	})
 
-	conn := must[*grpc.ClientConn](t)(grpc.NewClient(lis.Addr().String(),
-		grpc.WithTransportCredentials(credentials.NewTLS(apidtls.ClientConfig(client, "127.0.0.1")))))
+	conn := testpki.Must[*grpc.ClientConn](t)(grpc.NewClient(lis.Addr().String(),
+		grpc.WithTransportCredentials(credentials.NewTLS(certs.ClientConfig(client, "127.0.0.1")))))
 	t.Cleanup(func() { _ = conn.Close() })
 
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
@@ -74,8 +75,8 @@ func TestNodeToNode(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 
-	if !slices.Equal(roles, []string{apidtls.RoleImpersonator}) {
-		t.Fatalf("server saw roles %q, want [%s]", roles, apidtls.RoleImpersonator)
+	if !slices.Equal(roles, []string{certs.RoleImpersonator}) {
+		t.Fatalf("server saw roles %q, want [%s]", roles, certs.RoleImpersonator)
 	}
 }
 
@@ -83,17 +84,17 @@ func TestClientConfigVerifiesServer(t *testing.T) {
 	t.Parallel()
 
 	dir := t.TempDir()
-	ca, other := newCA(t, "cluster"), newCA(t, "other")
-	server := must[*apidtls.Source](t)(apidtls.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, apidtls.KeyECDSA))))
-	srv := startTLSServer(t, apidtls.ServerConfig(server, apidtls.ServerOptions{}))
+	ca, other := testpki.NewCA(t, "cluster"), testpki.NewCA(t, "other")
+	server := testpki.Must[*certs.Source](t)(certs.NewSource(writeFiles(t, t.TempDir(), ca.CertPEM, issueNode(t, ca, pki.KeyECDSA))))
+	srv := startTLSServer(t, certs.ServerConfig(server, certs.ServerOptions{}))
 
 	// The dialling node trusts only another CA at first.
-	node := issueNode(t, ca, apidtls.KeyECDSA)
+	node := issueNode(t, ca, pki.KeyECDSA)
 	files := writeFiles(t, dir, other.CertPEM, node)
-	client := must[*apidtls.Source](t)(apidtls.NewSource(files))
+	client := testpki.Must[*certs.Source](t)(certs.NewSource(files))
 
 	try := func(name string) error {
-		_, err := dial(t, srv.addr, apidtls.ClientConfig(client, name))
+		_, err := dial(t, srv.addr, certs.ClientConfig(client, name))
 		srv.next(t)
 
 		return err
