@@ -32,7 +32,7 @@ bench:
 # A short run of every fuzz target (FUZZTIME each).
 FUZZTIME ?= 30s
 FUZZ_TARGETS := aggregate:FuzzStampReply aggregate:FuzzStampMessage aggregate:FuzzCheckMessage aggregate:FuzzErrorEntry \
-	director:FuzzParseTargets director:FuzzPolicy pki:FuzzMergeTalosconfig \
+	director:FuzzParseTargets auth:FuzzPolicy pki:FuzzMergeTalosconfig \
 	agent:FuzzParseMeminfo agent:FuzzFormatKmsgRecord
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -2,7 +2,6 @@ package director
 
 import (
 	"context"
-	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -12,16 +11,16 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/apid/apid/auth"
 	"github.com/apid/apid/proxy"
-	"github.com/apid/apid/certs"
 )
 
-// Metadata keys that carry routing and identity between clients and apids.
+// Metadata keys that route a call. (The keys through which one apid speaks
+// for its caller to the next, auth.KeyRole and auth.KeyProxyFrom, are
+// package auth's.)
 const (
-	KeyNode      = "node"       // one target: proxy one-to-one
-	KeyNodes     = "nodes"      // several targets: fan out
-	KeyProxyFrom = "proxyfrom"  // set by an apid forwarding to another: serve locally
-	KeyRole      = "talos-role" // the original caller's roles, one value each
+	KeyNode  = "node"  // one target: proxy one-to-one
+	KeyNodes = "nodes" // several targets: fan out
 	// KeyNodeTimeout lets a client shorten the per-node deadline of a
 	// fan-out call (a Go duration such as "2s"); it can never lengthen it.
 	KeyNodeTimeout = "apid-node-timeout"
@@ -40,7 +39,7 @@ var DefaultForwardKeys = []string{"context", "runtime", "traceparent", "tracesta
 func ReservedKey(k string) bool {
 	k = strings.ToLower(k)
 	switch k {
-	case KeyNode, KeyNodes, KeyProxyFrom, KeyRole, KeyNodeTimeout:
+	case KeyNode, KeyNodes, auth.KeyProxyFrom, auth.KeyRole, KeyNodeTimeout:
 		return true
 	}
 	return strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-")
@@ -63,14 +62,9 @@ type Config struct {
 	// fan-out must know; other unknown methods are treated as unary, or as
 	// server-streaming when their name ends in "Stream".
 	ServerStreaming, ClientStreaming, BidiStreaming []string
-	// Policy authorizes calls; nil means NewPolicy(nil, false), the Talos
-	// roles.
-	Policy *Policy
 	// NodeTimeout is the per-node deadline of fan-out unary calls that a
 	// client's KeyNodeTimeout may shorten. Zero: none.
 	NodeTimeout time.Duration
-	// Logger receives denied calls and unknown roles. Default: discard.
-	Logger *slog.Logger
 }
 
 // Router is the Director of apid: it implements proxy.Director.
@@ -81,9 +75,7 @@ type Router struct {
 	forward []string
 	kinds   methodKinds
 	max     int
-	policy  *Policy
 	timeout time.Duration
-	log     *slog.Logger
 }
 
 // NewRouter returns a Router that sends local calls to local and calls for
@@ -96,15 +88,7 @@ func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
 		forward: append(slices.Clone(DefaultForwardKeys), cfg.ForwardKeys...),
 		kinds:   newMethodKinds(cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
 		max:     cfg.MaxNodes,
-		policy:  cfg.Policy,
 		timeout: cfg.NodeTimeout,
-		log:     cfg.Logger,
-	}
-	if r.policy == nil {
-		r.policy, _ = NewPolicy(nil, false) // the built-in rules are valid
-	}
-	if r.log == nil {
-		r.log = slog.New(slog.DiscardHandler)
 	}
 	if r.max <= 0 {
 		r.max = 1000
@@ -119,63 +103,16 @@ func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
 	return r
 }
 
-// Caller is who a call comes from, as far as routing is concerned.
-type Caller struct {
-	// Roles are the roles the call runs with: the certificate's, or those
-	// an impersonating apid forwarded.
-	Roles []string
-	// Forwarded is true when another apid forwarded the call; it is then
-	// served locally.
-	Forwarded bool
-	// Subject names the peer certificate, for logs.
-	Subject string
-}
-
-// Identify reads the caller from the peer certificate. Forwarded roles and
-// proxyfrom count only from a peer whose certificate holds os:impersonator;
-// from anyone else they are ignored.
-func Identify(ctx context.Context) (Caller, error) {
-	cert, ok := certs.PeerCertificate(ctx)
-	if !ok {
-		return Caller{}, status.Error(codes.Unauthenticated, "no verified client certificate")
-	}
-	c := Caller{Roles: certs.Roles(cert), Subject: cert.Subject.String()}
-	if !slices.Contains(c.Roles, certs.RoleImpersonator) {
-		return c, nil
-	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	roles, hasRoles := md[KeyRole]
-	c.Forwarded = len(md[KeyProxyFrom]) > 0
-	if hasRoles || c.Forwarded {
-		// An impersonating peer speaks for its caller: the caller's roles,
-		// and none of its own, even when the caller had none.
-		c.Roles = slices.Clone(roles)
-	}
-	return c, nil
-}
-
-// Route implements proxy.Director. It refuses a non-canonical method path
-// before anything else (so no path trick can slip past the policy), then
-// authorizes the caller once, before any backend is contacted.
+// Route implements proxy.Director. It routes only calls that package auth
+// authorized (whose caller is in ctx) and fails closed on any other, so a
+// server assembled without the authorizer serves nothing.
 func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, error) {
-	if !validMethod(fullMethod) {
-		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "malformed method path %.64q", fullMethod)
-	}
-	caller, err := Identify(ctx)
-	if err != nil {
-		return proxy.Route{}, err
-	}
-	roles, unknown := r.policy.Known(caller.Roles)
-	if len(unknown) > 0 {
-		r.log.Debug("ignoring unknown roles", "peer", caller.Subject, "roles", unknown)
-	}
-	if !r.policy.Permits(fullMethod, roles) {
-		r.log.Info("permission denied", "method", fullMethod, "peer", caller.Subject, "roles", roles, "unknown_roles", unknown)
-		return proxy.Route{}, status.Errorf(codes.PermissionDenied, "%s needs one of the roles %s; the caller has %s",
-			fullMethod, strings.Join(r.policy.Allowed(fullMethod), ", "), describeRoles(roles))
+	caller, ok := auth.CallerFrom(ctx)
+	if !ok {
+		return proxy.Route{}, status.Error(codes.Internal, "call reached routing without authorization")
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	out := r.outgoing(md, roles)
+	out := r.outgoing(md, caller.Roles)
 	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
 		// Forwarded calls are this node's to serve (which also stops loops).
 		// Reflection describes the API, which every node shares, and is a
@@ -232,13 +169,6 @@ func (r *Router) nodeTimeout(md metadata.MD) (time.Duration, error) {
 	return d, nil
 }
 
-func describeRoles(roles []string) string {
-	if len(roles) == 0 {
-		return "none"
-	}
-	return strings.Join(roles, ", ")
-}
-
 func (r *Router) oneToOne(b proxy.Backend) proxy.Route {
 	return proxy.Route{Backends: []proxy.Backend{b}}
 }
@@ -255,7 +185,7 @@ func (r *Router) outgoing(in metadata.MD, roles []string) metadata.MD {
 		}
 	}
 	if len(roles) > 0 {
-		out[KeyRole] = slices.Clone(roles)
+		out[auth.KeyRole] = slices.Clone(roles)
 	}
 	return out
 }
@@ -268,7 +198,7 @@ func forwarded(out, in metadata.MD) metadata.MD {
 	if v := in[":authority"]; len(v) > 0 {
 		from = v[0]
 	}
-	fwd[KeyProxyFrom] = []string{from}
+	fwd[auth.KeyProxyFrom] = []string{from}
 	return fwd
 }
 

@@ -18,8 +18,9 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
-	"github.com/apid/apid/proxy"
+	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/proxy"
 )
 
 // unusedConn stands for the local node agent. Routing must only hand it
@@ -38,11 +39,42 @@ func (c unusedConn) NewStream(context.Context, *grpc.StreamDesc, string, ...grpc
 
 const gatewayAuthority = "gw.example:50000"
 
-func newTestRouter(t *testing.T, cfg Config) *Router {
+// Methods the routing tests ask about.
+const (
+	mVersion     = "/machine.MachineService/Version"
+	mDmesg       = "/machine.MachineService/Dmesg"
+	mReboot      = "/machine.MachineService/Reboot"
+	mRead        = "/machine.MachineService/Read"
+	mEtcdRecover = "/machine.MachineService/EtcdRecover"
+	mUnknown     = "/made.Up/Method"
+	mReflection  = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+)
+
+// testRouter is a Router behind the authorizer with the built-in policy,
+// as the gateway assembles them: Route here authorizes first, as the
+// interceptor does before the proxy asks the director.
+type testRouter struct {
+	*Router
+	authz *auth.Authorizer
+}
+
+func newTestRouter(t *testing.T, cfg Config) testRouter {
 	t.Helper()
 	pool := NewPool(PoolConfig{Port: 50000, IdleTimeout: 200 * time.Millisecond})
 	t.Cleanup(func() { _ = pool.Close() })
-	return NewRouter(cfg, unusedConn{t}, pool)
+	policy, err := auth.NewPolicy(nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return testRouter{Router: NewRouter(cfg, unusedConn{t}, pool), authz: auth.NewAuthorizer(policy, nil)}
+}
+
+func (r testRouter) Route(ctx context.Context, method string) (proxy.Route, error) {
+	ctx, err := r.authz.Authorize(ctx, method)
+	if err != nil {
+		return proxy.Route{}, err
+	}
+	return r.Router.Route(ctx, method)
 }
 
 // callerContext is the server-side context of a call from a peer whose
@@ -69,7 +101,7 @@ type hop struct {
 	md    metadata.MD
 }
 
-func hops(t *testing.T, r *Router, route proxy.Route, method string) []hop {
+func hops(t *testing.T, r testRouter, route proxy.Route, method string) []hop {
 	t.Helper()
 	var out []hop
 	for _, b := range route.Backends {
@@ -84,7 +116,7 @@ func hops(t *testing.T, r *Router, route proxy.Route, method string) []hop {
 	return out
 }
 
-func route(t *testing.T, r *Router, method string, roles []string, md metadata.MD) (proxy.Route, []hop) {
+func route(t *testing.T, r testRouter, method string, roles []string, md metadata.MD) (proxy.Route, []hop) {
 	t.Helper()
 	rt, err := r.Route(callerContext(roles, md), method)
 	if err != nil {
@@ -114,9 +146,9 @@ func expectMD(t *testing.T, what string, md, want metadata.MD) {
 // the keys every next hop should see.
 func forged(extra ...string) metadata.MD {
 	md := metadata.Pairs(
-		KeyRole, certs.RoleAdmin,
-		KeyRole, certs.RoleImpersonator,
-		KeyProxyFrom, "attacker",
+		auth.KeyRole, certs.RoleAdmin,
+		auth.KeyRole, certs.RoleImpersonator,
+		auth.KeyProxyFrom, "attacker",
 		"token", "secret",
 		"authorization", "Bearer stolen",
 		"x-custom", "1",
@@ -155,8 +187,8 @@ var reader = []string{certs.RoleReader}
 
 func TestRouteForgedMetadataFromReader(t *testing.T) {
 	r := newTestRouter(t, Config{SelfNames: []string{"10.0.0.1", "cp-1"}})
-	asReader := with(allowlisted(), KeyRole, certs.RoleReader)
-	toRemote := with(asReader, KeyProxyFrom, gatewayAuthority)
+	asReader := with(allowlisted(), auth.KeyRole, certs.RoleReader)
+	toRemote := with(asReader, auth.KeyProxyFrom, gatewayAuthority)
 
 	t.Run("local", func(t *testing.T) {
 		rt, hs := route(t, r, mVersion, reader, forged())
@@ -212,11 +244,11 @@ func TestRouteForgedMetadataFromReader(t *testing.T) {
 	})
 
 	t.Run("forged proxyfrom does not keep the call here", func(t *testing.T) {
-		_, hs := route(t, r, mVersion, reader, metadata.Pairs(KeyProxyFrom, "10.0.0.2", KeyNode, "10.0.0.2"))
+		_, hs := route(t, r, mVersion, reader, metadata.Pairs(auth.KeyProxyFrom, "10.0.0.2", KeyNode, "10.0.0.2"))
 		if len(hs) != 1 || hs[0].local {
 			t.Fatalf("hops %+v: a reader's proxyfrom kept the call local", hs)
 		}
-		expectMD(t, "next apid", hs[0].md, metadata.Pairs(KeyRole, certs.RoleReader, KeyProxyFrom, gatewayAuthority))
+		expectMD(t, "next apid", hs[0].md, metadata.Pairs(auth.KeyRole, certs.RoleReader, auth.KeyProxyFrom, gatewayAuthority))
 	})
 
 	t.Run("forged roles grant nothing", func(t *testing.T) {
@@ -257,8 +289,8 @@ func TestOutgoingWithoutRoles(t *testing.T) {
 	r := newTestRouter(t, Config{})
 	for _, roles := range [][]string{nil, {}} {
 		out := r.outgoing(forged(), roles)
-		if v, ok := out[KeyRole]; ok {
-			t.Errorf("outgoing with roles %#v holds %s = %q", roles, KeyRole, v)
+		if v, ok := out[auth.KeyRole]; ok {
+			t.Errorf("outgoing with roles %#v holds %s = %q", roles, auth.KeyRole, v)
 		}
 		expectMD(t, "next hop", out, allowlisted())
 	}
@@ -269,7 +301,7 @@ func TestRouteImpersonator(t *testing.T) {
 	impersonator := []string{certs.RoleImpersonator}
 
 	t.Run("forwarded call is served here with the forwarded roles", func(t *testing.T) {
-		md := with(allowlisted(), KeyProxyFrom, "10.0.0.9:50000", KeyRole, certs.RoleReader, KeyRole, "os:wizard",
+		md := with(allowlisted(), auth.KeyProxyFrom, "10.0.0.9:50000", auth.KeyRole, certs.RoleReader, auth.KeyRole, "os:wizard",
 			KeyNode, "10.0.0.2", "token", "secret")
 		rt, hs := route(t, r, mVersion, impersonator, md)
 		if rt.OneToMany || len(hs) != 1 || !hs[0].local {
@@ -277,7 +309,7 @@ func TestRouteImpersonator(t *testing.T) {
 		}
 		// The unknown role is dropped, the impersonator's own role is not
 		// added, proxyfrom and node stop here.
-		expectMD(t, "local agent", hs[0].md, with(allowlisted(), KeyRole, certs.RoleReader))
+		expectMD(t, "local agent", hs[0].md, with(allowlisted(), auth.KeyRole, certs.RoleReader))
 		if _, err := r.Route(callerContext(impersonator, md), mReboot); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("forwarded reader calling Reboot: %v, want PermissionDenied", err)
 		}
@@ -285,7 +317,7 @@ func TestRouteImpersonator(t *testing.T) {
 
 	t.Run("forwarded roles replace the peer's own", func(t *testing.T) {
 		both := []string{certs.RoleAdmin, certs.RoleImpersonator}
-		md := metadata.Pairs(KeyProxyFrom, "x", KeyRole, certs.RoleReader)
+		md := metadata.Pairs(auth.KeyProxyFrom, "x", auth.KeyRole, certs.RoleReader)
 		if _, err := r.Route(callerContext(both, md), mReboot); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("admin impersonator forwarding a reader's Reboot: %v, want PermissionDenied", err)
 		}
@@ -293,14 +325,14 @@ func TestRouteImpersonator(t *testing.T) {
 
 	t.Run("forwarded call without roles has none", func(t *testing.T) {
 		for _, peerRoles := range [][]string{impersonator, {certs.RoleAdmin, certs.RoleImpersonator}} {
-			md := metadata.Pairs(KeyProxyFrom, "10.0.0.9:50000")
+			md := metadata.Pairs(auth.KeyProxyFrom, "10.0.0.9:50000")
 			for _, m := range []string{mVersion, mReflection} {
 				_, err := r.Route(callerContext(peerRoles, md), m)
 				if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "the caller has none") {
 					t.Errorf("peer %q forwarding %s without roles: %v, want PermissionDenied for a caller with none", peerRoles, m, err)
 				}
 			}
-			c, err := Identify(callerContext(peerRoles, md))
+			c, err := auth.Identify(callerContext(peerRoles, md))
 			if err != nil || len(c.Roles) != 0 || !c.Forwarded {
 				t.Errorf("Identify = %+v, %v; want forwarded, no roles", c, err)
 			}
@@ -308,12 +340,12 @@ func TestRouteImpersonator(t *testing.T) {
 	})
 
 	t.Run("impersonating client routes with the asserted roles", func(t *testing.T) {
-		md := metadata.Pairs(KeyRole, certs.RoleOperator, KeyNode, "10.0.0.2")
+		md := metadata.Pairs(auth.KeyRole, certs.RoleOperator, KeyNode, "10.0.0.2")
 		_, hs := route(t, r, mReboot, impersonator, md)
 		if len(hs) != 1 || hs[0].local || hs[0].name != "10.0.0.2" {
 			t.Fatalf("hops %+v: want the apid of 10.0.0.2", hs)
 		}
-		expectMD(t, "next apid", hs[0].md, metadata.Pairs(KeyRole, certs.RoleOperator, KeyProxyFrom, gatewayAuthority))
+		expectMD(t, "next apid", hs[0].md, metadata.Pairs(auth.KeyRole, certs.RoleOperator, auth.KeyProxyFrom, gatewayAuthority))
 	})
 
 	t.Run("impersonator alone may call nothing", func(t *testing.T) {
@@ -492,20 +524,30 @@ func TestPermissionDeniedMessage(t *testing.T) {
 func TestForwardKeys(t *testing.T) {
 	r := newTestRouter(t, Config{ForwardKeys: []string{"X-Custom"}})
 	_, hs := route(t, r, mVersion, reader, forged())
-	expectMD(t, "local agent", hs[0].md, with(allowlisted(), "x-custom", "1", KeyRole, certs.RoleReader))
+	expectMD(t, "local agent", hs[0].md, with(allowlisted(), "x-custom", "1", auth.KeyRole, certs.RoleReader))
 }
 
 // TestForwardKeysCannotCarryRoutingKeys: naming a routing or identity key
 // in the configured allowlist must not let a caller's value of it through,
 // or one careless line of configuration reopens what the allowlist closes.
 func TestForwardKeysCannotCarryRoutingKeys(t *testing.T) {
-	reserved := []string{KeyNode, KeyNodes, KeyProxyFrom, KeyRole, KeyNodeTimeout, ":authority"}
+	reserved := []string{KeyNode, KeyNodes, auth.KeyProxyFrom, auth.KeyRole, KeyNodeTimeout, ":authority"}
 	r := newTestRouter(t, Config{ForwardKeys: reserved, SelfNames: []string{"10.0.0.1"}})
 	md := forged(KeyNodes, "10.0.0.2,10.0.0.1")
 	rt, hs := route(t, r, mVersion, reader, md)
 	if len(hs) != 2 || !rt.OneToMany {
 		t.Fatalf("hops %+v", hs)
 	}
-	expectMD(t, "next apid", hs[0].md, with(allowlisted(), KeyRole, certs.RoleReader, KeyProxyFrom, gatewayAuthority))
-	expectMD(t, "local agent", hs[1].md, with(allowlisted(), KeyRole, certs.RoleReader))
+	expectMD(t, "next apid", hs[0].md, with(allowlisted(), auth.KeyRole, certs.RoleReader, auth.KeyProxyFrom, gatewayAuthority))
+	expectMD(t, "local agent", hs[1].md, with(allowlisted(), auth.KeyRole, certs.RoleReader))
+}
+
+// TestRouteRefusesUnauthorizedCalls: a call that did not pass the
+// authorizer (a server assembled without it) is refused, whoever the peer.
+func TestRouteRefusesUnauthorizedCalls(t *testing.T) {
+	r := newTestRouter(t, Config{})
+	_, err := r.Router.Route(callerContext([]string{certs.RoleAdmin}, nil), mVersion)
+	if status.Code(err) != codes.Internal {
+		t.Fatalf("unauthorized call routed: %v, want Internal", err)
+	}
 }

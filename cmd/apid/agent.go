@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/gateway"
 )
 
 func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
@@ -26,7 +27,7 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	log := newLogger(stderr, *level)
+	log := gateway.NewLogger(stderr, *level)
 	lis, err := agent.Listen(*listen)
 	if err != nil {
 		return err

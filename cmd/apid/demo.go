@@ -20,6 +20,7 @@ import (
 
 	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/gateway"
 	"github.com/apid/apid/pki"
 )
 
@@ -74,7 +75,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	log := newLogger(stderr, o.logLevel)
+	log := gateway.NewLogger(stderr, o.logLevel)
 	nodes, err := writeDemoPKI(o)
 	if err != nil {
 		return err
@@ -92,7 +93,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		agent.New(agent.Config{Hostname: n.name, Logger: log.With("node", n.name)}).Register(agentSrv)
 		g.Go(func() error { return serveUntil(ctx, agentSrv, agentLis, log) })
 
-		cfg := defaultConfig()
+		cfg := gateway.Default()
 		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
 		cfg.CA, cfg.Cert, cfg.Key = filepath.Join(o.dir, "ca.crt"), n.cert, n.key
 		cfg.Backend = "unix://" + n.sock
@@ -100,7 +101,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.SelfNames = []string{n.ip, n.name}
 		cfg.NodeTimeout = 10 * time.Second
 		cfg.LogLevel = o.logLevel
-		gw, err := newGateway(cfg, log.With("node", n.name))
+		gw, err := gateway.New(cfg, log.With("node", n.name))
 		if err != nil {
 			return err
 		}

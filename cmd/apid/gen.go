@@ -4,13 +4,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/apid/apid/pki"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
-	"github.com/apid/apid/pki"
 )
 
 const genUsage = `usage:

@@ -1,10 +1,10 @@
-package director
+package auth
 
 import (
+	"github.com/apid/apid/certs"
 	"slices"
 	"strings"
 	"testing"
-	"github.com/apid/apid/certs"
 )
 
 // Methods the policy tests ask about, named once so a typo cannot make a

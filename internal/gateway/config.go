@@ -1,26 +1,24 @@
-package main
+package gateway
 
 import (
 	"bytes"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/apid/apid/auth"
 	"github.com/apid/apid/director"
 	"github.com/apid/apid/limits"
 )
 
-// Config is everything `apid serve` needs. Defaults come from
-// defaultConfig; a YAML file (-config) overrides them and flags override
-// the file.
+// Config is everything a gateway needs. Defaults come from Default; a
+// YAML file (Decode) overrides them, and apid serve's flags the file.
 type Config struct {
 	// Listen is the gateway's address. Default ":50000".
 	Listen string `yaml:"listen"`
@@ -154,10 +152,12 @@ type PolicyConfig struct {
 	Replace bool `yaml:"replace"`
 	// Rules allow roles to call methods (/pkg.Service/Method or a pattern
 	// ending in *); a rule replaces the built-in one for the same method.
-	Rules []director.Rule `yaml:"rules"`
+	Rules []auth.Rule `yaml:"rules"`
 }
 
-func defaultConfig() Config {
+// Default returns the configuration with every default filled in; a YAML
+// file (Decode) and flags override it.
+func Default() Config {
 	return Config{
 		Listen:         ":50000",
 		Backend:        "unix:///system/run/machined/machine.sock",
@@ -185,15 +185,34 @@ func defaultConfig() Config {
 	}
 }
 
-// Validate lists every problem of the configuration at once.
+// Decode overrides cfg with the YAML document data. Unknown keys are
+// errors, so a typo is never silently ignored.
+func Decode(data []byte, cfg *Config) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil && err != io.EOF {
+		return err
+	}
+	return nil
+}
+
+// Validate lists every problem of the configuration at once, in the order
+// of the fields.
 func (c Config) Validate() error {
+	_, err := c.validate()
+	return err
+}
+
+// validate is Validate that also returns the role policy it had to build
+// to check the rules, so that New builds it once.
+func (c Config) validate() (*auth.Policy, error) {
 	var errs []error
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("listen %q: %w", c.Listen, err))
 	}
-	for name, v := range map[string]string{"ca": c.CA, "cert": c.Cert, "key": c.Key} {
-		if v == "" {
-			errs = append(errs, fmt.Errorf("%s: a file is required", name))
+	for _, f := range []struct{ name, path string }{{"ca", c.CA}, {"cert", c.Cert}, {"key", c.Key}} {
+		if f.path == "" {
+			errs = append(errs, fmt.Errorf("%s: a file is required", f.name))
 		}
 	}
 	if c.Backend == "" {
@@ -235,7 +254,8 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("forwardMetadata: %q is apid's own or reserved and is never forwarded", k))
 		}
 	}
-	if _, err := director.NewPolicy(c.Policy.Rules, c.Policy.Replace); err != nil {
+	policy, err := auth.NewPolicy(c.Policy.Rules, c.Policy.Replace)
+	if err != nil {
 		errs = append(errs, err)
 	}
 	switch c.LogLevel {
@@ -243,7 +263,10 @@ func (c Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("logLevel %q: want debug, info, warn or error", c.LogLevel))
 	}
-	return errors.Join(errs...)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return policy, nil
 }
 
 func (l LimitsConfig) validate() []error {
@@ -254,74 +277,17 @@ func (l LimitsConfig) validate() []error {
 	if l.Connections <= 0 || l.ConnectionsPerIdentity <= 0 {
 		errs = append(errs, errors.New("limits.connections and limits.connectionsPerIdentity must be positive"))
 	}
-	for name, v := range map[string]ByteSize{"streamWindow": l.StreamWindow, "connectionWindow": l.ConnectionWindow} {
+	for _, w := range []struct {
+		name string
+		size ByteSize
+	}{{"streamWindow", l.StreamWindow}, {"connectionWindow", l.ConnectionWindow}} {
 		// gRPC ignores windows under the HTTP/2 default of 64 KiB.
-		if v < 64<<10 || v > 1<<30 {
-			errs = append(errs, fmt.Errorf("limits.%s %d: want 64 KiB to 1 GiB", name, v))
+		if w.size < 64<<10 || w.size > 1<<30 {
+			errs = append(errs, fmt.Errorf("limits.%s %d: want 64 KiB to 1 GiB", w.name, w.size))
 		}
 	}
 	if l.NodeBuffer < 1<<10 {
 		errs = append(errs, fmt.Errorf("limits.nodeBuffer %d: want at least 1 KiB", l.NodeBuffer))
 	}
 	return errs
-}
-
-// loadConfig builds the configuration from defaults, the optional YAML
-// file and the flags: the file overrides defaults and flags override the
-// file, which is done by parsing the flags again over the file's values.
-func loadConfig(args []string, stderr io.Writer) (Config, error) {
-	parse := func(cfg *Config) (file string, err error) {
-		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-		fs.SetOutput(stderr)
-		fs.StringVar(&file, "config", "", "YAML configuration `file` (flags override it)")
-		bindConfigFlags(fs, cfg)
-		return file, fs.Parse(args)
-	}
-	cfg := defaultConfig()
-	file, err := parse(&cfg)
-	if err != nil || file == "" {
-		if err == nil {
-			err = cfg.Validate()
-		}
-		return cfg, err
-	}
-	data, err := os.ReadFile(file)
-	if err != nil {
-		return cfg, err
-	}
-	cfg = defaultConfig()
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil && err != io.EOF {
-		return cfg, fmt.Errorf("%s: %w", file, err)
-	}
-	if _, err := parse(&cfg); err != nil {
-		return cfg, err
-	}
-	return cfg, cfg.Validate()
-}
-
-// bindConfigFlags binds the flags to c, whose current values are the defaults
-// shown and kept when a flag is not given. -self adds to the names.
-func bindConfigFlags(fs *flag.FlagSet, c *Config) {
-	def := *c
-	fs.StringVar(&c.Listen, "listen", def.Listen, "gateway listen `address`")
-	fs.StringVar(&c.CA, "ca", def.CA, "CA bundle `file` (PEM)")
-	fs.StringVar(&c.Cert, "cert", def.Cert, "node certificate `file` (PEM)")
-	fs.StringVar(&c.Key, "key", def.Key, "node key `file` (PEM)")
-	fs.StringVar(&c.Backend, "backend", def.Backend, "local node agent `address`: unix:///path.sock or host:port")
-	fs.IntVar(&c.RemotePort, "remote-port", def.RemotePort, "`port` of other nodes' apid")
-	fs.Func("self", "a `name` or address of this node (repeatable or comma-separated)", func(s string) error {
-		for _, n := range strings.Split(s, ",") {
-			if n = strings.TrimSpace(n); n != "" {
-				c.SelfNames = append(c.SelfNames, n)
-			}
-		}
-		return nil
-	})
-	fs.IntVar(&c.MaxNodes, "max-nodes", def.MaxNodes, "most nodes one request may name")
-	fs.DurationVar(&c.NodeTimeout, "node-timeout", def.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
-	fs.BoolVar(&c.AllowTLS12, "allow-tls12", def.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
-	fs.StringVar(&c.MetricsListen, "metrics-listen", def.MetricsListen, "serve Prometheus /metrics on this `address` (off when empty)")
-	fs.StringVar(&c.LogLevel, "log-level", def.LogLevel, "debug, info, warn or error")
 }

@@ -1,4 +1,4 @@
-package main
+package gateway
 
 import (
 	"context"
@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/apid/apid/auth"
 	"github.com/apid/apid/director"
 	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
@@ -24,14 +25,14 @@ import (
 // methods the policy names, so callers cannot mint label values.
 type metrics struct {
 	registry  *prometheus.Registry
-	policy    *director.Policy
+	policy    *auth.Policy
 	calls     *prometheus.CounterVec
 	duration  *prometheus.HistogramVec
 	nodeCalls *prometheus.CounterVec
 	nodeTime  *prometheus.HistogramVec
 }
 
-func newMetrics(policy *director.Policy, pool *director.Pool, budget *limits.Memory, conns *limits.Connections) *metrics {
+func newMetrics(policy *auth.Policy, pool *director.Pool, budget *limits.Memory, conns *limits.Connections) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
 		policy:   policy,

@@ -1,11 +1,11 @@
-package director
+package auth
 
 import (
 	"fmt"
+	"github.com/apid/apid/certs"
 	"slices"
 	"sort"
 	"strings"
-	"github.com/apid/apid/certs"
 )
 
 // Rule allows the listed roles to call the methods it matches. Method is a

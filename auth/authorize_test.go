@@ -1,0 +1,82 @@
+package auth
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"testing"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/apid/apid/certs"
+)
+
+// peerStream is a server stream of a call from a peer whose verified
+// certificate carries roles.
+type peerStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s peerStream) Context() context.Context { return s.ctx }
+
+func fromPeer(cn string, roles ...string) peerStream {
+	cert := &x509.Certificate{Subject: pkix.Name{CommonName: cn, Organization: roles}}
+	return peerStream{ctx: peer.NewContext(context.Background(), &peer.Peer{AuthInfo: credentials.TLSInfo{
+		State: tls.ConnectionState{PeerCertificates: []*x509.Certificate{cert}, VerifiedChains: [][]*x509.Certificate{{cert}}},
+	}})}
+}
+
+// TestInterceptorsPutTheCallerInTheContext chains the interceptors as the
+// gateway does, with a probe between them as a call logger sits there.
+func TestInterceptorsPutTheCallerInTheContext(t *testing.T) {
+	policy, err := NewPolicy(nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	authz := NewAuthorizer(policy, nil)
+	var logged Caller
+	probe := func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+		logged, _ = IdentityFrom(ss.Context())
+		return h(srv, ss)
+	}
+	chain := []grpc.StreamServerInterceptor{IdentityInterceptor(), probe, authz.StreamInterceptor()}
+	call := func(ss grpc.ServerStream, method string) (Caller, bool, error) {
+		var got Caller
+		var ok bool
+		h := func(_ any, ss grpc.ServerStream) error {
+			got, ok = CallerFrom(ss.Context())
+			return nil
+		}
+		for i := len(chain) - 1; i >= 0; i-- {
+			next, ic := h, chain[i]
+			h = func(srv any, ss grpc.ServerStream) error {
+				return ic(srv, ss, &grpc.StreamServerInfo{FullMethod: method}, next)
+			}
+		}
+		return got, ok, h(nil, ss)
+	}
+
+	c, ok, err := call(fromPeer("ops", certs.RoleReader, "team:ops"), "/machine.MachineService/Version")
+	if err != nil || !ok || len(c.Roles) != 1 || c.Roles[0] != certs.RoleReader || len(c.Unknown) != 1 || c.CommonName != "ops" {
+		t.Fatalf("reader calling Version: caller %+v (in context %v), %v", c, ok, err)
+	}
+	_, ok, err = call(fromPeer("ops", certs.RoleReader), "/machine.MachineService/Reboot")
+	if status.Code(err) != codes.PermissionDenied || ok {
+		t.Fatalf("reader calling Reboot: %v, handler reached %v", err, ok)
+	}
+	if logged.CommonName != "ops" {
+		t.Fatalf("a refused call's caller was not known to the interceptors before the authorizer: %+v", logged)
+	}
+	if _, _, err = call(peerStream{ctx: context.Background()}, "/machine.MachineService/Version"); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("call without a certificate: %v, want Unauthenticated", err)
+	}
+	if _, _, err = call(fromPeer("root", certs.RoleAdmin), "//machine.MachineService/Version"); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("malformed path: %v, want InvalidArgument", err)
+	}
+}

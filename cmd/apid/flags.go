@@ -1,0 +1,65 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/apid/apid/internal/gateway"
+)
+
+// loadConfig builds the configuration from defaults, the optional YAML
+// file and the flags: the file overrides defaults and flags override the
+// file, which is done by parsing the flags again over the file's values.
+// The gateway validates the result.
+func loadConfig(args []string, stderr io.Writer) (gateway.Config, error) {
+	parse := func(cfg *gateway.Config) (file string, err error) {
+		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		fs.StringVar(&file, "config", "", "YAML configuration `file` (flags override it)")
+		bindConfigFlags(fs, cfg)
+		return file, fs.Parse(args)
+	}
+	cfg := gateway.Default()
+	file, err := parse(&cfg)
+	if err != nil || file == "" {
+		return cfg, err
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return cfg, err
+	}
+	cfg = gateway.Default()
+	if err := gateway.Decode(data, &cfg); err != nil {
+		return cfg, fmt.Errorf("%s: %w", file, err)
+	}
+	_, err = parse(&cfg)
+	return cfg, err
+}
+
+// bindConfigFlags binds the flags to c, whose current values are the defaults
+// shown and kept when a flag is not given. -self adds to the names.
+func bindConfigFlags(fs *flag.FlagSet, c *gateway.Config) {
+	def := *c
+	fs.StringVar(&c.Listen, "listen", def.Listen, "gateway listen `address`")
+	fs.StringVar(&c.CA, "ca", def.CA, "CA bundle `file` (PEM)")
+	fs.StringVar(&c.Cert, "cert", def.Cert, "node certificate `file` (PEM)")
+	fs.StringVar(&c.Key, "key", def.Key, "node key `file` (PEM)")
+	fs.StringVar(&c.Backend, "backend", def.Backend, "local node agent `address`: unix:///path.sock or host:port")
+	fs.IntVar(&c.RemotePort, "remote-port", def.RemotePort, "`port` of other nodes' apid")
+	fs.Func("self", "a `name` or address of this node (repeatable or comma-separated)", func(s string) error {
+		for _, n := range strings.Split(s, ",") {
+			if n = strings.TrimSpace(n); n != "" {
+				c.SelfNames = append(c.SelfNames, n)
+			}
+		}
+		return nil
+	})
+	fs.IntVar(&c.MaxNodes, "max-nodes", def.MaxNodes, "most nodes one request may name")
+	fs.DurationVar(&c.NodeTimeout, "node-timeout", def.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
+	fs.BoolVar(&c.AllowTLS12, "allow-tls12", def.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", def.MetricsListen, "serve Prometheus /metrics on this `address` (off when empty)")
+	fs.StringVar(&c.LogLevel, "log-level", def.LogLevel, "debug, info, warn or error")
+}

@@ -1,5 +1,0 @@
-package main
-
-import "google.golang.org/grpc/status"
-
-func statusCode(err error) string { return status.Code(err).String() }
