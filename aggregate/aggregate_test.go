@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 
@@ -525,5 +526,34 @@ func TestMergeManyParts(t *testing.T) {
 		if isErr != bad[i] || m.GetMetadata().GetHostname() != "n" {
 			t.Errorf("entry %d = %v, want error %v", i, m, bad[i])
 		}
+	}
+}
+
+func TestFitMakesEveryOutcomeExplicitAndBoundsTheMerge(t *testing.T) {
+	small := marshal(t, &machine.VersionResponse{Messages: []*machine.Version{version("v1", nil)}})
+	big := marshal(t, &machine.VersionResponse{Messages: []*machine.Version{{Version: &machine.VersionInfo{Sha: strings.Repeat("x", 4096)}}}})
+	parts := []aggregate.Part{
+		{Host: "a", Body: small},
+		{Host: "big", Body: big},
+		{Host: "bad", Body: []byte{0x08, 0x01}},
+		{Host: "down", Code: codes.Unavailable, Message: "refused"},
+	}
+	fitted := aggregate.Fit(parts, 0)
+	var got []codes.Code
+	for _, p := range fitted {
+		got = append(got, p.Code)
+	}
+	if !slices.Equal(got, []codes.Code{codes.OK, codes.OK, codes.Internal, codes.Unavailable}) || parts[2].Code != codes.OK {
+		t.Fatalf("Fit without a bound gave %v (input changed: %v)", got, parts[2].Code != codes.OK)
+	}
+	if !bytes.Equal(aggregate.Merge(fitted), aggregate.Merge(parts)) {
+		t.Fatal("an explicit malformed part merges differently from the part itself")
+	}
+	fitted = aggregate.Fit(parts, 2048)
+	if fitted[1].Code != codes.ResourceExhausted || fitted[0].Code != codes.OK {
+		t.Fatalf("Fit to 2 KiB kept %v, %v; want the big reply left out", fitted[0].Code, fitted[1].Code)
+	}
+	if n := len(aggregate.Merge(fitted)); n > 2048 {
+		t.Fatalf("fitted merge is %d bytes, over 2048", n)
 	}
 }

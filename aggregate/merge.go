@@ -1,6 +1,11 @@
 package aggregate
 
-import "google.golang.org/grpc/codes"
+import (
+	"fmt"
+	"slices"
+
+	"google.golang.org/grpc/codes"
+)
 
 // Part is one node's contribution to a merged unary reply: its reply Body
 // when Code is codes.OK, otherwise an error entry carrying Code and Message.
@@ -94,4 +99,51 @@ func appendPart(out []byte, p *Part, stampable bool) []byte {
 // malformedEntry is the error metadata standing in for a body that failed f.
 func malformedEntry(host string, f failure) errorMetadata {
 	return newErrorMetadata(host, codes.Internal, text{fail: f})
+}
+
+// Fit returns a copy of parts with every node's outcome explicit, ready for
+// Merge: a body that cannot be stamped becomes the Internal error part
+// Merge would otherwise write for it, and, when max > 0 and the merged
+// reply would exceed max bytes, the largest replies become
+// ResourceExhausted parts until it fits, so that an oversized merge costs
+// the client those nodes' entries rather than the whole call. The codes of
+// the result are what the client will see for each node.
+func Fit(parts []Part, max int) []Part {
+	fitted := slices.Clone(parts)
+	sizes := make([]int, len(fitted))
+	total := 0
+	for i := range fitted {
+		p := &fitted[i]
+		if p.Code == codes.OK {
+			s := newStamp(p.Host)
+			_, n, f := walkReply(nil, p.Body, &s, false)
+			if f.ok() {
+				sizes[i], total = n, total+n
+				continue
+			}
+			*p = Part{Host: p.Host, Code: codes.Internal, Message: string(f.appendText([]byte(malformedReply)))}
+		}
+		sizes[i] = ErrorReplySize(p.Host, p.Code, p.Message)
+		total += sizes[i]
+	}
+	if max <= 0 || total <= max {
+		return fitted
+	}
+	order := make([]int, len(fitted))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return sizes[b] - sizes[a] })
+	for _, i := range order {
+		if total <= max {
+			break
+		}
+		if fitted[i].Code != codes.OK {
+			continue
+		}
+		msg := fmt.Sprintf("reply of %d bytes left out: the merged reply would exceed %d bytes; ask this node alone", sizes[i], max)
+		fitted[i] = Part{Host: fitted[i].Host, Code: codes.ResourceExhausted, Message: msg}
+		total += ErrorReplySize(fitted[i].Host, fitted[i].Code, msg) - sizes[i]
+	}
+	return fitted
 }

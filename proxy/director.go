@@ -57,7 +57,8 @@ type Route struct {
 	// replies and interleave streamed ones.
 	Kind Kind
 	// NodeTimeout, when positive, bounds each backend's part of this
-	// one-to-many unary call, overriding Options.NodeTimeout.
+	// one-to-many unary call: a backend that misses it becomes an error
+	// entry with DeadlineExceeded while the others' replies are returned.
 	NodeTimeout time.Duration
 }
 

@@ -14,11 +14,6 @@ import (
 // Options tunes a Handler. The zero value is usable; each field documents
 // its default.
 type Options struct {
-	// NodeTimeout bounds each backend's part of a one-to-many unary call; a
-	// backend that misses it becomes an error entry with DeadlineExceeded
-	// while the others' replies are returned. Zero means no bound of its own
-	// (the call's deadline still applies).
-	NodeTimeout time.Duration
 	// StreamBuffer is how many stamped messages a one-to-many stream holds
 	// between the backends and the client before the fastest backends are
 	// paused. Default 64.

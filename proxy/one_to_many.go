@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -146,6 +145,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
 	defer cancel()
 	parts := make([]aggregate.Part, len(backends))
+	took := make([]time.Duration, len(backends))
 	replies := make([]frame, len(backends))
 	var md replyMD
 	var held atomic.Int64 // reply bytes kept for the merge so far
@@ -155,17 +155,25 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			start := time.Now()
 			parts[i] = h.callUnary(ctx, method, b, req, &replies[i], &md, &held)
+			took[i] = time.Since(start)
 		}()
 	}
 	wg.Wait()
 
-	reply := aggregate.Merge(parts)
-	if max := h.opts.MaxReplySize; max > 0 && len(reply) > max {
-		reply = aggregate.Merge(fitParts(parts, max))
-	}
+	// Fit makes every node's outcome explicit (a malformed reply becomes
+	// Internal, one left out of an oversized merge ResourceExhausted), so
+	// the observer hears the codes the client will see.
+	fitted := aggregate.Fit(parts, h.opts.MaxReplySize)
+	reply := aggregate.Merge(fitted)
 	for i := range replies {
 		replies[i].release()
+	}
+	if o := h.opts.Observer; o != nil {
+		for i, p := range fitted {
+			o.BackendDone(Unary, p.Code, took[i])
+		}
 	}
 	h.hold(len(reply) - int(held.Load()))
 	defer h.hold(-len(reply))
@@ -178,48 +186,11 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	return ss.SendMsg(&frame{raw: reply})
 }
 
-// fitParts replaces the largest replies with ResourceExhausted entries
-// until the merged reply fits in max bytes, so that an oversized merge
-// costs the client those nodes' entries rather than the whole call.
-func fitParts(parts []aggregate.Part, max int) []aggregate.Part {
-	sizes := make([]int, len(parts))
-	total := 0
-	for i, p := range parts {
-		if p.Code == codes.OK {
-			sizes[i], _ = aggregate.StampedReplySize(p.Body, p.Host)
-		} else {
-			sizes[i] = aggregate.ErrorReplySize(p.Host, p.Code, p.Message)
-		}
-		total += sizes[i]
-	}
-	order := make([]int, len(parts))
-	for i := range order {
-		order[i] = i
-	}
-	sort.Slice(order, func(a, b int) bool { return sizes[order[a]] > sizes[order[b]] })
-	fitted := slices.Clone(parts)
-	for _, i := range order {
-		if total <= max {
-			break
-		}
-		if fitted[i].Code != codes.OK {
-			continue
-		}
-		msg := fmt.Sprintf("reply of %d bytes left out: the merged reply would exceed %d bytes; ask this node alone", sizes[i], max)
-		fitted[i] = aggregate.Part{Host: fitted[i].Host, Code: codes.ResourceExhausted, Message: msg}
-		total += aggregate.ErrorReplySize(fitted[i].Host, fitted[i].Code, msg) - sizes[i]
-	}
-	return fitted
-}
-
 // nodeContext bounds the nodes' part of a unary fan-out: by the route's
-// per-node timeout (or the handler's), and always a margin before the
+// per-node timeout, if any, and always a margin before the
 // call's own deadline, so that the partial reply still reaches the client
 // in time instead of the whole call failing with DeadlineExceeded.
 func (h *Handler) nodeContext(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
-	if timeout <= 0 {
-		timeout = h.opts.NodeTimeout
-	}
 	now := time.Now()
 	var deadline time.Time
 	if timeout > 0 {
@@ -252,10 +223,6 @@ func replyMargin(left time.Duration) time.Duration {
 // that could never be sent (the reference was OOM-killed this way).
 func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req *frame, reply *frame, md *replyMD, held *atomic.Int64) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
-	if h.opts.Observer != nil {
-		start := time.Now()
-		defer func() { h.opts.Observer.BackendDone(Unary, part.Code, time.Since(start)) }()
-	}
 	outCtx, conn, err := b.Connect(ctx, method)
 	if err == nil {
 		var header, trailer metadata.MD
@@ -364,7 +331,14 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 	code := codes.OK
 	if h.opts.Observer != nil {
 		start := time.Now()
-		defer func() { h.opts.Observer.BackendDone(ServerStream, code, time.Since(start)) }()
+		defer func() {
+			if code == codes.OK && ctx.Err() != nil {
+				// The client went away (or could not be written to) before
+				// this node's stream was delivered: it saw Canceled.
+				code = codes.Canceled
+			}
+			h.opts.Observer.BackendDone(ServerStream, code, time.Since(start))
+		}()
 	}
 	buffer := semaphore.NewWeighted(int64(h.opts.NodeBuffer))
 	emit := func(f frame) bool {

@@ -251,7 +251,7 @@ func TestOneToManyUnaryFailuresBecomeErrorEntries(t *testing.T) {
 	servers[1].Set(testbackend.Behaviour{Fail: codes.PermissionDenied, FailMessage: "not for you"})
 	servers[2].Set(testbackend.Behaviour{Hang: true})
 	bs = append(bs, target{name: "dead", conn: dial(t, deadAddress(t))}, target{name: "refused", err: errors.New("no route")})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{NodeTimeout: 300 * time.Millisecond})
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 300 * time.Millisecond}, proxy.Options{})
 	resp, err := c.Version(testContext(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
