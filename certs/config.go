@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 )
 
 // alpnH2 is the only application protocol apid speaks: gRPC over HTTP/2.
@@ -90,15 +89,14 @@ func requireClientAuthUsage(cs tls.ConnectionState) error {
 // node's certificate. The certificate offered and the CA pool the server is
 // verified against are read from src on every handshake, so connections
 // dialled after a reload use the new material. The server certificate must
-// name serverName and allow server authentication.
+// name serverName (a DNS name or an IP address, IPv6 without brackets) and
+// allow server authentication.
 //
 // Build one config per target: the name is captured by the verification,
 // because crypto/tls does not pass an IP-address ServerName to it.
 func ClientConfig(src *Source, serverName string) *tls.Config {
-	name := strings.TrimSuffix(strings.TrimPrefix(serverName, "["), "]")
-
 	return &tls.Config{
-		ServerName: name,
+		ServerName: serverName,
 		MinVersion: tls.VersionTLS13,
 		NextProtos: alpnH2,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
@@ -109,7 +107,7 @@ func ClientConfig(src *Source, serverName string) *tls.Config {
 		// current at handshake time.
 		InsecureSkipVerify: true, //nolint:gosec
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			return verifyServer(cs, src.Pool(), name)
+			return verifyServer(cs, src.Pool(), serverName)
 		},
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -124,6 +125,25 @@ func NewCA(commonName string, ttl time.Duration, kt KeyType) (*CA, error) {
 	}
 
 	return &CA{Cert: cert, Key: key, CertPEM: encodeCert(der), KeyPEM: keyPEM}, nil
+}
+
+// ReadCA loads the CA whose certificate and key are in the PEM files
+// crtPath and keyPath. An error reading either wraps the os error (so a
+// missing file is fs.ErrNotExist); one parsing them names the file.
+func ReadCA(crtPath, keyPath string) (*CA, error) {
+	crt, err := os.ReadFile(crtPath)
+	if err != nil {
+		return nil, err
+	}
+	key, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, err
+	}
+	ca, err := LoadCA(crt, key)
+	if err != nil {
+		return nil, fmt.Errorf("%s, %s: %w", crtPath, keyPath, err)
+	}
+	return ca, nil
 }
 
 // LoadCA reads a CA from PEM. The key may be PKCS#8 ("PRIVATE KEY", also

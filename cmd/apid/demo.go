@@ -175,24 +175,16 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 }
 
 func loadOrCreateCA(crtPath, keyPath string) (*pki.CA, error) {
-	crt, errCrt := os.ReadFile(crtPath)
-	key, errKey := os.ReadFile(keyPath)
+	ca, err := pki.ReadCA(crtPath, keyPath)
 	switch {
-	case errCrt == nil && errKey == nil:
-		ca, err := pki.LoadCA(crt, key)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w (remove the directory to start afresh)", crtPath, err)
-		}
-		if time.Until(ca.Cert.NotAfter) > 24*time.Hour {
-			return ca, nil
-		}
+	case err == nil && time.Until(ca.Cert.NotAfter) > 24*time.Hour:
+		return ca, nil
+	case err == nil:
 		// About to expire: a new CA is the demo's business.
-	case !errors.Is(errCrt, fs.ErrNotExist) && errCrt != nil:
-		return nil, errCrt
-	case !errors.Is(errKey, fs.ErrNotExist) && errKey != nil:
-		return nil, errKey
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("%w (remove the directory to start afresh)", err)
 	}
-	ca, err := pki.NewCA("apid demo CA", 10*365*24*time.Hour, pki.KeyECDSA)
+	ca, err = pki.NewCA("apid demo CA", 10*365*24*time.Hour, pki.KeyECDSA)
 	if err != nil {
 		return nil, err
 	}

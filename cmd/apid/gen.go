@@ -47,13 +47,9 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	kt := pki.KeyECDSA
-	switch *keyType {
-	case "ecdsa":
-	case "ed25519":
-		kt = pki.KeyEd25519
-	default:
-		return fmt.Errorf("-key-type %q: want ecdsa or ed25519", *keyType)
+	kt, err := pki.ParseKeyType(*keyType)
+	if err != nil {
+		return fmt.Errorf("-key-type: %w", err)
 	}
 	if *ttl <= 0 {
 		return fmt.Errorf("-ttl %s: must be positive", *ttl)
@@ -93,7 +89,7 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	if *name == "" {
 		return fmt.Errorf("gen %s: -name is required", what)
 	}
-	ca, err := readCA(*caDir)
+	ca, err := pki.ReadCA(filepath.Join(*caDir, "ca.crt"), filepath.Join(*caDir, "ca.key"))
 	if err != nil {
 		return err
 	}
@@ -143,18 +139,6 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprint(stderr, genUsage)
 	return fmt.Errorf("gen: unknown kind %q", what)
-}
-
-func readCA(dir string) (*pki.CA, error) {
-	crt, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
-	if err != nil {
-		return nil, err
-	}
-	key, err := os.ReadFile(filepath.Join(dir, "ca.key"))
-	if err != nil {
-		return nil, err
-	}
-	return pki.LoadCA(crt, key)
 }
 
 func splitList(s string) []string {
