@@ -7,9 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -308,5 +310,38 @@ func TestDemoRerunOnTheSameDirectory(t *testing.T) {
 	resp, err := cl.Version(client.WithNodes(testContext(t), nodes...))
 	if err != nil || len(resp.Messages) != 2 {
 		t.Fatalf("second run with the first run's talosconfig: %v, %v", resp, err)
+	}
+}
+
+// TestReadmeDemoCommand runs the demo exactly as the README's first screen
+// says, with its default flags (127.0.0.11-13, port 50000, ./apid-demo),
+// from a fresh working directory, and calls it with the talosconfig it
+// wrote there: a test that always passed -dir /abs/path once hid a demo
+// that failed for every new user.
+func TestReadmeDemoCommand(t *testing.T) {
+	wd := t.TempDir()
+	for _, ip := range []string{"127.0.0.11", "127.0.0.12", "127.0.0.13"} {
+		l, err := net.Listen("tcp", net.JoinHostPort(ip, "50000"))
+		if err != nil {
+			t.Skipf("the demo's default address %s:50000 is taken on this machine: %v", ip, err)
+		}
+		l.Close()
+	}
+	startIn(t, wd, "nodes up", "demo")
+	cfg, err := clientconfig.Open(filepath.Join(wd, "apid-demo", "talosconfig"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := client.New(testContext(t), client.WithConfig(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	resp, err := cl.Version(client.WithNodes(testContext(t), "127.0.0.11", "127.0.0.12", "127.0.0.13"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Messages) != 3 {
+		t.Fatalf("fan-out through the README's demo gave %d replies, want 3", len(resp.Messages))
 	}
 }

@@ -93,7 +93,21 @@ func start(t *testing.T, ready string, args ...string) *process {
 // startBin is start with another build of apid (see plainBin).
 func startBin(t *testing.T, bin, ready string, args ...string) *process {
 	t.Helper()
-	p := &process{cmd: exec.Command(bin, args...), exited: make(chan struct{})}
+	return startCmd(t, exec.Command(bin, args...), ready)
+}
+
+// startIn is start in working directory dir.
+func startIn(t *testing.T, dir, ready string, args ...string) *process {
+	t.Helper()
+	cmd := exec.Command(apidBin, args...)
+	cmd.Dir = dir
+	return startCmd(t, cmd, ready)
+}
+
+func startCmd(t *testing.T, cmd *exec.Cmd, ready string) *process {
+	t.Helper()
+	args := cmd.Args[1:]
+	p := &process{cmd: cmd, exited: make(chan struct{})}
 	stdout, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)

@@ -67,6 +67,13 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
 		errs = append(errs, fmt.Errorf("-port %d: out of range", o.port))
 	}
 	o.firstIP = ip
+	// Sockets are addressed as unix:///absolute/path: the default, relative
+	// directory must work from wherever the demo is started.
+	if abs, err := filepath.Abs(o.dir); err != nil {
+		errs = append(errs, fmt.Errorf("-dir %q: %w", o.dir, err))
+	} else {
+		o.dir = abs
+	}
 	return o, errors.Join(errs...)
 }
 
