@@ -529,7 +529,7 @@ func TestMergeManyParts(t *testing.T) {
 	}
 }
 
-func TestFitMakesEveryOutcomeExplicitAndBoundsTheMerge(t *testing.T) {
+func TestMergeWithinMakesEveryOutcomeExplicitAndBoundsTheMerge(t *testing.T) {
 	small := marshal(t, &machine.VersionResponse{Messages: []*machine.Version{version("v1", nil)}})
 	big := marshal(t, &machine.VersionResponse{Messages: []*machine.Version{{Version: &machine.VersionInfo{Sha: strings.Repeat("x", 4096)}}}})
 	parts := []aggregate.Part{
@@ -538,22 +538,22 @@ func TestFitMakesEveryOutcomeExplicitAndBoundsTheMerge(t *testing.T) {
 		{Host: "bad", Body: []byte{0x08, 0x01}},
 		{Host: "down", Code: codes.Unavailable, Message: "refused"},
 	}
-	fitted := aggregate.Fit(parts, 0)
+	reply, fitted := aggregate.MergeWithin(parts, 0)
 	var got []codes.Code
 	for _, p := range fitted {
 		got = append(got, p.Code)
 	}
 	if !slices.Equal(got, []codes.Code{codes.OK, codes.OK, codes.Internal, codes.Unavailable}) || parts[2].Code != codes.OK {
-		t.Fatalf("Fit without a bound gave %v (input changed: %v)", got, parts[2].Code != codes.OK)
+		t.Fatalf("MergeWithin without a bound gave %v (input changed: %v)", got, parts[2].Code != codes.OK)
 	}
-	if !bytes.Equal(aggregate.Merge(fitted), aggregate.Merge(parts)) {
-		t.Fatal("an explicit malformed part merges differently from the part itself")
+	if !bytes.Equal(reply, aggregate.Merge(parts)) || !bytes.Equal(aggregate.Merge(fitted), reply) {
+		t.Fatal("MergeWithin without a bound, or the merge of its explicit parts, differs from Merge")
 	}
-	fitted = aggregate.Fit(parts, 2048)
+	reply, fitted = aggregate.MergeWithin(parts, 2048)
 	if fitted[1].Code != codes.ResourceExhausted || fitted[0].Code != codes.OK {
-		t.Fatalf("Fit to 2 KiB kept %v, %v; want the big reply left out", fitted[0].Code, fitted[1].Code)
+		t.Fatalf("MergeWithin 2 KiB kept %v, %v; want the big reply left out", fitted[0].Code, fitted[1].Code)
 	}
-	if n := len(aggregate.Merge(fitted)); n > 2048 {
-		t.Fatalf("fitted merge is %d bytes, over 2048", n)
+	if n := len(reply); n > 2048 || !bytes.Equal(reply, aggregate.Merge(fitted)) {
+		t.Fatalf("merge within 2048 bytes is %d bytes, or not the merge of the parts it reports", n)
 	}
 }

@@ -87,6 +87,9 @@ func FuzzStampReply(f *testing.F) {
 		out, err := aggregate.StampReply(nil, reply, host)
 		n, sizeErr := aggregate.StampedReplySize(reply, host)
 		merged := aggregate.Merge([]aggregate.Part{{Host: host, Body: reply}})
+		if within, _ := aggregate.MergeWithin([]aggregate.Part{{Host: host, Body: reply}}, 0); !bytes.Equal(within, merged) {
+			t.Fatal("MergeWithin without a bound differs from Merge")
+		}
 		if err != nil {
 			if !errors.Is(err, aggregate.ErrMalformed) || !errors.Is(sizeErr, aggregate.ErrMalformed) {
 				t.Fatalf("StampReply error %v, StampedReplySize error %v; want both ErrMalformed", err, sizeErr)

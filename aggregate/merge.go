@@ -101,23 +101,26 @@ func malformedEntry(host string, f failure) errorMetadata {
 	return newErrorMetadata(host, codes.Internal, text{fail: f})
 }
 
-// Fit returns a copy of parts with every node's outcome explicit, ready for
-// Merge: a body that cannot be stamped becomes the Internal error part
-// Merge would otherwise write for it, and, when max > 0 and the merged
-// reply would exceed max bytes, the largest replies become
-// ResourceExhausted parts until it fits, so that an oversized merge costs
-// the client those nodes' entries rather than the whole call. The codes of
-// the result are what the client will see for each node.
-func Fit(parts []Part, max int) []Part {
-	fitted := slices.Clone(parts)
-	sizes := make([]int, len(fitted))
+// MergeWithin is Merge for a client that accepts at most max bytes (no
+// bound when max <= 0). When the merged reply would be larger, the largest
+// replies become ResourceExhausted error entries until it fits, so that an
+// oversized merge costs the client those nodes' entries rather than the
+// whole call. It also returns the parts as merged, with every node's
+// outcome explicit (a body that cannot be stamped is the Internal part
+// Merge writes for it): their codes are what the client sees for each
+// node. Each body is validated once, as in Merge.
+func MergeWithin(parts []Part, max int) ([]byte, []Part) {
+	merged := slices.Clone(parts)
+	sizes := make([]int, len(merged))
+	var stampable partSet
 	total := 0
-	for i := range fitted {
-		p := &fitted[i]
+	for i := range merged {
+		p := &merged[i]
 		if p.Code == codes.OK {
 			s := newStamp(p.Host)
 			_, n, f := walkReply(nil, p.Body, &s, false)
 			if f.ok() {
+				stampable.add(i)
 				sizes[i], total = n, total+n
 				continue
 			}
@@ -126,10 +129,20 @@ func Fit(parts []Part, max int) []Part {
 		sizes[i] = ErrorReplySize(p.Host, p.Code, p.Message)
 		total += sizes[i]
 	}
-	if max <= 0 || total <= max {
-		return fitted
+	if max > 0 && total > max {
+		total = leaveOut(merged, sizes, total, max)
 	}
-	order := make([]int, len(fitted))
+	out := make([]byte, 0, total)
+	for i := range merged {
+		out = appendPart(out, &merged[i], stampable.has(i))
+	}
+	return out, merged
+}
+
+// leaveOut replaces the largest replies of parts with ResourceExhausted
+// parts until their total size is at most max, and returns the new total.
+func leaveOut(parts []Part, sizes []int, total, max int) int {
+	order := make([]int, len(parts))
 	for i := range order {
 		order[i] = i
 	}
@@ -138,12 +151,14 @@ func Fit(parts []Part, max int) []Part {
 		if total <= max {
 			break
 		}
-		if fitted[i].Code != codes.OK {
+		if parts[i].Code != codes.OK {
 			continue
 		}
 		msg := fmt.Sprintf("reply of %d bytes left out: the merged reply would exceed %d bytes; ask this node alone", sizes[i], max)
-		fitted[i] = Part{Host: fitted[i].Host, Code: codes.ResourceExhausted, Message: msg}
-		total += ErrorReplySize(fitted[i].Host, fitted[i].Code, msg) - sizes[i]
+		parts[i] = Part{Host: parts[i].Host, Code: codes.ResourceExhausted, Message: msg}
+		n := ErrorReplySize(parts[i].Host, parts[i].Code, msg)
+		total += n - sizes[i]
+		sizes[i] = n
 	}
-	return fitted
+	return total
 }

@@ -162,16 +162,15 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	}
 	wg.Wait()
 
-	// Fit makes every node's outcome explicit (a malformed reply becomes
-	// Internal, one left out of an oversized merge ResourceExhausted), so
-	// the observer hears the codes the client will see.
-	fitted := aggregate.Fit(parts, h.opts.MaxReplySize)
-	reply := aggregate.Merge(fitted)
+	// The merged parts say each node's outcome as the client sees it (a
+	// malformed reply is Internal, one left out of an oversized merge
+	// ResourceExhausted): that is what the observer hears.
+	reply, merged := aggregate.MergeWithin(parts, h.opts.MaxReplySize)
 	for i := range replies {
 		replies[i].release()
 	}
 	if o := h.opts.Observer; o != nil {
-		for i, p := range fitted {
+		for i, p := range merged {
 			o.BackendDone(Unary, p.Code, took[i])
 		}
 	}
