@@ -269,7 +269,4 @@ func (c *segmentCursor) skip(n int) {
 		n -= left
 		c.seg, c.off = c.seg+1, 0
 	}
-	for c.seg < len(c.segs) && c.off == len(c.segs[c.seg]) {
-		c.seg, c.off = c.seg+1, 0
-	}
 }

@@ -393,8 +393,8 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 	}
 	stamp := mem.SliceBuffer(aggregate.Stamp(name))
 	var segs [][]byte // reused to check each message in place
+	var f frame       // one variable for the loop: RecvMsg's argument escapes
 	for {
-		var f frame
 		err := cs.RecvMsg(&f)
 		if err == io.EOF {
 			md.addTrailer(cs.Trailer())
@@ -413,6 +413,7 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 		if !emit(f) {
 			return
 		}
+		f = frame{} // its buffers went with the queued copy
 	}
 }
 
