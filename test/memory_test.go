@@ -196,17 +196,34 @@ func (c *memCluster) settled(t *testing.T, i int) usage {
 }
 
 // openUnread opens n Read streams of the big file with md on one
-// connection to the gateway and never reads them. The streams end with
+// connection to the gateway and leaves them unread. The streams end with
 // the test.
-func (c *memCluster) openUnread(t *testing.T, n int, md ...string) {
+func (c *memCluster) openUnread(t *testing.T, n int, md ...string) []machine.MachineService_ReadClient {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cc := c.dial(t, 0, c.admin)
 	t.Cleanup(cancel)
 	mc := machine.NewMachineServiceClient(cc)
-	for range n {
-		if _, err := mc.Read(metadata.AppendToOutgoingContext(ctx, md...), &machine.ReadRequest{Path: c.file}); err != nil {
+	streams := make([]machine.MachineService_ReadClient, n)
+	for i := range streams {
+		s, err := mc.Read(metadata.AppendToOutgoingContext(ctx, md...), &machine.ReadRequest{Path: c.file})
+		if err != nil {
 			t.Fatal(err)
+		}
+		streams[i] = s
+	}
+	return streams
+}
+
+// delivering fails the test unless every stream's first message is file
+// data: a stream that failed at once would hold nothing, and a memory
+// figure measured over it would prove nothing.
+func delivering(t *testing.T, streams []machine.MachineService_ReadClient) {
+	t.Helper()
+	for i, s := range streams {
+		d, err := s.Recv()
+		if err != nil || d.GetMetadata().GetError() != "" || len(d.GetBytes()) == 0 {
+			t.Fatalf("stream %d of the measurement was not delivering the file: %v, error entry %q", i, err, d.GetMetadata().GetError())
 		}
 	}
 }
@@ -230,9 +247,10 @@ func TestMemoryOfUnreadStreams(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := startMemCluster(t, tc.subnet, 3, "")
 			gw0, node0 := c.settled(t, 0), c.settled(t, 1)
-			c.openUnread(t, streams, tc.md...)
+			unread := c.openUnread(t, streams, tc.md...)
 			gw1 := c.settled(t, 0)
 			node1 := c.settled(t, 1)
+			delivering(t, unread)
 			grow := func(who string, before, after usage, hops int64) {
 				rss, heap := after.rss-before.rss, after.heap-before.heap
 				t.Logf("%s: %d unread streams: RSS %+.1f MiB (%.2f MiB a stream), heap %+.1f MiB; before %v, after %v",
