@@ -90,8 +90,8 @@ type apidBackend struct {
 
 func (b apidBackend) Name() string { return b.name }
 
-func (b apidBackend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, error) {
-	return ctx, b.conn, nil
+func (b apidBackend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, func(), error) {
+	return ctx, b.conn, nil, nil
 }
 
 // fixedDirector sends every call to the same backends, as one-to-one or

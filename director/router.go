@@ -227,16 +227,15 @@ type backend struct {
 func (b *backend) Name() string { return b.name }
 
 // Connect implements proxy.Backend. A pooled connection stays counted in
-// use until ctx ends, which the proxy guarantees once the call is over.
-func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, error) {
-	cc := b.local
-	if cc == nil {
-		var release func()
-		var err error
-		if cc, release, err = b.pool.Conn(b.name); err != nil {
-			return nil, nil, err
-		}
-		context.AfterFunc(ctx, release)
+// use until the proxy releases it.
+func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, func(), error) {
+	out := metadata.NewOutgoingContext(ctx, b.md)
+	if b.local != nil {
+		return out, b.local, nil, nil
 	}
-	return metadata.NewOutgoingContext(ctx, b.md), cc, nil
+	cc, release, err := b.pool.Conn(b.name)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return out, cc, release, nil
 }

@@ -105,9 +105,12 @@ func hops(t *testing.T, r testRouter, route proxy.Route, method string) []hop {
 	t.Helper()
 	var out []hop
 	for _, b := range route.Backends {
-		ctx, cc, err := b.Connect(context.Background(), method)
+		ctx, cc, release, err := b.Connect(context.Background(), method)
 		if err != nil {
 			t.Fatalf("Connect(%s): %v", b.Name(), err)
+		}
+		if release != nil {
+			release()
 		}
 		md, _ := metadata.FromOutgoingContext(ctx)
 		_, local := cc.(unusedConn)

@@ -40,10 +40,11 @@ type Backend interface {
 	Name() string
 	// Connect returns the connection to send the call to and the context to
 	// send it with; the context carries the outgoing metadata and must be
-	// derived from ctx. The proxy cancels ctx as soon as this backend's
-	// part of the call is over, so a Backend may tie what it lent the call
-	// (a pooled connection) to ctx.
-	Connect(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error)
+	// derived from ctx. When release is not nil the proxy calls it exactly
+	// once, when this backend's part of the call no longer uses the
+	// connection (after its last message and status, not merely when ctx
+	// ends), so a Backend may lend a pooled connection for the call.
+	Connect(ctx context.Context, fullMethod string) (outCtx context.Context, conn grpc.ClientConnInterface, release func(), err error)
 }
 
 // Route is where one call goes.

@@ -222,13 +222,16 @@ func replyMargin(left time.Duration) time.Duration {
 // that could never be sent (the reference was OOM-killed this way).
 func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req *frame, reply *frame, md *replyMD, held *atomic.Int64) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
-	outCtx, conn, err := b.Connect(ctx, method)
+	outCtx, conn, release, err := b.Connect(ctx, method)
 	if err == nil {
 		var header, trailer metadata.MD
 		sent := req.share()
 		err = conn.Invoke(outCtx, method, sent, reply,
 			grpc.ForceCodecV2(h.codec), grpc.Header(&header), grpc.Trailer(&trailer))
 		sent.release() // a no-op unless the send never reached the codec
+		if release != nil {
+			release()
+		}
 		md.addHeader(header)
 		md.addTrailer(trailer)
 	}
@@ -367,10 +370,16 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 
 	streamCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	outCtx, conn, err := b.Connect(streamCtx, method)
+	outCtx, conn, release, err := b.Connect(streamCtx, method)
 	if err != nil {
 		fail(err)
 		return
+	}
+	if release != nil {
+		defer func() {
+			cancel() // the stream ends before its connection is given back
+			release()
+		}()
 	}
 	cs, err := conn.NewStream(outCtx, serverStreamDesc, method, grpc.ForceCodecV2(h.codec))
 	if err != nil {

@@ -17,9 +17,15 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend) error
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 
-	outCtx, conn, err := b.Connect(ctx, method)
+	outCtx, conn, release, err := b.Connect(ctx, method)
 	if err != nil {
 		return backendStatus(err).Err()
+	}
+	if release != nil {
+		defer func() {
+			cancel() // the stream ends before its connection is given back
+			release()
+		}()
 	}
 	cs, err := conn.NewStream(outCtx, relayDesc, method, grpc.ForceCodecV2(h.codec))
 	if err != nil {

@@ -38,8 +38,8 @@ type target struct {
 }
 
 func (t target) Name() string { return t.name }
-func (t target) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, error) {
-	return ctx, t.conn, t.err
+func (t target) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, func(), error) {
+	return ctx, t.conn, nil, t.err
 }
 
 // staticDirector routes every call the same way.
