@@ -52,48 +52,30 @@ func newMetrics(policy *auth.Policy, pool *director.Pool, budget *limits.Memory,
 		}, []string{"kind"}),
 	}
 	m.registry.MustRegister(m.calls, m.duration, m.nodeCalls, m.nodeTime,
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "apid_node_connections", Help: "Connections to other nodes held in the pool.",
-		}, func() float64 { return float64(pool.Len()) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "apid_buffered_bytes", Help: "Bytes held for calls in flight (limits.bufferedBytes bounds new calls).",
-		}, func() float64 { return float64(budget.Held()) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "apid_buffered_bytes_limit", Help: "The limits.bufferedBytes budget.",
-		}, func() float64 { return float64(budget.Limit()) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "apid_client_connections", Help: "Client connections open, handshaking ones included.",
-		}, func() float64 { return float64(conns.Open()) }),
-		newRefusals(budget, conns),
+		gauge("apid_node_connections", "Connections to other nodes held in the pool.", pool.Len),
+		gauge("apid_buffered_bytes", "Bytes held for calls in flight (limits.bufferedBytes bounds new calls).", budget.Held),
+		gauge("apid_buffered_bytes_limit", "The limits.bufferedBytes budget.", budget.Limit),
+		gauge("apid_client_connections", "Client connections open, handshaking ones included.", conns.Open),
+		refusals("bufferedBytes", budget.Refused),
+		refusals("connections", conns.RefusedTotal),
+		refusals("connectionsPerIdentity", conns.RefusedPerIdentity),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
-// refusals exports how many calls and connections each limit refused.
-type refusals struct {
-	desc   *prometheus.Desc
-	budget *limits.Memory
-	conns  *limits.Connections
+// gauge exports what read returns now.
+func gauge[T int | int64](name, help string, read func() T) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return float64(read()) })
 }
 
-func newRefusals(budget *limits.Memory, conns *limits.Connections) *refusals {
-	return &refusals{
-		desc: prometheus.NewDesc("apid_limit_refusals_total",
-			"Calls or connections refused by a limit, by the limit's configuration key.", []string{"limit"}, nil),
-		budget: budget, conns: conns,
-	}
-}
-
-func (r *refusals) Describe(ch chan<- *prometheus.Desc) { ch <- r.desc }
-
-func (r *refusals) Collect(ch chan<- prometheus.Metric) {
-	for limit, n := range map[string]int64{
-		"bufferedBytes":          r.budget.Refused(),
-		"connections":            r.conns.RefusedTotal(),
-		"connectionsPerIdentity": r.conns.RefusedPerIdentity(),
-	} {
-		ch <- prometheus.MustNewConstMetric(r.desc, prometheus.CounterValue, float64(n), limit)
-	}
+// refusals exports how many calls or connections one limit refused,
+// labelled with the limit's configuration key.
+func refusals(limit string, read func() int64) prometheus.Collector {
+	return prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name:        "apid_limit_refusals_total",
+		Help:        "Calls or connections refused by a limit, by the limit's configuration key.",
+		ConstLabels: prometheus.Labels{"limit": limit},
+	}, func() float64 { return float64(read()) })
 }
 
 func (m *metrics) label(method string) string {
