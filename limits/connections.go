@@ -17,8 +17,8 @@ import (
 // once the handshake has verified it). A connection over either limit is
 // closed at once and the reason logged, at most once a second.
 type Connections struct {
-	total       int
-	perIdentity int
+	total       atomic.Int64
+	perIdentity atomic.Int64
 	log         *slog.Logger
 
 	open     atomic.Int64
@@ -44,7 +44,16 @@ func NewConnections(total, perIdentity int, log *slog.Logger) *Connections {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Connections{total: total, perIdentity: perIdentity, log: log, identity: map[string]int{}}
+	c := &Connections{log: log, identity: map[string]int{}}
+	c.SetLimits(total, perIdentity)
+	return c
+}
+
+// SetLimits changes both limits for connections accepted from now on;
+// open connections are never closed by a lower limit.
+func (c *Connections) SetLimits(total, perIdentity int) {
+	c.total.Store(int64(total))
+	c.perIdentity.Store(int64(perIdentity))
 }
 
 // Open returns the client connections open now.
@@ -73,10 +82,10 @@ func (l *listener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		n := l.c.open.Add(1)
-		if l.c.total > 0 && n > int64(l.c.total) {
+		if total := l.c.total.Load(); total > 0 && n > total {
 			l.c.open.Add(-1)
 			l.c.refused(byTotal, "connection refused: limits.connections reached",
-				"remote", conn.RemoteAddr().String(), "limit", l.c.total)
+				"remote", conn.RemoteAddr().String(), "limit", total)
 			_ = conn.Close()
 			continue
 		}
@@ -111,7 +120,8 @@ type limitedCreds struct {
 
 func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	conn, info, err := l.TransportCredentials.ServerHandshake(raw)
-	if err != nil || l.c.perIdentity <= 0 {
+	perIdentity := int(l.c.perIdentity.Load())
+	if err != nil || perIdentity <= 0 {
 		return conn, info, err
 	}
 	tlsInfo, ok := info.(credentials.TLSInfo)
@@ -121,10 +131,10 @@ func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 	id := tlsInfo.State.PeerCertificates[0].Subject.String()
 	l.c.mu.Lock()
 	n := l.c.identity[id]
-	if n >= l.c.perIdentity {
+	if n >= perIdentity {
 		l.c.mu.Unlock()
 		l.c.refused(byIdentity, "connection refused: limits.connectionsPerIdentity reached",
-			"peer", id, "remote", raw.RemoteAddr().String(), "limit", l.c.perIdentity)
+			"peer", id, "remote", raw.RemoteAddr().String(), "limit", perIdentity)
 		_ = conn.Close()
 		return nil, nil, fmt.Errorf("%s already has %d connections (limits.connectionsPerIdentity)", id, n)
 	}

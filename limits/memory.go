@@ -18,24 +18,32 @@ import (
 // is bounded on its own by flow control and message size limits), so a
 // spent budget stops growth without breaking anyone's call.
 type Memory struct {
-	limit   int64
+	limit   atomic.Int64
 	held    atomic.Int64
 	refused atomic.Int64
 }
 
 // NewMemory returns a budget of limit bytes; limit <= 0 means no limit.
-func NewMemory(limit int64) *Memory { return &Memory{limit: limit} }
+func NewMemory(limit int64) *Memory {
+	m := &Memory{}
+	m.limit.Store(limit)
+	return m
+}
+
+// SetLimit changes the budget for calls that start from now on.
+func (m *Memory) SetLimit(limit int64) { m.limit.Store(limit) }
 
 // Admit returns ResourceExhausted, naming the limit, while the budget is
 // spent.
 func (m *Memory) Admit() error {
-	if m.limit <= 0 {
+	limit := m.limit.Load()
+	if limit <= 0 {
 		return nil
 	}
-	if held := m.held.Load(); held > m.limit {
+	if held := m.held.Load(); held > limit {
 		m.refused.Add(1)
 		return status.Errorf(codes.ResourceExhausted,
-			"apid holds %d bytes for calls in flight, over limits.bufferedBytes (%d): try again shortly", held, m.limit)
+			"apid holds %d bytes for calls in flight, over limits.bufferedBytes (%d): try again shortly", held, limit)
 	}
 	return nil
 }
@@ -47,7 +55,7 @@ func (m *Memory) Hold(n int64) { m.held.Add(n) }
 func (m *Memory) Held() int64 { return m.held.Load() }
 
 // Limit returns the budget; 0 means none.
-func (m *Memory) Limit() int64 { return max(m.limit, 0) }
+func (m *Memory) Limit() int64 { return max(m.limit.Load(), 0) }
 
 // Refused returns how many calls the budget has refused.
 func (m *Memory) Refused() int64 { return m.refused.Load() }
