@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -12,9 +13,14 @@ import (
 
 // Authorizer checks every call against a role policy.
 type Authorizer struct {
-	policy *Policy
+	policy atomic.Pointer[Policy]
 	log    *slog.Logger
 }
+
+// HealthPrefix is the method prefix of the standard gRPC health service,
+// which every authenticated caller may call whatever its roles: a probe
+// needs a certificate, not a role.
+const HealthPrefix = "/grpc.health.v1.Health/"
 
 // NewAuthorizer returns an Authorizer of policy; denied calls are logged
 // to log (nil: discarded).
@@ -22,11 +28,16 @@ func NewAuthorizer(policy *Policy, log *slog.Logger) *Authorizer {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Authorizer{policy: policy, log: log}
+	a := &Authorizer{log: log}
+	a.policy.Store(policy)
+	return a
 }
 
-// Policy returns the policy the Authorizer enforces.
-func (a *Authorizer) Policy() *Policy { return a.policy }
+// Policy returns the policy the Authorizer enforces now.
+func (a *Authorizer) Policy() *Policy { return a.policy.Load() }
+
+// SetPolicy makes calls that start from now on checked against policy.
+func (a *Authorizer) SetPolicy(policy *Policy) { a.policy.Store(policy) }
 
 // Authorize refuses a non-canonical method path before anything else (so
 // no path trick can slip past the policy), identifies the caller (unless
@@ -44,14 +55,15 @@ func (a *Authorizer) Authorize(ctx context.Context, fullMethod string) (context.
 			return ctx, err
 		}
 	}
-	c.Roles, c.Unknown = a.policy.Known(c.Roles)
+	policy := a.policy.Load()
+	c.Roles, c.Unknown = policy.Known(c.Roles)
 	if len(c.Unknown) > 0 {
 		a.log.Debug("ignoring unknown roles", "peer", c.Subject, "roles", c.Unknown)
 	}
-	if !a.policy.Permits(fullMethod, c.Roles) {
+	if !strings.HasPrefix(fullMethod, HealthPrefix) && !policy.Permits(fullMethod, c.Roles) {
 		a.log.Info("permission denied", "method", fullMethod, "peer", c.Subject, "roles", c.Roles, "unknown_roles", c.Unknown)
 		return ctx, status.Errorf(codes.PermissionDenied, "%s needs one of the roles %s; the caller has %s",
-			fullMethod, strings.Join(a.policy.Allowed(fullMethod), ", "), describeRoles(c.Roles))
+			fullMethod, strings.Join(policy.Allowed(fullMethod), ", "), describeRoles(c.Roles))
 	}
 	return NewContext(ctx, c), nil
 }
@@ -72,6 +84,18 @@ func (a *Authorizer) StreamInterceptor() grpc.StreamServerInterceptor {
 			return err
 		}
 		return handler(srv, &contextStream{ServerStream: ss, ctx: ctx})
+	}
+}
+
+// UnaryInterceptor authorizes calls to the services apid serves itself
+// (health), whose unary methods bypass the stream interceptors.
+func (a *Authorizer) UnaryInterceptor() grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		ctx, err := a.Authorize(ctx, info.FullMethod)
+		if err != nil {
+			return nil, err
+		}
+		return handler(ctx, req)
 	}
 }
 

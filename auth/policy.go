@@ -118,8 +118,7 @@ func DefaultRules() []Rule {
 // before it for the same method or pattern.
 func NewPolicy(rules []Rule, replace bool) (*Policy, error) {
 	p := &Policy{exact: map[string][]string{}, known: map[string]bool{}}
-	for _, r := range []string{certs.RoleAdmin, certs.RoleOperator, certs.RoleReader, certs.RoleEtcdBackup,
-		certs.RoleImageVerifier, certs.RoleMetaWriter, certs.RoleImpersonator} {
+	for _, r := range certs.BuiltinRoles {
 		p.known[r] = true
 	}
 	all := rules
@@ -175,6 +174,19 @@ func (p *Policy) Allowed(method string) []string {
 func (p *Policy) HasRule(method string) bool {
 	_, ok := p.exact[method]
 	return ok
+}
+
+// Services returns, sorted, the services whose methods the policy names
+// one by one ("machine.MachineService"): those apid reports in its health.
+func (p *Policy) Services() []string {
+	var out []string
+	for m := range p.exact {
+		if svc, _, ok := strings.Cut(strings.TrimPrefix(m, "/"), "/"); ok && !slices.Contains(out, svc) {
+			out = append(out, svc)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Permits reports whether a caller holding roles may call method.

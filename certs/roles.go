@@ -29,6 +29,9 @@ const (
 	RoleImpersonator = "os:impersonator"
 )
 
+// BuiltinRoles are the roles of the Talos API, known to every policy.
+var BuiltinRoles = []string{RoleAdmin, RoleOperator, RoleReader, RoleEtcdBackup, RoleImageVerifier, RoleMetaWriter, RoleImpersonator}
+
 // Roles returns the roles a certificate carries: its Subject Organization
 // values in order, without duplicates and without empty strings. Unknown
 // values are kept. It returns nil for a nil certificate or one without

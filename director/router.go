@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -69,8 +70,14 @@ type Config struct {
 
 // Router is the Director of apid: it implements proxy.Director.
 type Router struct {
-	local   grpc.ClientConnInterface
-	pool    *Pool
+	local grpc.ClientConnInterface
+	pool  *Pool
+	rules atomic.Pointer[rules]
+}
+
+// rules are a Config made ready for routing; SetConfig swaps them whole,
+// so one call sees one configuration.
+type rules struct {
 	self    map[string]bool
 	forward []string
 	kinds   methodKinds
@@ -81,26 +88,32 @@ type Router struct {
 // NewRouter returns a Router that sends local calls to local and calls for
 // other nodes through pool.
 func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
-	r := &Router{
-		local:   local,
-		pool:    pool,
+	r := &Router{local: local, pool: pool}
+	r.SetConfig(cfg)
+	return r
+}
+
+// SetConfig makes calls that start from now on routed by cfg; running
+// calls keep the configuration they started with.
+func (r *Router) SetConfig(cfg Config) {
+	rs := &rules{
 		self:    make(map[string]bool, len(cfg.SelfNames)),
 		forward: append(slices.Clone(DefaultForwardKeys), cfg.ForwardKeys...),
 		kinds:   newMethodKinds(cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
 		max:     cfg.MaxNodes,
 		timeout: cfg.NodeTimeout,
 	}
-	if r.max <= 0 {
-		r.max = 1000
+	if rs.max <= 0 {
+		rs.max = 1000
 	}
-	r.forward = slices.DeleteFunc(r.forward, func(k string) bool { return ReservedKey(k) })
-	for i, k := range r.forward {
-		r.forward[i] = strings.ToLower(k)
+	rs.forward = slices.DeleteFunc(rs.forward, func(k string) bool { return ReservedKey(k) })
+	for i, k := range rs.forward {
+		rs.forward[i] = strings.ToLower(k)
 	}
 	for _, n := range cfg.SelfNames {
-		r.self[canonical(n)] = true
+		rs.self[canonical(n)] = true
 	}
-	return r
+	r.rules.Store(rs)
 }
 
 // Route implements proxy.Director. It routes only calls that package auth
@@ -112,7 +125,8 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		return proxy.Route{}, status.Error(codes.Internal, "call reached routing without authorization")
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	out := r.outgoing(md, caller.Roles)
+	rs := r.rules.Load()
+	out := rs.outgoing(md, caller.Roles)
 	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
 		// Forwarded calls are this node's to serve (which also stops loops).
 		// Reflection describes the API, which every node shares, and is a
@@ -132,39 +146,39 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
-		return r.oneToOne(r.backendFor(t, out, forwarded(out, md))), nil
+		return r.oneToOne(r.backendFor(rs, t, out, forwarded(out, md))), nil
 	case len(nodes) > 0:
-		targets, err := ParseTargets(nodes, r.max)
+		targets, err := ParseTargets(nodes, rs.max)
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
-		timeout, err := r.nodeTimeout(md)
+		timeout, err := rs.nodeTimeout(md)
 		if err != nil {
 			return proxy.Route{}, err
 		}
 		backends := make([]proxy.Backend, len(targets))
 		remote := forwarded(out, md) // shared by every remote backend: read-only from here on
 		for i, t := range targets {
-			backends[i] = r.backendFor(t, out, remote)
+			backends[i] = r.backendFor(rs, t, out, remote)
 		}
-		return proxy.Route{Backends: backends, OneToMany: true, Kind: r.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
+		return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 	}
 	return r.oneToOne(r.localBackend("", out)), nil
 }
 
 // nodeTimeout is the configured per-node deadline, shortened by the
 // client's KeyNodeTimeout if it sent one.
-func (r *Router) nodeTimeout(md metadata.MD) (time.Duration, error) {
+func (rs *rules) nodeTimeout(md metadata.MD) (time.Duration, error) {
 	v := md[KeyNodeTimeout]
 	if len(v) == 0 {
-		return r.timeout, nil
+		return rs.timeout, nil
 	}
 	d, err := time.ParseDuration(v[0])
 	if err != nil || d <= 0 || len(v) > 1 {
 		return 0, status.Errorf(codes.InvalidArgument, "%s: want one positive duration such as 2s", KeyNodeTimeout)
 	}
-	if r.timeout > 0 && r.timeout < d {
-		return r.timeout, nil
+	if rs.timeout > 0 && rs.timeout < d {
+		return rs.timeout, nil
 	}
 	return d, nil
 }
@@ -177,9 +191,9 @@ func (r *Router) oneToOne(b proxy.Backend) proxy.Route {
 // client keys plus the roles this apid resolved. Whatever else the caller
 // sent (node, nodes, proxyfrom, talos-role, tokens, pseudo-headers) stays
 // here.
-func (r *Router) outgoing(in metadata.MD, roles []string) metadata.MD {
-	out := make(metadata.MD, len(r.forward)+2)
-	for _, k := range r.forward {
+func (rs *rules) outgoing(in metadata.MD, roles []string) metadata.MD {
+	out := make(metadata.MD, len(rs.forward)+2)
+	for _, k := range rs.forward {
 		if v, ok := in[k]; ok {
 			out[k] = slices.Clone(v)
 		}
@@ -204,8 +218,8 @@ func forwarded(out, in metadata.MD) metadata.MD {
 
 // backendFor is the backend serving target: the local agent when target is
 // this node, otherwise target's apid.
-func (r *Router) backendFor(target string, local, remote metadata.MD) proxy.Backend {
-	if r.self[canonical(target)] {
+func (r *Router) backendFor(rs *rules, target string, local, remote metadata.MD) proxy.Backend {
+	if rs.self[canonical(target)] {
 		return r.localBackend(target, local)
 	}
 	return &backend{name: target, md: remote, pool: r.pool}

@@ -291,7 +291,7 @@ func TestRouteCallerWithoutRoles(t *testing.T) {
 func TestOutgoingWithoutRoles(t *testing.T) {
 	r := newTestRouter(t, Config{})
 	for _, roles := range [][]string{nil, {}} {
-		out := r.outgoing(forged(), roles)
+		out := r.rules.Load().outgoing(forged(), roles)
 		if v, ok := out[auth.KeyRole]; ok {
 			t.Errorf("outgoing with roles %#v holds %s = %q", roles, auth.KeyRole, v)
 		}
