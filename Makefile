@@ -5,7 +5,7 @@ PKGS := ./...
 .PHONY: build test test-short bench lint fuzz demo clean
 
 build:
-	$(GO) build -o bin/apid ./cmd/apid
+	$(GO) build -buildvcs=auto -o bin/apid ./cmd/apid
 
 # Everything CI checks: formatting, vet, and every test under the race detector.
 test: lint

@@ -95,7 +95,7 @@ func startMemCluster(t *testing.T, subnet, nodes int, extraConfig string) *memCl
 		c.metrics = append(c.metrics, maddr)
 		c.procs = append(c.procs, startBin(t, bin, "apid serving", "serve", "-config", cfg,
 			"-listen", net.JoinHostPort(ip, strconv.Itoa(c.port)), "-self", ip,
-			"-remote-port", strconv.Itoa(c.port), "-backend", "unix://"+sock, "-metrics-listen", maddr))
+			"-remote-port", strconv.Itoa(c.port), "-backend", "unix://"+sock, "-admin-listen", maddr, "-drain-delay", "0"))
 	}
 	return c
 }

@@ -499,7 +499,7 @@ func startSecCluster(t *testing.T) *secCluster {
 		append([]string{"client", "-name", "operator", "-roles", "os:operator"}, ca...),
 		append([]string{"client", "-name", "reader", "-roles", "os:reader"}, ca...),
 		append([]string{"client", "-name", "etcd-backup", "-roles", "os:etcd:backup"}, ca...),
-		append([]string{"client", "-name", "wizard", "-roles", "os:wizard,team:ops"}, ca...),
+		append([]string{"client", "-name", "wizard", "-roles", "os:wizard,team:ops", "-allow-unknown-roles"}, ca...),
 	})
 	t.Run("gen output", func(t *testing.T) {
 		for _, base := range []string{"node-a", "node-b", "reader", "admin"} {
@@ -563,7 +563,7 @@ maxConcurrentStreams: 2
 `, c.caB, p.path("node-b.crt"), p.path("node-b.key")))
 	serve := func(cfg, ip string, agent *recordingAgent) *process {
 		return start(t, "apid serving", "serve", "-config", cfg, "-listen", c.addr(ip), "-self", ip,
-			"-remote-port", fmt.Sprint(c.port), "-backend", agent.Addr)
+			"-remote-port", fmt.Sprint(c.port), "-backend", agent.Addr, "-admin-listen", "", "-drain-delay", "0")
 	}
 	c.procA = serve(cfgA, ipA, c.agentA)
 	c.procB = serve(cfgB, ipB, c.agentB)

@@ -10,7 +10,6 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/apid/apid/agent"
-	"github.com/apid/apid/internal/gateway"
 )
 
 func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
@@ -27,7 +26,7 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	log := gateway.NewLogger(stderr, *level)
+	log := newLogger(stderr, *level)
 	lis, err := agent.Listen(*listen)
 	if err != nil {
 		return err

@@ -63,7 +63,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
 	if o.nodes < 1 || o.nodes > 200 {
 		errs = append(errs, fmt.Errorf("-nodes %d: want 1 to 200", o.nodes))
 	}
-	if o.port < 1 || o.port > 65535 {
+	if o.port < 1 || o.port > 65534 {
 		errs = append(errs, fmt.Errorf("-port %d: out of range", o.port))
 	}
 	o.firstIP = ip
@@ -82,7 +82,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	log := gateway.NewLogger(stderr, o.logLevel)
+	log := newLogger(stderr, o.logLevel)
 	nodes, err := writeDemoPKI(o)
 	if err != nil {
 		return err
@@ -108,6 +108,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.SelfNames = []string{n.ip, n.name}
 		cfg.NodeTimeout = 10 * time.Second
 		cfg.LogLevel = o.logLevel
+		// Each node's admin endpoint is on its own address, next port up.
+		cfg.AdminListen = net.JoinHostPort(n.ip, strconv.Itoa(o.port+1))
+		// No balancer watches the demo's readiness: Ctrl-C stops at once,
+		// giving running streams (logs -f) a moment to end cleanly.
+		cfg.DrainDelay = 0
+		cfg.ShutdownTimeout = 2 * time.Second
 		gw, err := gateway.New(cfg, log.With("node", n.name))
 		if err != nil {
 			return err
@@ -226,10 +232,11 @@ Try, from another terminal:
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key \
     -rpc-header 'nodes: %s' %s machine.MachineService/Version
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key %s list
+  curl http://%s/readyz     (each node's /healthz, /readyz and /metrics)
 
 Press Ctrl-C to stop.
 `, len(nodes), strings.Join(ips, ", "), o.port, dir,
 		dir, dir, strings.Join(ips, ","),
 		dir, dir, dir, strings.Join(ips, ","), first,
-		dir, dir, dir, first)
+		dir, dir, dir, first, net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port+1)))
 }

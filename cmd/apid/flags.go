@@ -14,9 +14,9 @@ import (
 // file and the flags: the file overrides defaults and flags override the
 // file, which is done by parsing the flags again over the file's values.
 // The gateway validates the result.
-func loadConfig(args []string, stderr io.Writer) (gateway.Config, error) {
+func loadConfig(command string, args []string, stderr io.Writer) (gateway.Config, error) {
 	parse := func(cfg *gateway.Config) (file string, err error) {
-		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+		fs := flag.NewFlagSet(command, flag.ContinueOnError)
 		fs.SetOutput(stderr)
 		fs.StringVar(&file, "config", "", "YAML configuration `file` (flags override it)")
 		bindConfigFlags(fs, cfg)
@@ -60,6 +60,8 @@ func bindConfigFlags(fs *flag.FlagSet, c *gateway.Config) {
 	fs.IntVar(&c.MaxNodes, "max-nodes", def.MaxNodes, "most nodes one request may name")
 	fs.DurationVar(&c.NodeTimeout, "node-timeout", def.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
 	fs.BoolVar(&c.AllowTLS12, "allow-tls12", def.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
-	fs.StringVar(&c.MetricsListen, "metrics-listen", def.MetricsListen, "serve Prometheus /metrics on this `address` (off when empty)")
+	fs.StringVar(&c.AdminListen, "admin-listen", def.AdminListen, "serve /healthz, /readyz and /metrics over plain HTTP on this `address` (off when empty)")
+	fs.DurationVar(&c.DrainDelay, "drain-delay", def.DrainDelay, "on SIGTERM, keep accepting calls this long with readiness failing")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", def.ShutdownTimeout, "then give running calls this long before they end with UNAVAILABLE")
 	fs.StringVar(&c.LogLevel, "log-level", def.LogLevel, "debug, info, warn or error")
 }

@@ -32,7 +32,7 @@ policy:
 	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := loadConfig([]string{"-config", file, "-node-timeout", "5s", "-self", "cp-1"}, io.Discard)
+	cfg, err := loadConfig("serve", []string{"-config", file, "-node-timeout", "5s", "-self", "cp-1"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,33 +4,62 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/apid/apid/pki"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
+
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/pki"
 )
 
-const genUsage = `usage:
-  apid gen ca     [-out DIR] [-name CN] [-ttl D] [-key-type ecdsa|ed25519] [-force]
-  apid gen node   -name FQDN [-ip IP,...] [-dns NAME,...] [-ca-dir DIR] [-out DIR] [-ttl D] [-force]
-  apid gen client -name CN -roles os:reader[,...] [-ttl D] [-ca-dir DIR] [-out DIR] [-force]
-                  [-talosconfig FILE -endpoints A,B [-nodes A,B] [-context NAME]]
+// genUsages are the synopses of apid gen's kinds.
+var genUsages = map[string]string{
+	"ca":     "apid gen ca     [-out DIR] [-name CN] [-ttl D] [-key-type ecdsa|ed25519] [-force]",
+	"node":   "apid gen node   -name FQDN [-ip IP,...] [-dns NAME,...] [-ca-dir DIR] [-out DIR] [-ttl D] [-force]",
+	"client": "apid gen client -name CN -roles os:reader[,...] [-allow-unknown-roles] [-ttl D] [-ca-dir DIR] [-out DIR] [-force]\n                [-talosconfig FILE -endpoints A,B [-nodes A,B] [-context NAME]]",
+}
 
+const genNotes = `
+A node certificate must carry every name and address clients use to reach
+the node, the load balancer's included (-dns lb.example.internal, -ip ...).
 Private keys are written with mode 0600; existing files are kept unless -force.
 `
 
+func printGenUsage(w io.Writer, kinds ...string) {
+	fmt.Fprintln(w, "usage:")
+	for _, k := range kinds {
+		fmt.Fprintln(w, "  "+genUsages[k])
+	}
+	fmt.Fprint(w, genNotes)
+}
+
 func runGen(args []string, stdout, stderr io.Writer) error {
+	all := []string{"ca", "node", "client"}
 	if len(args) == 0 {
-		fmt.Fprint(stderr, genUsage)
+		printGenUsage(stderr, all...)
 		return errors.New("gen: what to generate? ca, node or client")
 	}
 	what, args := args[0], args[1:]
+	switch what {
+	case "-h", "-help", "--help", "help":
+		printGenUsage(stdout, all...)
+		return nil
+	case "ca", "node", "client":
+	default:
+		printGenUsage(stderr, all...)
+		return fmt.Errorf("gen: unknown kind %q: want ca, node or client", what)
+	}
 	fs := flag.NewFlagSet("gen "+what, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, genUsage); fs.PrintDefaults() }
+	fs.Usage = func() {
+		printGenUsage(fs.Output(), what)
+		fmt.Fprintln(fs.Output(), "\nflags:")
+		fs.PrintDefaults()
+	}
 	out := fs.String("out", ".", "output `directory`")
 	caDir := fs.String("ca-dir", ".", "`directory` holding ca.crt and ca.key")
 	name := fs.String("name", "", "common name (node: its FQDN; client: who it is)")
@@ -40,12 +69,21 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	ips := fs.String("ip", "", "node: comma-separated IP SANs")
 	dns := fs.String("dns", "", "node: comma-separated DNS SANs (the name is always one)")
 	roles := fs.String("roles", "", "client: comma-separated roles, e.g. os:reader")
+	allowUnknown := fs.Bool("allow-unknown-roles", false, "client: accept roles outside the built-in ones (for a custom policy)")
 	talosconfig := fs.String("talosconfig", "", "client: also write (or merge into) this talosconfig `file`")
 	endpoints := fs.String("endpoints", "", "client: talosconfig endpoints, comma-separated")
 	nodes := fs.String("nodes", "", "client: talosconfig default nodes, comma-separated")
 	contextName := fs.String("context", "", "client: talosconfig context name (default: the name)")
+	for _, a := range args {
+		if a == "-h" || a == "-help" || a == "--help" {
+			fs.SetOutput(stdout) // asked for: the usage is the output
+		}
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("gen %s takes flags only; unexpected argument %q", what, fs.Arg(0))
 	}
 	kt, err := pki.ParseKeyType(*keyType)
 	if err != nil {
@@ -113,6 +151,14 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		if len(roleList) == 0 {
 			return errors.New("gen client: -roles is required (e.g. os:reader)")
 		}
+		if !*allowUnknown {
+			for _, r := range roleList {
+				if !slices.Contains(certs.BuiltinRoles, r) {
+					return fmt.Errorf("gen client: unknown role %q: the built-in roles are %s (use -allow-unknown-roles for a role of your own policy)",
+						r, strings.Join(certs.BuiltinRoles, ", "))
+				}
+			}
+		}
 		crt, key, err := ca.IssueClient(*name, roleList, *ttl, kt)
 		if err != nil {
 			return err
@@ -137,7 +183,6 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "wrote context %q to %s\n", ctxName, *talosconfig)
 		return nil
 	}
-	fmt.Fprint(stderr, genUsage)
 	return fmt.Errorf("gen: unknown kind %q", what)
 }
 

@@ -9,6 +9,8 @@
 //	apid demo    run a local demo cluster of N gateways and example agents
 //	apid agent   run the example node agent alone
 //	apid gen     generate a CA, node and client certificates
+//	apid check   validate a configuration and the files it names
+//	apid version print the version, commit and Go version
 package main
 
 import (
@@ -17,9 +19,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/apid/apid/internal/gateway"
 )
 
 func main() {
@@ -39,6 +44,8 @@ commands:
   demo    run a demo cluster on this machine (127.0.0.11, .12, .13 …)
   agent   run the example node agent
   gen     generate certificates: gen ca | gen node | gen client
+  check   validate a configuration file: check -config FILE
+  version print the version, commit and Go version
 
 Run 'apid <command> -h' for a command's flags.
 `
@@ -58,10 +65,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runAgent(ctx, rest, stderr)
 	case "gen":
 		return runGen(rest, stdout, stderr)
+	case "check":
+		return runCheck(rest, stdout, stderr)
+	case "version", "-version", "--version":
+		return runVersion(stdout)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
 	}
 	fmt.Fprint(stderr, usage)
 	return fmt.Errorf("unknown command %q", cmd)
+}
+
+// newLogger is a logger at a fixed level, for commands that never reload.
+func newLogger(w io.Writer, level string) *slog.Logger {
+	v := new(slog.LevelVar)
+	v.Set(gateway.ParseLevel(level))
+	return gateway.NewLogger(w, v)
 }

@@ -2,45 +2,106 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
 	"syscall"
 
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
+
 	"github.com/apid/apid/internal/gateway"
 )
 
 func runServe(ctx context.Context, args []string, stderr io.Writer) error {
-	cfg, err := loadConfig(args, stderr)
+	cfg, err := loadConfig("serve", args, stderr)
 	if err != nil {
 		return err
 	}
-	log := gateway.NewLogger(stderr, cfg.LogLevel)
+	level := new(slog.LevelVar)
+	level.Set(gateway.ParseLevel(cfg.LogLevel))
+	log := gateway.NewLogger(stderr, level)
 	gw, err := gateway.New(cfg, log)
 	if err != nil {
 		return err
 	}
 	defer gw.Close()
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	go func() {
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-hup:
-				gw.Reload()
-			}
-		}
-	}()
-
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return err
 	}
-	log.Info("apid serving", "listen", lis.Addr().String(), "backend", cfg.Backend, "remote_port", cfg.RemotePort)
+	v := buildVersion()
+	log.Info("apid serving", "listen", lis.Addr().String(), "admin", cfg.AdminListen, "backend", cfg.Backend,
+		"remote_port", cfg.RemotePort, "version", v.version, "commit", v.commit)
+
+	signals := make(chan os.Signal, 4)
+	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, os.Interrupt)
+	defer signal.Stop(signals)
+	served := make(chan struct{})
+	defer close(served)
+	go func() {
+		select {
+		case <-gw.Serving():
+			notify(log, daemon.SdNotifyReady)
+		case <-served:
+			return
+		}
+		stopping := false
+		for {
+			select {
+			case <-served:
+				return
+			case sig := <-signals:
+				switch {
+				case sig == syscall.SIGHUP:
+					notify(log, daemon.SdNotifyReloading+"\n"+monotonic())
+					reload(gw, args, level, log, stderr)
+					notify(log, daemon.SdNotifyReady)
+				case !stopping:
+					// The context ends too (main's handler): Serve drains.
+					stopping = true
+					notify(log, daemon.SdNotifyStopping)
+					log.Info("stop requested; a second signal stops at once", "signal", sig.String())
+				default:
+					log.Warn("second stop signal: ending running calls now", "signal", sig.String())
+					gw.StopNow()
+				}
+			}
+		}
+	}()
 	return gw.Serve(ctx, lis)
+}
+
+// reload re-reads the whole configuration (file and flags, as at start)
+// and applies it; a configuration that does not load or validate is
+// refused and the running one stays.
+func reload(gw *gateway.Gateway, args []string, level *slog.LevelVar, log *slog.Logger, stderr io.Writer) {
+	log.Info("SIGHUP: reloading the configuration")
+	next, err := loadConfig("serve", args, stderr)
+	if err != nil {
+		log.Error("configuration refused; the running one stays", "err", err)
+		return
+	}
+	if gw.Reload(next) == nil {
+		level.Set(gateway.ParseLevel(gw.Config().LogLevel))
+	}
+}
+
+// notify tells systemd (Type=notify) about the service's state; without
+// NOTIFY_SOCKET it does nothing.
+func notify(log *slog.Logger, state string) {
+	if _, err := daemon.SdNotify(false, state); err != nil {
+		log.Warn("systemd notification failed", "state", state, "err", err)
+	}
+}
+
+// monotonic is the MONOTONIC_USEC field systemd wants with RELOADING=1.
+func monotonic() string {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return fmt.Sprintf("MONOTONIC_USEC=%d", ts.Nano()/1000)
 }

@@ -77,9 +77,26 @@ type Config struct {
 	MaxConnectionIdle time.Duration `yaml:"maxConnectionIdle"`
 	// Limits bound what clients can make apid hold.
 	Limits LimitsConfig `yaml:"limits"`
-	// MetricsListen serves Prometheus metrics on /metrics at this address
-	// (plain HTTP: keep it on a private interface). Empty: off.
-	MetricsListen string `yaml:"metricsListen"`
+	// AdminListen serves /healthz (alive), /readyz (ready for calls) and
+	// /metrics (Prometheus) over plain HTTP at this address: keep it on
+	// loopback or a private interface. Default 127.0.0.1:50001. Empty: off.
+	AdminListen string `yaml:"adminListen"`
+	// DrainDelay is how long apid, told to stop, goes on accepting calls
+	// with readiness already failing, so that balancers notice before
+	// connections are refused. Default 5s.
+	DrainDelay time.Duration `yaml:"drainDelay"`
+	// ShutdownTimeout is how long running calls get to finish once apid
+	// stops accepting; then they end with UNAVAILABLE. Default 30s.
+	ShutdownTimeout time.Duration `yaml:"shutdownTimeout"`
+	// MaxConnectionAge sends a client connection older than this a GOAWAY:
+	// the client opens a new one for its next calls, so that long-lived
+	// clients spread again over the gateways behind a balancer. Running
+	// calls go on. Default 1h. Zero: never.
+	MaxConnectionAge time.Duration `yaml:"maxConnectionAge"`
+	// MaxConnectionAgeGrace is how long calls may still run on a connection
+	// past MaxConnectionAge before it is closed. Zero (the default): as
+	// long as they need.
+	MaxConnectionAgeGrace time.Duration `yaml:"maxConnectionAgeGrace"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `yaml:"logLevel"`
 	// Policy replaces or extends the built-in role policy.
@@ -110,6 +127,16 @@ type LimitsConfig struct {
 	// NodeBuffer is what a streamed fan-out queues of one node's messages
 	// for a client that reads slower than the nodes send. Default 64 KiB.
 	NodeBuffer ByteSize `yaml:"nodeBuffer"`
+	// ConcurrentCallsPerIdentity bounds the calls one client certificate
+	// subject has in flight at once, over all its connections and every
+	// gateway process's own count. Default 1000.
+	ConcurrentCallsPerIdentity int `yaml:"concurrentCallsPerIdentity"`
+	// CallsPerSecondPerIdentity and CallBurstPerIdentity are a token
+	// bucket per client certificate subject: calls start at most this many
+	// a second on average, and bursts of up to CallBurstPerIdentity.
+	// Defaults 500 and 1000.
+	CallsPerSecondPerIdentity float64 `yaml:"callsPerSecondPerIdentity"`
+	CallBurstPerIdentity      int     `yaml:"callBurstPerIdentity"`
 }
 
 // ByteSize is a number of bytes, written in YAML as an integer or as a
@@ -171,16 +198,24 @@ func Default() Config {
 		MaxDials:       64,
 		LogLevel:       "info",
 
+		AdminListen:     "127.0.0.1:50001",
+		DrainDelay:      5 * time.Second,
+		ShutdownTimeout: 30 * time.Second,
+
 		HandshakeTimeout:     10 * time.Second,
 		MaxConcurrentStreams: 1000,
 		MaxConnectionIdle:    5 * time.Minute,
+		MaxConnectionAge:     time.Hour,
 		Limits: LimitsConfig{
-			BufferedBytes:          ByteSize(limits.DefaultMemory()),
-			Connections:            4096,
-			ConnectionsPerIdentity: 256,
-			StreamWindow:           256 << 10,
-			ConnectionWindow:       1 << 20,
-			NodeBuffer:             64 << 10,
+			BufferedBytes:              ByteSize(limits.DefaultMemory()),
+			Connections:                4096,
+			ConnectionsPerIdentity:     256,
+			StreamWindow:               256 << 10,
+			ConnectionWindow:           1 << 20,
+			NodeBuffer:                 64 << 10,
+			ConcurrentCallsPerIdentity: 1000,
+			CallsPerSecondPerIdentity:  500,
+			CallBurstPerIdentity:       1000,
 		},
 	}
 }
@@ -237,6 +272,9 @@ func (c Config) validate() (*auth.Policy, error) {
 	if c.MaxConnectionIdle <= 0 {
 		errs = append(errs, errors.New("maxConnectionIdle must be positive"))
 	}
+	if c.DrainDelay < 0 || c.ShutdownTimeout < 0 || c.MaxConnectionAge < 0 || c.MaxConnectionAgeGrace < 0 {
+		errs = append(errs, errors.New("drainDelay, shutdownTimeout, maxConnectionAge and maxConnectionAgeGrace must be >= 0"))
+	}
 	errs = append(errs, c.Limits.validate()...)
 	if c.MaxConcurrentStreams == 0 {
 		errs = append(errs, errors.New("maxConcurrentStreams must be positive"))
@@ -244,9 +282,11 @@ func (c Config) validate() (*auth.Policy, error) {
 	if c.MaxMessageSize < 1024 {
 		errs = append(errs, fmt.Errorf("maxMessageSize %d: too small", c.MaxMessageSize))
 	}
-	if c.MetricsListen != "" {
-		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
-			errs = append(errs, fmt.Errorf("metricsListen %q: %w", c.MetricsListen, err))
+	if c.AdminListen != "" {
+		if _, _, err := net.SplitHostPort(c.AdminListen); err != nil {
+			errs = append(errs, fmt.Errorf("adminListen %q: %w", c.AdminListen, err))
+		} else if c.AdminListen == c.Listen {
+			errs = append(errs, fmt.Errorf("adminListen %q: the same address as listen", c.AdminListen))
 		}
 	}
 	for _, k := range c.ForwardMetadata {
@@ -288,6 +328,9 @@ func (l LimitsConfig) validate() []error {
 	}
 	if l.NodeBuffer < 1<<10 {
 		errs = append(errs, fmt.Errorf("limits.nodeBuffer %d: want at least 1 KiB", l.NodeBuffer))
+	}
+	if l.ConcurrentCallsPerIdentity <= 0 || l.CallsPerSecondPerIdentity <= 0 || l.CallBurstPerIdentity <= 0 {
+		errs = append(errs, errors.New("limits.concurrentCallsPerIdentity, limits.callsPerSecondPerIdentity and limits.callBurstPerIdentity must be positive"))
 	}
 	return errs
 }

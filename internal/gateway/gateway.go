@@ -2,16 +2,22 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
@@ -22,26 +28,49 @@ import (
 	"github.com/apid/apid/proxy"
 )
 
-// NewLogger returns a text logger to w at level (debug, info, warn or
-// error; anything else means info).
-func NewLogger(w io.Writer, level string) *slog.Logger {
-	var l slog.Level
-	_ = l.UnmarshalText([]byte(level))
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l}))
+// NewLogger returns a text logger to w whose level is level (which the
+// caller may change while it runs, as a reload does).
+func NewLogger(w io.Writer, level *slog.LevelVar) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
 }
+
+// ParseLevel reads debug, info, warn or error; anything else means info
+// (Validate refuses it first).
+func ParseLevel(s string) slog.Level {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(s))
+	return l
+}
+
+// errShuttingDown ends the calls still running when shutdownTimeout is up.
+var errShuttingDown = errors.New("apid is shutting down")
 
 // Gateway is one apid: the TLS material, the connections to the local
 // agent and to other nodes, and the gRPC server that proxies.
 type Gateway struct {
-	cfg     Config
+	cfg     atomic.Pointer[Config]
+	reload  sync.Mutex // serialises Reload
 	log     *slog.Logger
 	src     *certs.Source
 	local   *grpc.ClientConn
 	pool    *director.Pool
+	router  *director.Router
+	authz   *auth.Authorizer
+	budget  *limits.Memory
+	conns   *limits.Connections
+	calls   *limits.Calls
 	server  *grpc.Server
 	metrics *metrics
-	conns   *limits.Connections
-	stop    context.CancelFunc
+	ready   *readiness
+
+	inFlight  atomic.Int64
+	adminAddr net.Addr           // set before serving is closed
+	serving   chan struct{}      // closed once Serve accepts
+	hardStop  context.Context    // done when running calls must end
+	endCalls  context.CancelFunc // ends them
+	now       chan struct{}      // closed by StopNow
+	nowOnce   sync.Once
+	stop      context.CancelFunc // ends the watchers
 }
 
 // New assembles a gateway from cfg, which it validates (every problem is
@@ -79,25 +108,28 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 			return credentials.NewTLS(certs.ClientConfig(src, host))
 		},
 	})
-	authz := auth.NewAuthorizer(policy, log)
-	router := director.NewRouter(director.Config{
-		NodeTimeout:     cfg.NodeTimeout,
-		SelfNames:       cfg.SelfNames,
-		MaxNodes:        cfg.MaxNodes,
-		ForwardKeys:     cfg.ForwardMetadata,
-		ServerStreaming: cfg.ServerStreamingMethods,
-		ClientStreaming: cfg.ClientStreamingMethods,
-		BidiStreaming:   cfg.BidiStreamingMethods,
-	}, local, pool)
-	budget := limits.NewMemory(int64(cfg.Limits.BufferedBytes))
-	conns := limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log)
-	m := newMetrics(policy, pool, budget, conns)
-	handler := proxy.NewHandler(router, proxy.Options{
-		MaxReplySize: cfg.MaxMessageSize, NodeBuffer: int(cfg.Limits.NodeBuffer), Observer: m, Budget: budget,
+	ctx, stop := context.WithCancel(context.Background())
+	hardStop, endCalls := context.WithCancelCause(context.Background())
+	g := &Gateway{
+		log: log, src: src, local: local, pool: pool,
+		router:  director.NewRouter(routerConfig(cfg), local, pool),
+		authz:   auth.NewAuthorizer(policy, log),
+		budget:  limits.NewMemory(int64(cfg.Limits.BufferedBytes)),
+		conns:   limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
+		calls:   limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
+		ready:   newReadiness(src, cfg.Backend, policy.Services()),
+		serving: make(chan struct{}),
+		now:     make(chan struct{}),
+		stop:    stop, hardStop: hardStop, endCalls: func() { endCalls(errShuttingDown) },
+	}
+	g.cfg.Store(&cfg)
+	g.metrics = newMetrics(g.authz, pool, g.budget, g.conns, g.calls, g.inFlight.Load)
+	handler := proxy.NewHandler(g.router, proxy.Options{
+		MaxReplySize: cfg.MaxMessageSize, NodeBuffer: int(cfg.Limits.NodeBuffer), Observer: g.metrics, Budget: g.budget,
 	})
 
-	server := grpc.NewServer(
-		grpc.Creds(conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
+	g.server = grpc.NewServer(
+		grpc.Creds(g.conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(handler.StreamHandler()),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),
@@ -112,18 +144,43 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(1<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: cfg.MaxConnectionIdle}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			Time: time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: cfg.MaxConnectionIdle,
+			MaxConnectionAge: connectionAge(cfg.MaxConnectionAge), MaxConnectionAgeGrace: connectionAge(cfg.MaxConnectionAgeGrace),
+		}),
 		// Who the caller is comes first, so metrics and the call log can
 		// name it; the authorizer comes last, right before the proxy.
-		grpc.ChainStreamInterceptor(auth.IdentityInterceptor(), m.interceptor(), callLogger(log), authz.StreamInterceptor()),
+		grpc.ChainStreamInterceptor(auth.IdentityInterceptor(), g.metrics.interceptor(), callLogger(log), g.admit(), g.authz.StreamInterceptor()),
+		// Unary calls reach only the services apid serves itself (health).
+		grpc.ChainUnaryInterceptor(g.metrics.unaryInterceptor(), g.authz.UnaryInterceptor()),
 	)
+	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
 
-	ctx, stop := context.WithCancel(context.Background())
-	gw := &Gateway{cfg: cfg, log: log, src: src, local: local, pool: pool, server: server, metrics: m, conns: conns, stop: stop}
-	go src.Watch(ctx, cfg.ReloadInterval, gw.certificatesChanged, func(err error) {
+	go src.Watch(ctx, cfg.ReloadInterval, g.certificatesChanged, func(err error) {
 		log.Warn("certificate reload failed; keeping the current ones", "err", err)
 	})
-	return gw, nil
+	go g.ready.watchBackend(ctx, local)
+	return g, nil
+}
+
+// connectionAge is d, or "never" for zero, in grpc-go's terms.
+func connectionAge(d time.Duration) time.Duration {
+	if d == 0 {
+		return time.Duration(math.MaxInt64)
+	}
+	return d
+}
+
+func routerConfig(cfg Config) director.Config {
+	return director.Config{
+		NodeTimeout:     cfg.NodeTimeout,
+		SelfNames:       cfg.SelfNames,
+		MaxNodes:        cfg.MaxNodes,
+		ForwardKeys:     cfg.ForwardMetadata,
+		ServerStreaming: cfg.ServerStreamingMethods,
+		ClientStreaming: cfg.ClientStreamingMethods,
+		BidiStreaming:   cfg.BidiStreamingMethods,
+	}
 }
 
 // remoteDialOptions are the options of connections to other nodes' apid.
@@ -142,8 +199,38 @@ func remoteDialOptions(cfg Config) []grpc.DialOption {
 	}
 }
 
-// Reload re-reads the certificate files now (as on SIGHUP).
-func (g *Gateway) Reload() {
+// Config returns the configuration running now.
+func (g *Gateway) Config() Config { return *g.cfg.Load() }
+
+// Reload applies next, a whole configuration read anew (as on SIGHUP), to
+// calls that start from now on, and re-reads the certificate files. An
+// invalid next is refused and the running configuration stays; changes
+// that need a restart are logged and not applied.
+func (g *Gateway) Reload(next Config) error {
+	g.reload.Lock()
+	defer g.reload.Unlock()
+	policy, err := next.validate()
+	if err != nil {
+		g.log.Error("configuration refused; the running one stays", "err", err)
+		return err
+	}
+	live, restart := reconcile(*g.cfg.Load(), &next)
+	if len(restart) > 0 {
+		g.log.Warn("configuration changes that need a restart were not applied", "keys", restart)
+	}
+	g.authz.SetPolicy(policy)
+	g.router.SetConfig(routerConfig(next))
+	g.budget.SetLimit(int64(next.Limits.BufferedBytes))
+	g.conns.SetLimits(next.Limits.Connections, next.Limits.ConnectionsPerIdentity)
+	g.calls.SetLimits(next.Limits.ConcurrentCallsPerIdentity, next.Limits.CallsPerSecondPerIdentity, next.Limits.CallBurstPerIdentity)
+	g.cfg.Store(&next)
+	g.log.Info("configuration reloaded", "changed", live)
+	g.reloadCertificates()
+	return nil
+}
+
+// reloadCertificates re-reads the certificate files now.
+func (g *Gateway) reloadCertificates() {
 	changed, err := g.src.Reload()
 	switch {
 	case err != nil:
@@ -160,46 +247,139 @@ func (g *Gateway) Reload() {
 func (g *Gateway) certificatesChanged() {
 	g.log.Info("certificates reloaded")
 	g.pool.Reset()
+	g.ready.publish()
 }
 
-// Serve serves lis (and the metrics listener, if configured) until ctx
-// ends, then stops gracefully (running calls get a few seconds to finish).
+// Serving is closed once Serve accepts connections.
+func (g *Gateway) Serving() <-chan struct{} { return g.serving }
+
+// AdminAddr is the address of the admin endpoint (nil when off), once
+// Serving is closed.
+func (g *Gateway) AdminAddr() net.Addr { return g.adminAddr }
+
+// Serve serves lis (and the admin endpoint, if configured) until ctx ends,
+// then drains: readiness fails at once, calls are still accepted for
+// drainDelay, then apid stops accepting (GOAWAY) and running calls get
+// shutdownTimeout to finish before they end with UNAVAILABLE. StopNow cuts
+// the drain short.
 func (g *Gateway) Serve(ctx context.Context, lis net.Listener) error {
-	if g.cfg.MetricsListen != "" {
+	cfg := g.Config()
+	adminCtx, stopAdmin := context.WithCancel(context.Background())
+	defer stopAdmin()
+	if cfg.AdminListen != "" {
+		alis, err := net.Listen("tcp", cfg.AdminListen)
+		if err != nil {
+			_ = lis.Close()
+			return fmt.Errorf("adminListen: %w", err)
+		}
+		g.adminAddr = alis.Addr()
 		go func() {
-			if err := g.metrics.serve(ctx, g.cfg.MetricsListen, g.log); err != nil {
-				g.log.Error("metrics listener failed", "err", err)
+			if err := admin(adminCtx, alis, g.ready, g.metrics.registry, g.log); err != nil {
+				g.log.Error("admin endpoint failed", "err", err)
 			}
 		}()
 	}
 	done := make(chan error, 1)
 	go func() { done <- g.server.Serve(g.conns.Listener(lis)) }()
+	g.ready.setListening()
+	close(g.serving)
 	select {
 	case err := <-done:
 		return err
 	case <-ctx.Done():
 	}
+	g.drain()
+	<-done
+	return nil
+}
+
+// drain runs the phases of a graceful stop, logging each.
+func (g *Gateway) drain() {
+	cfg := g.Config()
+	start := time.Now()
+	g.ready.drain()
+	g.log.Info("draining: readiness is NOT_SERVING; still accepting calls", "drain_delay", cfg.DrainDelay, "calls_in_flight", g.inFlight.Load())
+	delay := time.NewTimer(cfg.DrainDelay)
+	select {
+	case <-delay.C:
+	case <-g.now:
+		delay.Stop()
+	}
+
+	g.log.Info("no longer accepting: sent GOAWAY; waiting for running calls", "calls_in_flight", g.inFlight.Load(), "shutdown_timeout", cfg.ShutdownTimeout)
 	stopped := make(chan struct{})
 	go func() {
 		g.server.GracefulStop()
 		close(stopped)
 	}()
+	timeout := time.NewTimer(cfg.ShutdownTimeout)
+	defer timeout.Stop()
+	select {
+	case <-stopped:
+		g.log.Info("all calls ended", "after", time.Since(start).Round(time.Millisecond))
+		return
+	case <-timeout.C:
+	case <-g.now:
+	}
+	g.log.Warn("shutdown timeout: ending the calls still running with UNAVAILABLE", "calls_in_flight", g.inFlight.Load())
+	g.endCalls()
 	select {
 	case <-stopped:
 	case <-time.After(5 * time.Second):
+		// A handler that ignores its context: close the connections.
+		g.log.Error("calls did not end; closing every connection")
 		g.server.Stop()
+		<-stopped
 	}
-	<-done
-	return nil
+	g.log.Info("all calls ended", "after", time.Since(start).Round(time.Millisecond))
 }
+
+// StopNow cuts a drain short: the remaining delays end at once and running
+// calls end with UNAVAILABLE (as on a second SIGTERM).
+func (g *Gateway) StopNow() { g.nowOnce.Do(func() { close(g.now) }) }
 
 // Close releases everything but the server, which Serve stops.
 func (g *Gateway) Close() {
 	g.stop()
+	g.endCalls()
 	g.server.Stop()
 	_ = g.pool.Close()
 	_ = g.local.Close()
 }
+
+// admit counts the call in flight, applies the caller identity's call
+// limits before any node is contacted, and ends the call with UNAVAILABLE
+// when shutdownTimeout is up.
+func (g *Gateway) admit() grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if id, ok := auth.IdentityFrom(ss.Context()); ok {
+			release, err := g.calls.Acquire(id.Subject)
+			if err != nil {
+				return err
+			}
+			defer release()
+		}
+		g.inFlight.Add(1)
+		defer g.inFlight.Add(-1)
+		ctx, cancel := context.WithCancelCause(ss.Context())
+		defer cancel(nil)
+		stop := context.AfterFunc(g.hardStop, func() { cancel(errShuttingDown) })
+		defer stop()
+		err := handler(srv, &contextStream{ServerStream: ss, ctx: ctx})
+		if errors.Is(context.Cause(ctx), errShuttingDown) {
+			return status.Error(codes.Unavailable, "apid is shutting down and this call outlived shutdownTimeout: retry it, another gateway will serve it")
+		}
+		return err
+	}
+}
+
+// contextStream is a server stream with a context of its own.
+type contextStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *contextStream) Context() context.Context { return s.ctx }
 
 // callLogger logs each call with stable keys; metadata values are never
 // logged (they may carry tokens).

@@ -4,8 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,70 +23,139 @@ import (
 	"github.com/apid/apid/pki"
 )
 
-// TestGatewayInProcess starts an agent and a whole gateway in this process
-// on 127.0.0.1 and fans a call out to the node itself under two names.
-func TestGatewayInProcess(t *testing.T) {
-	dir := t.TempDir()
-	ca, err := pki.NewCA("test", time.Hour, pki.KeyECDSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	write := func(name string, data []byte) string {
-		path := filepath.Join(dir, name)
-		if err := pki.WriteFile(path, data, 0o600, false); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
-	nodeCrt, nodeKey, err := ca.IssueNode("node-1", nil, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	adminCrt, adminKey, err := ca.IssueClient("admin", []string{certs.RoleAdmin}, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		t.Fatal(err)
-	}
+// testGateway is a whole gateway and an example agent in this process, on
+// 127.0.0.1.
+type testGateway struct {
+	t        *testing.T
+	gw       *Gateway
+	cfg      Config
+	addr     string
+	dir      string
+	ca       *pki.CA
+	agentSrv *grpc.Server
+	cancel   context.CancelFunc
+	served   chan error
+}
 
-	sock := filepath.Join(dir, "agent.sock")
+// startGateway starts an agent and a gateway whose configuration edit may
+// change (the admin endpoint is on a free port of 127.0.0.1).
+func startGateway(t *testing.T, edit func(*Config)) *testGateway {
+	t.Helper()
+	tg := &testGateway{t: t, dir: t.TempDir(), served: make(chan error, 1)}
+	var err error
+	if tg.ca, err = pki.NewCA("test", time.Hour, pki.KeyECDSA); err != nil {
+		t.Fatal(err)
+	}
+	nodeCrt, nodeKey, err := tg.ca.IssueNode("node-1", nil, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(tg.dir, "agent.sock")
 	agentLis, err := agent.Listen("unix://" + sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	agentSrv := grpc.NewServer()
-	agent.New(agent.Config{Hostname: "node-1"}).Register(agentSrv)
-	go func() { _ = agentSrv.Serve(agentLis) }()
-	t.Cleanup(agentSrv.Stop)
+	tg.agentSrv = grpc.NewServer()
+	agent.New(agent.Config{Hostname: "node-1"}).Register(tg.agentSrv)
+	go func() { _ = tg.agentSrv.Serve(agentLis) }()
+	t.Cleanup(tg.agentSrv.Stop)
 
 	cfg := Default()
-	cfg.CA, cfg.Cert, cfg.Key = write("ca.crt", ca.CertPEM), write("node.crt", nodeCrt), write("node.key", nodeKey)
+	cfg.CA, cfg.Cert, cfg.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
 	cfg.Backend = "unix://" + sock
 	cfg.SelfNames = []string{"127.0.0.1", "node-1"}
-	gw, err := New(cfg, nil)
-	if err != nil {
+	cfg.AdminListen = "127.0.0.1:0"
+	cfg.DrainDelay = 0
+	if edit != nil {
+		edit(&cfg)
+	}
+	tg.cfg = cfg
+	if tg.gw, err = New(cfg, nil); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(gw.Close)
+	t.Cleanup(tg.gw.Close)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	served := make(chan error, 1)
-	go func() { served <- gw.Serve(ctx, lis) }()
+	tg.addr = lis.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	tg.cancel = cancel
+	t.Cleanup(cancel)
+	go func() { tg.served <- tg.gw.Serve(ctx, lis) }()
+	select {
+	case <-tg.gw.Serving():
+	case err := <-tg.served:
+		t.Fatalf("Serve: %v", err)
+	}
+	return tg
+}
 
-	pair, err := tls.X509KeyPair(adminCrt, adminKey)
+func (tg *testGateway) write(name string, data []byte) string {
+	path := filepath.Join(tg.dir, name)
+	if err := pki.WriteFile(path, data, 0o600, true); err != nil {
+		tg.t.Fatal(err)
+	}
+	return path
+}
+
+// client connects to the gateway with a new client certificate for cn
+// carrying roles.
+func (tg *testGateway) client(cn string, roles ...string) *grpc.ClientConn {
+	tg.t.Helper()
+	crt, key, err := tg.ca.IssueClient(cn, roles, time.Hour, pki.KeyECDSA)
 	if err != nil {
-		t.Fatal(err)
+		tg.t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(crt, key)
+	if err != nil {
+		tg.t.Fatal(err)
 	}
 	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(ca.CertPEM)
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(
+	roots.AppendCertsFromPEM(tg.ca.CertPEM)
+	cc, err := grpc.NewClient(tg.addr, grpc.WithTransportCredentials(credentials.NewTLS(
 		&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1"})))
 	if err != nil {
-		t.Fatal(err)
+		tg.t.Fatal(err)
 	}
-	defer cc.Close()
+	tg.t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// get fetches path from the admin endpoint: status code and body.
+func (tg *testGateway) get(path string) (int, string) {
+	tg.t.Helper()
+	resp, err := http.Get("http://" + tg.gw.AdminAddr().String() + path)
+	if err != nil {
+		tg.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(body))
+}
+
+// waitReady polls /readyz until it answers want (bounded: 10 s).
+func (tg *testGateway) waitReady(want int) string {
+	tg.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, body := tg.get("/readyz")
+		if code == want {
+			return body
+		}
+		if time.Now().After(deadline) {
+			tg.t.Fatalf("/readyz still %d %q after 10 s, want %d", code, body, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestGatewayInProcess fans a call out to the node itself under two names.
+func TestGatewayInProcess(t *testing.T) {
+	tg := startGateway(t, nil)
+	cc := tg.client("admin", certs.RoleAdmin)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
 	resp, err := machine.NewMachineServiceClient(cc).Version(
 		metadata.AppendToOutgoingContext(ctx, "nodes", "127.0.0.1", "nodes", "node-1"), &emptypb.Empty{})
 	if err != nil {
@@ -92,8 +164,8 @@ func TestGatewayInProcess(t *testing.T) {
 	if len(resp.Messages) != 2 || resp.Messages[0].Metadata.GetHostname() != "127.0.0.1" || resp.Messages[1].Metadata.GetHostname() != "node-1" {
 		t.Fatalf("fan-out to the node under two names gave %v", resp.Messages)
 	}
-	cancel()
-	if err := <-served; err != nil {
+	tg.cancel()
+	if err := <-tg.served; err != nil {
 		t.Fatal(err)
 	}
 }

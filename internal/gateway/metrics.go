@@ -2,15 +2,11 @@ package gateway
 
 import (
 	"context"
-	"errors"
-	"log/slog"
-	"net"
-	"net/http"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -25,17 +21,18 @@ import (
 // methods the policy names, so callers cannot mint label values.
 type metrics struct {
 	registry  *prometheus.Registry
-	policy    *auth.Policy
+	authz     *auth.Authorizer
 	calls     *prometheus.CounterVec
 	duration  *prometheus.HistogramVec
 	nodeCalls *prometheus.CounterVec
 	nodeTime  *prometheus.HistogramVec
 }
 
-func newMetrics(policy *auth.Policy, pool *director.Pool, budget *limits.Memory, conns *limits.Connections) *metrics {
+func newMetrics(authz *auth.Authorizer, pool *director.Pool, budget *limits.Memory, conns *limits.Connections,
+	calls *limits.Calls, inFlight func() int64) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
-		policy:   policy,
+		authz:    authz,
 		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "apid_calls_total", Help: "Calls served, by method and status code.",
 		}, []string{"method", "code"}),
@@ -56,9 +53,12 @@ func newMetrics(policy *auth.Policy, pool *director.Pool, budget *limits.Memory,
 		gauge("apid_buffered_bytes", "Bytes held for calls in flight (limits.bufferedBytes bounds new calls).", budget.Held),
 		gauge("apid_buffered_bytes_limit", "The limits.bufferedBytes budget.", budget.Limit),
 		gauge("apid_client_connections", "Client connections open, handshaking ones included.", conns.Open),
+		gauge("apid_calls_in_flight", "Calls being served now.", inFlight),
 		refusals("bufferedBytes", budget.Refused),
 		refusals("connections", conns.RefusedTotal),
 		refusals("connectionsPerIdentity", conns.RefusedPerIdentity),
+		refusals("concurrentCallsPerIdentity", calls.RefusedConcurrent),
+		refusals("callsPerSecondPerIdentity", calls.RefusedRate),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -79,7 +79,7 @@ func refusals(limit string, read func() int64) prometheus.Collector {
 }
 
 func (m *metrics) label(method string) string {
-	if m.policy.HasRule(method) {
+	if m.authz.Policy().HasRule(method) || strings.HasPrefix(method, auth.HealthPrefix) {
 		return method
 	}
 	return "other"
@@ -97,28 +97,21 @@ func (m *metrics) interceptor() grpc.StreamServerInterceptor {
 	}
 }
 
+// unaryInterceptor counts and times the unary calls of the services apid
+// serves itself.
+func (m *metrics) unaryInterceptor() grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		resp, err := handler(ctx, req)
+		method := m.label(info.FullMethod)
+		m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
+		m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())
+		return resp, err
+	}
+}
+
 // BackendDone implements proxy.Observer.
 func (m *metrics) BackendDone(kind proxy.Kind, code codes.Code, elapsed time.Duration) {
 	m.nodeCalls.WithLabelValues(kind.String(), code.String()).Inc()
 	m.nodeTime.WithLabelValues(kind.String()).Observe(elapsed.Seconds())
-}
-
-// serve serves /metrics on addr until ctx ends.
-func (m *metrics) serve(ctx context.Context, addr string, log *slog.Logger) error {
-	lis, err := net.Listen("tcp", addr)
-	if err != nil {
-		return err
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		<-ctx.Done()
-		_ = srv.Close()
-	}()
-	log.Info("metrics serving", "listen", lis.Addr().String())
-	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
 }

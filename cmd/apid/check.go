@@ -1,0 +1,34 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/apid/apid/certs"
+)
+
+// runCheck validates a configuration as serve would read it (file and
+// flags) and loads the certificate files it names, printing every problem.
+func runCheck(args []string, stdout, stderr io.Writer) error {
+	cfg, err := loadConfig("check", args, stderr)
+	if err != nil {
+		return err
+	}
+	var problems []string
+	if err := cfg.Validate(); err != nil {
+		problems = append(problems, strings.Split(err.Error(), "\n")...)
+	}
+	if cfg.CA != "" && cfg.Cert != "" && cfg.Key != "" {
+		if _, err := certs.NewSource(certs.Files{CA: cfg.CA, Cert: cfg.Cert, Key: cfg.Key}); err != nil {
+			problems = append(problems, "certificates: "+err.Error())
+		}
+	}
+	if len(problems) > 0 {
+		fmt.Fprintf(stderr, "configuration has %d problem(s):\n  - %s\n", len(problems), strings.Join(problems, "\n  - "))
+		return errors.New("check failed")
+	}
+	fmt.Fprintf(stdout, "configuration is valid: listen %s, admin %q, backend %s\n", cfg.Listen, cfg.AdminListen, cfg.Backend)
+	return nil
+}

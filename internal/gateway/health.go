@@ -1,0 +1,147 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/apid/apid/certs"
+)
+
+// readiness is whether this apid should be sent calls: it listens, its
+// certificate is valid, the local node agent answers and it is not
+// draining. It drives the grpc.health.v1 service on the main port and
+// /readyz on the admin listener.
+type readiness struct {
+	grpc     *health.Server
+	src      *certs.Source
+	backend  string
+	services []string
+
+	mu        sync.Mutex
+	listening bool
+	draining  bool
+	state     connectivity.State // of the connection to the local agent
+	serving   bool               // what the health service says now
+	published bool               // whether it has said anything yet
+}
+
+func newReadiness(src *certs.Source, backend string, services []string) *readiness {
+	r := &readiness{grpc: health.NewServer(), src: src, backend: backend, services: services, state: connectivity.Idle}
+	r.publish()
+	return r
+}
+
+// reason is why apid is not ready, or "" when it is.
+func (r *readiness) reason() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.reasonLocked(time.Now())
+}
+
+func (r *readiness) reasonLocked(now time.Time) string {
+	switch {
+	case r.draining:
+		return "draining: apid is shutting down"
+	case !r.listening:
+		return "not listening yet"
+	case r.state != connectivity.Ready:
+		return fmt.Sprintf("local backend %s is %s", r.backend, r.state)
+	}
+	if leaf := r.src.Certificate().Leaf; leaf != nil && now.After(leaf.NotAfter) {
+		return fmt.Sprintf("certificate %s expired at %s", r.src.Files().Cert, leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return ""
+}
+
+// publish sets the health service to what reason says, for the whole
+// server ("") and each service.
+func (r *readiness) publish() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	serving := r.reasonLocked(time.Now()) == ""
+	if r.published && serving == r.serving {
+		return
+	}
+	r.published, r.serving = true, serving
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if serving {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	for _, svc := range append([]string{""}, r.services...) {
+		r.grpc.SetServingStatus(svc, st)
+	}
+}
+
+func (r *readiness) setListening() {
+	r.mu.Lock()
+	r.listening = true
+	r.mu.Unlock()
+	r.publish()
+}
+
+// drain turns readiness off for good: health answers NOT_SERVING from now
+// on, whatever else changes.
+func (r *readiness) drain() {
+	r.mu.Lock()
+	r.draining = true
+	r.mu.Unlock()
+	r.grpc.Shutdown()
+}
+
+// watchBackend follows the state of the connection to the local agent
+// until ctx ends, asking it to reconnect whenever it falls idle.
+func (r *readiness) watchBackend(ctx context.Context, cc *grpc.ClientConn) {
+	cc.Connect()
+	for {
+		s := cc.GetState()
+		r.mu.Lock()
+		r.state = s
+		r.mu.Unlock()
+		r.publish()
+		if s == connectivity.Idle {
+			cc.Connect()
+		}
+		if !cc.WaitForStateChange(ctx, s) {
+			return
+		}
+	}
+}
+
+// admin serves /healthz, /readyz and /metrics on lis until ctx ends.
+func admin(ctx context.Context, lis net.Listener, r *readiness, registry *prometheus.Registry, log *slog.Logger) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if why := r.reason(); why != "" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, why)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute}
+	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
+	defer stop()
+	log.Info("admin endpoint serving /healthz, /readyz and /metrics", "listen", lis.Addr().String())
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
