@@ -1,0 +1,156 @@
+package test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/client"
+	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
+)
+
+// demoIPs are the addresses the demo uses by default.
+var demoIPs = []string{"127.0.0.11", "127.0.0.12", "127.0.0.13"}
+
+// skipIfDemoRunning skips when the demo's default addresses are taken (a
+// developer's own demo is running): the defaults are what is under test.
+func skipIfDemoRunning(t *testing.T) {
+	t.Helper()
+	for _, ip := range demoIPs {
+		for _, port := range []string{"50000", "50001"} {
+			l, err := net.Listen("tcp", net.JoinHostPort(ip, port))
+			if err != nil {
+				t.Skipf("the demo's default address %s:%s is taken on this machine: %v", ip, port, err)
+			}
+			l.Close()
+		}
+	}
+}
+
+// checkDemo calls the demo that wrote wd/apid-demo with the talosconfig it
+// wrote, fanned out to its three nodes, and checks each node's readiness
+// on its admin endpoint.
+func checkDemo(t *testing.T, wd string) {
+	t.Helper()
+	cfg, err := clientconfig.Open(filepath.Join(wd, "apid-demo", "talosconfig"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := client.New(testContext(t), client.WithConfig(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	resp, err := cl.Version(client.WithNodes(testContext(t), demoIPs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Messages) != 3 {
+		t.Fatalf("fan-out through the README's demo gave %d replies, want 3", len(resp.Messages))
+	}
+	for _, ip := range demoIPs {
+		admin := net.JoinHostPort(ip, "50001")
+		if !waitFor(10*time.Second, func() bool { return readyz(admin) == 200 }) {
+			t.Fatalf("demo node %s: /readyz not 200", admin)
+		}
+	}
+}
+
+// TestReadmeDemoCommand runs the demo with its default flags (127.0.0.11-13,
+// port 50000, ./apid-demo) from a fresh working directory: a test that
+// always passed -dir /abs/path once hid a demo that failed for every new
+// user.
+func TestReadmeDemoCommand(t *testing.T) {
+	skipIfDemoRunning(t)
+	wd := t.TempDir()
+	startIn(t, wd, "nodes up", "demo")
+	checkDemo(t, wd)
+}
+
+// TestReadmeCommandsInAFreshCheckout runs the demo command exactly as the
+// README's first screen writes it, then `make demo`, each in a fresh copy of
+// the repository's tracked files, as a new user would after cloning.
+func TestReadmeCommandsInAFreshCheckout(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds apid twice with go run")
+	}
+	skipIfDemoRunning(t)
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := regexp.MustCompile("(?s)```sh\n(.*?)```").FindSubmatch(readme)
+	if first == nil {
+		t.Fatal("README.md has no sh block")
+	}
+	var demo string
+	for _, line := range strings.Split(string(first[1]), "\n") {
+		if cmd, _, _ := strings.Cut(line, "#"); strings.Contains(cmd, " demo") {
+			demo = strings.TrimSpace(cmd)
+			break
+		}
+	}
+	if demo == "" {
+		t.Fatalf("no demo command in the README's first block:\n%s", first[1])
+	}
+	for _, command := range []string{demo, "make demo"} {
+		t.Run(strings.ReplaceAll(command, " ", "_"), func(t *testing.T) {
+			wd := checkout(t)
+			cmd := exec.Command("sh", "-c", command)
+			cmd.Dir = wd
+			// go run and make start children: signal them as a group.
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			p := startCmd(t, cmd, "nodes up")
+			t.Cleanup(func() {
+				_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+				<-p.exited
+				// The demo itself may outlive the shell by a moment.
+				if !waitFor(15*time.Second, func() bool {
+					c, err := net.DialTimeout("tcp", net.JoinHostPort(demoIPs[0], "50000"), time.Second)
+					if err == nil {
+						c.Close()
+					}
+					return err != nil
+				}) {
+					t.Errorf("%q still serving 15 s after SIGTERM", command)
+				}
+			})
+			checkDemo(t, wd)
+		})
+	}
+}
+
+// checkout copies the repository's files (tracked, and new ones not
+// ignored) into a new directory.
+func checkout(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("git", "-C", "..", "ls-files", "-z", "--cached", "--others", "--exclude-standard").Output()
+	if err != nil {
+		t.Skipf("not a git checkout: %v", err)
+	}
+	wd := t.TempDir()
+	for _, f := range strings.Split(strings.TrimRight(string(out), "\x00"), "\x00") {
+		data, err := os.ReadFile(filepath.Join("..", f))
+		if os.IsNotExist(err) {
+			continue // deleted in the working tree, not yet committed
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		dst := filepath.Join(wd, f)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(dst, data, 0o644); err != nil {
+			t.Fatal(fmt.Errorf("copy %s: %w", f, err))
+		}
+	}
+	return wd
+}
