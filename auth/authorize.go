@@ -17,10 +17,15 @@ type Authorizer struct {
 	log    *slog.Logger
 }
 
-// HealthPrefix is the method prefix of the standard gRPC health service,
-// which every authenticated caller may call whatever its roles: a probe
-// needs a certificate, not a role.
-const HealthPrefix = "/grpc.health.v1.Health/"
+// HealthMethods are the methods of the standard gRPC health service apid
+// serves itself, which every authenticated caller may call whatever its
+// roles: a probe needs a certificate, not a role. Only these exact names:
+// any other method under the service reaches the proxy, and the policy.
+var HealthMethods = map[string]bool{
+	"/grpc.health.v1.Health/Check": true,
+	"/grpc.health.v1.Health/Watch": true,
+	"/grpc.health.v1.Health/List":  true,
+}
 
 // NewAuthorizer returns an Authorizer of policy; denied calls are logged
 // to log (nil: discarded).
@@ -60,7 +65,7 @@ func (a *Authorizer) Authorize(ctx context.Context, fullMethod string) (context.
 	if len(c.Unknown) > 0 {
 		a.log.Debug("ignoring unknown roles", "peer", c.Subject, "roles", c.Unknown)
 	}
-	if !strings.HasPrefix(fullMethod, HealthPrefix) && !policy.Permits(fullMethod, c.Roles) {
+	if !HealthMethods[fullMethod] && !policy.Permits(fullMethod, c.Roles) {
 		a.log.Info("permission denied", "method", fullMethod, "peer", c.Subject, "roles", c.Roles, "unknown_roles", c.Unknown)
 		return ctx, status.Errorf(codes.PermissionDenied, "%s needs one of the roles %s; the caller has %s",
 			fullMethod, strings.Join(policy.Allowed(fullMethod), ", "), describeRoles(c.Roles))

@@ -48,6 +48,7 @@ type Source struct {
 type material struct {
 	cert       *tls.Certificate // Leaf is set
 	pool       *x509.CertPool
+	cas        []*x509.Certificate // what pool holds, for expiry reports
 	digest     [sha256.Size]byte
 	generation uint64
 	superseded chan struct{} // closed when a newer generation replaces this one
@@ -80,6 +81,24 @@ func (s *Source) Certificate() *tls.Certificate { return s.current.Load().cert }
 // Pool returns the current pool of trusted CAs. It is shared: callers must
 // not modify it.
 func (s *Source) Pool() *x509.CertPool { return s.current.Load().pool }
+
+// CAs returns the certificates of the current CA bundle. They are shared:
+// callers must not modify them.
+func (s *Source) CAs() []*x509.Certificate { return s.current.Load().cas }
+
+// caCertificates lists the certificates of a bundle ParseCAPool accepted.
+func caCertificates(data []byte) []*x509.Certificate {
+	var out []*x509.Certificate
+	for rest := data; ; {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			return out
+		}
+		if c, err := x509.ParseCertificate(block.Bytes); err == nil {
+			out = append(out, c)
+		}
+	}
+}
 
 // Generation returns a number that grows by one each time Reload replaces the
 // material; NewSource starts it at 1.
@@ -229,6 +248,7 @@ func (r rawFiles) parse(files Files) (*material, error) {
 	return &material{
 		cert:       &cert,
 		pool:       pool,
+		cas:        caCertificates(r.ca),
 		digest:     r.digest(),
 		superseded: make(chan struct{}),
 	}, nil

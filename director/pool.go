@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -250,4 +251,24 @@ func (p *Pool) evictOldestIdleLocked() bool {
 	_ = oldest.cc.Close()
 	delete(p.live, oldest.key)
 	return true
+}
+
+// PoolEntry is one node connection of the pool, as Snapshot sees it.
+type PoolEntry struct {
+	Node     string // the canonical target
+	State    string // the connection's state: IDLE, CONNECTING, READY, TRANSIENT_FAILURE
+	Active   int    // calls using it now
+	LastUsed time.Time
+}
+
+// Snapshot lists the pool's connections, sorted by node.
+func (p *Pool) Snapshot() []PoolEntry {
+	p.mu.Lock()
+	out := make([]PoolEntry, 0, len(p.live))
+	for _, c := range p.live {
+		out = append(out, PoolEntry{Node: c.key, State: c.cc.GetState().String(), Active: c.active, LastUsed: c.lastUsed})
+	}
+	p.mu.Unlock()
+	slices.SortFunc(out, func(a, b PoolEntry) int { return strings.Compare(a.Node, b.Node) })
+	return out
 }

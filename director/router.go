@@ -132,7 +132,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		// Reflection describes the API, which every node shares, and is a
 		// bidirectional stream that cannot fan out, so tools that send
 		// their nodes header with it still work.
-		return r.oneToOne(r.localBackend("", out)), nil
+		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
 	}
 
 	node, nodes := md[KeyNode], md[KeyNodes]
@@ -146,7 +146,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
-		return r.oneToOne(r.backendFor(rs, t, out, forwarded(out, md))), nil
+		return oneToOne(r.backendFor(rs, t, out, forwarded(out, md)), rs.kinds.kind(fullMethod)), nil
 	case len(nodes) > 0:
 		targets, err := ParseTargets(nodes, rs.max)
 		if err != nil {
@@ -163,8 +163,11 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		}
 		return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 	}
-	return r.oneToOne(r.localBackend("", out)), nil
+	return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
 }
+
+// Kind returns the shape of a method as the router knows it now.
+func (r *Router) Kind(fullMethod string) proxy.Kind { return r.rules.Load().kinds.kind(fullMethod) }
 
 // nodeTimeout is the configured per-node deadline, shortened by the
 // client's KeyNodeTimeout if it sent one.
@@ -183,8 +186,8 @@ func (rs *rules) nodeTimeout(md metadata.MD) (time.Duration, error) {
 	return d, nil
 }
 
-func (r *Router) oneToOne(b proxy.Backend) proxy.Route {
-	return proxy.Route{Backends: []proxy.Backend{b}}
+func oneToOne(b proxy.Backend, kind proxy.Kind) proxy.Route {
+	return proxy.Route{Backends: []proxy.Backend{b}, Kind: kind}
 }
 
 // outgoing builds the metadata for the next hop from nothing: allowlisted

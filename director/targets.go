@@ -89,6 +89,11 @@ func unbracket(target string) string {
 // canonical is the identity of a target for de-duplication: an IP address
 // in its canonical form (so ::ffff:10.0.0.1, 10.0.0.1 and [::ffff:a00:1]
 // are one node), a name lower-cased.
+// Canonical is the one spelling of a node name or address (lower case, IPv6
+// compressed, IPv4-mapped unmapped) under which the pool and apid's node
+// statistics know it.
+func Canonical(t string) string { return canonical(t) }
+
 func canonical(t string) string {
 	if a, err := netip.ParseAddr(unbracket(t)); err == nil {
 		return a.Unmap().WithZone("").String()

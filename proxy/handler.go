@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -28,8 +27,8 @@ type Options struct {
 	// larger, the largest nodes' entries are replaced by ResourceExhausted
 	// error entries until it fits. Zero: no bound.
 	MaxReplySize int
-	// Observer, if set, learns how each backend's part of a one-to-many
-	// call ended (for metrics).
+	// Observer, if set, learns where each call goes and how each backend's
+	// part of it ended (for logs, metrics and traces).
 	Observer Observer
 	// Budget, if set, is told every byte the proxy holds for calls in
 	// flight and may refuse new calls.
@@ -49,10 +48,26 @@ type Budget interface {
 	Hold(n int64)
 }
 
-// Observer is told the outcome of every backend's part of a one-to-many
-// call. It must be safe for concurrent use and quick.
+// Observer follows calls: their route, and each backend's part of them.
+// It must be safe for concurrent use and quick.
 type Observer interface {
-	BackendDone(kind Kind, code codes.Code, elapsed time.Duration)
+	// Routed is told the route of a call, before any backend is contacted.
+	// ctx is the call's.
+	Routed(ctx context.Context, method string, r Route)
+	// BackendStarted is told that the call reaches backend (by its Name)
+	// now. The context it returns is the one the backend is called with
+	// (derived from ctx: a span may start there); the function is called
+	// once, when that backend's part ends, with the code the client saw
+	// for it.
+	BackendStarted(ctx context.Context, backend string, kind Kind) (context.Context, func(codes.Code))
+}
+
+// started tells the observer, if any, that b is called now.
+func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, func(codes.Code)) {
+	if h.opts.Observer == nil {
+		return ctx, func(codes.Code) {}
+	}
+	return h.opts.Observer.BackendStarted(ctx, b.Name(), kind)
 }
 
 func (o Options) withDefaults() Options {
@@ -90,6 +105,9 @@ func (h *Handler) handle(_ any, ss grpc.ServerStream) error {
 	if err != nil {
 		return err
 	}
+	if h.opts.Observer != nil {
+		h.opts.Observer.Routed(ss.Context(), method, route)
+	}
 	if h.opts.Budget != nil {
 		if err := h.opts.Budget.Admit(); err != nil {
 			return err
@@ -101,7 +119,7 @@ func (h *Handler) handle(_ any, ss grpc.ServerStream) error {
 	case !route.OneToMany && len(route.Backends) != 1:
 		return status.Errorf(codes.Internal, "one-to-one route for %s has %d backends", method, len(route.Backends))
 	case !route.OneToMany:
-		return h.oneToOne(ss, method, route.Backends[0])
+		return h.oneToOne(ss, method, route.Backends[0], route.Kind)
 	}
 	return h.oneToMany(ss, method, route)
 }

@@ -20,14 +20,26 @@ import (
 
 // outcomes records what an Observer is told.
 type outcomes struct {
-	mu    sync.Mutex
-	codes []codes.Code
+	mu     sync.Mutex
+	codes  []codes.Code
+	routes int
 }
 
-func (o *outcomes) BackendDone(_ proxy.Kind, c codes.Code, _ time.Duration) {
+func (o *outcomes) Routed(context.Context, string, proxy.Route) {
 	o.mu.Lock()
-	o.codes = append(o.codes, c)
+	o.routes++
 	o.mu.Unlock()
+}
+
+func (o *outcomes) BackendStarted(ctx context.Context, _ string, _ proxy.Kind) (context.Context, func(codes.Code)) {
+	var once sync.Once
+	return ctx, func(c codes.Code) {
+		once.Do(func() {
+			o.mu.Lock()
+			o.codes = append(o.codes, c)
+			o.mu.Unlock()
+		})
+	}
 }
 
 func (o *outcomes) take() []codes.Code {

@@ -145,7 +145,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
 	defer cancel()
 	parts := make([]aggregate.Part, len(backends))
-	took := make([]time.Duration, len(backends))
+	dones := make([]func(codes.Code), len(backends))
 	replies := make([]frame, len(backends))
 	var md replyMD
 	var held atomic.Int64 // reply bytes kept for the merge so far
@@ -155,9 +155,9 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			start := time.Now()
-			parts[i] = h.callUnary(ctx, method, b, req, &replies[i], &md, &held)
-			took[i] = time.Since(start)
+			bctx, done := h.started(ctx, b, Unary)
+			dones[i] = done
+			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], &md, &held)
 		}()
 	}
 	wg.Wait()
@@ -169,10 +169,8 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	for i := range replies {
 		replies[i].release()
 	}
-	if o := h.opts.Observer; o != nil {
-		for i, p := range merged {
-			o.BackendDone(Unary, p.Code, took[i])
-		}
+	for i, p := range merged {
+		dones[i](p.Code)
 	}
 	h.hold(len(reply) - int(held.Load()))
 	defer h.hold(-len(reply))
@@ -331,17 +329,15 @@ func (h *Handler) done(q *queued) {
 func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req *frame, out chan<- queued, md *replyMD) {
 	name := b.Name()
 	code := codes.OK
-	if h.opts.Observer != nil {
-		start := time.Now()
-		defer func() {
-			if code == codes.OK && ctx.Err() != nil {
-				// The client went away (or could not be written to) before
-				// this node's stream was delivered: it saw Canceled.
-				code = codes.Canceled
-			}
-			h.opts.Observer.BackendDone(ServerStream, code, time.Since(start))
-		}()
-	}
+	ctx, done := h.started(ctx, b, ServerStream)
+	defer func() {
+		if code == codes.OK && ctx.Err() != nil {
+			// The client went away (or could not be written to) before
+			// this node's stream was delivered: it saw Canceled.
+			code = codes.Canceled
+		}
+		done(code)
+	}()
 	buffer := semaphore.NewWeighted(int64(h.opts.NodeBuffer))
 	emit := func(f frame) bool {
 		size := f.len()

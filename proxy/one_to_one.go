@@ -5,6 +5,7 @@ import (
 	"io"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 )
 
 // relayDesc lets one stream carry any method: the proxy does not need to
@@ -13,11 +14,13 @@ var relayDesc = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 
 // oneToOne relays frames both ways between the client and one backend, and
 // hands the backend's header, trailer and status back untouched.
-func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend) error {
+func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind Kind) (err error) {
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
+	bctx, done := h.started(ctx, b, kind)
+	defer func() { done(status.Code(err)) }()
 
-	outCtx, conn, release, err := b.Connect(ctx, method)
+	outCtx, conn, release, err := b.Connect(bctx, method)
 	if err != nil {
 		return backendStatus(err).Err()
 	}

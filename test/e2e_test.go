@@ -257,12 +257,13 @@ func TestServeExposesMetrics(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{
-		`apid_calls_total{code="OK",method="/machine.MachineService/Version"} 1`,
+		`grpc_server_handled_total{grpc_code="OK",grpc_method="Version",grpc_service="machine.MachineService",grpc_type="unary"} 1`,
 		`apid_fanout_node_results_total{code="OK",kind="unary"} 1`,
 		`apid_fanout_node_results_total{code="Unavailable",kind="unary"} 1`,
 		// node-1 (this apid has no self names); the dead node's connection
 		// never worked and was closed with its call.
-		`apid_node_connections 1`,
+		`apid_node_connections_open 1`,
+		`apid_node_connections{state="READY"} 1`,
 		`apid_buffered_bytes 0`, // nothing held once the calls are over
 		`apid_buffered_bytes_limit `,
 		`apid_client_connections 1`,

@@ -68,6 +68,10 @@ func TestGenClientRefusesUnknownRoles(t *testing.T) {
 	if _, _, err := runCmd(t, "gen", "client", "-ca-dir", dir, "-out", dir, "-name", "ci", "-roles", "team:ci", "-allow-unknown-roles"); err != nil {
 		t.Fatalf("an explicitly allowed custom role: %v", err)
 	}
+	if _, _, err := runCmd(t, "gen", "client", "-ca-dir", dir, "-out", dir, "-name", "sly", "-roles", "os:reader,os:impersonator"); err == nil ||
+		!strings.Contains(err.Error(), "os:impersonator") {
+		t.Fatalf("a client certificate that may claim any role: %v", err)
+	}
 	if _, _, err := runCmd(t, "gen", "client", "-ca-dir", dir, "-out", dir, "-name", "ops", "-roles", "os:operator,os:etcd:backup"); err != nil {
 		t.Fatalf("built-in roles: %v", err)
 	}

@@ -108,6 +108,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.SelfNames = []string{n.ip, n.name}
 		cfg.NodeTimeout = 10 * time.Second
 		cfg.LogLevel = o.logLevel
+		cfg.LogFormat = "text"
 		// Each node's admin endpoint is on its own address, next port up.
 		cfg.AdminListen = net.JoinHostPort(n.ip, strconv.Itoa(o.port+1))
 		// No balancer watches the demo's readiness: Ctrl-C stops at once,

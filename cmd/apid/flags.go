@@ -64,4 +64,7 @@ func bindConfigFlags(fs *flag.FlagSet, c *gateway.Config) {
 	fs.DurationVar(&c.DrainDelay, "drain-delay", def.DrainDelay, "on SIGTERM, keep accepting calls this long with readiness failing")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", def.ShutdownTimeout, "then give running calls this long before they end with UNAVAILABLE")
 	fs.StringVar(&c.LogLevel, "log-level", def.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", def.LogFormat, "json (one object a line) or text")
+	fs.StringVar(&c.Tracing.Endpoint, "tracing-endpoint", def.Tracing.Endpoint, "export OpenTelemetry traces to this OTLP/gRPC `host:port` (off when empty and no OTEL_EXPORTER_OTLP_ENDPOINT)")
+	fs.BoolVar(&c.Tracing.Insecure, "tracing-insecure", def.Tracing.Insecure, "send traces without TLS")
 }

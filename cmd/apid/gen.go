@@ -20,7 +20,7 @@ import (
 var genUsages = map[string]string{
 	"ca":     "apid gen ca     [-out DIR] [-name CN] [-ttl D] [-key-type ecdsa|ed25519] [-force]",
 	"node":   "apid gen node   -name FQDN [-ip IP,...] [-dns NAME,...] [-ca-dir DIR] [-out DIR] [-ttl D] [-force]",
-	"client": "apid gen client -name CN -roles os:reader[,...] [-allow-unknown-roles] [-ttl D] [-ca-dir DIR] [-out DIR] [-force]\n                [-talosconfig FILE -endpoints A,B [-nodes A,B] [-context NAME]]",
+	"client": "apid gen client -name CN -roles os:reader[,...] [-allow-unknown-roles] [-allow-impersonator] [-ttl D] [-ca-dir DIR] [-out DIR] [-force]\n                [-talosconfig FILE -endpoints A,B [-nodes A,B] [-context NAME]]",
 }
 
 const genNotes = `
@@ -70,6 +70,7 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	dns := fs.String("dns", "", "node: comma-separated DNS SANs (the name is always one)")
 	roles := fs.String("roles", "", "client: comma-separated roles, e.g. os:reader")
 	allowUnknown := fs.Bool("allow-unknown-roles", false, "client: accept roles outside the built-in ones (for a custom policy)")
+	allowImpersonator := fs.Bool("allow-impersonator", false, "client: accept os:impersonator, which lets the holder claim any role (node certificates carry it)")
 	talosconfig := fs.String("talosconfig", "", "client: also write (or merge into) this talosconfig `file`")
 	endpoints := fs.String("endpoints", "", "client: talosconfig endpoints, comma-separated")
 	nodes := fs.String("nodes", "", "client: talosconfig default nodes, comma-separated")
@@ -150,6 +151,9 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		roleList := splitList(*roles)
 		if len(roleList) == 0 {
 			return errors.New("gen client: -roles is required (e.g. os:reader)")
+		}
+		if slices.Contains(roleList, certs.RoleImpersonator) && !*allowImpersonator {
+			return fmt.Errorf("gen client: %s lets the holder assert any role, os:admin included; it belongs on node certificates (use -allow-impersonator if you mean it)", certs.RoleImpersonator)
 		}
 		if !*allowUnknown {
 			for _, r := range roleList {

@@ -81,5 +81,5 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 func newLogger(w io.Writer, level string) *slog.Logger {
 	v := new(slog.LevelVar)
 	v.Set(gateway.ParseLevel(level))
-	return gateway.NewLogger(w, v)
+	return gateway.NewLogger(w, v, "text")
 }

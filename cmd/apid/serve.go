@@ -14,16 +14,27 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/apid/apid/internal/gateway"
+	"github.com/apid/apid/internal/version"
 )
 
 func runServe(ctx context.Context, args []string, stderr io.Writer) error {
+	// Signals are caught from the start: a SIGHUP while apid loads must
+	// not kill it (its default action), and the first stop signal drains
+	// whatever context the caller passed.
+	signals := make(chan os.Signal, 4)
+	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, os.Interrupt)
+	defer signal.Ignore(syscall.SIGHUP) // a late reload request is not a reason to die
+	defer signal.Stop(signals)
+	ctx, drain := context.WithCancel(ctx)
+	defer drain()
+
 	cfg, err := loadConfig("serve", args, stderr)
 	if err != nil {
 		return err
 	}
 	level := new(slog.LevelVar)
 	level.Set(gateway.ParseLevel(cfg.LogLevel))
-	log := gateway.NewLogger(stderr, level)
+	log := gateway.NewLogger(stderr, level, cfg.LogFormat)
 	gw, err := gateway.New(cfg, log)
 	if err != nil {
 		return err
@@ -34,13 +45,10 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	v := buildVersion()
+	v := version.Get()
 	log.Info("apid serving", "listen", lis.Addr().String(), "admin", cfg.AdminListen, "backend", cfg.Backend,
-		"remote_port", cfg.RemotePort, "version", v.version, "commit", v.commit)
+		"remote_port", cfg.RemotePort, "version", v.Version, "commit", v.Commit, "go", v.Go)
 
-	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, os.Interrupt)
-	defer signal.Stop(signals)
 	served := make(chan struct{})
 	defer close(served)
 	go func() {
@@ -62,10 +70,10 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 					reload(gw, args, level, log, stderr)
 					notify(log, daemon.SdNotifyReady)
 				case !stopping:
-					// The context ends too (main's handler): Serve drains.
 					stopping = true
 					notify(log, daemon.SdNotifyStopping)
 					log.Info("stop requested; a second signal stops at once", "signal", sig.String())
+					drain()
 				default:
 					log.Warn("second stop signal: ending running calls now", "signal", sig.String())
 					gw.StopNow()

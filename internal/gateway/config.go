@@ -99,6 +99,12 @@ type Config struct {
 	MaxConnectionAgeGrace time.Duration `yaml:"maxConnectionAgeGrace"`
 	// LogLevel is debug, info, warn or error. Default info.
 	LogLevel string `yaml:"logLevel"`
+	// LogFormat is json (the default: one object per line, for log
+	// pipelines) or text.
+	LogFormat string `yaml:"logFormat"`
+	// Tracing exports OpenTelemetry traces; off unless an endpoint is set
+	// here or in the environment.
+	Tracing TracingConfig `yaml:"tracing"`
 	// Policy replaces or extends the built-in role policy.
 	Policy PolicyConfig `yaml:"policy"`
 }
@@ -197,6 +203,8 @@ func Default() Config {
 		MaxConnections: 1024,
 		MaxDials:       64,
 		LogLevel:       "info",
+		LogFormat:      "json",
+		Tracing:        TracingConfig{SampleRatio: 1},
 
 		AdminListen:     "127.0.0.1:50001",
 		DrainDelay:      5 * time.Second,
@@ -302,6 +310,17 @@ func (c Config) validate() (*auth.Policy, error) {
 	case "debug", "info", "warn", "error":
 	default:
 		errs = append(errs, fmt.Errorf("logLevel %q: want debug, info, warn or error", c.LogLevel))
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		errs = append(errs, fmt.Errorf("logFormat %q: want json or text", c.LogFormat))
+	}
+	if c.Tracing.SampleRatio < 0 || c.Tracing.SampleRatio > 1 {
+		errs = append(errs, fmt.Errorf("tracing.sampleRatio %g: want 0 to 1", c.Tracing.SampleRatio))
+	}
+	if c.Tracing.Endpoint != "" {
+		if _, _, err := net.SplitHostPort(c.Tracing.Endpoint); err != nil {
+			errs = append(errs, fmt.Errorf("tracing.endpoint %q: want host:port", c.Tracing.Endpoint))
+		}
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)

@@ -28,10 +28,14 @@ import (
 	"github.com/apid/apid/proxy"
 )
 
-// NewLogger returns a text logger to w whose level is level (which the
-// caller may change while it runs, as a reload does).
-func NewLogger(w io.Writer, level *slog.LevelVar) *slog.Logger {
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+// NewLogger returns a logger to w in format (json, or text) whose level is
+// level (which the caller may change while it runs, as a reload does).
+func NewLogger(w io.Writer, level *slog.LevelVar, format string) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
 // ParseLevel reads debug, info, warn or error; anything else means info
@@ -62,12 +66,16 @@ type Gateway struct {
 	server  *grpc.Server
 	metrics *metrics
 	ready   *readiness
+	nodes   *nodeTable
+	tracing *tracing // nil: off
 
 	inFlight  atomic.Int64
 	adminAddr net.Addr           // set before serving is closed
 	serving   chan struct{}      // closed once Serve accepts
 	hardStop  context.Context    // done when running calls must end
 	endCalls  context.CancelFunc // ends them
+	stopping  context.Context    // done once apid stops accepting
+	goAway    context.CancelFunc // ends it
 	now       chan struct{}      // closed by StopNow
 	nowOnce   sync.Once
 	stop      context.CancelFunc // ends the watchers
@@ -87,14 +95,26 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load certificates: %w", err)
 	}
-	local, err := grpc.NewClient(cfg.Backend,
+	instance := src.Certificate().Leaf.Subject.CommonName
+	if len(cfg.SelfNames) > 0 {
+		instance = cfg.SelfNames[0]
+	}
+	tr, err := newTracing(cfg.Tracing, instance)
+	if err != nil {
+		return nil, err
+	}
+	var traced []grpc.DialOption
+	if tr != nil {
+		traced = append(traced, tr.dialOption())
+	}
+	local, err := grpc.NewClient(cfg.Backend, append(traced,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// Idle mode has hung local backends (grpc-go #9191); the local
 		// agent is one connection that is always wanted.
 		grpc.WithIdleTimeout(0),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
-	)
+	)...)
 	if err != nil {
 		return nil, fmt.Errorf("local backend %q: %w", cfg.Backend, err)
 	}
@@ -103,13 +123,14 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		IdleTimeout: cfg.IdleTimeout,
 		MaxConns:    cfg.MaxConnections,
 		MaxDials:    cfg.MaxDials,
-		DialOptions: remoteDialOptions(cfg),
+		DialOptions: append(remoteDialOptions(cfg), traced...),
 		Credentials: func(host string) credentials.TransportCredentials {
 			return credentials.NewTLS(certs.ClientConfig(src, host))
 		},
 	})
 	ctx, stop := context.WithCancel(context.Background())
 	hardStop, endCalls := context.WithCancelCause(context.Background())
+	stopping, goAway := context.WithCancel(context.Background())
 	g := &Gateway{
 		log: log, src: src, local: local, pool: pool,
 		router:  director.NewRouter(routerConfig(cfg), local, pool),
@@ -118,17 +139,27 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		conns:   limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
 		calls:   limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
 		ready:   newReadiness(src, cfg.Backend, policy.Services()),
+		nodes:   newNodeTable(cfg.MaxConnections),
+		tracing: tr,
 		serving: make(chan struct{}),
 		now:     make(chan struct{}),
 		stop:    stop, hardStop: hardStop, endCalls: func() { endCalls(errShuttingDown) },
+		stopping: stopping, goAway: goAway,
 	}
 	g.cfg.Store(&cfg)
-	g.metrics = newMetrics(g.authz, pool, g.budget, g.conns, g.calls, g.inFlight.Load)
+	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
+		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load})
+	obs := &observer{metrics: g.metrics, nodes: g.nodes}
+	serverOpts := []grpc.ServerOption{grpc.StatsHandler(auditStats{})}
+	if tr != nil {
+		obs.tracer = tr.tracer
+		serverOpts = append(serverOpts, tr.serverOption())
+	}
 	handler := proxy.NewHandler(g.router, proxy.Options{
-		MaxReplySize: cfg.MaxMessageSize, NodeBuffer: int(cfg.Limits.NodeBuffer), Observer: g.metrics, Budget: g.budget,
+		MaxReplySize: cfg.MaxMessageSize, NodeBuffer: int(cfg.Limits.NodeBuffer), Observer: obs, Budget: g.budget,
 	})
 
-	g.server = grpc.NewServer(
+	g.server = grpc.NewServer(append(serverOpts,
 		grpc.Creds(g.conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(handler.StreamHandler()),
@@ -150,16 +181,21 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		}),
 		// Who the caller is comes first, so metrics and the call log can
 		// name it; the authorizer comes last, right before the proxy.
-		grpc.ChainStreamInterceptor(auth.IdentityInterceptor(), g.metrics.interceptor(), callLogger(log), g.admit(), g.authz.StreamInterceptor()),
+		grpc.ChainStreamInterceptor(auth.IdentityInterceptor(), g.metrics.interceptor(), auditLog(log), g.admit(), g.authz.StreamInterceptor()),
 		// Unary calls reach only the services apid serves itself (health).
 		grpc.ChainUnaryInterceptor(g.metrics.unaryInterceptor(), g.authz.UnaryInterceptor()),
-	)
+	)...)
 	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
 
-	go src.Watch(ctx, cfg.ReloadInterval, g.certificatesChanged, func(err error) {
+	go src.Watch(ctx, cfg.ReloadInterval, func() {
+		g.metrics.reloaded("certificates", nil)
+		g.certificatesChanged()
+	}, func(err error) {
+		g.metrics.reloaded("certificates", err)
 		log.Warn("certificate reload failed; keeping the current ones", "err", err)
 	})
 	go g.ready.watchBackend(ctx, local)
+	go g.ready.recheck(ctx, 10*time.Second)
 	return g, nil
 }
 
@@ -211,14 +247,17 @@ func (g *Gateway) Reload(next Config) error {
 	defer g.reload.Unlock()
 	policy, err := next.validate()
 	if err != nil {
+		g.metrics.reloaded("config", err)
 		g.log.Error("configuration refused; the running one stays", "err", err)
 		return err
 	}
+	g.metrics.reloaded("config", nil)
 	live, restart := reconcile(*g.cfg.Load(), &next)
 	if len(restart) > 0 {
 		g.log.Warn("configuration changes that need a restart were not applied", "keys", restart)
 	}
 	g.authz.SetPolicy(policy)
+	g.ready.setServices(policy.Services())
 	g.router.SetConfig(routerConfig(next))
 	g.budget.SetLimit(int64(next.Limits.BufferedBytes))
 	g.conns.SetLimits(next.Limits.Connections, next.Limits.ConnectionsPerIdentity)
@@ -232,6 +271,7 @@ func (g *Gateway) Reload(next Config) error {
 // reloadCertificates re-reads the certificate files now.
 func (g *Gateway) reloadCertificates() {
 	changed, err := g.src.Reload()
+	g.metrics.reloaded("certificates", err)
 	switch {
 	case err != nil:
 		g.log.Warn("certificate reload failed; keeping the current ones", "err", err)
@@ -274,7 +314,7 @@ func (g *Gateway) Serve(ctx context.Context, lis net.Listener) error {
 		}
 		g.adminAddr = alis.Addr()
 		go func() {
-			if err := admin(adminCtx, alis, g.ready, g.metrics.registry, g.log); err != nil {
+			if err := g.admin(adminCtx, alis); err != nil {
 				g.log.Error("admin endpoint failed", "err", err)
 			}
 		}()
@@ -307,6 +347,7 @@ func (g *Gateway) drain() {
 	}
 
 	g.log.Info("no longer accepting: sent GOAWAY; waiting for running calls", "calls_in_flight", g.inFlight.Load(), "shutdown_timeout", cfg.ShutdownTimeout)
+	g.goAway() // health watchers have heard NOT_SERVING: their streams end now
 	stopped := make(chan struct{})
 	go func() {
 		g.server.GracefulStop()
@@ -341,10 +382,18 @@ func (g *Gateway) StopNow() { g.nowOnce.Do(func() { close(g.now) }) }
 // Close releases everything but the server, which Serve stops.
 func (g *Gateway) Close() {
 	g.stop()
+	g.goAway()
 	g.endCalls()
 	g.server.Stop()
 	_ = g.pool.Close()
 	_ = g.local.Close()
+	if g.tracing != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := g.tracing.shutdown(ctx); err != nil {
+			g.log.Warn("tracing: spans not sent", "err", err)
+		}
+	}
 }
 
 // admit counts the call in flight, applies the caller identity's call
@@ -352,7 +401,10 @@ func (g *Gateway) Close() {
 // when shutdownTimeout is up.
 func (g *Gateway) admit() grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		if id, ok := auth.IdentityFrom(ss.Context()); ok {
+		// A call another apid forwarded was counted against its caller
+		// there; counting it here against the node certificate would make
+		// every client's calls through that apid share one budget.
+		if id, ok := auth.IdentityFrom(ss.Context()); ok && !id.Forwarded {
 			release, err := g.calls.Acquire(id.Subject)
 			if err != nil {
 				return err
@@ -363,7 +415,13 @@ func (g *Gateway) admit() grpc.StreamServerInterceptor {
 		defer g.inFlight.Add(-1)
 		ctx, cancel := context.WithCancelCause(ss.Context())
 		defer cancel(nil)
-		stop := context.AfterFunc(g.hardStop, func() { cancel(errShuttingDown) })
+		end := g.hardStop
+		if info.FullMethod == healthWatch {
+			// A health watch would otherwise hold the stop for the whole
+			// shutdownTimeout; it has been told NOT_SERVING already.
+			end = g.stopping
+		}
+		stop := context.AfterFunc(end, func() { cancel(errShuttingDown) })
 		defer stop()
 		err := handler(srv, &contextStream{ServerStream: ss, ctx: ctx})
 		if errors.Is(context.Cause(ctx), errShuttingDown) {
@@ -373,6 +431,8 @@ func (g *Gateway) admit() grpc.StreamServerInterceptor {
 	}
 }
 
+const healthWatch = "/grpc.health.v1.Health/Watch"
+
 // contextStream is a server stream with a context of its own.
 type contextStream struct {
 	grpc.ServerStream
@@ -380,22 +440,3 @@ type contextStream struct {
 }
 
 func (s *contextStream) Context() context.Context { return s.ctx }
-
-// callLogger logs each call with stable keys; metadata values are never
-// logged (they may carry tokens).
-func callLogger(log *slog.Logger) grpc.StreamServerInterceptor {
-	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		start := time.Now()
-		err := handler(srv, ss)
-		level := slog.LevelDebug
-		if err != nil {
-			level = slog.LevelInfo
-		}
-		if log.Enabled(ss.Context(), level) {
-			caller, _ := auth.IdentityFrom(ss.Context())
-			log.Log(ss.Context(), level, "call", "method", info.FullMethod, "peer", caller.Subject,
-				"code", status.Code(err).String(), "duration", time.Since(start))
-		}
-		return err
-	}
-}

@@ -1,14 +1,17 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -27,6 +30,7 @@ import (
 // 127.0.0.1.
 type testGateway struct {
 	t        *testing.T
+	logs     *syncBuffer // the gateway's JSON log
 	gw       *Gateway
 	cfg      Config
 	addr     string
@@ -41,7 +45,7 @@ type testGateway struct {
 // change (the admin endpoint is on a free port of 127.0.0.1).
 func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	t.Helper()
-	tg := &testGateway{t: t, dir: t.TempDir(), served: make(chan error, 1)}
+	tg := &testGateway{t: t, dir: t.TempDir(), served: make(chan error, 1), logs: &syncBuffer{}}
 	var err error
 	if tg.ca, err = pki.NewCA("test", time.Hour, pki.KeyECDSA); err != nil {
 		t.Fatal(err)
@@ -70,7 +74,8 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 		edit(&cfg)
 	}
 	tg.cfg = cfg
-	if tg.gw, err = New(cfg, nil); err != nil {
+	level := new(slog.LevelVar)
+	if tg.gw, err = New(cfg, NewLogger(tg.logs, level, "json")); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(tg.gw.Close)
@@ -89,6 +94,24 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 		t.Fatalf("Serve: %v", err)
 	}
 	return tg
+}
+
+// syncBuffer is a bytes.Buffer safe for the gateway's goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func (tg *testGateway) write(name string, data []byte) string {

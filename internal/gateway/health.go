@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
@@ -92,6 +90,31 @@ func (r *readiness) setListening() {
 	r.publish()
 }
 
+// setServices changes the services the health service reports.
+func (r *readiness) setServices(services []string) {
+	r.mu.Lock()
+	r.services = services
+	r.published = false
+	r.mu.Unlock()
+	r.publish()
+}
+
+// recheck publishes again every interval until ctx ends, so that a
+// certificate that expires turns gRPC health NOT_SERVING as it turns
+// /readyz 503.
+func (r *readiness) recheck(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			r.publish()
+		}
+	}
+}
+
 // drain turns readiness off for good: health answers NOT_SERVING from now
 // on, whatever else changes.
 func (r *readiness) drain() {
@@ -120,8 +143,10 @@ func (r *readiness) watchBackend(ctx context.Context, cc *grpc.ClientConn) {
 	}
 }
 
-// admin serves /healthz, /readyz and /metrics on lis until ctx ends.
-func admin(ctx context.Context, lis net.Listener, r *readiness, registry *prometheus.Registry, log *slog.Logger) error {
+// admin serves /healthz, /readyz, /nodes and /metrics on lis until ctx
+// ends.
+func (g *Gateway) admin(ctx context.Context, lis net.Listener) error {
+	r := g.ready
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -135,11 +160,12 @@ func admin(ctx context.Context, lis net.Listener, r *readiness, registry *promet
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /nodes", g.serveNodes)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(g.metrics.registry, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute}
 	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
 	defer stop()
-	log.Info("admin endpoint serving /healthz, /readyz and /metrics", "listen", lis.Addr().String())
+	g.log.Info("admin endpoint serving /healthz, /readyz, /nodes and /metrics", "listen", lis.Addr().String())
 	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

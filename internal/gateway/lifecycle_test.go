@@ -11,6 +11,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
@@ -81,7 +82,9 @@ func TestHealthAndReadiness(t *testing.T) {
 // then no connection is accepted and a stream that outlives
 // shutdownTimeout ends with UNAVAILABLE saying why.
 func TestDrain(t *testing.T) {
-	const drainDelay, shutdownTimeout = 600 * time.Millisecond, 800 * time.Millisecond
+	// The drain delay leaves a loaded machine time for the new connection
+	// and call below.
+	const drainDelay, shutdownTimeout = 2 * time.Second, 800 * time.Millisecond
 	tg := startGateway(t, func(c *Config) { c.DrainDelay, c.ShutdownTimeout = drainDelay, shutdownTimeout })
 	tg.waitReady(200)
 	ctx := testCtx(t)
@@ -134,11 +137,36 @@ func TestDrain(t *testing.T) {
 	}
 }
 
-// TestDrainEndsWhenCallsDo: with nothing running, the stop takes the drain
-// delay and no more; StopNow cuts even that short.
+// TestDrainEndsWhenCallsDo: with no call running but a health watch, the
+// stop takes the drain delay and no more: the watch hears NOT_SERVING and
+// ends when apid stops accepting. StopNow cuts even the delay short.
 func TestDrainEndsWhenCallsDo(t *testing.T) {
-	tg := startGateway(t, func(c *Config) { c.DrainDelay, c.ShutdownTimeout = time.Minute, time.Minute })
+	tg := startGateway(t, func(c *Config) { c.DrainDelay, c.ShutdownTimeout = 300*time.Millisecond, time.Minute })
+	ctx := testCtx(t)
+	watch, err := healthpb.NewHealthClient(tg.client("probe", "team:probes")).Watch(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := watch.Recv(); err != nil || m.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("watch: %v, %v", m, err)
+	}
 	start := time.Now()
+	tg.cancel()
+	if m, err := watch.Recv(); err != nil || m.Status != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("watch while draining: %v, %v", m, err)
+	}
+	if err := <-tg.served; err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Fatalf("the stop took %s with a health watch open: it waited for the watch", d)
+	}
+	if _, err := watch.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("watch after the stop: %v, want Unavailable", err)
+	}
+
+	tg = startGateway(t, func(c *Config) { c.DrainDelay, c.ShutdownTimeout = time.Hour, time.Hour })
+	start = time.Now()
 	tg.cancel()
 	tg.waitReady(503)
 	tg.gw.StopNow()
@@ -147,6 +175,18 @@ func TestDrainEndsWhenCallsDo(t *testing.T) {
 	}
 	if d := time.Since(start); d > 20*time.Second {
 		t.Fatalf("StopNow took %s", d)
+	}
+}
+
+// TestHealthExemptionIsExact: only the health service's own methods skip
+// the policy; another method under its name goes to the policy like any.
+func TestHealthExemptionIsExact(t *testing.T) {
+	tg := startGateway(t, nil)
+	cc := tg.client("nobody", "team:none")
+	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,192.0.2.7")
+	err := cc.Invoke(ctx, "/grpc.health.v1.Health/Nope", &emptypb.Empty{}, &emptypb.Empty{})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a made-up method under the health service, fanned out by a caller without roles: %v, want PermissionDenied", err)
 	}
 }
 

@@ -2,63 +2,118 @@ package gateway
 
 import (
 	"context"
-	"strings"
 	"time"
 
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+
+	// The Talos API's services, so that their methods are known by name.
+	_ "github.com/siderolabs/talos/pkg/machinery/api/cluster"
+	_ "github.com/siderolabs/talos/pkg/machinery/api/inspect"
+	_ "github.com/siderolabs/talos/pkg/machinery/api/machine"
+	_ "github.com/siderolabs/talos/pkg/machinery/api/security"
+	_ "github.com/siderolabs/talos/pkg/machinery/api/storage"
+	_ "github.com/siderolabs/talos/pkg/machinery/api/time"
 
 	"github.com/apid/apid/auth"
+	"github.com/apid/apid/certs"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/internal/version"
 	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
 
-// metrics are apid's Prometheus metrics. Method labels are limited to the
-// methods the policy names, so callers cannot mint label values.
+// unknownMethod is the one label value of every method apid does not know,
+// so that callers cannot mint series with made-up method names.
+const unknownMethod = "/unknown/unknown"
+
+// knownMethods are the methods of every service compiled into apid (the
+// Talos API, health, reflection): a fixed set.
+var knownMethods = func() map[string]bool {
+	m := map[string]bool{}
+	protoregistry.GlobalFiles.RangeFiles(func(fd protoreflect.FileDescriptor) bool {
+		for i := range fd.Services().Len() {
+			svc := fd.Services().Get(i)
+			for j := range svc.Methods().Len() {
+				m["/"+string(svc.FullName())+"/"+string(svc.Methods().Get(j).Name())] = true
+			}
+		}
+		return true
+	})
+	return m
+}()
+
+// metrics are apid's Prometheus metrics: the standard gRPC server metrics
+// of go-grpc-middleware, and apid's own.
 type metrics struct {
 	registry  *prometheus.Registry
+	grpc      *grpcprom.ServerMetrics
 	authz     *auth.Authorizer
-	calls     *prometheus.CounterVec
-	duration  *prometheus.HistogramVec
+	router    *director.Router
 	nodeCalls *prometheus.CounterVec
 	nodeTime  *prometheus.HistogramVec
+	reloads   *prometheus.CounterVec
 }
 
-func newMetrics(authz *auth.Authorizer, pool *director.Pool, budget *limits.Memory, conns *limits.Connections,
-	calls *limits.Calls, inFlight func() int64) *metrics {
+// metricSources are what apid's own metrics read.
+type metricSources struct {
+	authz    *auth.Authorizer
+	router   *director.Router
+	pool     *director.Pool
+	budget   *limits.Memory
+	conns    *limits.Connections
+	calls    *limits.Calls
+	nodes    *nodeTable
+	src      *certs.Source
+	inFlight func() int64
+}
+
+func newMetrics(s metricSources) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
-		authz:    authz,
-		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "apid_calls_total", Help: "Calls served, by method and status code.",
-		}, []string{"method", "code"}),
-		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "apid_call_duration_seconds", Help: "Duration of calls, by method.",
-			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10),
-		}, []string{"method"}),
+		grpc: grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram(
+			grpcprom.WithHistogramBuckets(prometheus.ExponentialBuckets(0.0005, 4, 10)))),
+		authz:  s.authz,
+		router: s.router,
 		nodeCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "apid_fanout_node_results_total", Help: "Outcome of each node's part of one-to-many calls.",
+			Name: "apid_fanout_node_results_total", Help: "Outcome of each node's part of one-to-many calls, by method kind and status code.",
 		}, []string{"kind", "code"}),
 		nodeTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "apid_fanout_node_duration_seconds", Help: "Duration of each node's part of one-to-many calls.",
-			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10),
+			Name: "apid_fanout_node_duration_seconds", Help: "Duration of each node's part of one-to-many calls, by method kind.",
+			Buckets: latencyBuckets,
 		}, []string{"kind"}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "apid_reloads_total", Help: "Reloads of the configuration (what=config) and the certificate files (what=certificates), by result.",
+		}, []string{"what", "result"}),
 	}
-	m.registry.MustRegister(m.calls, m.duration, m.nodeCalls, m.nodeTime,
-		gauge("apid_node_connections", "Connections to other nodes held in the pool.", pool.Len),
-		gauge("apid_buffered_bytes", "Bytes held for calls in flight (limits.bufferedBytes bounds new calls).", budget.Held),
-		gauge("apid_buffered_bytes_limit", "The limits.bufferedBytes budget.", budget.Limit),
-		gauge("apid_client_connections", "Client connections open, handshaking ones included.", conns.Open),
-		gauge("apid_calls_in_flight", "Calls being served now.", inFlight),
-		refusals("bufferedBytes", budget.Refused),
-		refusals("connections", conns.RefusedTotal),
-		refusals("connectionsPerIdentity", conns.RefusedPerIdentity),
-		refusals("concurrentCallsPerIdentity", calls.RefusedConcurrent),
-		refusals("callsPerSecondPerIdentity", calls.RefusedRate),
+	for _, what := range []string{"config", "certificates"} {
+		for _, result := range []string{"success", "failure"} {
+			m.reloads.WithLabelValues(what, result)
+		}
+	}
+	v := version.Get()
+	m.registry.MustRegister(m.grpc, m.nodeCalls, m.nodeTime, m.reloads, s.nodes,
+		gauge("apid_node_connections_open", "Connections to other nodes held in the pool.", func() int { return len(s.pool.Snapshot()) }),
+		poolStates{s.pool},
+		certExpiry{s.src},
+		gauge("apid_buffered_bytes", "Bytes held for calls in flight (limits.bufferedBytes bounds new calls).", s.budget.Held),
+		gauge("apid_buffered_bytes_limit", "The limits.bufferedBytes budget.", s.budget.Limit),
+		gauge("apid_client_connections", "Client connections open, handshaking ones included.", s.conns.Open),
+		gauge("apid_calls_in_flight", "Calls being served now.", s.inFlight),
+		refusals("bufferedBytes", s.budget.Refused),
+		refusals("connections", s.conns.RefusedTotal),
+		refusals("connectionsPerIdentity", s.conns.RefusedPerIdentity),
+		refusals("concurrentCallsPerIdentity", s.calls.RefusedConcurrent),
+		refusals("callsPerSecondPerIdentity", s.calls.RefusedRate),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "apid_build_info", Help: "Always 1; the labels say which apid this is.",
+			ConstLabels: prometheus.Labels{"version": v.Version, "commit": v.Commit, "goversion": v.Go},
+		}, func() float64 { return 1 }),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -78,40 +133,102 @@ func refusals(limit string, read func() int64) prometheus.Collector {
 	}, func() float64 { return float64(read()) })
 }
 
+// label bounds a method name to the known ones.
 func (m *metrics) label(method string) string {
-	if m.authz.Policy().HasRule(method) || strings.HasPrefix(method, auth.HealthPrefix) {
+	if knownMethods[method] || m.authz.Policy().HasRule(method) {
 		return method
 	}
-	return "other"
+	return unknownMethod
 }
 
-// interceptor counts and times every call.
+// interceptor feeds the standard gRPC server metrics with a bounded
+// method name and the method's real shape: the proxy serves every method
+// as a bidirectional stream, so a unary method is reported through the
+// library's unary interceptor (one message each way) and a streaming one
+// through its stream interceptor with the shape set.
 func (m *metrics) interceptor() grpc.StreamServerInterceptor {
+	stream := m.grpc.StreamServerInterceptor()
+	unary := m.grpc.UnaryServerInterceptor()
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		start := time.Now()
-		err := handler(srv, ss)
+		if auth.HealthMethods[info.FullMethod] { // registered: its info is true
+			return stream(srv, ss, info, handler)
+		}
 		method := m.label(info.FullMethod)
-		m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
-		m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())
-		return err
+		kind := m.router.Kind(info.FullMethod)
+		if kind == proxy.Unary {
+			_, err := unary(ss.Context(), nil, &grpc.UnaryServerInfo{FullMethod: method}, func(context.Context, any) (any, error) {
+				return nil, handler(srv, ss)
+			})
+			return err
+		}
+		return stream(srv, ss, &grpc.StreamServerInfo{
+			FullMethod:     method,
+			IsClientStream: kind == proxy.ClientStream || kind == proxy.BidiStream,
+			IsServerStream: kind == proxy.ServerStream || kind == proxy.BidiStream,
+		}, handler)
 	}
 }
 
-// unaryInterceptor counts and times the unary calls of the services apid
-// serves itself.
+// unaryInterceptor feeds them for the unary methods apid serves itself.
 func (m *metrics) unaryInterceptor() grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-		start := time.Now()
-		resp, err := handler(ctx, req)
-		method := m.label(info.FullMethod)
-		m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
-		m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())
-		return resp, err
-	}
+	return m.grpc.UnaryServerInterceptor()
 }
 
-// BackendDone implements proxy.Observer.
-func (m *metrics) BackendDone(kind proxy.Kind, code codes.Code, elapsed time.Duration) {
+// nodeDone counts one node's part of a one-to-many call.
+func (m *metrics) nodeDone(kind proxy.Kind, code codes.Code, elapsed time.Duration) {
 	m.nodeCalls.WithLabelValues(kind.String(), code.String()).Inc()
 	m.nodeTime.WithLabelValues(kind.String()).Observe(elapsed.Seconds())
+}
+
+// reloaded counts a reload of what ("config" or "certificates").
+func (m *metrics) reloaded(what string, err error) {
+	result := "success"
+	if err != nil {
+		result = "failure"
+	}
+	m.reloads.WithLabelValues(what, result).Inc()
+}
+
+// poolStates exports the pool's connections by state.
+type poolStates struct{ pool *director.Pool }
+
+var poolStateDesc = prometheus.NewDesc("apid_node_connections",
+	"Connections to other nodes in the pool, by connectivity state.", []string{"state"}, nil)
+
+func (p poolStates) Describe(ch chan<- *prometheus.Desc) { ch <- poolStateDesc }
+
+func (p poolStates) Collect(ch chan<- prometheus.Metric) {
+	n := map[string]int{"IDLE": 0, "CONNECTING": 0, "READY": 0, "TRANSIENT_FAILURE": 0, "SHUTDOWN": 0}
+	for _, e := range p.pool.Snapshot() {
+		n[e.State]++
+	}
+	for state, v := range n {
+		ch <- prometheus.MustNewConstMetric(poolStateDesc, prometheus.GaugeValue, float64(v), state)
+	}
+}
+
+// certExpiry exports the seconds until the serving certificate and each CA
+// expire.
+type certExpiry struct{ src *certs.Source }
+
+var certExpiryDesc = prometheus.NewDesc("apid_certificate_expiry_seconds",
+	"Seconds until a certificate expires (negative: expired): the one apid serves (kind=serving) and each CA it trusts (kind=ca).",
+	[]string{"kind", "subject"}, nil)
+
+func (c certExpiry) Describe(ch chan<- *prometheus.Desc) { ch <- certExpiryDesc }
+
+func (c certExpiry) Collect(ch chan<- prometheus.Metric) {
+	now := time.Now()
+	if leaf := c.src.Certificate().Leaf; leaf != nil {
+		ch <- prometheus.MustNewConstMetric(certExpiryDesc, prometheus.GaugeValue, leaf.NotAfter.Sub(now).Seconds(), "serving", leaf.Subject.String())
+	}
+	seen := map[string]bool{}
+	for _, ca := range c.src.CAs() {
+		subject := ca.Subject.String()
+		if seen[subject] {
+			subject += " #" + ca.SerialNumber.String() // two generations of one CA during a rotation
+		}
+		seen[subject] = true
+		ch <- prometheus.MustNewConstMetric(certExpiryDesc, prometheus.GaugeValue, ca.NotAfter.Sub(now).Seconds(), "ca", subject)
+	}
 }

@@ -1,0 +1,84 @@
+package gateway
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/apid/apid/director"
+)
+
+// nodesPage is what /nodes answers.
+type nodesPage struct {
+	Time  time.Time    `json:"time"`
+	Nodes []NodeStatus `json:"nodes"`
+}
+
+// nodeStatuses merges the node table with the pool: every node apid has a
+// connection for or has called recently.
+func (g *Gateway) nodeStatuses() []NodeStatus {
+	nodes := g.nodes.snapshot()
+	byName := make(map[string]int, len(nodes))
+	for i, n := range nodes {
+		byName[n.Node] = i
+		nodes[i].Connection = "none"
+	}
+	for _, name := range g.Config().SelfNames {
+		if i, ok := byName[director.Canonical(name)]; ok {
+			nodes[i].Connection = "local"
+		}
+	}
+	for _, e := range g.pool.Snapshot() {
+		i, ok := byName[e.Node]
+		if !ok {
+			nodes = append(nodes, NodeStatus{Node: e.Node, Calls: map[string]uint64{}, LastUsed: e.LastUsed})
+			i = len(nodes) - 1
+		}
+		nodes[i].Connection = e.State
+	}
+	slices.SortFunc(nodes, func(a, b NodeStatus) int { return strings.Compare(a.Node, b.Node) })
+	return nodes
+}
+
+// serveNodes lists the nodes as JSON (?format=json, or a client that
+// accepts only JSON) or as a table for a terminal.
+func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
+	page := nodesPage{Time: time.Now().UTC(), Nodes: g.nodeStatuses()}
+	if r.URL.Query().Get("format") == "json" || r.Header.Get("Accept") == "application/json" {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(page)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tLAST ERROR")
+	for _, n := range page.Nodes {
+		var calls, errs uint64
+		for code, v := range n.Calls {
+			calls += v
+			if code != "OK" && code != "Canceled" {
+				errs += v
+			}
+		}
+		p50, p90, p99 := "-", "-", "-"
+		if p := n.LatencyMs; p != nil {
+			p50, p90, p99 = fmt.Sprintf("%.2f", p.P50), fmt.Sprintf("%.2f", p.P90), fmt.Sprintf("%.2f", p.P99)
+		}
+		last := "-"
+		if e := n.LastError; e != nil {
+			msg := e.Message
+			if msg == "" {
+				msg = e.Code
+			}
+			last = fmt.Sprintf("%s ago: %s", time.Since(e.At).Round(time.Second), msg)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", n.Node, n.Connection, n.InFlight, calls, errs, p50, p90, p99, last)
+	}
+	_ = tw.Flush()
+}
