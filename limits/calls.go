@@ -129,7 +129,7 @@ func untilNext(bucket *rate.Limiter, now time.Time) time.Duration {
 	if missing <= 0 || bucket.Limit() <= 0 {
 		return 0
 	}
-	return time.Duration(missing / float64(bucket.Limit()) * float64(time.Second)).Round(time.Millisecond)
+	return max(time.Millisecond, time.Duration(missing/float64(bucket.Limit())*float64(time.Second)).Round(time.Millisecond))
 }
 
 func formatRate(r rate.Limit) string {

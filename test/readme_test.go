@@ -1,8 +1,11 @@
 package test
 
 import (
+	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -153,4 +156,55 @@ func checkout(t *testing.T) string {
 		}
 	}
 	return wd
+}
+
+// TestDemoAuditLineAndNodes: a fan-out through the demo (with its audit
+// lines shown as JSON) gives one audit line with every documented key, and
+// the demo's /nodes lists its nodes.
+func TestDemoAuditLineAndNodes(t *testing.T) {
+	c := &cluster{dir: t.TempDir()}
+	for i := 1; i <= 3; i++ {
+		c.nodes = append(c.nodes, fmt.Sprintf("127.0.67.%d", 10+i))
+	}
+	c.port = freePort(t, c.nodes...)
+	c.proc = start(t, "nodes up", "demo", "-dir", c.dir, "-first-ip", c.nodes[0], "-port", fmt.Sprint(c.port),
+		"-log-level", "info", "-log-format", "json")
+	cl := c.client(t, c.endpoint(0))
+	if _, err := cl.Version(client.WithNodes(testContext(t), c.nodes...)); err != nil {
+		t.Fatal(err)
+	}
+	var line map[string]any
+	if !waitFor(10*time.Second, func() bool {
+		for _, l := range strings.Split(c.proc.log(), "\n") {
+			var m map[string]any
+			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "call" && m["mode"] == "fan-out" {
+				line = m
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("no JSON audit line of the fan-out:\n%s", c.proc.log())
+	}
+	for _, k := range []string{"method", "mode", "nodes", "peer", "roles", "remote", "code", "duration_ms", "bytes_in", "bytes_out"} {
+		if _, ok := line[k]; !ok {
+			t.Errorf("audit line lacks %q: %v", k, line)
+		}
+	}
+	raw, _ := json.Marshal(line)
+	t.Logf("audit line: %s", raw)
+
+	admin := net.JoinHostPort(c.nodes[0], fmt.Sprint(c.port+1))
+	resp, err := http.Get("http://" + admin + "/nodes")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, n := range c.nodes {
+		if !strings.Contains(string(page), n) {
+			t.Errorf("/nodes lacks %s:\n%s", n, page)
+		}
+	}
+	t.Logf("/nodes:\n%s", page)
 }

@@ -26,7 +26,7 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	log := newLogger(stderr, *level)
+	log := newLogger(stderr, *level, "text")
 	lis, err := agent.Listen(*listen)
 	if err != nil {
 		return err

@@ -31,6 +31,7 @@ type demoOptions struct {
 	port     int
 	firstIP  netip.Addr
 	logLevel string
+	logFmt   string
 }
 
 // demoNode is one node of the demo cluster: an example agent on a unix
@@ -51,7 +52,8 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
 	fs.StringVar(&o.dir, "dir", "apid-demo", "`directory` for certificates, sockets and the talosconfig")
 	fs.IntVar(&o.nodes, "nodes", 3, "number of nodes")
 	fs.IntVar(&o.port, "port", 50000, "`port` every node's apid listens on")
-	fs.StringVar(&o.logLevel, "log-level", "warn", "debug, info, warn or error")
+	fs.StringVar(&o.logLevel, "log-level", "warn", "debug, info, warn or error (info shows every call's audit line)")
+	fs.StringVar(&o.logFmt, "log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -59,6 +61,9 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
 	var errs []error
 	if err != nil || !ip.Is4() || !ip.IsLoopback() {
 		errs = append(errs, fmt.Errorf("-first-ip %q: want an IPv4 loopback address", *first))
+	}
+	if o.logFmt != "text" && o.logFmt != "json" {
+		errs = append(errs, fmt.Errorf("-log-format %q: want text or json", o.logFmt))
 	}
 	if o.nodes < 1 || o.nodes > 200 {
 		errs = append(errs, fmt.Errorf("-nodes %d: want 1 to 200", o.nodes))
@@ -82,7 +87,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	log := newLogger(stderr, o.logLevel)
+	log := newLogger(stderr, o.logLevel, o.logFmt)
 	nodes, err := writeDemoPKI(o)
 	if err != nil {
 		return err
@@ -108,7 +113,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.SelfNames = []string{n.ip, n.name}
 		cfg.NodeTimeout = 10 * time.Second
 		cfg.LogLevel = o.logLevel
-		cfg.LogFormat = "text"
+		cfg.LogFormat = o.logFmt
 		// Each node's admin endpoint is on its own address, next port up.
 		cfg.AdminListen = net.JoinHostPort(n.ip, strconv.Itoa(o.port+1))
 		// No balancer watches the demo's readiness: Ctrl-C stops at once,
@@ -233,7 +238,7 @@ Try, from another terminal:
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key \
     -rpc-header 'nodes: %s' %s machine.MachineService/Version
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key %s list
-  curl http://%s/readyz     (each node's /healthz, /readyz and /metrics)
+  curl http://%s/nodes      (each node's /nodes, /healthz, /readyz and /metrics)
 
 Press Ctrl-C to stop.
 `, len(nodes), strings.Join(ips, ", "), o.port, dir,

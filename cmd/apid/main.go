@@ -78,8 +78,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 // newLogger is a logger at a fixed level, for commands that never reload.
-func newLogger(w io.Writer, level string) *slog.Logger {
+func newLogger(w io.Writer, level, format string) *slog.Logger {
 	v := new(slog.LevelVar)
 	v.Set(gateway.ParseLevel(level))
-	return gateway.NewLogger(w, v, "text")
+	return gateway.NewLogger(w, v, format)
 }

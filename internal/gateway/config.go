@@ -134,8 +134,9 @@ type LimitsConfig struct {
 	// for a client that reads slower than the nodes send. Default 64 KiB.
 	NodeBuffer ByteSize `yaml:"nodeBuffer"`
 	// ConcurrentCallsPerIdentity bounds the calls one client certificate
-	// subject has in flight at once, over all its connections and every
-	// gateway process's own count. Default 1000.
+	// subject has in flight at once on this apid, over all its
+	// connections. Calls another apid forwarded were counted there and are
+	// not counted again. Default 1000.
 	ConcurrentCallsPerIdentity int `yaml:"concurrentCallsPerIdentity"`
 	// CallsPerSecondPerIdentity and CallBurstPerIdentity are a token
 	// bucket per client certificate subject: calls start at most this many
