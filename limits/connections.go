@@ -26,15 +26,16 @@ type Connections struct {
 	identity map[string]int
 	// By limit (byTotal, byIdentity): refusals, when one was last logged
 	// (unix nanoseconds), and how many were not logged since.
-	refusals [2]atomic.Int64
-	lastLog  [2]atomic.Int64
-	quiet    [2]atomic.Int64
+	refusals [3]atomic.Int64
+	lastLog  [3]atomic.Int64
+	quiet    [3]atomic.Int64
 }
 
-// The limits a connection can be refused by.
+// The limits a connection can be refused by, and failed handshakes.
 const (
 	byTotal = iota
 	byIdentity
+	byHandshake
 )
 
 // NewConnections returns limits of total connections and perIdentity
@@ -65,6 +66,10 @@ func (c *Connections) RefusedTotal() int64 { return c.refusals[byTotal].Load() }
 // RefusedPerIdentity counts the connections refused by the per-identity
 // limit.
 func (c *Connections) RefusedPerIdentity() int64 { return c.refusals[byIdentity].Load() }
+
+// HandshakeFailures counts the TLS handshakes that failed (a bad, expired
+// or missing client certificate, a client that gave up, a scanner).
+func (c *Connections) HandshakeFailures() int64 { return c.refusals[byHandshake].Load() }
 
 // Listener counts the connections l accepts and closes those over the
 // total limit at once.
@@ -120,6 +125,9 @@ type limitedCreds struct {
 
 func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	conn, info, err := l.TransportCredentials.ServerHandshake(raw)
+	if err != nil {
+		l.c.refused(byHandshake, "TLS handshake refused", "remote", raw.RemoteAddr().String(), "err", err.Error())
+	}
 	perIdentity := int(l.c.perIdentity.Load())
 	if err != nil || perIdentity <= 0 {
 		return conn, info, err

@@ -105,6 +105,9 @@ func newMetrics(s metricSources) *metrics {
 		gauge("apid_buffered_bytes_limit", "The limits.bufferedBytes budget.", s.budget.Limit),
 		gauge("apid_client_connections", "Client connections open, handshaking ones included.", s.conns.Open),
 		gauge("apid_calls_in_flight", "Calls being served now.", s.inFlight),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "apid_handshake_failures_total", Help: "TLS handshakes with clients that failed (bad or missing certificates, clients that gave up).",
+		}, func() float64 { return float64(s.conns.HandshakeFailures()) }),
 		refusals("bufferedBytes", s.budget.Refused),
 		refusals("connections", s.conns.RefusedTotal),
 		refusals("connectionsPerIdentity", s.conns.RefusedPerIdentity),

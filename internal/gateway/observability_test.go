@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -61,6 +62,13 @@ func TestObservability(t *testing.T) {
 			t.Fatalf("made-up method: %v", err)
 		}
 	}
+	// A client without a certificate: the handshake fails, is counted and
+	// logged.
+	if conn, err := tls.Dial("tcp", tg.addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}); err == nil {
+		_, _ = conn.Read(make([]byte, 1)) // TLS 1.3: the refusal comes as an alert on the first read
+		conn.Close()
+	}
+
 	next := tg.gw.Config()
 	next.NodeTimeout = 7e9
 	if err := tg.gw.Reload(next); err != nil {
@@ -96,6 +104,9 @@ func TestObservability(t *testing.T) {
 	}
 	if audit["peer"] != "admin" || audit["code"] != "OK" || audit["bytes_out"].(float64) == 0 {
 		t.Errorf("audit line %v", audit)
+	}
+	if !strings.Contains(tg.logs.String(), "TLS handshake refused") {
+		t.Error("the failed handshake was not logged")
 	}
 	if strings.Contains(tg.logs.String(), "BEGIN") {
 		t.Error("key material in the log")
@@ -173,6 +184,7 @@ func TestObservability(t *testing.T) {
 		`apid_reloads_total{result="success",what="config"} 1`,
 		`apid_reloads_total{result="failure",what="config"} 1`,
 		`apid_certificate_expiry_seconds{kind="serving",subject="CN=node-1,O=os:impersonator"}`,
+		`apid_handshake_failures_total 1`,
 	} {
 		if !strings.Contains(page, want) {
 			t.Errorf("/metrics lacks %s\n%s", want, regexp.MustCompile(`(?m)^grpc_server_handled_total.*$`).FindAllString(page, -1))
