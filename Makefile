@@ -2,7 +2,7 @@
 GO ?= go
 PKGS := ./...
 
-.PHONY: build test test-short bench lint fuzz demo clean
+.PHONY: build test test-short bench bench-cluster lint fuzz demo clean
 
 build:
 	$(GO) build -buildvcs=auto -o bin/apid ./cmd/apid
@@ -29,6 +29,14 @@ lint:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count 6 -timeout 60m ./bench/ | tee bench.txt
 
+# Cluster-wide calls through one gateway process, server-side fan-out against
+# client-side multiplexing (as talosctl does it), at 3, 50 and 200 nodes;
+# writes the table to bench-cluster.md. ROUNDS interleaved windows per style.
+ROUNDS ?= 5
+bench-cluster:
+	APID_BENCH_CLUSTER=1 APID_BENCH_ROUNDS=$(ROUNDS) APID_BENCH_OUT=$(CURDIR)/bench-cluster.md \
+	  $(GO) test -run '^TestClusterWideCalls$$' -count 1 -v -timeout 30m ./bench/
+
 # A short run of every fuzz target (FUZZTIME each).
 FUZZTIME ?= 30s
 FUZZ_TARGETS := aggregate:FuzzStampReply aggregate:FuzzStampMessage aggregate:FuzzCheckMessage aggregate:FuzzErrorEntry \
@@ -45,4 +53,4 @@ demo:
 	$(GO) run ./cmd/apid demo
 
 clean:
-	rm -rf bin bench.txt apid-demo
+	rm -rf bin bench.txt bench-cluster.md apid-demo

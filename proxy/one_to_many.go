@@ -153,12 +153,12 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	var wg sync.WaitGroup
 	for i, b := range backends {
 		wg.Add(1)
-		go func() {
+		h.workers.run(func() {
 			defer wg.Done()
 			bctx, done := h.started(ctx, b, Unary)
 			dones[i] = done
 			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], &md, &held)
-		}()
+		})
 	}
 	wg.Wait()
 
@@ -267,10 +267,10 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 	var wg sync.WaitGroup
 	for _, b := range backends {
 		wg.Add(1)
-		go func() {
+		h.workers.run(func() {
 			defer wg.Done()
 			h.streamFrom(ctx, method, b, req, out, &md)
-		}()
+		})
 	}
 	go func() {
 		wg.Wait()

