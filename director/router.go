@@ -66,6 +66,8 @@ type Config struct {
 	// NodeTimeout is the per-node deadline of fan-out unary calls that a
 	// client's KeyNodeTimeout may shorten. Zero: none.
 	NodeTimeout time.Duration
+	// Ejection takes nodes that keep failing out of calls for a while.
+	Ejection EjectionConfig
 }
 
 // Router is the Director of apid: it implements proxy.Director.
@@ -73,25 +75,36 @@ type Router struct {
 	local grpc.ClientConnInterface
 	pool  *Pool
 	rules atomic.Pointer[rules]
+	ej    *ejector
 }
 
 // rules are a Config made ready for routing; SetConfig swaps them whole,
 // so one call sees one configuration.
 type rules struct {
-	self    map[string]bool
-	forward []string
-	kinds   methodKinds
-	max     int
-	timeout time.Duration
+	self              map[string]bool
+	forward           []string
+	kinds             methodKinds
+	max               int
+	timeout           time.Duration
+	maxEjectedPercent int
 }
 
 // NewRouter returns a Router that sends local calls to local and calls for
 // other nodes through pool.
 func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
-	r := &Router{local: local, pool: pool}
+	return NewRouterWithEjections(cfg, local, pool, nil)
+}
+
+// NewRouterWithEjections is NewRouter that calls notify whenever a node is
+// ejected (ejected true) or restored (false).
+func NewRouterWithEjections(cfg Config, local grpc.ClientConnInterface, pool *Pool, notify func(e Ejection, ejected bool)) *Router {
+	r := &Router{local: local, pool: pool, ej: newEjector(notify)}
 	r.SetConfig(cfg)
 	return r
 }
+
+// Ejections lists the nodes ejected now.
+func (r *Router) Ejections() []Ejection { return r.ej.snapshot() }
 
 // SetConfig makes calls that start from now on routed by cfg; running
 // calls keep the configuration they started with.
@@ -102,6 +115,8 @@ func (r *Router) SetConfig(cfg Config) {
 		kinds:   newMethodKinds(cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
 		max:     cfg.MaxNodes,
 		timeout: cfg.NodeTimeout,
+
+		maxEjectedPercent: cfg.Ejection.MaxPercent,
 	}
 	if rs.max <= 0 {
 		rs.max = 1000
@@ -113,6 +128,7 @@ func (r *Router) SetConfig(cfg Config) {
 	for _, n := range cfg.SelfNames {
 		rs.self[canonical(n)] = true
 	}
+	r.ej.setConfig(cfg.Ejection)
 	r.rules.Store(rs)
 }
 
@@ -146,7 +162,11 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
-		return oneToOne(r.backendFor(rs, t, out, forwarded(out, md)), rs.kinds.kind(fullMethod)), nil
+		b := r.backendFor(rs, t, out, forwarded(out, md))
+		if rb, ok := b.(*backend); ok {
+			rb.mayRefuse = true // one node: fail fast while it is ejected
+		}
+		return oneToOne(b, rs.kinds.kind(fullMethod)), nil
 	case len(nodes) > 0:
 		targets, err := ParseTargets(nodes, rs.max)
 		if err != nil {
@@ -158,8 +178,16 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		}
 		backends := make([]proxy.Backend, len(targets))
 		remote := forwarded(out, md) // shared by every remote backend: read-only from here on
+		skippable := len(targets) * rs.maxEjectedPercent / 100
 		for i, t := range targets {
-			backends[i] = r.backendFor(rs, t, out, remote)
+			b := r.backendFor(rs, t, out, remote)
+			if rb, ok := b.(*backend); ok && rb.pool != nil && skippable > 0 && r.ej.peek(canonical(t)) {
+				// At most maxPercent of the nodes are skipped as ejected;
+				// the rest are tried whatever their record.
+				rb.mayRefuse = true
+				skippable--
+			}
+			backends[i] = b
 		}
 		return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 	}
@@ -225,7 +253,7 @@ func (r *Router) backendFor(rs *rules, target string, local, remote metadata.MD)
 	if rs.self[canonical(target)] {
 		return r.localBackend(target, local)
 	}
-	return &backend{name: target, md: remote, pool: r.pool}
+	return &backend{name: target, md: remote, pool: r.pool, ej: r.ej}
 }
 
 func (r *Router) localBackend(name string, out metadata.MD) proxy.Backend {
@@ -239,6 +267,10 @@ type backend struct {
 	md    metadata.MD
 	local grpc.ClientConnInterface
 	pool  *Pool
+	ej    *ejector // remote backends: the record of failing nodes
+
+	mayRefuse bool // an ejected node is refused at once
+	refused   bool // it was: its outcome says nothing new about the node
 }
 
 func (b *backend) Name() string { return b.name }
@@ -250,9 +282,23 @@ func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.
 	if b.local != nil {
 		return out, b.local, nil, nil
 	}
+	if b.mayRefuse {
+		if e, ok := b.ej.ejected(canonical(b.name)); ok {
+			b.refused = true
+			return nil, nil, nil, refusal(e, b.ej.now())
+		}
+	}
 	cc, release, err := b.pool.Conn(b.name)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	return out, cc, release, nil
+}
+
+// Report implements proxy.Reporter: remote nodes' outcomes feed ejection.
+func (b *backend) Report(code codes.Code, message string) {
+	if b.ej == nil || b.refused {
+		return
+	}
+	b.ej.report(canonical(b.name), code, message)
 }

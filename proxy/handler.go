@@ -62,12 +62,27 @@ type Observer interface {
 	BackendStarted(ctx context.Context, backend string, kind Kind) (context.Context, func(codes.Code))
 }
 
-// started tells the observer, if any, that b is called now.
-func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, func(codes.Code)) {
-	if h.opts.Observer == nil {
-		return ctx, func(codes.Code) {}
+// Reporter is a Backend that wants to hear how its part of a call ended
+// (the director ejects nodes that keep failing).
+type Reporter interface {
+	Report(code codes.Code, message string)
+}
+
+// started tells the observer, if any, that b is called now; the function
+// it returns tells both the observer and b, if it is a Reporter, how b's
+// part ended.
+func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, func(codes.Code, string)) {
+	observed := func(codes.Code) {}
+	if h.opts.Observer != nil {
+		ctx, observed = h.opts.Observer.BackendStarted(ctx, b.Name(), kind)
 	}
-	return h.opts.Observer.BackendStarted(ctx, b.Name(), kind)
+	r, _ := b.(Reporter)
+	return ctx, func(code codes.Code, msg string) {
+		if r != nil {
+			r.Report(code, msg)
+		}
+		observed(code)
+	}
 }
 
 func (o Options) withDefaults() Options {

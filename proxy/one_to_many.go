@@ -145,7 +145,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
 	defer cancel()
 	parts := make([]aggregate.Part, len(backends))
-	dones := make([]func(codes.Code), len(backends))
+	dones := make([]func(codes.Code, string), len(backends))
 	replies := make([]frame, len(backends))
 	var md replyMD
 	var held atomic.Int64 // reply bytes kept for the merge so far
@@ -170,7 +170,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 		replies[i].release()
 	}
 	for i, p := range merged {
-		dones[i](p.Code)
+		dones[i](p.Code, p.Message)
 	}
 	h.hold(len(reply) - int(held.Load()))
 	defer h.hold(-len(reply))
@@ -328,7 +328,7 @@ func (h *Handler) done(q *queued) {
 // point, becomes one error message in the stream.
 func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req *frame, out chan<- queued, md *replyMD) {
 	name := b.Name()
-	code := codes.OK
+	code, message := codes.OK, ""
 	ctx, done := h.started(ctx, b, ServerStream)
 	defer func() {
 		if code == codes.OK && ctx.Err() != nil {
@@ -336,7 +336,7 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 			// this node's stream was delivered: it saw Canceled.
 			code = codes.Canceled
 		}
-		done(code)
+		done(code, message)
 	}()
 	buffer := semaphore.NewWeighted(int64(h.opts.NodeBuffer))
 	emit := func(f frame) bool {
@@ -360,7 +360,7 @@ func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req 
 			return // the client is gone: nobody to tell
 		}
 		st := backendStatus(err)
-		code = st.Code()
+		code, message = st.Code(), st.Message()
 		emit(frame{raw: aggregate.AppendErrorMessage(nil, name, st.Code(), st.Message())})
 	}
 

@@ -18,7 +18,10 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind 
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	bctx, done := h.started(ctx, b, kind)
-	defer func() { done(status.Code(err)) }()
+	defer func() {
+		st := status.Convert(err)
+		done(st.Code(), st.Message())
+	}()
 
 	outCtx, conn, release, err := b.Connect(bctx, method)
 	if err != nil {

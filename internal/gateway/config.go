@@ -57,6 +57,11 @@ type Config struct {
 	// ReloadInterval is how often certificate files are checked for
 	// changes. Default 10s. SIGHUP reloads at once.
 	ReloadInterval time.Duration `yaml:"reloadInterval"`
+	// TCPUserTimeout closes a connection to another node whose sent data
+	// stays unacknowledged this long (TCP_USER_TIMEOUT): a node that
+	// vanished without closing its connections is noticed, on a running
+	// stream too. Default 60s.
+	TCPUserTimeout time.Duration `yaml:"tcpUserTimeout"`
 	// IdleTimeout closes connections to other nodes idle this long. Default 5m.
 	IdleTimeout time.Duration `yaml:"idleTimeout"`
 	// MaxConnections bounds the nodes connected at once (idle ones are
@@ -75,6 +80,8 @@ type Config struct {
 	// for this long (a GOAWAY first, so the client reconnects cleanly when
 	// it needs to). Default 5m.
 	MaxConnectionIdle time.Duration `yaml:"maxConnectionIdle"`
+	// Ejection takes nodes that keep failing out of calls for a while.
+	Ejection EjectionConfig `yaml:"ejection"`
 	// Limits bound what clients can make apid hold.
 	Limits LimitsConfig `yaml:"limits"`
 	// AdminListen serves /healthz (alive), /readyz (ready for calls) and
@@ -146,6 +153,23 @@ type LimitsConfig struct {
 	CallBurstPerIdentity      int     `yaml:"callBurstPerIdentity"`
 }
 
+// EjectionConfig is outlier ejection: after ConsecutiveFailures failures in
+// a row that a network or a dead node causes (UNAVAILABLE,
+// DEADLINE_EXCEEDED), a node is ejected for BaseTime, doubling with each
+// ejection in a row up to MaxTime (plus up to 10 % jitter); calls naming it
+// get its UNAVAILABLE entry at once. When the time is up, one call tries
+// it again and restores it on success. At most MaxPercent of a fan-out's
+// nodes are skipped as ejected.
+type EjectionConfig struct {
+	// ConsecutiveFailures ejects a node; 0 turns ejection off. Default 3.
+	ConsecutiveFailures int `yaml:"consecutiveFailures"`
+	// BaseTime and MaxTime: defaults 5s and 1m.
+	BaseTime time.Duration `yaml:"baseTime"`
+	MaxTime  time.Duration `yaml:"maxTime"`
+	// MaxPercent: default 50.
+	MaxPercent int `yaml:"maxPercent"`
+}
+
 // ByteSize is a number of bytes, written in YAML as an integer or as a
 // number followed by B, KiB, MiB or GiB ("256KiB").
 type ByteSize int64
@@ -201,6 +225,8 @@ func Default() Config {
 		MaxMessageSize: 32 << 20,
 		ReloadInterval: 10 * time.Second,
 		IdleTimeout:    5 * time.Minute,
+		TCPUserTimeout: time.Minute,
+		Ejection:       EjectionConfig{ConsecutiveFailures: 3, BaseTime: 5 * time.Second, MaxTime: time.Minute, MaxPercent: 50},
 		MaxConnections: 1024,
 		MaxDials:       64,
 		LogLevel:       "info",
@@ -277,6 +303,12 @@ func (c Config) validate() (*auth.Policy, error) {
 	}
 	if c.MaxConnections <= 0 || c.MaxDials <= 0 {
 		errs = append(errs, errors.New("maxConnections and maxDials must be positive"))
+	}
+	if e := c.Ejection; e.ConsecutiveFailures < 0 || e.BaseTime <= 0 || e.MaxTime < e.BaseTime || e.MaxPercent < 0 || e.MaxPercent > 100 {
+		errs = append(errs, errors.New("ejection: want consecutiveFailures >= 0, 0 < baseTime <= maxTime and maxPercent 0 to 100"))
+	}
+	if c.TCPUserTimeout < time.Second {
+		errs = append(errs, fmt.Errorf("tcpUserTimeout %s: want at least 1s", c.TCPUserTimeout))
 	}
 	if c.MaxConnectionIdle <= 0 {
 		errs = append(errs, errors.New("maxConnectionIdle must be positive"))

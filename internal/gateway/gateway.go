@@ -10,7 +10,10 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -69,6 +72,8 @@ type Gateway struct {
 	nodes   *nodeTable
 	tracing *tracing // nil: off
 
+	ejections *ejectionCounts
+
 	inFlight  atomic.Int64
 	adminAddr net.Addr           // set before serving is closed
 	serving   chan struct{}      // closed once Serve accepts
@@ -112,6 +117,9 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		// Idle mode has hung local backends (grpc-go #9191); the local
 		// agent is one connection that is always wanted.
 		grpc.WithIdleTimeout(0),
+		// A restarted agent is used again within 15 s, not the up to 2
+		// minutes of gRPC's default backoff.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: 20 * time.Second}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 	)...)
@@ -133,22 +141,32 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	stopping, goAway := context.WithCancel(context.Background())
 	g := &Gateway{
 		log: log, src: src, local: local, pool: pool,
-		router:  director.NewRouter(routerConfig(cfg), local, pool),
-		authz:   auth.NewAuthorizer(policy, log),
-		budget:  limits.NewMemory(int64(cfg.Limits.BufferedBytes)),
-		conns:   limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
-		calls:   limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
-		ready:   newReadiness(src, cfg.Backend, policy.Services()),
-		nodes:   newNodeTable(cfg.MaxConnections),
-		tracing: tr,
-		serving: make(chan struct{}),
-		now:     make(chan struct{}),
-		stop:    stop, hardStop: hardStop, endCalls: func() { endCalls(errShuttingDown) },
+		ejections: &ejectionCounts{},
+		authz:     auth.NewAuthorizer(policy, log),
+		budget:    limits.NewMemory(int64(cfg.Limits.BufferedBytes)),
+		conns:     limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
+		calls:     limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
+		ready:     newReadiness(src, cfg.Backend, policy.Services()),
+		nodes:     newNodeTable(cfg.MaxConnections),
+		tracing:   tr,
+		serving:   make(chan struct{}),
+		now:       make(chan struct{}),
+		stop:      stop, hardStop: hardStop, endCalls: func() { endCalls(errShuttingDown) },
 		stopping: stopping, goAway: goAway,
 	}
 	g.cfg.Store(&cfg)
+	g.router = director.NewRouterWithEjections(routerConfig(cfg), local, pool, func(e director.Ejection, ejected bool) {
+		if ejected {
+			g.ejections.ejected.Add(1)
+			log.Warn("node ejected", "node", e.Node, "failures", e.Failures, "ejections_in_a_row", e.Ejections,
+				"until", e.Until.UTC().Format(time.RFC3339Nano), "last_error", e.LastError)
+			return
+		}
+		g.ejections.restored.Add(1)
+		log.Info("node restored", "node", e.Node, "ejected_since", e.Since.UTC().Format(time.RFC3339Nano))
+	})
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
-		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load})
+		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections})
 	obs := &observer{metrics: g.metrics, nodes: g.nodes}
 	serverOpts := []grpc.ServerOption{grpc.StatsHandler(auditStats{})}
 	if tr != nil {
@@ -199,6 +217,9 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	return g, nil
 }
 
+// ejectionCounts count nodes ejected and restored.
+type ejectionCounts struct{ ejected, restored atomic.Int64 }
+
 // connectionAge is d, or "never" for zero, in grpc-go's terms.
 func connectionAge(d time.Duration) time.Duration {
 	if d == 0 {
@@ -216,23 +237,57 @@ func routerConfig(cfg Config) director.Config {
 		ServerStreaming: cfg.ServerStreamingMethods,
 		ClientStreaming: cfg.ClientStreamingMethods,
 		BidiStreaming:   cfg.BidiStreamingMethods,
+		Ejection: director.EjectionConfig{
+			ConsecutiveFailures: cfg.Ejection.ConsecutiveFailures, BaseTime: cfg.Ejection.BaseTime,
+			MaxTime: cfg.Ejection.MaxTime, MaxPercent: cfg.Ejection.MaxPercent,
+		},
 	}
 }
 
 // remoteDialOptions are the options of connections to other nodes' apid.
 func remoteDialOptions(cfg Config) []grpc.DialOption {
-	bo := backoff.DefaultConfig
-	// A rebooted node should be back within seconds, not the 2 minutes of
-	// gRPC's default cap.
-	bo.MaxDelay = 15 * time.Second
 	return []grpc.DialOption{
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: 20 * time.Second}),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: 20 * time.Second}),
+		// A peer that vanished without FIN or RST (powered off, partitioned)
+		// is noticed by TCP itself once data stays unacknowledged for
+		// tcpUserTimeout, and on an idle connection by keepalive probes.
+		grpc.WithContextDialer(nodeDialer(cfg.TCPUserTimeout)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 		// The pool closes idle connections itself.
 		grpc.WithIdleTimeout(0),
 	}
+}
+
+// reconnectBackoff is gRPC's backoff capped at 15 s: a rebooted node (or a
+// restarted agent) is back within seconds, not the 2 minutes of gRPC's
+// default cap.
+func reconnectBackoff() backoff.Config {
+	bo := backoff.DefaultConfig
+	bo.MaxDelay = 15 * time.Second
+	return bo
+}
+
+// nodeDialer dials other nodes with TCP keepalive (probes after 15 s idle,
+// every 5 s, 3 of them) and TCP_USER_TIMEOUT: unacknowledged data for
+// userTimeout closes the connection, so a stream to a vanished peer ends
+// instead of waiting forever.
+func nodeDialer(userTimeout time.Duration) func(context.Context, string) (net.Conn, error) {
+	d := &net.Dialer{
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3},
+		Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(userTimeout.Milliseconds()))
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		},
+	}
+	return func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
 }
 
 // Config returns the configuration running now.

@@ -62,15 +62,16 @@ type metrics struct {
 
 // metricSources are what apid's own metrics read.
 type metricSources struct {
-	authz    *auth.Authorizer
-	router   *director.Router
-	pool     *director.Pool
-	budget   *limits.Memory
-	conns    *limits.Connections
-	calls    *limits.Calls
-	nodes    *nodeTable
-	src      *certs.Source
-	inFlight func() int64
+	authz     *auth.Authorizer
+	router    *director.Router
+	pool      *director.Pool
+	budget    *limits.Memory
+	conns     *limits.Connections
+	calls     *limits.Calls
+	nodes     *nodeTable
+	src       *certs.Source
+	inFlight  func() int64
+	ejections *ejectionCounts
 }
 
 func newMetrics(s metricSources) *metrics {
@@ -105,6 +106,13 @@ func newMetrics(s metricSources) *metrics {
 		gauge("apid_buffered_bytes_limit", "The limits.bufferedBytes budget.", s.budget.Limit),
 		gauge("apid_client_connections", "Client connections open, handshaking ones included.", s.conns.Open),
 		gauge("apid_calls_in_flight", "Calls being served now.", s.inFlight),
+		gauge("apid_nodes_ejected", "Nodes ejected now (outlier ejection).", func() int { return len(s.router.Ejections()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "apid_node_ejections_total", Help: "Nodes ejected after failing in a row.",
+		}, func() float64 { return float64(s.ejections.ejected.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "apid_node_restorations_total", Help: "Ejected nodes restored after a call to them succeeded.",
+		}, func() float64 { return float64(s.ejections.restored.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "apid_handshake_failures_total", Help: "TLS handshakes with clients that failed (bad or missing certificates, clients that gave up).",
 		}, func() float64 { return float64(s.conns.HandshakeFailures()) }),

@@ -111,6 +111,15 @@ type NodeStatus struct {
 	LatencyMs  *Percentiles      `json:"latencyMs,omitempty"`
 	LastError  *NodeError        `json:"lastError,omitempty"`
 	LastUsed   time.Time         `json:"lastUsed"`
+	Ejected    *NodeEjection     `json:"ejected,omitempty"`
+}
+
+// NodeEjection says since when and until when a node is ejected.
+type NodeEjection struct {
+	Since     time.Time `json:"since"`
+	Until     time.Time `json:"until"`
+	Failures  int       `json:"failures"`
+	LastError string    `json:"lastError"`
 }
 
 // Percentiles are latencies over a node's recent calls (up to 256).

@@ -32,11 +32,21 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 			nodes[i].Connection = "local"
 		}
 	}
+	for _, e := range g.router.Ejections() {
+		i, ok := byName[e.Node]
+		if !ok {
+			nodes = append(nodes, NodeStatus{Node: e.Node, Connection: "none", Calls: map[string]uint64{}})
+			i = len(nodes) - 1
+			byName[e.Node] = i
+		}
+		nodes[i].Ejected = &NodeEjection{Since: e.Since, Until: e.Until, Failures: e.Failures, LastError: e.LastError}
+	}
 	for _, e := range g.pool.Snapshot() {
 		i, ok := byName[e.Node]
 		if !ok {
 			nodes = append(nodes, NodeStatus{Node: e.Node, Calls: map[string]uint64{}, LastUsed: e.LastUsed})
 			i = len(nodes) - 1
+			byName[e.Node] = i
 		}
 		nodes[i].Connection = e.State
 	}
@@ -57,7 +67,7 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tLAST ERROR")
+	fmt.Fprintln(tw, "NODE\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tLAST ERROR")
 	for _, n := range page.Nodes {
 		var calls, errs uint64
 		for code, v := range n.Calls {
@@ -78,7 +88,14 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 			}
 			last = fmt.Sprintf("%s ago: %s", time.Since(e.At).Round(time.Second), msg)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", n.Node, n.Connection, n.InFlight, calls, errs, p50, p90, p99, last)
+		ejected := "-"
+		if e := n.Ejected; e != nil {
+			ejected = fmt.Sprintf("until %s", e.Until.UTC().Format("15:04:05"))
+			if last == "-" {
+				last = e.LastError
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
 	}
 	_ = tw.Flush()
 }

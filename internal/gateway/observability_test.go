@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
@@ -67,6 +68,11 @@ func TestObservability(t *testing.T) {
 	if conn, err := tls.Dial("tcp", tg.addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}); err == nil {
 		_, _ = conn.Read(make([]byte, 1)) // TLS 1.3: the refusal comes as an alert on the first read
 		conn.Close()
+	}
+	// The server counts the failure as its handshake returns, which may be
+	// just after the client has read the alert.
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(tg.logs.String(), "TLS handshake refused") && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
 	}
 
 	next := tg.gw.Config()
@@ -212,5 +218,53 @@ func TestObservability(t *testing.T) {
 	}
 	if code, text := tg.get("/nodes"); code != 200 || !strings.Contains(text, "NODE") || !strings.Contains(text, "127.0.0.2") {
 		t.Errorf("/nodes as text: %d\n%s", code, text)
+	}
+}
+
+// TestEjection: a node that refuses three fan-outs in a row is ejected;
+// the next fan-out gets its entry at once saying so, the log, /nodes and
+// the metrics show it, and the healthy node's replies are whole.
+func TestEjection(t *testing.T) {
+	tg := startGateway(t, func(c *Config) {
+		c.RemotePort = closedPort(t)
+		c.Ejection = EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50}
+	})
+	mc := machine.NewMachineServiceClient(tg.client("admin", certs.RoleAdmin))
+	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,127.0.0.3")
+	var last *machine.VersionResponse
+	for i := range 4 {
+		resp, err := mc.Version(ctx, &emptypb.Empty{})
+		if err != nil || len(resp.Messages) != 2 || resp.Messages[0].Metadata.GetError() != "" {
+			t.Fatalf("fan-out %d: %v, %v", i+1, resp, err)
+		}
+		last = resp
+	}
+	entry := last.Messages[1].Metadata
+	if !strings.Contains(entry.GetError(), "ejected since") || entry.GetStatus().GetCode() != int32(codes.Unavailable) {
+		t.Fatalf("4th fan-out's entry for the refusing node: %v", entry)
+	}
+	if !strings.Contains(tg.logs.String(), `"msg":"node ejected"`) {
+		t.Errorf("ejection not logged:\n%s", tg.logs.String())
+	}
+	_, page := tg.get("/metrics")
+	for _, want := range []string{"apid_nodes_ejected 1", "apid_node_ejections_total 1"} {
+		if !strings.Contains(page, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	_, body := tg.get("/nodes?format=json")
+	var nodes nodesPage
+	if err := json.Unmarshal([]byte(body), &nodes); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes.Nodes {
+		if n.Node == "127.0.0.3" && (n.Ejected == nil || n.Ejected.Failures != 3) {
+			t.Errorf("/nodes on the ejected node: %+v", n)
+		}
+	}
+	// One-to-one to the ejected node fails at once too.
+	_, err := mc.Version(metadata.AppendToOutgoingContext(testCtx(t), "node", "127.0.0.3"), &emptypb.Empty{})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "ejected") {
+		t.Fatalf("one-to-one to an ejected node: %v", err)
 	}
 }

@@ -20,6 +20,7 @@ var liveKeys = map[string]bool{
 	"policy":                            true,
 	"drainDelay":                        true,
 	"shutdownTimeout":                   true,
+	"ejection":                          true,
 	"limits.bufferedBytes":              true,
 	"limits.connections":                true,
 	"limits.connectionsPerIdentity":     true,

@@ -1,0 +1,173 @@
+package director
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// EjectionConfig takes nodes that keep failing out of calls for a while, so
+// that a node that is down costs a fan-out nothing after its first few
+// failures instead of a per-node deadline each time.
+type EjectionConfig struct {
+	// ConsecutiveFailures ejects a node after this many failures in a row
+	// of the kinds a network or a dead node causes (UNAVAILABLE,
+	// DEADLINE_EXCEEDED), not answers such as NOT_FOUND. Zero: never.
+	ConsecutiveFailures int
+	// BaseTime is the first ejection's length; each ejection in a row
+	// doubles it, up to MaxTime, with up to 10 % jitter.
+	BaseTime, MaxTime time.Duration
+	// MaxPercent of a fan-out's nodes may be skipped as ejected; the others
+	// are tried even if ejected.
+	MaxPercent int
+}
+
+// Ejection is one ejected node, as the status page and metrics show it.
+type Ejection struct {
+	Node      string
+	Since     time.Time
+	Until     time.Time
+	Failures  int
+	Ejections int // in a row, including this one
+	LastError string
+}
+
+// ejector remembers the nodes that failed recently. Only nodes with
+// failures are kept, and a success forgets the node, so the table is as
+// large as the set of failing nodes (bounded by the pool: a node must be
+// dialled to fail).
+type ejector struct {
+	mu     sync.Mutex
+	cfg    EjectionConfig
+	nodes  map[string]*failing
+	now    func() time.Time
+	notify func(e Ejection, ejected bool)
+}
+
+type failing struct {
+	failures  int
+	ejections int
+	since     time.Time
+	until     time.Time // zero: not ejected
+	probing   bool      // the call trying the node again is running
+	lastError string
+}
+
+func newEjector(notify func(Ejection, bool)) *ejector {
+	if notify == nil {
+		notify = func(Ejection, bool) {}
+	}
+	return &ejector{nodes: map[string]*failing{}, now: time.Now, notify: notify}
+}
+
+func (e *ejector) setConfig(cfg EjectionConfig) {
+	e.mu.Lock()
+	e.cfg = cfg
+	e.mu.Unlock()
+}
+
+// peek reports whether node is ejected, without letting a probe through.
+func (e *ejector) peek(node string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f := e.nodes[node]
+	return f != nil && !f.until.IsZero()
+}
+
+// ejected reports whether node is out of calls now. When its time is up,
+// the first caller to ask is let through as the probe.
+func (e *ejector) ejected(node string) (Ejection, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f := e.nodes[node]
+	if f == nil || f.until.IsZero() {
+		return Ejection{}, false
+	}
+	if !f.probing && !e.now().Before(f.until) {
+		f.probing = true
+		return Ejection{}, false
+	}
+	return f.view(node), true
+}
+
+// report records the outcome of a call that reached (or tried to reach)
+// node.
+func (e *ejector) report(node string, code codes.Code, msg string) {
+	e.mu.Lock()
+	cfg := e.cfg
+	f := e.nodes[node]
+	switch code {
+	case codes.Unavailable, codes.DeadlineExceeded:
+	case codes.Canceled:
+		// The caller went away: nothing learnt about the node.
+		if f != nil && f.probing {
+			f.probing = false // let the next call probe
+		}
+		e.mu.Unlock()
+		return
+	default:
+		// The node answered (even with an error of its own): it is up.
+		delete(e.nodes, node)
+		e.mu.Unlock()
+		if f != nil && !f.until.IsZero() {
+			e.notify(f.view(node), false)
+		}
+		return
+	}
+	if cfg.ConsecutiveFailures <= 0 {
+		e.mu.Unlock()
+		return
+	}
+	if f == nil {
+		f = &failing{}
+		e.nodes[node] = f
+	}
+	f.failures++
+	f.lastError = fmt.Sprintf("%s: %s", code, msg)
+	now := e.now()
+	eject := (f.until.IsZero() && f.failures >= cfg.ConsecutiveFailures) || f.probing
+	if eject {
+		if f.until.IsZero() {
+			f.since = now
+		}
+		f.ejections++
+		d := cfg.BaseTime << min(f.ejections-1, 20)
+		if d > cfg.MaxTime || d <= 0 {
+			d = cfg.MaxTime
+		}
+		d += time.Duration(rand.Int64N(int64(d)/10 + 1))
+		f.until, f.probing = now.Add(d), false
+	}
+	view := f.view(node)
+	e.mu.Unlock()
+	if eject {
+		e.notify(view, true)
+	}
+}
+
+func (f *failing) view(node string) Ejection {
+	return Ejection{Node: node, Since: f.since, Until: f.until, Failures: f.failures, Ejections: f.ejections, LastError: f.lastError}
+}
+
+// snapshot lists the nodes ejected now.
+func (e *ejector) snapshot() []Ejection {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []Ejection
+	for n, f := range e.nodes {
+		if !f.until.IsZero() {
+			out = append(out, f.view(n))
+		}
+	}
+	return out
+}
+
+// refusal is the status of a call to an ejected node.
+func refusal(e Ejection, now time.Time) error {
+	return status.Errorf(codes.Unavailable, "node %s is ejected since %s after %d failures in a row (last: %s); it is tried again in %s",
+		e.Node, e.Since.UTC().Format(time.RFC3339), e.Failures, e.LastError, e.Until.Sub(now).Round(time.Millisecond))
+}

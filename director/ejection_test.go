@@ -1,0 +1,92 @@
+package director
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// clock is a time the test moves by hand.
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+func TestEjectionLifecycle(t *testing.T) {
+	c := &clock{t: time.Unix(1_000_000, 0)}
+	var events []string
+	e := newEjector(func(x Ejection, ejected bool) {
+		if ejected {
+			events = append(events, "ejected")
+		} else {
+			events = append(events, "restored")
+		}
+	})
+	e.now = c.now
+	e.setConfig(EjectionConfig{ConsecutiveFailures: 3, BaseTime: 5 * time.Second, MaxTime: 15 * time.Second, MaxPercent: 50})
+
+	// Answers, even errors of the node's own, do not count.
+	e.report("n", codes.Unavailable, "refused")
+	e.report("n", codes.NotFound, "no such file")
+	e.report("n", codes.Unavailable, "refused")
+	e.report("n", codes.Canceled, "caller left")
+	e.report("n", codes.DeadlineExceeded, "slow")
+	if _, ej := e.ejected("n"); ej {
+		t.Fatal("ejected after 2 failures in a row")
+	}
+	e.report("n", codes.Unavailable, "connection refused")
+	x, ej := e.ejected("n")
+	if !ej || x.Failures != 3 || !strings.Contains(x.LastError, "connection refused") {
+		t.Fatalf("after 3 failures in a row: %+v, %v", x, ej)
+	}
+	if err := refusal(x, c.now()); !strings.Contains(err.Error(), "ejected since") || !strings.Contains(err.Error(), "tried again in") {
+		t.Fatalf("refusal: %v", err)
+	}
+	first := x.Until.Sub(c.now())
+	if first < 5*time.Second || first > 5500*time.Millisecond {
+		t.Fatalf("first ejection lasts %s, want 5 s plus at most 10 %%", first)
+	}
+
+	// Time up: one probe goes through, a second caller meanwhile does not.
+	c.t = x.Until
+	if _, ej := e.ejected("n"); ej {
+		t.Fatal("no probe let through once the ejection is over")
+	}
+	if _, ej := e.ejected("n"); !ej {
+		t.Fatal("a second call went through while the probe runs")
+	}
+	// The probe fails: ejected again, twice as long.
+	e.report("n", codes.Unavailable, "still refused")
+	x, _ = e.ejected("n")
+	if d := x.Until.Sub(c.now()); d < 10*time.Second || d > 11*time.Second {
+		t.Fatalf("second ejection lasts %s, want 10 s plus jitter", d)
+	}
+	// And again: capped at MaxTime.
+	c.t = x.Until
+	e.ejected("n")
+	e.report("n", codes.DeadlineExceeded, "timeout")
+	x, _ = e.ejected("n")
+	if d := x.Until.Sub(c.now()); d < 15*time.Second || d > 16500*time.Millisecond {
+		t.Fatalf("third ejection lasts %s, want the 15 s cap plus jitter", d)
+	}
+	// The probe succeeds: restored and forgotten.
+	c.t = x.Until
+	e.ejected("n")
+	e.report("n", codes.OK, "")
+	if _, ej := e.ejected("n"); ej || len(e.snapshot()) != 0 || len(e.nodes) != 0 {
+		t.Fatalf("not restored: %v", e.snapshot())
+	}
+	if got := strings.Join(events, ","); got != "ejected,ejected,ejected,restored" {
+		t.Fatalf("notifications %s", got)
+	}
+
+	// Off: failures never eject.
+	e.setConfig(EjectionConfig{ConsecutiveFailures: 0, BaseTime: time.Second, MaxTime: time.Second})
+	for range 10 {
+		e.report("m", codes.Unavailable, "x")
+	}
+	if _, ej := e.ejected("m"); ej {
+		t.Fatal("ejected with ejection off")
+	}
+}
