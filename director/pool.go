@@ -32,6 +32,10 @@ type PoolConfig struct {
 	// once across all nodes, so a fan-out to a thousand new nodes does not
 	// open a thousand sockets and handshakes in the same instant. Default 64.
 	MaxDials int
+	// TCPUserTimeout, when set, closes a connection whose sent data or
+	// keepalive probes stay unacknowledged this long (Linux
+	// TCP_USER_TIMEOUT). TCP keepalive probes idle connections.
+	TCPUserTimeout time.Duration
 	// DialOptions are applied to every connection (keepalive, backoff,
 	// message limits).
 	DialOptions []grpc.DialOption
@@ -166,7 +170,16 @@ func (p *Pool) dial(ctx context.Context, addr string) (net.Conn, error) {
 		return nil, ctx.Err()
 	}
 	defer func() { <-p.dials }()
-	var d net.Dialer
+	// Keepalive probes an idle connection (after at most 15 s); with a user
+	// timeout, the kernel drops the connection once the probes, or data,
+	// stay unanswered that long, so probing starts no later than that.
+	ka := net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}
+	d := net.Dialer{}
+	if ut := p.cfg.TCPUserTimeout; ut > 0 {
+		ka.Idle, ka.Interval = min(ka.Idle, ut), min(ka.Interval, max(ut/3, time.Second))
+		d.Control = userTimeout(ut)
+	}
+	d.KeepAliveConfig = ka
 	return d.DialContext(ctx, "tcp", addr)
 }
 

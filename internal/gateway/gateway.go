@@ -10,10 +10,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -129,9 +126,13 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	pool := director.NewPool(director.PoolConfig{
 		Port:        cfg.RemotePort,
 		IdleTimeout: cfg.IdleTimeout,
-		MaxConns:    cfg.MaxConnections,
-		MaxDials:    cfg.MaxDials,
-		DialOptions: append(remoteDialOptions(cfg), traced...),
+		// A peer that vanished without FIN or RST (powered off,
+		// partitioned) is noticed by TCP keepalive on an idle connection
+		// and by TCP_USER_TIMEOUT once sent data stays unacknowledged.
+		TCPUserTimeout: cfg.TCPUserTimeout,
+		MaxConns:       cfg.MaxConnections,
+		MaxDials:       cfg.MaxDials,
+		DialOptions:    append(remoteDialOptions(cfg), traced...),
 		Credentials: func(host string) credentials.TransportCredentials {
 			return credentials.NewTLS(certs.ClientConfig(src, host))
 		},
@@ -248,10 +249,6 @@ func routerConfig(cfg Config) director.Config {
 func remoteDialOptions(cfg Config) []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: 20 * time.Second}),
-		// A peer that vanished without FIN or RST (powered off, partitioned)
-		// is noticed by TCP itself once data stays unacknowledged for
-		// tcpUserTimeout, and on an idle connection by keepalive probes.
-		grpc.WithContextDialer(nodeDialer(cfg.TCPUserTimeout)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
@@ -267,27 +264,6 @@ func reconnectBackoff() backoff.Config {
 	bo := backoff.DefaultConfig
 	bo.MaxDelay = 15 * time.Second
 	return bo
-}
-
-// nodeDialer dials other nodes with TCP keepalive (probes after 15 s idle,
-// every 5 s, 3 of them) and TCP_USER_TIMEOUT: unacknowledged data for
-// userTimeout closes the connection, so a stream to a vanished peer ends
-// instead of waiting forever.
-func nodeDialer(userTimeout time.Duration) func(context.Context, string) (net.Conn, error) {
-	d := &net.Dialer{
-		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3},
-		Control: func(_, _ string, c syscall.RawConn) error {
-			var serr error
-			err := c.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(userTimeout.Milliseconds()))
-			})
-			if err != nil {
-				return err
-			}
-			return serr
-		},
-	}
-	return func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
 }
 
 // Config returns the configuration running now.
