@@ -22,6 +22,7 @@ type Connections struct {
 	log         *slog.Logger
 
 	open     atomic.Int64
+	byRemote sync.Map // remote address -> *countedConn, for CloseRemote
 	mu       sync.Mutex
 	identity map[string]int
 	// By limit (byTotal, byIdentity): refusals, when one was last logged
@@ -94,8 +95,27 @@ func (l *listener) Accept() (net.Conn, error) {
 			_ = conn.Close()
 			continue
 		}
-		return &countedConn{Conn: conn, release: func() { l.c.open.Add(-1) }}, nil
+		remote := conn.RemoteAddr().String()
+		cc := &countedConn{Conn: conn}
+		cc.release = func() {
+			l.c.open.Add(-1)
+			l.c.byRemote.CompareAndDelete(remote, cc)
+		}
+		l.c.byRemote.Store(remote, cc)
+		return cc, nil
 	}
+}
+
+// CloseRemote closes the client connection from remote (an address as
+// the connection's RemoteAddr().String() gives it), if one is open, and
+// reports whether it did.
+func (c *Connections) CloseRemote(remote string) bool {
+	v, ok := c.byRemote.Load(remote)
+	if !ok {
+		return false
+	}
+	_ = v.(*countedConn).Close()
+	return true
 }
 
 // countedConn runs release once, when it is first closed.

@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -536,5 +537,51 @@ func TestNetnsLocalAgentRestart(t *testing.T) {
 	t.Logf("local agent down 30 s (%d calls failed meanwhile), restarted: local calls succeed again after %s", failed, back.Round(time.Millisecond))
 	if back > 16*time.Second {
 		t.Errorf("local calls back after %s, want within the 15 s backoff cap", back)
+	}
+}
+
+// TestNetnsStoppedNode: a node's apid is stopped (SIGSTOP: its kernel
+// still acknowledges TCP, the process answers nothing) under a one-to-one
+// unary call without a deadline and under a stream. With TCP alive, only
+// gRPC keepalive can tell: the test reports what each waits for.
+func TestNetnsStoppedNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for keepalive")
+	}
+	c := startFaultCluster(t, "")
+	stopped := c.nodes[3]
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	s, err := c.mc.Logs(metadata.AppendToOutgoingContext(ctx, "node", stopped.ip), &machine.LogsRequest{Id: "agent", Follow: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Header(); err != nil {
+		t.Fatal(err)
+	}
+	p := c.apids[3]
+	_ = p.cmd.Process.Signal(syscall.SIGSTOP)
+	t.Cleanup(func() { _ = p.cmd.Process.Signal(syscall.SIGCONT) })
+	start := time.Now()
+	unary := make(chan time.Duration, 1)
+	go func() {
+		_, err := c.mc.Version(metadata.AppendToOutgoingContext(ctx, "node", stopped.ip), &emptypb.Empty{})
+		t.Logf("unary to the stopped node: %v", err)
+		unary <- time.Since(start)
+	}()
+	for err == nil {
+		_, err = s.Recv()
+	}
+	streamEnded := time.Since(start)
+	var unaryEnded time.Duration
+	select {
+	case unaryEnded = <-unary:
+	case <-ctx.Done():
+		t.Fatal("the unary call to the stopped node never ended")
+	}
+	t.Logf("node stopped (SIGSTOP): its stream ended after %s (%v); a unary call without deadline after %s",
+		streamEnded.Round(time.Millisecond), status.Code(err), unaryEnded.Round(time.Millisecond))
+	if streamEnded > 30*time.Second || unaryEnded > 30*time.Second {
+		t.Errorf("a stopped node held calls for %s and %s, want within gRPC keepalive (15 s + 5 s) and a margin", streamEnded, unaryEnded)
 	}
 }

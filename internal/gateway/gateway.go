@@ -70,6 +70,7 @@ type Gateway struct {
 	tracing *tracing // nil: off
 
 	ejections *ejectionCounts
+	resets    *resetGuard
 
 	inFlight  atomic.Int64
 	adminAddr net.Addr           // set before serving is closed
@@ -166,10 +167,11 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		g.ejections.restored.Add(1)
 		log.Info("node restored", "node", e.Node, "ejected_since", e.Since.UTC().Format(time.RFC3339Nano))
 	})
+	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
-		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections})
+		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
 	obs := &observer{metrics: g.metrics, nodes: g.nodes}
-	serverOpts := []grpc.ServerOption{grpc.StatsHandler(auditStats{})}
+	serverOpts := []grpc.ServerOption{grpc.StatsHandler(auditStats{}), grpc.StatsHandler(g.resets)}
 	if tr != nil {
 		obs.tracer = tr.tracer
 		serverOpts = append(serverOpts, tr.serverOption())
@@ -249,7 +251,10 @@ func routerConfig(cfg Config) director.Config {
 func remoteDialOptions(cfg Config) []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: 20 * time.Second}),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// A node whose kernel still acknowledges TCP but whose apid answers
+		// nothing (stopped, hung) is dropped after 15 s + 5 s of silence;
+		// other apids accept pings every 10 s.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 15 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 		// The pool closes idle connections itself.

@@ -72,6 +72,7 @@ type metricSources struct {
 	src       *certs.Source
 	inFlight  func() int64
 	ejections *ejectionCounts
+	resets    func() int64
 }
 
 func newMetrics(s metricSources) *metrics {
@@ -121,6 +122,7 @@ func newMetrics(s metricSources) *metrics {
 		refusals("connectionsPerIdentity", s.conns.RefusedPerIdentity),
 		refusals("concurrentCallsPerIdentity", s.calls.RefusedConcurrent),
 		refusals("callsPerSecondPerIdentity", s.calls.RefusedRate),
+		refusals("rapidResets", s.resets),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "apid_build_info", Help: "Always 1; the labels say which apid this is.",
 			ConstLabels: prometheus.Labels{"version": v.Version, "commit": v.Commit, "goversion": v.Go},
