@@ -54,8 +54,15 @@ type failing struct {
 	since     time.Time
 	until     time.Time // zero: not ejected
 	probing   bool      // the call trying the node again is running
+	probed    time.Time // when it started
+	last      time.Time // the last failure
 	lastError string
 }
+
+// maxFailing bounds the nodes with failures the ejector remembers: a
+// caller naming made-up nodes must not grow it. Over it, the entries not
+// ejected whose last failure is oldest go first.
+const maxFailing = 4096
 
 func newEjector(notify func(Ejection, bool)) *ejector {
 	if notify == nil {
@@ -67,6 +74,9 @@ func newEjector(notify func(Ejection, bool)) *ejector {
 func (e *ejector) setConfig(cfg EjectionConfig) {
 	e.mu.Lock()
 	e.cfg = cfg
+	if cfg.ConsecutiveFailures <= 0 {
+		clear(e.nodes) // off: nobody stays ejected
+	}
 	e.mu.Unlock()
 }
 
@@ -87,8 +97,11 @@ func (e *ejector) ejected(node string) (Ejection, bool) {
 	if f == nil || f.until.IsZero() {
 		return Ejection{}, false
 	}
-	if !f.probing && !e.now().Before(f.until) {
-		f.probing = true
+	now := e.now()
+	// A probe that runs long (a stream that follows logs) gives way to
+	// another call after BaseTime, so it cannot keep the node out.
+	if !now.Before(f.until) && (!f.probing || now.Sub(f.probed) > e.cfg.BaseTime) {
+		f.probing, f.probed = true, now
 		return Ejection{}, false
 	}
 	return f.view(node), true
@@ -104,7 +117,7 @@ func (e *ejector) report(node string, code codes.Code, msg string) {
 	case codes.Unavailable, codes.DeadlineExceeded:
 	case codes.Canceled:
 		// The caller went away: nothing learnt about the node.
-		if f != nil && f.probing {
+		if f != nil {
 			f.probing = false // let the next call probe
 		}
 		e.mu.Unlock()
@@ -119,16 +132,21 @@ func (e *ejector) report(node string, code codes.Code, msg string) {
 		return
 	}
 	if cfg.ConsecutiveFailures <= 0 {
+		if f != nil {
+			delete(e.nodes, node)
+		}
 		e.mu.Unlock()
 		return
 	}
+	now := e.now()
 	if f == nil {
+		e.makeRoom(now)
 		f = &failing{}
 		e.nodes[node] = f
 	}
 	f.failures++
+	f.last = now
 	f.lastError = fmt.Sprintf("%s: %s", code, msg)
-	now := e.now()
 	eject := (f.until.IsZero() && f.failures >= cfg.ConsecutiveFailures) || f.probing
 	if eject {
 		if f.until.IsZero() {
@@ -149,18 +167,51 @@ func (e *ejector) report(node string, code codes.Code, msg string) {
 	}
 }
 
+// makeRoom forgets, when the table is full, nodes that failed long ago and
+// are not ejected, oldest first.
+func (e *ejector) makeRoom(now time.Time) {
+	if len(e.nodes) < maxFailing {
+		return
+	}
+	for n, f := range e.nodes {
+		if f.until.IsZero() && now.Sub(f.last) > e.cfg.MaxTime {
+			delete(e.nodes, n)
+		}
+	}
+	for len(e.nodes) >= maxFailing {
+		var oldest string
+		var at time.Time
+		for n, f := range e.nodes {
+			if f.until.IsZero() && (oldest == "" || f.last.Before(at)) {
+				oldest, at = n, f.last
+			}
+		}
+		if oldest == "" {
+			return // all ejected: they leave as they are probed
+		}
+		delete(e.nodes, oldest)
+	}
+}
+
 func (f *failing) view(node string) Ejection {
 	return Ejection{Node: node, Since: f.since, Until: f.until, Failures: f.failures, Ejections: f.ejections, LastError: f.lastError}
 }
 
-// snapshot lists the nodes ejected now.
+// snapshot lists the nodes ejected now: those whose ejection runs or whose
+// probe does. A node whose time is up and that nobody calls any more
+// (decommissioned, a typo) is not listed, and is forgotten after MaxTime.
 func (e *ejector) snapshot() []Ejection {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	now := e.now()
 	var out []Ejection
 	for n, f := range e.nodes {
-		if !f.until.IsZero() {
+		switch {
+		case f.until.IsZero():
+		case now.Before(f.until) || f.probing:
 			out = append(out, f.view(n))
+		case now.Sub(f.until) > e.cfg.MaxTime:
+			delete(e.nodes, n)
 		}
 	}
 	return out

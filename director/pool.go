@@ -180,8 +180,18 @@ func (p *Pool) dial(ctx context.Context, addr string) (net.Conn, error) {
 		d.Control = userTimeout(ut)
 	}
 	d.KeepAliveConfig = ka
-	return d.DialContext(ctx, "tcp", addr)
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil || p.cfg.TCPUserTimeout <= 0 {
+		return c, err
+	}
+	// grpc-go sets TCP_USER_TIMEOUT to its keepalive timeout on every
+	// *net.TCPConn a dialer returns; hidden behind this type, the
+	// configured value stays.
+	return userTimeoutConn{c}, nil
 }
+
+// userTimeoutConn is a TCP connection whose TCP_USER_TIMEOUT is apid's.
+type userTimeoutConn struct{ net.Conn }
 
 // Len returns how many connections the pool holds.
 func (p *Pool) Len() int {

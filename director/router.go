@@ -179,13 +179,22 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		backends := make([]proxy.Backend, len(targets))
 		remote := forwarded(out, md) // shared by every remote backend: read-only from here on
 		skippable := len(targets) * rs.maxEjectedPercent / 100
+		// The node deadline is apid's own unless the client shortened it or
+		// the call's own deadline comes first.
+		own := timeout > 0 && timeout == rs.timeout
+		if d, ok := ctx.Deadline(); ok && time.Until(d) <= timeout {
+			own = false
+		}
 		for i, t := range targets {
 			b := r.backendFor(rs, t, out, remote)
-			if rb, ok := b.(*backend); ok && rb.pool != nil && skippable > 0 && r.ej.peek(canonical(t)) {
-				// At most maxPercent of the nodes are skipped as ejected;
-				// the rest are tried whatever their record.
-				rb.mayRefuse = true
-				skippable--
+			if rb, ok := b.(*backend); ok && rb.pool != nil {
+				rb.ownDeadline = own
+				if skippable > 0 && r.ej.peek(canonical(t)) {
+					// At most maxPercent of the nodes are skipped as
+					// ejected; the rest are tried whatever their record.
+					rb.mayRefuse = true
+					skippable--
+				}
 			}
 			backends[i] = b
 		}
@@ -270,7 +279,12 @@ type backend struct {
 	ej    *ejector // remote backends: the record of failing nodes
 
 	mayRefuse bool // an ejected node is refused at once
-	refused   bool // it was: its outcome says nothing new about the node
+	refused   bool // it was, or the pool refused: the outcome says nothing about the node
+	// ownDeadline: the deadline this node's part runs under is apid's own
+	// nodeTimeout, so missing it says the node did not answer in time. A
+	// deadline the caller chose (its own, or a shortened node timeout)
+	// says nothing about the node.
+	ownDeadline bool
 }
 
 func (b *backend) Name() string { return b.name }
@@ -290,6 +304,7 @@ func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.
 	}
 	cc, release, err := b.pool.Conn(b.name)
 	if err != nil {
+		b.refused = true // the pool's own refusal (full, a bad name)
 		return nil, nil, nil, err
 	}
 	return out, cc, release, nil
@@ -299,6 +314,9 @@ func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.
 func (b *backend) Report(code codes.Code, message string) {
 	if b.ej == nil || b.refused {
 		return
+	}
+	if code == codes.DeadlineExceeded && !b.ownDeadline {
+		code = codes.Canceled // a deadline of the caller's: nothing learnt
 	}
 	b.ej.report(canonical(b.name), code, message)
 }

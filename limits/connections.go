@@ -1,7 +1,9 @@
 package limits
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -145,7 +147,9 @@ type limitedCreds struct {
 
 func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	conn, info, err := l.TransportCredentials.ServerHandshake(raw)
-	if err != nil {
+	if err != nil && !errors.Is(err, io.EOF) {
+		// (A peer that closes before saying anything, such as a balancer's
+		// TCP check, is not a failed handshake.)
 		l.c.refused(byHandshake, "TLS handshake refused", "remote", raw.RemoteAddr().String(), "err", err.Error())
 	}
 	perIdentity := int(l.c.perIdentity.Load())

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -57,9 +58,10 @@ type Observer interface {
 	// BackendStarted is told that the call reaches backend (by its Name)
 	// now. The context it returns is the one the backend is called with
 	// (derived from ctx: a span may start there); the function is called
-	// once, when that backend's part ends, with the code the client saw
-	// for it.
-	BackendStarted(ctx context.Context, backend string, kind Kind) (context.Context, func(codes.Code))
+	// once, when that backend's part is settled, with the code and message
+	// the client saw for it and how long the backend took (a unary fan-out
+	// settles every part after the slowest, but times each on its own).
+	BackendStarted(ctx context.Context, backend string, kind Kind) (context.Context, func(codes.Code, string, time.Duration))
 }
 
 // Reporter is a Backend that wants to hear how its part of a call ended
@@ -68,21 +70,38 @@ type Reporter interface {
 	Report(code codes.Code, message string)
 }
 
-// started tells the observer, if any, that b is called now; the function
-// it returns tells both the observer and b, if it is a Reporter, how b's
-// part ended.
-func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, func(codes.Code, string)) {
-	observed := func(codes.Code) {}
+// backendCall is one backend's part of a call, as the observer and the
+// backend (if a Reporter) hear of it.
+type backendCall struct {
+	backend  Backend
+	start    time.Time
+	ended    time.Time // when the backend was done; zero: when settled
+	observed func(codes.Code, string, time.Duration)
+}
+
+// started tells the observer, if any, that b is called now.
+func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, *backendCall) {
+	c := &backendCall{backend: b, start: time.Now(), observed: func(codes.Code, string, time.Duration) {}}
 	if h.opts.Observer != nil {
-		ctx, observed = h.opts.Observer.BackendStarted(ctx, b.Name(), kind)
+		ctx, c.observed = h.opts.Observer.BackendStarted(ctx, b.Name(), kind)
 	}
-	r, _ := b.(Reporter)
-	return ctx, func(code codes.Code, msg string) {
-		if r != nil {
-			r.Report(code, msg)
-		}
-		observed(code)
+	return ctx, c
+}
+
+// end marks the backend done before its part is settled.
+func (c *backendCall) end() { c.ended = time.Now() }
+
+// settle tells the backend, if it is a Reporter, and the observer how the
+// part ended. It is called once.
+func (c *backendCall) settle(code codes.Code, msg string) {
+	if r, ok := c.backend.(Reporter); ok {
+		r.Report(code, msg)
 	}
+	end := c.ended
+	if end.IsZero() {
+		end = time.Now()
+	}
+	c.observed(code, msg, end.Sub(c.start))
 }
 
 func (o Options) withDefaults() Options {

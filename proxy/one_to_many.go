@@ -145,7 +145,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
 	defer cancel()
 	parts := make([]aggregate.Part, len(backends))
-	dones := make([]func(codes.Code, string), len(backends))
+	calls := make([]*backendCall, len(backends))
 	replies := make([]frame, len(backends))
 	var md replyMD
 	var held atomic.Int64 // reply bytes kept for the merge so far
@@ -155,9 +155,10 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 		wg.Add(1)
 		h.workers.run(func() {
 			defer wg.Done()
-			bctx, done := h.started(ctx, b, Unary)
-			dones[i] = done
+			bctx, call := h.started(ctx, b, Unary)
+			calls[i] = call
 			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], &md, &held)
+			call.end()
 		})
 	}
 	wg.Wait()
@@ -170,7 +171,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 		replies[i].release()
 	}
 	for i, p := range merged {
-		dones[i](p.Code, p.Message)
+		calls[i].settle(p.Code, p.Message)
 	}
 	h.hold(len(reply) - int(held.Load()))
 	defer h.hold(-len(reply))
@@ -329,14 +330,14 @@ func (h *Handler) done(q *queued) {
 func (h *Handler) streamFrom(ctx context.Context, method string, b Backend, req *frame, out chan<- queued, md *replyMD) {
 	name := b.Name()
 	code, message := codes.OK, ""
-	ctx, done := h.started(ctx, b, ServerStream)
+	ctx, call := h.started(ctx, b, ServerStream)
 	defer func() {
 		if code == codes.OK && ctx.Err() != nil {
 			// The client went away (or could not be written to) before
 			// this node's stream was delivered: it saw Canceled.
 			code = codes.Canceled
 		}
-		done(code, message)
+		call.settle(code, message)
 	}()
 	buffer := semaphore.NewWeighted(int64(h.opts.NodeBuffer))
 	emit := func(f frame) bool {

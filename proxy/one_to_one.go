@@ -17,10 +17,10 @@ var relayDesc = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind Kind) (err error) {
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
-	bctx, done := h.started(ctx, b, kind)
+	bctx, call := h.started(ctx, b, kind)
 	defer func() {
 		st := status.Convert(err)
-		done(st.Code(), st.Message())
+		call.settle(st.Code(), st.Message())
 	}()
 
 	outCtx, conn, release, err := b.Connect(bctx, method)

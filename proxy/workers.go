@@ -32,6 +32,7 @@ func (w *workers) loop(f func()) {
 	defer idle.Stop()
 	for {
 		f()
+		f = nil // hold nothing of the last call while idle
 		idle.Reset(idleWorker)
 		select {
 		case f = <-w.work:

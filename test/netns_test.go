@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -69,7 +71,9 @@ func newNetns(t *testing.T) *netnsHarness {
 	} else if _, err := exec.LookPath("ip"); err != nil {
 		why = "the namespace fault tests need iproute2's ip"
 	}
-	h := &netnsHarness{t: t, prefix: fmt.Sprintf("ap%d", os.Getpid()%100000), bin: plainBin(t), dir: t.TempDir()}
+	// The prefix ends in a letter, so that one run's cleanup (by prefix)
+	// never matches another's: ap12x is not a prefix of ap123x.
+	h := &netnsHarness{t: t, prefix: fmt.Sprintf("ap%dx", os.Getpid()%100000), bin: plainBin(t), dir: t.TempDir()}
 	h.hub = h.prefix + "hub"
 	if why == "" {
 		if out, err := exec.Command("ip", "netns", "add", h.hub).CombinedOutput(); err != nil {
@@ -142,8 +146,12 @@ func (h *netnsHarness) node(m *netnsMember, name, root, extraConfig string) (age
 // serve starts m's apid (again, after a kill).
 func (h *netnsHarness) serve(m *netnsMember, name, sock, extraConfig string) *process {
 	h.t.Helper()
-	cfg := writeConfig(h.t, h.dir, name+".yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: \"\"\ndrainDelay: 0s\nshutdownTimeout: 2s\nlogLevel: warn\n%s",
-		h.pki.path("ca.crt"), h.pki.path(name+".crt"), h.pki.path(name+".key"), net.JoinHostPort(m.ip, "50000"), "unix://"+sock, extraConfig))
+	admin := "" // the gateway's admin endpoint shows its view of the nodes
+	if name == "gateway" {
+		admin = net.JoinHostPort(m.ip, "50001")
+	}
+	cfg := writeConfig(h.t, h.dir, name+".yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nshutdownTimeout: 2s\nlogLevel: warn\n%s",
+		h.pki.path("ca.crt"), h.pki.path(name+".crt"), h.pki.path(name+".key"), net.JoinHostPort(m.ip, "50000"), "unix://"+sock, admin, extraConfig))
 	return h.start(m, "", "serve", "-config", cfg, "-self", m.ip)
 }
 
@@ -250,6 +258,32 @@ func startFaultCluster(t *testing.T, extraConfig string) *faultCluster {
 	return c
 }
 
+// nodeConnection is the gateway's connection state to node, from its
+// /nodes page (read from inside the client's namespace).
+func (c *faultCluster) nodeConnection(t *testing.T, node string) string {
+	t.Helper()
+	hc := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return dialer(c.client.ns)(ctx, addr)
+	}}}
+	resp, err := hc.Get("http://" + net.JoinHostPort(c.gateway.ip, "50001") + "/nodes?format=json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var page struct {
+		Nodes []struct{ Node, Connection string }
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&page); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range page.Nodes {
+		if n.Node == node {
+			return n.Connection
+		}
+	}
+	return "none"
+}
+
 func (c *faultCluster) ips() []string {
 	var out []string
 	for _, m := range c.nodes {
@@ -272,13 +306,13 @@ func entryErrors(resp *machine.VersionResponse) int {
 	return n
 }
 
-// timedFanOut makes one Version fan-out with a per-node deadline and
-// returns its time and the failed entries.
-func (c *faultCluster) timedFanOut(t *testing.T, nodeTimeout string) (time.Duration, []*common.Metadata) {
+// timedFanOut makes one Version fan-out and returns its time and the
+// failed entries.
+func (c *faultCluster) timedFanOut(t *testing.T) (time.Duration, []*common.Metadata) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(c.nodesCtx(ctx), "apid-node-timeout", nodeTimeout)
+	ctx = c.nodesCtx(ctx)
 	start := time.Now()
 	resp, err := c.mc.Version(ctx, &emptypb.Empty{})
 	d := time.Since(start)
@@ -306,10 +340,12 @@ func medianDuration(ds []time.Duration) time.Duration {
 // does; after the partition heals the node is back within the ejection
 // cap and one call.
 func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
-	c := startFaultCluster(t, "ejection:\n  consecutiveFailures: 3\n  baseTime: 2s\n  maxTime: 4s\n  maxPercent: 50\n")
+	// The node deadline is the gateway's own (a deadline the client sets
+	// says nothing about the node and ejects nobody).
+	c := startFaultCluster(t, "nodeTimeout: 1s\nejection:\n  consecutiveFailures: 3\n  baseTime: 2s\n  maxTime: 4s\n  maxPercent: 50\n")
 	var healthy []time.Duration
 	for range 20 {
-		d, failed := c.timedFanOut(t, "1s")
+		d, failed := c.timedFanOut(t)
 		if len(failed) != 0 {
 			t.Fatalf("healthy fan-out had failures: %v", failed)
 		}
@@ -319,7 +355,7 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	c.h.partition(cut, true)
 	var first []time.Duration
 	for range 3 {
-		d, failed := c.timedFanOut(t, "1s")
+		d, failed := c.timedFanOut(t)
 		if len(failed) != 1 || failed[0].Hostname != cut.ip {
 			t.Fatalf("fan-out with %s partitioned: failed %v", cut.ip, failed)
 		}
@@ -327,8 +363,9 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	}
 	var ejected []time.Duration
 	for range 20 {
-		d, failed := c.timedFanOut(t, "1s")
-		if len(failed) != 1 || !strings.Contains(failed[0].Error, "ejected") && !strings.Contains(failed[0].Error, "DeadlineExceeded") {
+		d, failed := c.timedFanOut(t)
+		// Skipped as ejected, or, when a probe is let through, its deadline.
+		if len(failed) != 1 || !strings.Contains(failed[0].Error, "ejected") && failed[0].GetStatus().GetCode() != int32(codes.DeadlineExceeded) {
 			t.Fatalf("fan-out after ejection: failed %v", failed)
 		}
 		if strings.Contains(failed[0].Error, "ejected") {
@@ -342,7 +379,7 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	healed := time.Now()
 	var back time.Duration
 	if !waitFor(30*time.Second, func() bool {
-		_, failed := c.timedFanOut(t, "1s")
+		_, failed := c.timedFanOut(t)
 		back = time.Since(healed)
 		return len(failed) == 0
 	}) {
@@ -354,8 +391,10 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	if e > h+5*time.Millisecond {
 		t.Errorf("an ejected node costs %s more than a healthy fan-out, want at most 5 ms", e-h)
 	}
-	if back > 4400*time.Millisecond+2*time.Second {
-		t.Errorf("recovery took %s, want at most the 4 s cap (plus jitter) and one call", back)
+	// A first probe may still meet the healed link's TCP retransmission
+	// backoff and fail: allow two ejection periods at the cap.
+	if back > 2*4400*time.Millisecond+2*time.Second {
+		t.Errorf("recovery took %s, want at most two 4 s ejections (plus jitter) and one call", back)
 	}
 }
 
@@ -386,7 +425,8 @@ func readAll(s machine.MachineService_ReadClient) (map[string][]byte, map[string
 // in order, equal to what the node gives when asked alone. The node,
 // restarted, answers again within the reconnect backoff cap.
 func TestNetnsNodeKilledMidStream(t *testing.T) {
-	c := startFaultCluster(t, "")
+	// Ejection off: the restart below measures reconnection, not ejection.
+	c := startFaultCluster(t, "ejection:\n  consecutiveFailures: 0\n")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	want, err := os.ReadFile(c.file)
@@ -437,13 +477,17 @@ func TestNetnsNodeKilledMidStream(t *testing.T) {
 		defer cancel()
 		_, err := c.mc.Version(metadata.AppendToOutgoingContext(cctx, "node", vip), &emptypb.Empty{})
 		back = time.Since(restarted)
+		if err != nil {
+			time.Sleep(250 * time.Millisecond)
+		}
 		return err == nil
 	}) {
 		t.Fatal("the restarted node did not answer within 40 s")
 	}
 	t.Logf("restarted node answering again after %s", back.Round(time.Millisecond))
-	if back > 16*time.Second {
-		t.Errorf("restarted node back after %s, want within the 15 s backoff cap", back)
+	// The cap is 15 s; gRPC's backoff adds up to 20 % jitter.
+	if back > 20*time.Second {
+		t.Errorf("restarted node back after %s, want within the 15 s backoff cap (plus jitter)", back)
 	}
 }
 
@@ -480,8 +524,17 @@ func TestNetnsPeerVanishesUnderStream(t *testing.T) {
 	if detected > 5*time.Second+10*time.Second+5*time.Second {
 		t.Errorf("detected after %s, want within tcpUserTimeout (5 s) + 10 s", detected)
 	}
-	// The idle node heals; the next call to it works (on a fresh connection
-	// if the old one was found dead, or the old one if it survived).
+	// The idle node's pooled connection was found dead too: the gateway's
+	// /nodes no longer calls it READY.
+	var state string
+	if !waitFor(20*time.Second, func() bool {
+		state = c.nodeConnection(t, idle.ip)
+		return state != "READY"
+	}) {
+		t.Fatalf("the idle connection to a vanished node still READY %s after the cut", time.Since(cut).Round(time.Second))
+	}
+	t.Logf("idle pooled connection to a node gone without FIN: %s after %s", state, time.Since(cut).Round(time.Second))
+	// The idle node heals; the next call to it works on a fresh connection.
 	c.h.partition(idle, false)
 	if !waitFor(30*time.Second, func() bool {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -535,8 +588,9 @@ func TestNetnsLocalAgentRestart(t *testing.T) {
 		t.Fatal("local calls did not succeed within 60 s of the agent's restart")
 	}
 	t.Logf("local agent down 30 s (%d calls failed meanwhile), restarted: local calls succeed again after %s", failed, back.Round(time.Millisecond))
-	if back > 16*time.Second {
-		t.Errorf("local calls back after %s, want within the 15 s backoff cap", back)
+	// The cap is 15 s; gRPC's backoff adds up to 20 % jitter.
+	if back > 20*time.Second {
+		t.Errorf("local calls back after %s, want within the 15 s backoff cap (plus jitter)", back)
 	}
 }
 

@@ -106,6 +106,12 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
+	built := false
+	defer func() {
+		if tr != nil && !built { // New failed after tracing started
+			_ = tr.shutdown(context.Background())
+		}
+	}()
 	var traced []grpc.DialOption
 	if tr != nil {
 		traced = append(traced, tr.dialOption())
@@ -215,6 +221,7 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		g.metrics.reloaded("certificates", err)
 		log.Warn("certificate reload failed; keeping the current ones", "err", err)
 	})
+	built = true
 	go g.ready.watchBackend(ctx, local)
 	go g.ready.recheck(ctx, 10*time.Second)
 	return g, nil

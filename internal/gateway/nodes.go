@@ -49,8 +49,9 @@ func newNodeTable(max int) *nodeTable {
 	return &nodeTable{max: max, nodes: map[string]*nodeStats{}, now: time.Now}
 }
 
-// start counts a call to node; done, called once, records its outcome.
-func (t *nodeTable) start(node string) (done func(code codes.Code, msg string)) {
+// start counts a call to node; done, called once, records its outcome and
+// how long the node took.
+func (t *nodeTable) start(node string) (done func(code codes.Code, msg string, took time.Duration)) {
 	began := t.now()
 	t.mu.Lock()
 	n := t.nodes[node]
@@ -63,10 +64,9 @@ func (t *nodeTable) start(node string) (done func(code codes.Code, msg string)) 
 	n.lastUsed = began
 	t.mu.Unlock()
 	var once sync.Once
-	return func(code codes.Code, msg string) {
+	return func(code codes.Code, msg string, d time.Duration) {
 		once.Do(func() {
 			now := t.now()
-			d := now.Sub(began)
 			t.mu.Lock()
 			defer t.mu.Unlock()
 			n.inFlight--
@@ -195,21 +195,54 @@ func (t *nodeTable) Describe(ch chan<- *prometheus.Desc) {
 }
 
 // Collect implements prometheus.Collector: one series set per node in the
-// table, so the series are as bounded as the table.
+// table that has answered at least once; nodes that never answered (down,
+// or names a caller made up) share the series of node="unanswered", so
+// callers cannot mint label values.
 func (t *nodeTable) Collect(ch chan<- prometheus.Metric) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	rest := &nodeStats{name: "unanswered", calls: map[codes.Code]uint64{}, buckets: make([]uint64, len(latencyBuckets)+1)}
 	for _, n := range t.nodes {
-		for c, v := range n.calls {
-			ch <- prometheus.MustNewConstMetric(nodeCallsDesc, prometheus.CounterValue, float64(v), n.name, c.String())
+		if !n.answered() {
+			for c, v := range n.calls {
+				rest.calls[c] += v
+			}
+			for i, b := range n.buckets {
+				rest.buckets[i] += b
+			}
+			rest.count, rest.sum, rest.inFlight = rest.count+n.count, rest.sum+n.sum, rest.inFlight+n.inFlight
+			continue
 		}
-		cum := make(map[float64]uint64, len(latencyBuckets))
-		var total uint64
-		for i, b := range latencyBuckets {
-			total += n.buckets[i]
-			cum[b] = total
-		}
-		ch <- prometheus.MustNewConstHistogram(nodeDurationDesc, n.count, n.sum, cum, n.name)
-		ch <- prometheus.MustNewConstMetric(nodeInFlightDesc, prometheus.GaugeValue, float64(n.inFlight), n.name)
+		n.collect(ch)
 	}
+	if rest.count > 0 || rest.inFlight > 0 {
+		rest.collect(ch)
+	}
+}
+
+// answered reports whether the node ever answered (with anything but a
+// failure to reach it).
+func (n *nodeStats) answered() bool {
+	for c := range n.calls {
+		switch c {
+		case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+		default:
+			return true
+		}
+	}
+	return false
+}
+
+func (n *nodeStats) collect(ch chan<- prometheus.Metric) {
+	for c, v := range n.calls {
+		ch <- prometheus.MustNewConstMetric(nodeCallsDesc, prometheus.CounterValue, float64(v), n.name, c.String())
+	}
+	cum := make(map[float64]uint64, len(latencyBuckets))
+	var total uint64
+	for i, b := range latencyBuckets {
+		total += n.buckets[i]
+		cum[b] = total
+	}
+	ch <- prometheus.MustNewConstHistogram(nodeDurationDesc, n.count, n.sum, cum, n.name)
+	ch <- prometheus.MustNewConstMetric(nodeInFlightDesc, prometheus.GaugeValue, float64(n.inFlight), n.name)
 }

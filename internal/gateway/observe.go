@@ -101,7 +101,7 @@ func (o *observer) Routed(ctx context.Context, _ string, r proxy.Route) {
 }
 
 // BackendStarted implements proxy.Observer.
-func (o *observer) BackendStarted(ctx context.Context, backend string, kind proxy.Kind) (context.Context, func(codes.Code)) {
+func (o *observer) BackendStarted(ctx context.Context, backend string, kind proxy.Kind) (context.Context, func(codes.Code, string, time.Duration)) {
 	start := time.Now()
 	rec := recordFrom(ctx)
 	fanOut := false
@@ -110,7 +110,7 @@ func (o *observer) BackendStarted(ctx context.Context, backend string, kind prox
 		fanOut = rec.mode == "fan-out"
 		rec.mu.Unlock()
 	}
-	var nodeDone func(codes.Code, string)
+	var nodeDone func(codes.Code, string, time.Duration)
 	if backend != "" {
 		nodeDone = o.nodes.start(director.Canonical(backend))
 	}
@@ -123,12 +123,12 @@ func (o *observer) BackendStarted(ctx context.Context, backend string, kind prox
 		ctx, span = o.tracer.Start(ctx, "apid.node "+node, trace.WithSpanKind(trace.SpanKindInternal),
 			trace.WithAttributes(attribute.String("apid.node", node), attribute.String("apid.kind", kind.String())))
 	}
-	return ctx, func(code codes.Code) {
+	return ctx, func(code codes.Code, msg string, elapsed time.Duration) {
 		if nodeDone != nil {
-			nodeDone(code, "")
+			nodeDone(code, msg, elapsed)
 		}
 		if fanOut {
-			o.metrics.nodeDone(kind, code, time.Since(start))
+			o.metrics.nodeDone(kind, code, elapsed)
 		}
 		if code != codes.OK && rec != nil && backend != "" {
 			rec.mu.Lock()
@@ -143,7 +143,7 @@ func (o *observer) BackendStarted(ctx context.Context, backend string, kind prox
 			if code != codes.OK {
 				span.SetStatus(otelcodes.Error, code.String())
 			}
-			span.End()
+			span.End(trace.WithTimestamp(start.Add(elapsed)))
 		}
 	}
 }

@@ -60,7 +60,13 @@ func newTracing(cfg TracingConfig, instance string) (*tracing, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tracing: %w", err)
 	}
-	res := resource.NewSchemaless(attribute.String("service.name", "apid"), attribute.String("service.instance.id", instance))
+	// OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override these.
+	res, err := resource.New(context.Background(),
+		resource.WithAttributes(attribute.String("service.name", "apid"), attribute.String("service.instance.id", instance)),
+		resource.WithTelemetrySDK(), resource.WithFromEnv())
+	if err != nil {
+		return nil, fmt.Errorf("tracing resource: %w", err)
+	}
 	provider := sdktrace.NewTracerProvider(
 		sdktrace.WithBatcher(exporter),
 		sdktrace.WithResource(res),
