@@ -2,7 +2,7 @@
 GO ?= go
 PKGS := ./...
 
-.PHONY: build test test-short bench bench-cluster lint fuzz demo clean
+.PHONY: build test test-short bench bench-cluster soak lint fuzz demo clean
 
 build:
 	$(GO) build -buildvcs=auto -o bin/apid ./cmd/apid
@@ -36,6 +36,12 @@ ROUNDS ?= 5
 bench-cluster:
 	APID_BENCH_CLUSTER=1 APID_BENCH_ROUNDS=$(ROUNDS) APID_BENCH_OUT=$(CURDIR)/bench-cluster.md \
 	  $(GO) test -run '^TestClusterWideCalls$$' -count 1 -v -timeout 30m ./bench/
+
+# 1,000 concurrent streamed fan-outs through one gateway for SOAK (10m):
+# its RSS must stay flat and its goroutines return to where they were.
+SOAK ?= 10m
+soak:
+	APID_SOAK=$(SOAK) $(GO) test -run '^TestSoak$$' -count 1 -v -timeout 60m ./test/
 
 # A short run of every fuzz target (FUZZTIME each).
 FUZZTIME ?= 30s
