@@ -258,13 +258,19 @@ func startFaultCluster(t *testing.T, extraConfig string) *faultCluster {
 	return c
 }
 
+// adminClient reaches the gateway's admin endpoint from inside the client's
+// namespace, one connection a request (kept-alive connections would count
+// among the gateway's goroutines).
+func (c *faultCluster) adminClient() http.Client {
+	return http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) { return dialer(c.client.ns)(ctx, addr) }}}
+}
+
 // nodeConnection is the gateway's connection state to node, from its
 // /nodes page (read from inside the client's namespace).
 func (c *faultCluster) nodeConnection(t *testing.T, node string) string {
 	t.Helper()
-	hc := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return dialer(c.client.ns)(ctx, addr)
-	}}}
+	hc := c.adminClient()
 	resp, err := hc.Get("http://" + net.JoinHostPort(c.gateway.ip, "50001") + "/nodes?format=json")
 	if err != nil {
 		t.Fatal(err)
@@ -343,6 +349,8 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	// The node deadline is the gateway's own (a deadline the client sets
 	// says nothing about the node and ejects nobody).
 	c := startFaultCluster(t, "nodeTimeout: 1s\nejection:\n  consecutiveFailures: 3\n  baseTime: 2s\n  maxTime: 4s\n  maxPercent: 50\n")
+	time.Sleep(6 * time.Second) // the start-up fan-outs' workers go idle and exit
+	base := c.goroutines(t)
 	var healthy []time.Duration
 	for range 20 {
 		d, failed := c.timedFanOut(t)
@@ -396,6 +404,7 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	if back > 2*4400*time.Millisecond+2*time.Second {
 		t.Errorf("recovery took %s, want at most two 4 s ejections (plus jitter) and one call", back)
 	}
+	c.settled(t, base)
 }
 
 // readAll reads a Read stream to its end: the bytes of each node, in order,
@@ -427,6 +436,8 @@ func readAll(s machine.MachineService_ReadClient) (map[string][]byte, map[string
 func TestNetnsNodeKilledMidStream(t *testing.T) {
 	// Ejection off: the restart below measures reconnection, not ejection.
 	c := startFaultCluster(t, "ejection:\n  consecutiveFailures: 0\n")
+	time.Sleep(6 * time.Second) // the start-up fan-outs' workers go idle and exit
+	base := c.goroutines(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	want, err := os.ReadFile(c.file)
@@ -489,6 +500,7 @@ func TestNetnsNodeKilledMidStream(t *testing.T) {
 	if back > 20*time.Second {
 		t.Errorf("restarted node back after %s, want within the 15 s backoff cap (plus jitter)", back)
 	}
+	c.settled(t, base)
 }
 
 // TestNetnsPeerVanishesUnderStream: a node's link goes down (no FIN, no
@@ -498,6 +510,8 @@ func TestNetnsNodeKilledMidStream(t *testing.T) {
 // error, and on the idle connection, which the next call dials afresh.
 func TestNetnsPeerVanishesUnderStream(t *testing.T) {
 	c := startFaultCluster(t, "tcpUserTimeout: 5s\n")
+	time.Sleep(6 * time.Second) // the start-up fan-outs' workers go idle and exit
+	base := c.goroutines(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	streamed, idle := c.nodes[0], c.nodes[4]
@@ -544,6 +558,17 @@ func TestNetnsPeerVanishesUnderStream(t *testing.T) {
 	}) {
 		t.Fatal("the healed idle node did not answer within 30 s")
 	}
+	// Heal the streamed node too; once it answers, nothing is left over.
+	c.h.partition(streamed, false)
+	if !waitFor(30*time.Second, func() bool {
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := c.mc.Version(metadata.AppendToOutgoingContext(cctx, "node", streamed.ip), &emptypb.Empty{})
+		return err == nil
+	}) {
+		t.Fatal("the healed streamed node did not answer within 30 s")
+	}
+	c.settled(t, base)
 }
 
 // TestNetnsLocalAgentRestart: the gateway's own agent is down for 30 s
@@ -638,4 +663,98 @@ func TestNetnsStoppedNode(t *testing.T) {
 	if streamEnded > 30*time.Second || unaryEnded > 30*time.Second {
 		t.Errorf("a stopped node held calls for %s and %s, want within gRPC keepalive (15 s + 5 s) and a margin", streamEnded, unaryEnded)
 	}
+}
+
+// goroutines is the gateway's goroutine count, from its /metrics.
+func (c *faultCluster) goroutines(t *testing.T) float64 {
+	t.Helper()
+	hc := c.adminClient()
+	resp, err := hc.Get("http://" + net.JoinHostPort(c.gateway.ip, "50001") + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, "go_goroutines "); ok {
+			var f float64
+			fmt.Sscan(v, &f)
+			return f
+		}
+	}
+	t.Fatal("no go_goroutines")
+	return 0
+}
+
+// settled waits until the gateway's goroutines are back to at most base
+// (plus slack for a connection being redialled), as fan-out workers exit
+// after 5 s idle.
+func (c *faultCluster) settled(t *testing.T, base float64) {
+	t.Helper()
+	var now float64
+	if !waitFor(30*time.Second, func() bool {
+		now = c.goroutines(t)
+		return now <= base+4
+	}) {
+		t.Errorf("gateway goroutines %.0f after the scenario, %.0f before: something was left behind", now, base)
+	}
+}
+
+// TestNetnsFlappingAndOneWay: a node's link flaps (down and up every
+// 300 ms for 6 s) while fan-outs run, then its replies are dropped one way
+// only (a blackhole route in the node's namespace towards the gateway).
+// Every fan-out returns in time with the healthy nodes' replies whole, the
+// node is back once the faults end, and the gateway is left with the
+// goroutines it had.
+func TestNetnsFlappingAndOneWay(t *testing.T) {
+	c := startFaultCluster(t, "nodeTimeout: 1s\nejection:\n  consecutiveFailures: 3\n  baseTime: 1s\n  maxTime: 2s\n  maxPercent: 50\n")
+	time.Sleep(6 * time.Second) // the start-up fan-outs' workers go idle and exit
+	base := c.goroutines(t)
+	node := c.nodes[1]
+	check := func(what string) {
+		d, failed := c.timedFanOut(t)
+		for _, f := range failed {
+			if f.Hostname != node.ip {
+				t.Fatalf("%s: healthy node %s failed: %v", what, f.Hostname, f.Error)
+			}
+		}
+		if d > 3*time.Second {
+			t.Fatalf("%s: a fan-out took %s", what, d)
+		}
+	}
+	flapping := make(chan struct{})
+	go func() {
+		defer close(flapping)
+		for i := 0; i < 20; i++ {
+			c.h.partition(node, i%2 == 0)
+			time.Sleep(300 * time.Millisecond)
+		}
+		c.h.partition(node, false)
+	}()
+	fanOuts := 0
+	for done := false; !done; fanOuts++ {
+		select {
+		case <-flapping:
+			done = true
+		default:
+		}
+		check("flapping")
+	}
+	run(t, "ip", "-n", node.ns, "route", "add", "blackhole", c.gateway.ip+"/32")
+	for range 10 {
+		check("one-way")
+	}
+	run(t, "ip", "-n", node.ns, "route", "del", "blackhole", c.gateway.ip+"/32")
+	var back time.Duration
+	healed := time.Now()
+	if !waitFor(30*time.Second, func() bool {
+		_, failed := c.timedFanOut(t)
+		back = time.Since(healed)
+		return len(failed) == 0
+	}) {
+		t.Fatal("the node did not come back within 30 s of the faults ending")
+	}
+	t.Logf("%d fan-outs while the link flapped and 10 with replies dropped one way, each in time with the healthy nodes whole; the node answers again %s after the faults end",
+		fanOuts, back.Round(time.Millisecond))
+	c.settled(t, base)
 }
