@@ -57,13 +57,7 @@ limits:
   connectionsPerIdentity: 10000
 `, p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock, adminAddr))
 	gw := startBin(t, bin, "", "serve", "-config", cfg)
-	if !waitFor(20*time.Second, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	}) {
+	if !waitFor(20*time.Second, func() bool { return listening(addr) }) {
 		t.Fatal("gateway not listening")
 	}
 	pid := gw.cmd.Process.Pid

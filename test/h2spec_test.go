@@ -112,13 +112,7 @@ func TestH2spec(t *testing.T) {
 	cfg := writeConfig(t, dir, "apid.yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: \"\"\ndrainDelay: 0s\nlogLevel: error\n",
 		p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock))
 	start(t, "", "serve", "-config", cfg)
-	if !waitFor(20*time.Second, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	}) {
+	if !waitFor(20*time.Second, func() bool { return listening(addr) }) {
 		t.Fatal("apid not listening")
 	}
 

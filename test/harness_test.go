@@ -186,6 +186,15 @@ func (p *process) stop(t *testing.T) {
 	}
 }
 
+// listening reports whether something accepts TCP connections on addr.
+func listening(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err == nil {
+		c.Close()
+	}
+	return err == nil
+}
+
 // freePort returns a TCP port free on every address in ips.
 func freePort(t *testing.T, ips ...string) int {
 	t.Helper()

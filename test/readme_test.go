@@ -115,13 +115,7 @@ func TestReadmeCommandsInAFreshCheckout(t *testing.T) {
 				_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
 				<-p.exited
 				// The demo itself may outlive the shell by a moment.
-				if !waitFor(15*time.Second, func() bool {
-					c, err := net.DialTimeout("tcp", net.JoinHostPort(demoIPs[0], "50000"), time.Second)
-					if err == nil {
-						c.Close()
-					}
-					return err != nil
-				}) {
+				if !waitFor(15*time.Second, func() bool { return !listening(net.JoinHostPort(demoIPs[0], "50000")) }) {
 					t.Errorf("%q still serving 15 s after SIGTERM", command)
 				}
 			})

@@ -264,13 +264,7 @@ func TestHAProxyFailover(t *testing.T) {
 		_ = lbProc.cmd.Process.Signal(syscall.SIGTERM)
 		<-lbProc.exited
 	})
-	if !waitFor(20*time.Second, func() bool {
-		c, err := net.DialTimeout("tcp", lbAddr, time.Second)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	}) {
+	if !waitFor(20*time.Second, func() bool { return listening(lbAddr) }) {
 		t.Fatalf("haproxy not listening on %s within 20 s:\n%s", lbAddr, lbProc.log())
 	}
 
