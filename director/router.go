@@ -90,14 +90,9 @@ type rules struct {
 }
 
 // NewRouter returns a Router that sends local calls to local and calls for
-// other nodes through pool.
-func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool) *Router {
-	return NewRouterWithEjections(cfg, local, pool, nil)
-}
-
-// NewRouterWithEjections is NewRouter that calls notify whenever a node is
-// ejected (ejected true) or restored (false).
-func NewRouterWithEjections(cfg Config, local grpc.ClientConnInterface, pool *Pool, notify func(e Ejection, ejected bool)) *Router {
+// other nodes through pool, and calls notify (if not nil) whenever a node
+// is ejected (ejected true) or restored (false).
+func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool, notify func(e Ejection, ejected bool)) *Router {
 	r := &Router{local: local, pool: pool, ej: newEjector(notify)}
 	r.SetConfig(cfg)
 	return r

@@ -66,7 +66,7 @@ func newTestRouter(t *testing.T, cfg Config) testRouter {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return testRouter{Router: NewRouter(cfg, unusedConn{t}, pool), authz: auth.NewAuthorizer(policy, nil)}
+	return testRouter{Router: NewRouter(cfg, unusedConn{t}, pool, nil), authz: auth.NewAuthorizer(policy, nil)}
 }
 
 func (r testRouter) Route(ctx context.Context, method string) (proxy.Route, error) {

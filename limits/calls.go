@@ -109,13 +109,6 @@ func (c *Calls) sweep(now time.Time) {
 	}
 }
 
-// Callers returns how many identities the table holds now.
-func (c *Calls) Callers() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.callers)
-}
-
 // RefusedConcurrent counts calls refused by the in-flight limit.
 func (c *Calls) RefusedConcurrent() int64 { return c.refusedConcurrent.Load() }
 

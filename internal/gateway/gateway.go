@@ -163,7 +163,7 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		stopping: stopping, goAway: goAway,
 	}
 	g.cfg.Store(&cfg)
-	g.router = director.NewRouterWithEjections(routerConfig(cfg), local, pool, func(e director.Ejection, ejected bool) {
+	g.router = director.NewRouter(routerConfig(cfg), local, pool, func(e director.Ejection, ejected bool) {
 		if ejected {
 			g.ejections.ejected.Add(1)
 			log.Warn("node ejected", "node", e.Node, "failures", e.Failures, "ejections_in_a_row", e.Ejections,

@@ -181,9 +181,11 @@ func TestDrainEndsWhenCallsDo(t *testing.T) {
 // TestHealthExemptionIsExact: only the health service's own methods skip
 // the policy; another method under its name goes to the policy like any.
 func TestHealthExemptionIsExact(t *testing.T) {
-	tg := startGateway(t, nil)
+	// Were the call routed, it would go to loopback nodes on a closed port,
+	// never off the machine.
+	tg := startGateway(t, func(c *Config) { c.RemotePort = closedPort(t) })
 	cc := tg.client("nobody", "team:none")
-	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,192.0.2.7")
+	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,127.0.0.9")
 	err := cc.Invoke(ctx, "/grpc.health.v1.Health/Nope", &emptypb.Empty{}, &emptypb.Empty{})
 	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("a made-up method under the health service, fanned out by a caller without roles: %v, want PermissionDenied", err)
