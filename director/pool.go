@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -39,9 +40,9 @@ type PoolConfig struct {
 	// DialOptions are applied to every connection (keepalive, backoff,
 	// message limits).
 	DialOptions []grpc.DialOption
-	// Credentials returns the transport credentials for the node named host
-	// (a name or IP address without port or brackets): the TLS server name
-	// to verify is per node. Nil means insecure, which only tests use.
+	// Credentials returns the transport credentials for a node whose
+	// certificate must carry serverName (a DNS name or IP address without
+	// brackets): the name verified is per node. Nil means insecure, which only tests use.
 	Credentials func(host string) credentials.TransportCredentials
 }
 
@@ -83,6 +84,7 @@ type Pool struct {
 type poolConn struct {
 	cc       *grpc.ClientConn
 	key      string
+	dest     Dest
 	active   int       // calls using it
 	lastUsed time.Time // when the last call started or ended
 	ready    bool      // it has been READY at least once
@@ -103,31 +105,73 @@ func NewPool(cfg PoolConfig) *Pool {
 // may hold no more.
 var ErrPoolFull = errors.New("connection pool is full: every connection is busy")
 
-// Conn returns the connection to target's apid, creating it when needed,
+// Dest is where one node's apid is reached and who it must prove to be.
+type Dest struct {
+	// Node is how apid knows the node: the key of its pooled connection
+	// and of its statistics.
+	Node string
+	// Host is the address dialled: an IP address (without brackets) or a
+	// DNS name.
+	Host string
+	// Port is the node's apid port; zero means the pool's Port.
+	Port int
+	// ServerName is the DNS name or IP address the node's certificate must
+	// carry. Empty means Host.
+	ServerName string
+}
+
+// DestOf is the destination of a node named by its address or DNS name
+// alone: dialled and verified under that name.
+func DestOf(target string) Dest {
+	key := canonical(target)
+	return Dest{Node: key, Host: unbracket(key), ServerName: unbracket(key)}
+}
+
+// Conn returns the connection to target's apid; see ConnTo.
+func (p *Pool) Conn(target string) (conn grpc.ClientConnInterface, release func(), err error) {
+	return p.ConnTo(DestOf(target))
+}
+
+// ConnTo returns the connection to d's apid, creating it when needed,
 // counted in use until release is called (exactly once, when the call is
 // over). grpc.NewClient does not dial, so creation is cheap and never
 // blocks on the network; the first call on the connection does the
-// dialling.
-func (p *Pool) Conn(target string) (conn grpc.ClientConnInterface, release func(), err error) {
-	key := canonical(target)
+// dialling. A node whose address or identity changed (the inventory
+// moved it) gets a new connection; calls on the old one finish there.
+func (p *Pool) ConnTo(d Dest) (conn grpc.ClientConnInterface, release func(), err error) {
+	if d.Port == 0 {
+		d.Port = p.cfg.Port
+	}
+	if d.ServerName == "" {
+		d.ServerName = d.Host
+	}
+	key := d.Node
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	c, ok := p.live[key]
+	if ok && c.dest != d {
+		c.retired = true
+		delete(p.live, key)
+		if c.active == 0 {
+			_ = c.cc.Close()
+		}
+		ok = false
+	}
 	if !ok {
 		if len(p.live) >= p.cfg.MaxConns && !p.evictOldestIdleLocked() {
 			return nil, nil, status.Error(codes.ResourceExhausted, ErrPoolFull.Error())
 		}
 		opts := append(slices.Clip(p.cfg.DialOptions), grpc.WithContextDialer(p.dial))
 		if p.cfg.Credentials != nil {
-			opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(unbracket(key))))
+			opts = append(opts, grpc.WithTransportCredentials(p.cfg.Credentials(d.ServerName)))
 		} else {
 			opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		}
-		cc, err := grpc.NewClient(dialAddress(key, p.cfg.Port), opts...)
+		cc, err := grpc.NewClient(net.JoinHostPort(d.Host, strconv.Itoa(d.Port)), opts...)
 		if err != nil {
-			return nil, nil, status.Errorf(codes.InvalidArgument, "node %q: %v", target, err)
+			return nil, nil, status.Errorf(codes.InvalidArgument, "node %q: %v", d.Node, err)
 		}
-		c = &poolConn{cc: cc, key: key}
+		c = &poolConn{cc: cc, key: key, dest: d}
 		p.live[key] = c
 	}
 	c.active++

@@ -72,6 +72,7 @@ type Config struct {
 
 // Router is the Director of apid: it implements proxy.Director.
 type Router struct {
+	inv   atomic.Pointer[Inventory]
 	local grpc.ClientConnInterface
 	pool  *Pool
 	rules atomic.Pointer[rules]
@@ -153,17 +154,19 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	case len(node) > 1:
 		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(node))
 	case len(node) == 1:
-		t, err := ParseTarget(node[0])
+		n, err := r.resolver(rs).one(node[0])
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
-		b := r.backendFor(rs, t, out, forwarded(out, md))
-		if rb, ok := b.(*backend); ok {
-			rb.mayRefuse = true // one node: fail fast while it is ejected
-		}
+		b := r.backendOf(n, out, forwarded(out, md))
+		b.mayRefuse = true // one node: fail fast while it is ejected
 		return oneToOne(b, rs.kinds.kind(fullMethod)), nil
 	case len(nodes) > 0:
 		targets, err := ParseTargets(nodes, rs.max)
+		if err != nil {
+			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
+		}
+		resolved, err := r.resolver(rs).expand(targets)
 		if err != nil {
 			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
 		}
@@ -171,23 +174,23 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		if err != nil {
 			return proxy.Route{}, err
 		}
-		backends := make([]proxy.Backend, len(targets))
+		backends := make([]proxy.Backend, len(resolved))
 		remote := forwarded(out, md) // shared by every remote backend: read-only from here on
-		skippable := len(targets) * rs.maxEjectedPercent / 100
+		skippable := len(resolved) * rs.maxEjectedPercent / 100
 		// The node deadline is apid's own unless the client shortened it or
 		// the call's own deadline comes first.
 		own := timeout > 0 && timeout == rs.timeout
 		if d, ok := ctx.Deadline(); ok && time.Until(d) <= timeout {
 			own = false
 		}
-		for i, t := range targets {
-			b := r.backendFor(rs, t, out, remote)
-			if rb, ok := b.(*backend); ok && rb.pool != nil {
-				rb.ownDeadline = own
-				if skippable > 0 && r.ej.peek(canonical(t)) {
+		for i, n := range resolved {
+			b := r.backendOf(n, out, remote)
+			if b.pool != nil {
+				b.ownDeadline = own
+				if skippable > 0 && r.ej.peek(n.dest.Node) {
 					// At most maxPercent of the nodes are skipped as
 					// ejected; the rest are tried whatever their record.
-					rb.mayRefuse = true
+					b.mayRefuse = true
 					skippable--
 				}
 			}
@@ -251,15 +254,6 @@ func forwarded(out, in metadata.MD) metadata.MD {
 	return fwd
 }
 
-// backendFor is the backend serving target: the local agent when target is
-// this node, otherwise target's apid.
-func (r *Router) backendFor(rs *rules, target string, local, remote metadata.MD) proxy.Backend {
-	if rs.self[canonical(target)] {
-		return r.localBackend(target, local)
-	}
-	return &backend{name: target, md: remote, pool: r.pool, ej: r.ej}
-}
-
 func (r *Router) localBackend(name string, out metadata.MD) proxy.Backend {
 	return &backend{name: name, md: out, local: r.local}
 }
@@ -267,11 +261,13 @@ func (r *Router) localBackend(name string, out metadata.MD) proxy.Backend {
 // backend is one destination chosen for one call: the local node agent
 // (local set) or the apid of node name, reached through pool.
 type backend struct {
-	name  string
+	name  string // what replies are stamped with
 	md    metadata.MD
 	local grpc.ClientConnInterface
 	pool  *Pool
-	ej    *ejector // remote backends: the record of failing nodes
+	dest  Dest     // remote backends: where the node is reached
+	fail  error    // remote backends: why it cannot be (a name nobody knows)
+	ej    *ejector // remote backends: the record of failing nodes, keyed by dest.Node
 
 	mayRefuse bool // an ejected node is refused at once
 	refused   bool // it was, or the pool refused: the outcome says nothing about the node
@@ -291,13 +287,17 @@ func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.
 	if b.local != nil {
 		return out, b.local, nil, nil
 	}
+	if b.fail != nil {
+		b.refused = true
+		return nil, nil, nil, b.fail
+	}
 	if b.mayRefuse {
-		if e, ok := b.ej.ejected(canonical(b.name)); ok {
+		if e, ok := b.ej.ejected(b.dest.Node); ok {
 			b.refused = true
 			return nil, nil, nil, refusal(e, b.ej.now())
 		}
 	}
-	cc, release, err := b.pool.Conn(b.name)
+	cc, release, err := b.pool.ConnTo(b.dest)
 	if err != nil {
 		b.refused = true // the pool's own refusal (full, a bad name)
 		return nil, nil, nil, err
@@ -313,5 +313,5 @@ func (b *backend) Report(code codes.Code, message string) {
 	if code == codes.DeadlineExceeded && !b.ownDeadline {
 		code = codes.Canceled // a deadline of the caller's: nothing learnt
 	}
-	b.ej.report(canonical(b.name), code, message)
+	b.ej.report(b.dest.Node, code, message)
 }

@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+
+	"github.com/apid/apid/inventory"
 )
 
 // ParseTarget checks one node target as a client wrote it: an IP address
@@ -51,7 +53,21 @@ func validLabel(l string) bool {
 	return true
 }
 
-// ParseTargets parses the values of a nodes header. Each value may itself
+// parseItem is ParseTarget that also lets groups (@controlplane) through,
+// for the router to expand.
+func parseItem(s string) (string, error) {
+	t := strings.TrimSpace(s)
+	if !inventory.IsGroup(t) {
+		return ParseTarget(t)
+	}
+	if len(t) < 2 || len(t) > 253 || strings.ContainsAny(t[1:], "@ \t") {
+		return "", fmt.Errorf("group %.64q: want @ and a group name such as @controlplane or @zone=eu-1", t)
+	}
+	return t, nil
+}
+
+// ParseTargets parses the values of a nodes header: node names, addresses
+// and groups (@...), which the router expands. Each value may itself
 // hold a comma-separated list (as people type it into grpcurl). Duplicates
 // are collapsed, keeping the first occurrence's place; more than max
 // distinct nodes is an error.
@@ -60,7 +76,7 @@ func ParseTargets(values []string, max int) ([]string, error) {
 	seen := make(map[string]struct{}, len(values))
 	for _, v := range values {
 		for _, item := range strings.Split(v, ",") {
-			t, err := ParseTarget(item)
+			t, err := parseItem(item)
 			if err != nil {
 				return nil, err
 			}
@@ -99,9 +115,4 @@ func canonical(t string) string {
 		return a.Unmap().WithZone("").String()
 	}
 	return strings.ToLower(t)
-}
-
-// dialAddress is where the apid of target listens.
-func dialAddress(target string, port int) string {
-	return net.JoinHostPort(unbracket(target), fmt.Sprint(port))
 }

@@ -1,6 +1,7 @@
 package director
 
 import (
+	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -56,7 +57,7 @@ func TestParseTargets(t *testing.T) {
 }
 
 func FuzzParseTargets(f *testing.F) {
-	for _, s := range []string{"a,b", "10.0.0.1", "[::1]", "x:1", ",,,", "a, a", "\x00", "ü.example"} {
+	for _, s := range []string{"a,b", "10.0.0.1", "[::1]", "x:1", ",,,", "a, a", "\x00", "ü.example", "@controlplane,a", "@zone=eu-1", "@"} {
 		f.Add(s, 3)
 	}
 	f.Fuzz(func(t *testing.T, v string, max int) {
@@ -76,7 +77,7 @@ func FuzzParseTargets(f *testing.F) {
 				t.Fatalf("duplicate %q", g)
 			}
 			seen[g] = true
-			if again, err := ParseTarget(g); err != nil || again != g {
+			if again, err := parseItem(g); err != nil || again != g {
 				t.Fatalf("target %q does not parse to itself: %q, %v", g, again, err)
 			}
 			if strings.ContainsAny(g, ", /\x00") {
@@ -88,8 +89,8 @@ func FuzzParseTargets(f *testing.F) {
 
 func TestDialAddress(t *testing.T) {
 	for in, want := range map[string]string{"10.0.0.1": "10.0.0.1:50000", "[fd00::1]": "[fd00::1]:50000", "fd00::1": "[fd00::1]:50000", "n1": "n1:50000"} {
-		if got := dialAddress(in, 50000); got != want {
-			t.Errorf("dialAddress(%q) = %q, want %q", in, got, want)
+		if got := net.JoinHostPort(DestOf(in).Host, "50000"); got != want {
+			t.Errorf("address of %q = %q, want %q", in, got, want)
 		}
 	}
 }

@@ -1,0 +1,177 @@
+package director
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/apid/apid/auth"
+	"github.com/apid/apid/inventory"
+)
+
+// Inventory is what routing asks of the node inventory: the nodes now, and
+// whether names outside it may be looked up in DNS.
+type Inventory interface {
+	Set() *inventory.Set
+	ResolveUnknown() bool
+}
+
+// UseInventory makes calls that start from now on resolve node names and
+// groups through inv. Without one, names are dialled as written and
+// groups are unknown.
+func (r *Router) UseInventory(inv Inventory) { r.inv.Store(&inv) }
+
+func (r *Router) inventory() (*inventory.Set, bool) {
+	p := r.inv.Load()
+	if p == nil || *p == nil {
+		return nil, true
+	}
+	return (*p).Set(), (*p).ResolveUnknown()
+}
+
+// node is one destination of a call, resolved.
+type node struct {
+	stamp string // what its replies are stamped with: as the caller wrote it, or the inventory name for a group's member
+	dest  Dest   // where it is reached; dest.Node also keys ejection
+	self  bool   // served by the local agent
+	err   error  // it cannot be reached at all (a name nobody knows)
+}
+
+// resolver turns the targets of one call into nodes.
+type resolver struct {
+	rs      *rules
+	set     *inventory.Set
+	resolve bool // names outside the inventory may be looked up
+}
+
+func (r *Router) resolver(rs *rules) resolver {
+	set, resolve := r.inventory()
+	return resolver{rs: rs, set: set, resolve: resolve}
+}
+
+// expand resolves targets (names, addresses and groups, parsed and
+// de-duplicated as written) into at most max nodes, collapsing those that
+// turn out to be the same node.
+func (v resolver) expand(targets []string) ([]node, error) {
+	out := make([]node, 0, len(targets))
+	seen := make(map[string]bool, len(targets))
+	add := func(n node) error {
+		if seen[n.dest.Node] {
+			return nil
+		}
+		if len(out) == v.rs.max {
+			return fmt.Errorf("more than %d nodes in one request (groups count by their nodes)", v.rs.max)
+		}
+		seen[n.dest.Node] = true
+		out = append(out, n)
+		return nil
+	}
+	for _, t := range targets {
+		if !inventory.IsGroup(t) {
+			if err := add(v.target(t)); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		members, err := v.set.Expand(t)
+		if err != nil {
+			return nil, err
+		}
+		if len(members) == 0 {
+			return nil, fmt.Errorf("group %s has no nodes now", t)
+		}
+		for _, m := range members {
+			if err := add(v.member(m.Name, m)); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return out, nil
+}
+
+// target resolves one name or address as the caller wrote it.
+func (v resolver) target(t string) node {
+	if m, ok := v.set.Lookup(t); ok {
+		return v.member(t, m)
+	}
+	key := canonical(t)
+	n := node{stamp: t, dest: DestOf(t), self: v.rs.self[key]}
+	if _, err := netip.ParseAddr(unbracket(t)); err != nil && !n.self && !v.resolve {
+		n.err = status.Errorf(codes.NotFound, "node %q is not in the inventory and is not an IP address", t)
+	}
+	return n
+}
+
+// member is inventory node m, stamped as stamp.
+func (v resolver) member(stamp string, m inventory.Node) node {
+	// Keyed by its name: a target outside the inventory never has the
+	// name of one inside (Lookup would have found it), and a connection
+	// made to the name before the inventory listed it is replaced, its
+	// destination being different.
+	return node{
+		stamp: stamp,
+		dest:  Dest{Node: inventory.Key(m.Name), Host: m.Address, Port: m.Port, ServerName: m.Identity},
+		self:  v.rs.self[canonical(m.Name)] || v.rs.self[canonical(m.Address)],
+	}
+}
+
+// backend is the proxy.Backend of node n.
+func (r *Router) backendOf(n node, local, remote metadata.MD) *backend {
+	if n.self {
+		return &backend{name: n.stamp, md: local, local: r.local}
+	}
+	return &backend{name: n.stamp, dest: n.dest, fail: n.err, md: remote, pool: r.pool, ej: r.ej}
+}
+
+// ErrNoCaller is returned by Dial for a context without an authorized
+// caller.
+var ErrNoCaller = errors.New("no authorized caller in the context")
+
+// Dial connects apid's own services (the cluster health check) to one
+// node the way a call with `node: target` would be routed, on behalf of
+// the caller in ctx: with its roles, never more. It returns the context
+// to call with, the connection and its release (nil for the local
+// agent). target may be a group of exactly one node.
+func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error) {
+	caller, ok := auth.CallerFrom(ctx)
+	if !ok {
+		return nil, nil, nil, ErrNoCaller
+	}
+	rs := r.rules.Load()
+	n, err := r.resolver(rs).one(target)
+	if err != nil {
+		return nil, nil, nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	out := rs.outgoing(metadata.MD{}, caller.Roles)
+	b := r.backendOf(n, out, forwarded(out, metadata.MD{}))
+	b.mayRefuse = true
+	return b.Connect(ctx, "")
+}
+
+// one resolves the target of a one-to-one call: a name, an address, or a
+// group of exactly one node.
+func (v resolver) one(target string) (node, error) {
+	t, err := parseItem(target)
+	if err != nil {
+		return node{}, err
+	}
+	nodes, err := v.expand([]string{t})
+	if err != nil {
+		return node{}, err
+	}
+	if len(nodes) != 1 {
+		names := make([]string, len(nodes))
+		for i, n := range nodes {
+			names[i] = n.stamp
+		}
+		return node{}, fmt.Errorf("node %s names %d nodes (%s): send it as nodes to fan out", t, len(nodes), strings.Join(names, ", "))
+	}
+	return nodes[0], nil
+}

@@ -1,0 +1,377 @@
+package inventory
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"gopkg.in/yaml.v3"
+)
+
+// Config says where the nodes come from. Sources are merged in the order
+// static, files, DNS; a name already taken by an earlier one is skipped.
+type Config struct {
+	// Nodes are listed in apid's own configuration (and reloaded with it).
+	Nodes []Node `yaml:"nodes"`
+	// Files are YAML files holding `nodes:` lists like Nodes, watched and
+	// reloaded when they change.
+	Files []string `yaml:"files"`
+	// DNS are names whose SRV or A/AAAA records list nodes, refreshed on
+	// their TTL.
+	DNS []DNSSource `yaml:"dns"`
+	// DNSServer is the server (host:port) asked for DNS sources. Default:
+	// the first nameserver of /etc/resolv.conf.
+	DNSServer string `yaml:"dnsServer"`
+	// ResolveUnknown lets a caller name a node that is neither in the
+	// inventory nor an IP address, which apid then looks up in DNS and
+	// dials. Off by default once any source is set: a name the inventory
+	// does not know is that node's NOT_FOUND entry.
+	ResolveUnknown bool `yaml:"resolveUnknown"`
+}
+
+// Configured reports whether any source is set.
+func (c Config) Configured() bool {
+	return len(c.Nodes) > 0 || len(c.Files) > 0 || len(c.DNS) > 0
+}
+
+// Validate reports every problem of the sources as written, reading the
+// files (but not asking DNS).
+func (c Config) Validate() error {
+	var errs []error
+	if _, err := NewSet(c.Nodes); err != nil {
+		errs = append(errs, fmt.Errorf("inventory.nodes: %w", err))
+	}
+	for _, f := range c.Files {
+		if _, err := readFile(f); err != nil {
+			errs = append(errs, fmt.Errorf("inventory.files: %w", err))
+		}
+	}
+	for _, d := range c.DNS {
+		if err := d.validate(); err != nil {
+			errs = append(errs, fmt.Errorf("inventory.dns: %w", err))
+		}
+	}
+	if len(c.DNS) > 0 && c.DNSServer == "" {
+		if _, err := defaultDNSServer(); err != nil {
+			errs = append(errs, fmt.Errorf("inventory.dnsServer: none set and %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// fileDoc is the shape of an inventory file.
+type fileDoc struct {
+	Nodes []Node `yaml:"nodes"`
+}
+
+// maxFileSize bounds an inventory file: a node is a few lines.
+const maxFileSize = 16 << 20
+
+// readFile parses an inventory file; any node that does not validate makes
+// the whole file invalid, so a half-written edit changes nothing.
+func readFile(path string) ([]Node, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(data) > maxFileSize {
+		return nil, fmt.Errorf("%s: larger than %d MiB", path, maxFileSize>>20)
+	}
+	var doc fileDoc
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&doc); err != nil && err != io.EOF {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if _, err := NewSet(doc.Nodes); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return doc.Nodes, nil
+}
+
+// Event is reported for every change of a source: the source ("static",
+// "file:PATH", "dns:NAME"), how many nodes it has now, and the error of a
+// refresh that failed (the source then keeps its last nodes).
+type Event struct {
+	Source string
+	Nodes  int
+	Err    error
+}
+
+// Inventory is the live merge of the sources of a Config. It is safe for
+// concurrent use; Set is lock-free.
+type Inventory struct {
+	log    *slog.Logger
+	notify func(Event)
+	cur    atomic.Pointer[Set]
+	conf   atomic.Pointer[Config]
+
+	confMu  sync.Mutex // one Configure at a time
+	mu      sync.Mutex
+	cfg     Config
+	parts   map[string][]Node // the last good nodes of each source
+	order   []string          // sources in merge order
+	stop    context.CancelFunc
+	running sync.WaitGroup
+}
+
+// New starts an Inventory: files are read now (an unreadable one is an
+// error), DNS names are asked now with a short wait and then refreshed in
+// the background, and files are watched, until Close. notify, if not nil,
+// hears about every change.
+func New(cfg Config, log *slog.Logger, notify func(Event)) (*Inventory, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if notify == nil {
+		notify = func(Event) {}
+	}
+	inv := &Inventory{log: log, notify: notify}
+	inv.cur.Store(&Set{})
+	if err := inv.Configure(cfg); err != nil {
+		return nil, err
+	}
+	return inv, nil
+}
+
+// Set is the inventory now.
+func (inv *Inventory) Set() *Set { return inv.cur.Load() }
+
+// ResolveUnknown reports whether names outside the inventory may be
+// looked up in DNS: when the configuration says so, or when it sets no
+// source at all (apid then dials what it is given, as without an
+// inventory).
+func (inv *Inventory) ResolveUnknown() bool {
+	c := inv.conf.Load()
+	return c.ResolveUnknown || !c.Configured()
+}
+
+// Configure replaces the sources with those of cfg (as on a reload): a
+// file that cannot be read refuses the whole change. Sources that did not
+// change keep their nodes; watchers and refreshers restart.
+func (inv *Inventory) Configure(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	inv.confMu.Lock()
+	defer inv.confMu.Unlock()
+	inv.mu.Lock()
+	same := inv.stop != nil && reflect.DeepEqual(inv.cfg, cfg)
+	stop := inv.stop
+	inv.mu.Unlock()
+	if same {
+		return nil
+	}
+	if stop != nil {
+		stop()
+		inv.running.Wait() // the old watchers take inv.mu to publish
+	}
+	server := cfg.DNSServer
+	if server == "" && len(cfg.DNS) > 0 {
+		server, _ = defaultDNSServer() // Validate checked it
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	inv.mu.Lock()
+	old := inv.parts
+	inv.cfg = cfg
+	inv.conf.Store(&cfg)
+	inv.parts = map[string][]Node{"static": cfg.Nodes}
+	inv.order = []string{"static"}
+	for _, f := range cfg.Files {
+		id := "file:" + f
+		nodes, _ := readFile(f) // Validate just read it
+		inv.parts[id] = nodes
+		inv.order = append(inv.order, id)
+	}
+	for _, d := range cfg.DNS {
+		id := "dns:" + d.Name
+		inv.parts[id] = old[id] // kept until the first answer
+		inv.order = append(inv.order, id)
+	}
+	inv.publishLocked()
+	inv.stop = cancel
+	inv.mu.Unlock()
+
+	for _, f := range cfg.Files {
+		// Watching starts before Configure returns, so no change made
+		// after it is missed.
+		w, err := fsnotify.NewWatcher()
+		if err == nil {
+			if err = w.Add(filepath.Dir(f)); err != nil {
+				_ = w.Close()
+			}
+		}
+		if err != nil {
+			inv.log.Warn("inventory file is read once, not watched", "file", f, "err", err)
+			continue
+		}
+		inv.running.Add(1)
+		go inv.watchFile(ctx, f, w)
+	}
+	var first sync.WaitGroup
+	for _, d := range cfg.DNS {
+		r := &resolver{src: d, server: server}
+		inv.running.Add(1)
+		first.Add(1)
+		go inv.refresh(ctx, r, first.Done)
+	}
+	// The first DNS answers usually come in milliseconds; serving without
+	// them for a moment is better than not starting when DNS is down.
+	waitTimeout(&first, 3*time.Second)
+	return nil
+}
+
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
+}
+
+// Close stops watching and refreshing.
+func (inv *Inventory) Close() {
+	inv.mu.Lock()
+	stop := inv.stop
+	inv.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	inv.running.Wait()
+}
+
+// update records a source's new nodes (or its failure) and publishes.
+func (inv *Inventory) update(ctx context.Context, id string, nodes []Node, err error) {
+	inv.mu.Lock()
+	if ctx.Err() != nil { // replaced by a newer configuration
+		inv.mu.Unlock()
+		return
+	}
+	changed := false
+	if err == nil && !reflect.DeepEqual(inv.parts[id], nodes) {
+		inv.parts[id] = nodes
+		inv.publishLocked()
+		changed = true
+	}
+	n := len(inv.parts[id])
+	inv.mu.Unlock()
+	switch {
+	case err != nil:
+		inv.log.Warn("inventory source failed; keeping its last nodes", "source", id, "nodes", n, "err", err)
+	case changed:
+		inv.log.Info("inventory source changed", "source", id, "nodes", n, "total", inv.Set().Len())
+	default:
+		return
+	}
+	inv.notify(Event{Source: id, Nodes: n, Err: err})
+}
+
+// publishLocked merges the sources into a new Set.
+func (inv *Inventory) publishLocked() {
+	var all []Node
+	for _, id := range inv.order {
+		all = append(all, inv.parts[id]...)
+	}
+	s, err := NewSet(all)
+	if err != nil {
+		inv.log.Warn("inventory: nodes left out", "err", err)
+	}
+	inv.cur.Store(s)
+}
+
+// watchFile re-reads path whenever its directory changes. The directory
+// is watched, not the file, so that editors that write a new file and
+// rename it over the old one, and Kubernetes' ConfigMap symlink swaps,
+// are seen. An unreadable or invalid version is logged and the last good
+// one stays.
+func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Watcher) {
+	defer inv.running.Done()
+	defer w.Close()
+	// Events come in bursts (write, chmod, rename); the file is read once
+	// the burst has been quiet for a moment.
+	const settle = 100 * time.Millisecond
+	// One read at the start catches a change made between Configure's
+	// read and the watch.
+	timer := time.NewTimer(settle)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-w.Events:
+			if !ok {
+				return
+			}
+			timer.Reset(settle)
+		case err, ok := <-w.Errors:
+			if !ok {
+				return
+			}
+			inv.log.Warn("inventory file watch", "file", path, "err", err)
+			timer.Reset(settle) // events may have been lost: read again
+		case <-timer.C:
+			nodes, err := readFile(path)
+			inv.update(ctx, "file:"+path, nodes, err)
+		}
+	}
+}
+
+// refresh asks DNS for r's records, then again when their TTL runs out
+// (at least a second, at most five minutes apart), backing off on errors.
+func (inv *Inventory) refresh(ctx context.Context, r *resolver, firstDone func()) {
+	defer inv.running.Done()
+	once := sync.OnceFunc(firstDone)
+	defer once()
+	backoff := time.Second
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		nodes, ttl, err := r.resolve(qctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		inv.update(ctx, "dns:"+r.src.Name, nodes, err)
+		once()
+		wait := min(max(ttl, time.Second), 5*time.Minute)
+		if err != nil {
+			wait, backoff = backoff, min(backoff*2, 30*time.Second)
+		} else {
+			backoff = time.Second
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Sources lists the sources and their node counts, in merge order.
+func (inv *Inventory) Sources() []Event {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	out := make([]Event, 0, len(inv.order))
+	for _, id := range inv.order {
+		out = append(out, Event{Source: id, Nodes: len(inv.parts[id])})
+	}
+	return slices.Clip(out)
+}

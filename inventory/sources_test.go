@@ -1,0 +1,260 @@
+package inventory
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// eventually polls cond every 20 ms for up to 15 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func write(t *testing.T, path, body string) {
+	t.Helper()
+	// Written beside and renamed over, as editors and config tools do.
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFileSourceIsWatched(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "nodes.yaml")
+	write(t, path, "nodes:\n- {name: cp-1, address: 127.0.0.11, role: controlplane}\n")
+	var mu sync.Mutex
+	var events []Event
+	inv, err := New(Config{Nodes: []Node{{Name: "static-1", Address: "127.0.0.99"}}, Files: []string{path}}, nil,
+		func(e Event) { mu.Lock(); events = append(events, e); mu.Unlock() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv.Close()
+	if got := names(inv.Set().Nodes()); got != "cp-1,static-1" {
+		t.Fatalf("nodes %q", got)
+	}
+
+	write(t, path, "nodes:\n- {name: cp-1, address: 127.0.0.11, role: controlplane}\n- {name: w-1, address: 127.0.0.21}\n")
+	eventually(t, "w-1 from the edited file", func() bool { _, ok := inv.Set().Lookup("w-1"); return ok })
+
+	// A broken edit changes nothing and is reported.
+	write(t, path, "nodes:\n- {name: w-2, role: boss}\n")
+	eventually(t, "the error of the broken file", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(events) > 0 && events[len(events)-1].Err != nil && strings.Contains(events[len(events)-1].Err.Error(), "boss")
+	})
+	if got := names(inv.Set().Nodes()); got != "cp-1,static-1,w-1" {
+		t.Fatalf("after a broken edit: %q", got)
+	}
+
+	// A name already taken by the static source stays the static one's.
+	write(t, path, "nodes:\n- {name: static-1, address: 127.0.0.50}\n")
+	eventually(t, "cp-1 gone", func() bool { _, ok := inv.Set().Lookup("cp-1"); return !ok })
+	if n, _ := inv.Set().Lookup("static-1"); n.Address != "127.0.0.99" {
+		t.Errorf("static-1 at %s", n.Address)
+	}
+
+	// Reconfigured (a reload) without the file: its nodes go.
+	if err := inv.Configure(Config{Nodes: []Node{{Name: "static-2", Address: "127.0.0.98"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := names(inv.Set().Nodes()); got != "static-2" {
+		t.Fatalf("after reload: %q", got)
+	}
+}
+
+func TestUnreadableFileRefusesTheConfiguration(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	write(t, bad, "nodes:\n- {name: a, colour: blue}\n")
+	for _, cfg := range []Config{
+		{Files: []string{filepath.Join(dir, "missing.yaml")}},
+		{Files: []string{bad}},
+		{DNS: []DNSSource{{Name: "not a name"}}},
+		{DNS: []DNSSource{{Name: "x.example.org", Type: "MX"}}},
+	} {
+		if _, err := New(cfg, nil, nil); err == nil {
+			t.Errorf("%+v accepted", cfg)
+		}
+	}
+	inv, err := New(Config{Nodes: []Node{{Name: "a"}}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv.Close()
+	if err := inv.Configure(Config{Files: []string{bad}}); err == nil || !strings.Contains(err.Error(), "colour") {
+		t.Fatalf("reload with a bad file: %v", err)
+	}
+	if got := names(inv.Set().Nodes()); got != "a" {
+		t.Errorf("after a refused reload: %q", got)
+	}
+}
+
+// zone is a tiny authoritative DNS server on loopback whose records the
+// test changes.
+type zone struct {
+	mu      sync.Mutex
+	records map[uint16][]dns.RR
+	asked   int
+}
+
+func (z *zone) set(qtype uint16, rrs ...string) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	z.records[qtype] = nil
+	for _, s := range rrs {
+		rr, err := dns.NewRR(s)
+		if err != nil {
+			panic(err)
+		}
+		z.records[qtype] = append(z.records[qtype], rr)
+	}
+}
+
+func (z *zone) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	z.asked++
+	m := new(dns.Msg)
+	m.SetReply(r)
+	m.Authoritative = true
+	q := r.Question[0]
+	for _, rr := range z.records[q.Qtype] {
+		if strings.EqualFold(rr.Header().Name, q.Name) {
+			m.Answer = append(m.Answer, rr)
+		}
+	}
+	if q.Qtype == dns.TypeSRV {
+		for _, rr := range z.records[dns.TypeA] {
+			m.Extra = append(m.Extra, rr)
+		}
+	}
+	_ = w.WriteMsg(m)
+}
+
+func startDNS(t *testing.T) (*zone, string) {
+	t.Helper()
+	z := &zone{records: map[uint16][]dns.RR{}}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	srv := &dns.Server{PacketConn: pc, Handler: z, NotifyStartedFunc: func() { close(started) }}
+	go func() { _ = srv.ActivateAndServe() }()
+	<-started
+	t.Cleanup(func() { _ = srv.Shutdown() })
+	return z, pc.LocalAddr().String()
+}
+
+func TestDNSSourceFollowsTheRecords(t *testing.T) {
+	z, server := startDNS(t)
+	z.set(dns.TypeA, "nodes.apid.test. 1 IN A 127.0.0.31", "nodes.apid.test. 1 IN A 127.0.0.32")
+	z.set(dns.TypeAAAA, "nodes.apid.test. 1 IN AAAA ::1")
+	z.set(dns.TypeSRV, "_apid._tcp.apid.test. 60 IN SRV 0 0 50123 cp-1.apid.test.")
+	z.mu.Lock()
+	z.records[dns.TypeA] = append(z.records[dns.TypeA], mustRR("cp-1.apid.test. 60 IN A 127.0.0.41"))
+	z.mu.Unlock()
+
+	inv, err := New(Config{DNSServer: server, DNS: []DNSSource{
+		{Name: "nodes.apid.test", Labels: map[string]string{"pool": "dns"}},
+		{Name: "_apid._tcp.apid.test", Role: "controlplane"},
+	}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv.Close()
+	s := inv.Set()
+	if got := names(s.Nodes()); got != "127.0.0.31,127.0.0.32,::1,cp-1.apid.test" {
+		t.Fatalf("nodes %q", got)
+	}
+	cp, _ := s.Lookup("cp-1.apid.test")
+	if cp.Address != "127.0.0.41" || cp.Port != 50123 || cp.Identity != "cp-1.apid.test" || cp.Role != "controlplane" {
+		t.Errorf("SRV node %+v", cp)
+	}
+	if a, _ := s.Lookup("127.0.0.31"); a.Identity != "127.0.0.31" || a.Labels["pool"] != "dns" {
+		t.Errorf("A node %+v", a)
+	}
+	if g, _ := s.Expand("@pool=dns"); names(g) != "127.0.0.31,127.0.0.32,::1" {
+		t.Errorf("@pool=dns = %q", names(g))
+	}
+
+	// The A records have a TTL of 1 s: a change shows within a few.
+	z.set(dns.TypeA, "nodes.apid.test. 1 IN A 127.0.0.33", "cp-1.apid.test. 60 IN A 127.0.0.41")
+	eventually(t, "127.0.0.33 from DNS", func() bool { _, ok := inv.Set().Lookup("127.0.0.33"); return ok })
+	if _, ok := inv.Set().Lookup("127.0.0.31"); ok {
+		t.Error("127.0.0.31 still listed")
+	}
+}
+
+func TestDNSFailureKeepsTheLastNodes(t *testing.T) {
+	z, server := startDNS(t)
+	z.set(dns.TypeA, "n.apid.test. 1 IN A 127.0.0.51")
+	var mu sync.Mutex
+	var failed int
+	inv, err := New(Config{DNSServer: server, DNS: []DNSSource{{Name: "n.apid.test"}}}, nil, func(e Event) {
+		if e.Err != nil {
+			mu.Lock()
+			failed++
+			mu.Unlock()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv.Close()
+	eventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
+	z.mu.Lock()
+	z.records = map[uint16][]dns.RR{} // NOERROR, nothing: the name lists no node now
+	z.mu.Unlock()
+	eventually(t, "the empty answer", func() bool { return inv.Set().Len() == 0 })
+
+	// A server that stops answering is an error, and the nodes stay.
+	z.set(dns.TypeA, "n.apid.test. 1 IN A 127.0.0.52")
+	eventually(t, "127.0.0.52", func() bool { return inv.Set().Len() == 1 })
+	inv2, err := New(Config{DNSServer: "127.0.0.1:1", DNS: []DNSSource{{Name: "n.apid.test"}}}, nil, func(e Event) {
+		if e.Err != nil {
+			mu.Lock()
+			failed++
+			mu.Unlock()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv2.Close()
+	eventually(t, "a reported failure", func() bool { mu.Lock(); defer mu.Unlock(); return failed > 0 })
+	if inv2.Set().Len() != 0 {
+		t.Error("nodes from nowhere")
+	}
+}
+
+func mustRR(s string) dns.RR {
+	rr, err := dns.NewRR(s)
+	if err != nil {
+		panic(err)
+	}
+	return rr
+}
