@@ -14,6 +14,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/limits"
 )
 
@@ -114,6 +115,23 @@ type Config struct {
 	Tracing TracingConfig `yaml:"tracing"`
 	// Policy replaces or extends the built-in role policy.
 	Policy PolicyConfig `yaml:"policy"`
+	// Inventory lists the nodes callers may name, and the groups
+	// (@controlplane, @workers, @all, @key=value) they form. Without one,
+	// nodes are named by address or DNS name only.
+	Inventory inventory.Config `yaml:"inventory"`
+	// Health configures the cluster health check apid serves itself
+	// (cluster.ClusterService/HealthCheck, talosctl health).
+	Health HealthConfig `yaml:"health"`
+}
+
+// HealthConfig bounds what the cluster health check accepts.
+type HealthConfig struct {
+	// MaxClockSkew is how far a node's clock may be from this apid's.
+	// Default 2s.
+	MaxClockSkew time.Duration `yaml:"maxClockSkew"`
+	// CertificateDays fails the check when a node's certificate expires
+	// within this many days. Default 30.
+	CertificateDays int `yaml:"certificateDays"`
 }
 
 // LimitsConfig bounds the memory and connections clients can make apid
@@ -232,6 +250,7 @@ func Default() Config {
 		LogLevel:       "info",
 		LogFormat:      "json",
 		Tracing:        TracingConfig{SampleRatio: 1},
+		Health:         HealthConfig{MaxClockSkew: 2 * time.Second, CertificateDays: 30},
 
 		AdminListen:     "127.0.0.1:50001",
 		DrainDelay:      5 * time.Second,
@@ -354,6 +373,12 @@ func (c Config) validate() (*auth.Policy, error) {
 		if _, _, err := net.SplitHostPort(c.Tracing.Endpoint); err != nil {
 			errs = append(errs, fmt.Errorf("tracing.endpoint %q: want host:port", c.Tracing.Endpoint))
 		}
+	}
+	if err := c.Inventory.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Health.MaxClockSkew <= 0 || c.Health.CertificateDays < 0 {
+		errs = append(errs, errors.New("health: want maxClockSkew > 0 and certificateDays >= 0"))
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)

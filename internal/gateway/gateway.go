@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -23,7 +24,9 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/clusterhealth"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
@@ -67,6 +70,7 @@ type Gateway struct {
 	metrics *metrics
 	ready   *readiness
 	nodes   *nodeTable
+	inv     *inventory.Inventory
 	tracing *tracing // nil: off
 
 	ejections *ejectionCounts
@@ -176,6 +180,14 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
 		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
+	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) })
+	if err != nil { // a file changed since validate read it
+		stop()
+		_ = pool.Close()
+		_ = local.Close()
+		return nil, err
+	}
+	g.router.UseInventory(g.inv)
 	obs := &observer{metrics: g.metrics, nodes: g.nodes}
 	serverOpts := []grpc.ServerOption{grpc.StatsHandler(auditStats{}), grpc.StatsHandler(g.resets)}
 	if tr != nil {
@@ -213,6 +225,10 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		grpc.ChainUnaryInterceptor(g.metrics.unaryInterceptor(), g.authz.UnaryInterceptor()),
 	)...)
 	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
+	clusterhealth.New(g.router, g.inventoryNodes, func() clusterhealth.Config {
+		h := g.cfg.Load().Health
+		return clusterhealth.Config{MaxClockSkew: h.MaxClockSkew, CertificateDays: h.CertificateDays}
+	}, func() *x509.Certificate { return src.Certificate().Leaf }).Register(g.server)
 
 	go src.Watch(ctx, cfg.ReloadInterval, func() {
 		g.metrics.reloaded("certificates", nil)
@@ -225,6 +241,19 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	go g.ready.watchBackend(ctx, local)
 	go g.ready.recheck(ctx, 10*time.Second)
 	return g, nil
+}
+
+// inventoryNodes are the nodes a cluster health check covers when the
+// request names none.
+func (g *Gateway) inventoryNodes() (controlPlane, workers []string) {
+	for _, n := range g.inv.Set().Nodes() {
+		if n.Role == inventory.RoleControlPlane {
+			controlPlane = append(controlPlane, n.Name)
+		} else {
+			workers = append(workers, n.Name)
+		}
+	}
+	return controlPlane, workers
 }
 
 // ejectionCounts count nodes ejected and restored.
@@ -290,6 +319,11 @@ func (g *Gateway) Reload(next Config) error {
 	defer g.reload.Unlock()
 	policy, err := next.validate()
 	if err != nil {
+		g.metrics.reloaded("config", err)
+		g.log.Error("configuration refused; the running one stays", "err", err)
+		return err
+	}
+	if err := g.inv.Configure(next.Inventory); err != nil { // a file changed since validate read it
 		g.metrics.reloaded("config", err)
 		g.log.Error("configuration refused; the running one stays", "err", err)
 		return err
@@ -428,6 +462,7 @@ func (g *Gateway) Close() {
 	g.goAway()
 	g.endCalls()
 	g.server.Stop()
+	g.inv.Close()
 	_ = g.pool.Close()
 	_ = g.local.Close()
 	if g.tracing != nil {

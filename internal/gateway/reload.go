@@ -21,6 +21,8 @@ var liveKeys = map[string]bool{
 	"drainDelay":                        true,
 	"shutdownTimeout":                   true,
 	"ejection":                          true,
+	"inventory":                         true,
+	"health":                            true,
 	"limits.bufferedBytes":              true,
 	"limits.connections":                true,
 	"limits.connectionsPerIdentity":     true,

@@ -1,0 +1,405 @@
+// Package clusterhealth is the cluster health check apid serves itself
+// (cluster.ClusterService/HealthCheck, what `talosctl health` calls): the
+// gateway is what can see every node. For the nodes the request names, or
+// the inventory's when it names none, it checks, streaming a line per step,
+// that each node answers through apid within the request's wait timeout,
+// that they report the same version, that their clocks agree, and that
+// no node certificate expires soon.
+//
+// It calls the nodes through a Dialer (the router) on behalf of the
+// caller, with the caller's roles: the check can learn nothing the caller
+// could not ask itself.
+package clusterhealth
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/cluster"
+	"github.com/siderolabs/talos/pkg/machinery/api/common"
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+)
+
+// Dialer connects to one node as a call naming it with `node` would be
+// routed, on behalf of the caller in ctx. release may be nil.
+type Dialer interface {
+	Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error)
+}
+
+// Config bounds what the check accepts.
+type Config struct {
+	// MaxClockSkew is how far a node's clock may be from apid's.
+	MaxClockSkew time.Duration
+	// CertificateDays fails the check for a node certificate that expires
+	// within this many days.
+	CertificateDays int
+}
+
+// Defaults of a request.
+const (
+	// DefaultWaitTimeout applies when the request sets none.
+	DefaultWaitTimeout = time.Minute
+	// maxNodes bounds the nodes one check may name.
+	maxNodes = 1000
+	// parallel bounds the nodes asked at once.
+	parallel = 32
+	// attemptTimeout bounds one call to one node.
+	attemptTimeout = 5 * time.Second
+	// retryEvery is the pause between two rounds of a check that failed.
+	retryEvery = time.Second
+)
+
+// Server serves cluster.ClusterService.
+type Server struct {
+	cluster.UnimplementedClusterServiceServer
+
+	dial Dialer
+	// nodes lists the control-plane and worker nodes to check when the
+	// request names none (the inventory).
+	nodes func() (controlPlane, workers []string)
+	// config is read at the start of each check (it follows reloads).
+	config func() Config
+	// self is the certificate this apid serves: the local node's.
+	self func() *x509.Certificate
+	now  func() time.Time
+}
+
+// New returns a Server.
+func New(dial Dialer, nodes func() (controlPlane, workers []string), config func() Config, self func() *x509.Certificate) *Server {
+	return &Server{dial: dial, nodes: nodes, config: config, self: self, now: time.Now}
+}
+
+// Register adds the service to g.
+func (s *Server) Register(g *grpc.Server) { cluster.RegisterClusterServiceServer(g, s) }
+
+// answer is what one node said when asked its version.
+type answer struct {
+	version string
+	cert    *x509.Certificate
+	err     error
+}
+
+// HealthCheck implements cluster.ClusterServiceServer.
+func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.ClusterService_HealthCheckServer) error {
+	cfg := s.config()
+	wait := req.GetWaitTimeout().AsDuration()
+	if wait <= 0 {
+		wait = DefaultWaitTimeout
+	}
+	ctx, cancel := context.WithTimeout(stream.Context(), wait)
+	defer cancel()
+	r := &run{s: s, cfg: cfg, stream: stream, ctx: ctx, wait: wait}
+
+	nodes, err := r.nodesOf(req.GetClusterInfo())
+	if err != nil {
+		return r.fail(err.Error())
+	}
+	r.say("checking %d nodes through apid: %s", len(nodes), strings.Join(nodes, ", "))
+	answers, err := r.reachable(nodes)
+	if err != nil {
+		return r.fail(err.Error())
+	}
+	for _, step := range []struct {
+		what  string
+		check func() error
+	}{
+		{"all nodes to report the same version", func() error { return sameVersion(nodes, answers) }},
+		{fmt.Sprintf("node clocks to agree within %s", cfg.MaxClockSkew), func() error { return r.clocks(nodes) }},
+		{fmt.Sprintf("node certificates to be valid for %d more days", cfg.CertificateDays), func() error { return r.certificates(nodes, answers) }},
+	} {
+		if err := r.retry(step.what, step.check); err != nil {
+			return r.fail(err.Error())
+		}
+	}
+	r.say("all checks passed")
+	return nil
+}
+
+// run is one health check in progress.
+type run struct {
+	s      *Server
+	cfg    Config
+	stream cluster.ClusterService_HealthCheckServer
+	ctx    context.Context
+	wait   time.Duration
+	failed bool // the stream broke: say nothing more
+}
+
+// say streams one progress line.
+func (r *run) say(format string, args ...any) {
+	if r.failed {
+		return
+	}
+	if err := r.stream.Send(&cluster.HealthCheckProgress{Message: fmt.Sprintf(format, args...)}); err != nil {
+		r.failed = true
+	}
+}
+
+// fail ends the check as Talos does: a last message whose metadata carries
+// the error, which talosctl prints and exits non-zero on.
+func (r *run) fail(msg string) error {
+	if r.failed {
+		return r.stream.Context().Err()
+	}
+	return r.stream.Send(&cluster.HealthCheckProgress{Metadata: &common.Metadata{Error: msg}, Message: msg})
+}
+
+// nodesOf is the request's nodes, control plane first, or the inventory's.
+func (r *run) nodesOf(info *cluster.ClusterInfo) ([]string, error) {
+	cp, workers := info.GetControlPlaneNodes(), info.GetWorkerNodes()
+	from := "the request"
+	if len(cp)+len(workers) == 0 && r.s.nodes != nil {
+		cp, workers = r.s.nodes()
+		from = "the inventory"
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, n := range slices.Concat(cp, workers) {
+		n = strings.TrimSpace(n)
+		if n == "" || seen[strings.ToLower(n)] {
+			continue
+		}
+		seen[strings.ToLower(n)] = true
+		out = append(out, n)
+	}
+	switch {
+	case len(out) == 0:
+		return nil, fmt.Errorf("no nodes to check: name them (talosctl health --control-plane-nodes, --worker-nodes) or give apid an inventory")
+	case len(out) > maxNodes:
+		return nil, fmt.Errorf("%d nodes from %s: at most %d are checked at once", len(out), from, maxNodes)
+	}
+	return out, nil
+}
+
+// reachable asks every node its version until each has answered or the
+// wait is over, saying which nodes it still waits for.
+func (r *run) reachable(nodes []string) (map[string]answer, error) {
+	const what = "all nodes to answer through apid"
+	got := map[string]answer{}
+	var last map[string]answer
+	for {
+		pending := slices.DeleteFunc(slices.Clone(nodes), func(n string) bool { return got[n].err == nil && got[n].version != "" })
+		results := r.each(pending, r.version)
+		last = results
+		for n, a := range results {
+			if a.err == nil {
+				got[n] = a
+			}
+		}
+		var waiting []string
+		for _, n := range nodes {
+			if a, ok := got[n]; !ok || a.err != nil || a.version == "" {
+				waiting = append(waiting, n)
+			}
+		}
+		if len(waiting) == 0 {
+			r.say("waiting for %s: OK", what)
+			return got, nil
+		}
+		first := waiting[0]
+		r.say("waiting for %s: %d of %d answered; %s: %s", what, len(nodes)-len(waiting), len(nodes), first, describe(last[first].err))
+		if !r.pause() {
+			return nil, fmt.Errorf("node %s does not answer through apid within %s (check: reachability): %s", first, r.wait, describe(last[first].err))
+		}
+	}
+}
+
+// retry runs check until it passes or the wait is over.
+func (r *run) retry(what string, check func() error) error {
+	for {
+		err := check()
+		if err == nil {
+			r.say("waiting for %s: OK", what)
+			return nil
+		}
+		r.say("waiting for %s: %v", what, err)
+		if !r.pause() {
+			return err
+		}
+	}
+}
+
+// pause waits before the next round; false when the wait is over.
+func (r *run) pause() bool {
+	t := time.NewTimer(retryEvery)
+	defer t.Stop()
+	select {
+	case <-r.ctx.Done():
+		return false
+	case <-t.C:
+		return r.ctx.Err() == nil
+	}
+}
+
+// each calls ask for every node, at most parallel at once.
+func (r *run) each(nodes []string, ask func(node string) answer) map[string]answer {
+	out := make(map[string]answer, len(nodes))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, parallel)
+	for _, n := range nodes {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			a := ask(n)
+			mu.Lock()
+			out[n] = a
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// call runs fn on a connection to node, with one attempt's deadline.
+func (r *run) call(node string, fn func(ctx context.Context, cc grpc.ClientConnInterface) error) error {
+	ctx, cancel := context.WithTimeout(r.ctx, attemptTimeout)
+	defer cancel()
+	callCtx, cc, release, err := r.s.dial.Dial(ctx, node)
+	if err != nil {
+		return err
+	}
+	if release != nil {
+		defer release()
+	}
+	return fn(callCtx, cc)
+}
+
+// version asks node its version, and notes the certificate it presented.
+func (r *run) version(node string) answer {
+	var a answer
+	a.err = r.call(node, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		var p peer.Peer
+		resp, err := machine.NewMachineServiceClient(cc).Version(ctx, &emptypb.Empty{}, grpc.Peer(&p))
+		if err != nil {
+			return err
+		}
+		if len(resp.GetMessages()) == 0 {
+			return fmt.Errorf("empty reply")
+		}
+		m := resp.GetMessages()[0]
+		if e := m.GetMetadata().GetError(); e != "" {
+			return fmt.Errorf("%s", e)
+		}
+		a.version = m.GetVersion().GetTag()
+		if a.version == "" {
+			a.version = "(none)"
+		}
+		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
+			a.cert = info.State.PeerCertificates[0]
+		} else if r.s.self != nil {
+			a.cert = r.s.self() // the local agent, reached without TLS: this apid's own
+		}
+		return nil
+	})
+	return a
+}
+
+// sameVersion names the nodes whose version differs from the most
+// common one.
+func sameVersion(nodes []string, answers map[string]answer) error {
+	count := map[string]int{}
+	for _, n := range nodes {
+		count[answers[n].version]++
+	}
+	if len(count) <= 1 {
+		return nil
+	}
+	versions := make([]string, 0, len(count))
+	for v := range count {
+		versions = append(versions, v)
+	}
+	sort.Slice(versions, func(i, j int) bool {
+		return count[versions[i]] > count[versions[j]] || count[versions[i]] == count[versions[j]] && versions[i] < versions[j]
+	})
+	var odd []string
+	for _, n := range nodes {
+		if v := answers[n].version; v != versions[0] {
+			odd = append(odd, fmt.Sprintf("%s runs %s", n, v))
+		}
+	}
+	return fmt.Errorf("nodes report different versions (check: version): most run %s; %s", versions[0], strings.Join(odd, ", "))
+}
+
+// clocks compares each node's clock with apid's, allowing for the time the
+// call took.
+func (r *run) clocks(nodes []string) error {
+	type skew struct {
+		d   time.Duration
+		err error
+	}
+	var mu sync.Mutex
+	skews := map[string]skew{}
+	r.each(nodes, func(node string) answer {
+		var sk skew
+		sk.err = r.call(node, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+			before := r.s.now()
+			resp, err := timeapi.NewTimeServiceClient(cc).Time(ctx, &emptypb.Empty{})
+			after := r.s.now()
+			if err != nil {
+				return err
+			}
+			if len(resp.GetMessages()) == 0 || resp.GetMessages()[0].GetLocaltime() == nil {
+				return fmt.Errorf("no time in the reply")
+			}
+			mid := before.Add(after.Sub(before) / 2)
+			sk.d = resp.GetMessages()[0].GetLocaltime().AsTime().Sub(mid)
+			return nil
+		})
+		mu.Lock()
+		skews[node] = sk
+		mu.Unlock()
+		return answer{}
+	})
+	for _, n := range nodes {
+		sk := skews[n]
+		if sk.err != nil {
+			return fmt.Errorf("node %s: cannot read its clock (check: clock): %s", n, describe(sk.err))
+		}
+		if sk.d > r.cfg.MaxClockSkew || -sk.d > r.cfg.MaxClockSkew {
+			return fmt.Errorf("node %s: clock is %s off apid's, more than %s (check: clock)", n, sk.d.Round(time.Millisecond), r.cfg.MaxClockSkew)
+		}
+	}
+	return nil
+}
+
+// certificates fails for a node whose certificate expires too soon.
+func (r *run) certificates(nodes []string, answers map[string]answer) error {
+	limit := r.s.now().Add(time.Duration(r.cfg.CertificateDays) * 24 * time.Hour)
+	for _, n := range nodes {
+		c := answers[n].cert
+		if c == nil {
+			return fmt.Errorf("node %s: no certificate seen (check: certificate)", n)
+		}
+		if c.NotAfter.Before(limit) {
+			return fmt.Errorf("node %s: certificate %q expires %s, within %d days (check: certificate)",
+				n, c.Subject.CommonName, c.NotAfter.UTC().Format(time.RFC3339), r.cfg.CertificateDays)
+		}
+	}
+	return nil
+}
+
+// describe is an error as one line: a gRPC status as code and message.
+func describe(err error) string {
+	if err == nil {
+		return "no answer yet"
+	}
+	if s, ok := status.FromError(err); ok {
+		return fmt.Sprintf("%s: %s", s.Code(), s.Message())
+	}
+	return err.Error()
+}

@@ -1,0 +1,200 @@
+package clusterhealth
+
+import (
+	"context"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/cluster"
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeNode is a node agent on loopback answering Version and Time.
+type fakeNode struct {
+	machine.UnimplementedMachineServiceServer
+	timeapi.UnimplementedTimeServiceServer
+	tag  string
+	skew time.Duration
+}
+
+func (n *fakeNode) Version(context.Context, *emptypb.Empty) (*machine.VersionResponse, error) {
+	return &machine.VersionResponse{Messages: []*machine.Version{{Version: &machine.VersionInfo{Tag: n.tag}}}}, nil
+}
+
+func (n *fakeNode) Time(context.Context, *emptypb.Empty) (*timeapi.TimeResponse, error) {
+	return &timeapi.TimeResponse{Messages: []*timeapi.Time{{Localtime: timestamppb.New(time.Now().Add(n.skew))}}}, nil
+}
+
+func serveNode(t *testing.T, n *fakeNode) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	machine.RegisterMachineServiceServer(g, n)
+	timeapi.RegisterTimeServiceServer(g, n)
+	go func() { _ = g.Serve(lis) }()
+	t.Cleanup(g.Stop)
+	return lis.Addr().String()
+}
+
+// dialer reaches node names through a table of loopback addresses.
+type dialer struct {
+	t     *testing.T
+	addrs map[string]string
+}
+
+func (d dialer) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error) {
+	addr, ok := d.addrs[target]
+	if !ok {
+		return nil, nil, nil, status.Errorf(codes.NotFound, "node %q is not in the inventory", target)
+	}
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return ctx, cc, func() { cc.Close() }, nil
+}
+
+func cert(notAfter time.Time) *x509.Certificate {
+	return &x509.Certificate{Subject: pkix.Name{CommonName: "node"}, NotAfter: notAfter}
+}
+
+// check runs one health check over a real connection and returns its
+// lines and the error of its last message.
+func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []string, failure string) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	s.Register(g)
+	go func() { _ = g.Serve(lis) }()
+	defer g.Stop()
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	stream, err := cluster.NewClusterServiceClient(cc).HealthCheck(t.Context(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		msg, err := stream.Recv()
+		if err == io.EOF {
+			return lines, failure
+		}
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		lines = append(lines, msg.GetMessage())
+		if e := msg.GetMetadata().GetError(); e != "" {
+			failure = e
+		}
+	}
+}
+
+func newServer(addrs map[string]string, nodes func() ([]string, []string), self *x509.Certificate) *Server {
+	return New(dialer{addrs: addrs}, nodes, func() Config { return Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30} },
+		func() *x509.Certificate { return self })
+}
+
+func TestHealthyCluster(t *testing.T) {
+	addrs := map[string]string{
+		"cp-1": serveNode(t, &fakeNode{tag: "v1.13.9"}),
+		"cp-2": serveNode(t, &fakeNode{tag: "v1.13.9", skew: 500 * time.Millisecond}),
+		"w-1":  serveNode(t, &fakeNode{tag: "v1.13.9"}),
+	}
+	inv := func() ([]string, []string) { return []string{"cp-1", "cp-2"}, []string{"w-1"} }
+	s := newServer(addrs, inv, cert(time.Now().Add(365*24*time.Hour)))
+	lines, failure := check(t, s, &cluster.HealthCheckRequest{})
+	if failure != "" {
+		t.Fatalf("failed: %s\n%s", failure, strings.Join(lines, "\n"))
+	}
+	want := []string{
+		"checking 3 nodes through apid: cp-1, cp-2, w-1",
+		"waiting for all nodes to answer through apid: OK",
+		"waiting for all nodes to report the same version: OK",
+		"waiting for node clocks to agree within 2s: OK",
+		"waiting for node certificates to be valid for 30 more days: OK",
+		"all checks passed",
+	}
+	if strings.Join(lines, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("lines:\n%s", strings.Join(lines, "\n"))
+	}
+	// The request's nodes replace the inventory's.
+	lines, failure = check(t, s, &cluster.HealthCheckRequest{ClusterInfo: &cluster.ClusterInfo{WorkerNodes: []string{"w-1"}}})
+	if failure != "" || lines[0] != "checking 1 nodes through apid: w-1" {
+		t.Fatalf("%q %s", lines, failure)
+	}
+}
+
+func TestUnhealthyClusters(t *testing.T) {
+	good := serveNode(t, &fakeNode{tag: "v1.13.9"})
+	// A port nothing listens on (1, tcpmux, is unused on Linux): a node
+	// that is down.
+	down := "127.0.0.1:1"
+	year := cert(time.Now().Add(365 * 24 * time.Hour))
+	for _, tc := range []struct {
+		name  string
+		nodes map[string]string
+		self  *x509.Certificate
+		want  string
+	}{
+		{"down", map[string]string{"cp-1": good, "cp-2": down}, year,
+			"node cp-2 does not answer through apid within 2s (check: reachability): Unavailable"},
+		{"unknown", map[string]string{"cp-1": good}, year,
+			`node cp-2 does not answer through apid within 2s (check: reachability): NotFound: node "cp-2" is not in the inventory`},
+		{"versions", map[string]string{"cp-1": good, "cp-2": serveNode(t, &fakeNode{tag: "v1.12.0"}), "w-1": good}, year,
+			"nodes report different versions (check: version): most run v1.13.9; cp-2 runs v1.12.0"},
+		{"clock", map[string]string{"cp-1": good, "cp-2": serveNode(t, &fakeNode{tag: "v1.13.9", skew: -10 * time.Second})}, year,
+			"node cp-2: clock is -10s off apid's, more than 2s (check: clock)"},
+		{"certificate", map[string]string{"cp-1": good, "cp-2": good}, cert(time.Now().Add(10 * 24 * time.Hour)),
+			"node cp-1: certificate \"node\" expires"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			s := newServer(tc.nodes, nil, tc.self)
+			info := &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1", "cp-2"}}
+			if _, ok := tc.nodes["w-1"]; ok {
+				info.WorkerNodes = []string{"w-1"}
+			}
+			start := time.Now()
+			lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(2 * time.Second), ClusterInfo: info})
+			if !strings.Contains(failure, tc.want) {
+				t.Fatalf("failure %q, want %q\n%s", failure, tc.want, strings.Join(lines, "\n"))
+			}
+			// It gives up once the wait is over, not much later.
+			if took := time.Since(start); took > 2*time.Second+attemptTimeout {
+				t.Errorf("took %s", took)
+			}
+		})
+	}
+}
+
+func TestNoNodes(t *testing.T) {
+	s := newServer(nil, func() ([]string, []string) { return nil, nil }, nil)
+	_, failure := check(t, s, &cluster.HealthCheckRequest{})
+	if !strings.Contains(failure, "no nodes to check") {
+		t.Fatalf("failure %q", failure)
+	}
+}
