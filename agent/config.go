@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 )
 
 // Defaults applied by [New] to zero fields of [Config].
@@ -15,6 +16,11 @@ const (
 	DefaultMeminfoPath = "/proc/meminfo"
 	// DefaultLogCapacity is how many lines of its own log the agent keeps for Logs.
 	DefaultLogCapacity = 1000
+	// DefaultMaxClientTTL bounds the certificates GenerateClientConfiguration
+	// issues: the validity Talos documents for client certificates.
+	DefaultMaxClientTTL = 365 * 24 * time.Hour
+	// DefaultClusterName names the contexts of generated talosconfigs.
+	DefaultClusterName = "apid"
 )
 
 // DefaultReadRoots are the directories Read may serve files from when
@@ -50,6 +56,21 @@ type Config struct {
 	// Logger receives the agent's structured log (one record per call
 	// served). Default: records are kept only in the in-memory log.
 	Logger *slog.Logger
+
+	// ClientCA holds the PEM certificate and private key of the CA that
+	// signs client certificates. With it, GenerateClientConfiguration
+	// issues new clients (as a Talos control-plane node does); without it
+	// the method fails with FailedPrecondition (as on a Talos worker).
+	ClientCA struct{ Cert, Key []byte }
+	// Endpoints are the gateway addresses written into the talosconfigs
+	// GenerateClientConfiguration returns.
+	Endpoints []string
+	// MaxClientTTL bounds the validity GenerateClientConfiguration grants.
+	// Default: DefaultMaxClientTTL.
+	MaxClientTTL time.Duration
+	// ClusterName names generated talosconfig contexts (admin@NAME).
+	// Default: DefaultClusterName.
+	ClusterName string
 }
 
 // withDefaults returns c with every zero field replaced by its default and
@@ -73,6 +94,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LogCapacity <= 0 {
 		c.LogCapacity = DefaultLogCapacity
+	}
+	if c.MaxClientTTL <= 0 {
+		c.MaxClientTTL = DefaultMaxClientTTL
+	}
+	if c.ClusterName == "" {
+		c.ClusterName = DefaultClusterName
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

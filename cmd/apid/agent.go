@@ -2,14 +2,19 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"strings"
 
 	"google.golang.org/grpc"
 
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/pki"
 )
 
 func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
@@ -23,8 +28,32 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 		roots = append(roots, s)
 		return nil
 	})
+	caCert := fs.String("client-ca-cert", "", "PEM `file` of the CA that signs client certificates: with -client-ca-key, GenerateClientConfiguration (talosctl config new) issues clients")
+	caKey := fs.String("client-ca-key", "", "PEM `file` of that CA's private key")
+	endpoints := fs.String("endpoints", "", "comma-separated gateway `addresses` written into generated talosconfigs")
+	maxTTL := fs.Duration("max-client-ttl", agent.DefaultMaxClientTTL, "longest validity GenerateClientConfiguration grants")
+	cluster := fs.String("cluster-name", agent.DefaultClusterName, "`name` in generated talosconfig contexts (admin@NAME)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	cfg := agent.Config{Hostname: *hostname, ReadRoots: roots, MaxClientTTL: *maxTTL, ClusterName: *cluster}
+	if (*caCert == "") != (*caKey == "") {
+		return errors.New("-client-ca-cert and -client-ca-key go together")
+	}
+	if *caCert != "" {
+		var err error
+		if cfg.ClientCA.Cert, err = os.ReadFile(*caCert); err != nil {
+			return err
+		}
+		if cfg.ClientCA.Key, err = os.ReadFile(*caKey); err != nil {
+			return err
+		}
+		if _, err := pki.LoadCA(cfg.ClientCA.Cert, cfg.ClientCA.Key); err != nil {
+			return fmt.Errorf("-client-ca-cert/-client-ca-key: %w", err)
+		}
+	}
+	if *endpoints != "" {
+		cfg.Endpoints = strings.Split(*endpoints, ",")
 	}
 	log := newLogger(stderr, *level, "text")
 	lis, err := agent.Listen(*listen)
@@ -32,7 +61,8 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	srv := grpc.NewServer()
-	agent.New(agent.Config{Hostname: *hostname, ReadRoots: roots, Logger: log}).Register(srv)
+	cfg.Logger = log
+	agent.New(cfg).Register(srv)
 	log.Info("example agent serving", "listen", *listen)
 	return serveUntil(ctx, srv, lis, log)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/gateway"
+	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/pki"
 )
 
@@ -37,11 +38,12 @@ type demoOptions struct {
 // demoNode is one node of the demo cluster: an example agent on a unix
 // socket and an apid on its own loopback address.
 type demoNode struct {
-	name string
-	ip   string
-	sock string
-	cert string
-	key  string
+	name         string
+	controlPlane bool // nodes 1 to 3
+	ip           string
+	sock         string
+	cert         string
+	key          string
 }
 
 func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
@@ -92,6 +94,15 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	caCert, err := os.ReadFile(filepath.Join(o.dir, "ca.crt"))
+	if err != nil {
+		return err
+	}
+	caKey, err := os.ReadFile(filepath.Join(o.dir, "ca.key"))
+	if err != nil {
+		return err
+	}
+	inv := demoInventory(nodes)
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -102,7 +113,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
 		agentSrv := grpc.NewServer()
-		agent.New(agent.Config{Hostname: n.name, Logger: log.With("node", n.name)}).Register(agentSrv)
+		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo"}
+		if n.controlPlane {
+			// Control-plane nodes hold the CA and issue client
+			// configurations (talosctl config new), as in Talos.
+			acfg.ClientCA.Cert, acfg.ClientCA.Key = caCert, caKey
+		}
+		agent.New(acfg).Register(agentSrv)
 		g.Go(func() error { return serveUntil(ctx, agentSrv, agentLis, log) })
 
 		cfg := gateway.Default()
@@ -111,6 +128,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.Backend = "unix://" + n.sock
 		cfg.RemotePort = o.port
 		cfg.SelfNames = []string{n.ip, n.name}
+		cfg.Inventory.Nodes = inv
 		cfg.NodeTimeout = 10 * time.Second
 		cfg.LogLevel = o.logLevel
 		cfg.LogFormat = o.logFmt
@@ -157,11 +175,12 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 	for i := range nodes {
 		name := fmt.Sprintf("node-%d", i+1)
 		n := demoNode{
-			name: name,
-			ip:   ip.String(),
-			sock: filepath.Join(o.dir, name+".sock"),
-			cert: filepath.Join(o.dir, name+".crt"),
-			key:  filepath.Join(o.dir, name+".key"),
+			name:         name,
+			controlPlane: i < demoControlPlane,
+			ip:           ip.String(),
+			sock:         filepath.Join(o.dir, name+".sock"),
+			cert:         filepath.Join(o.dir, name+".crt"),
+			key:          filepath.Join(o.dir, name+".key"),
 		}
 		crt, key, err := ca.IssueNode(name, []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, year, pki.KeyECDSA)
 		if err != nil {
@@ -182,15 +201,40 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 	if err := writePair(filepath.Join(o.dir, "admin.crt"), crt, filepath.Join(o.dir, "admin.key"), key); err != nil {
 		return nil, err
 	}
-	endpoints := make([]string, len(ips))
-	for i, a := range ips {
-		endpoints[i] = a
+	tc := pki.TalosContext{Endpoints: demoEndpoints(o, nodes), Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
+	return nodes, pki.WriteTalosconfig(filepath.Join(o.dir, "talosconfig"), "apid-demo", tc, pki.TalosconfigOverwrite)
+}
+
+// demoControlPlane is how many of the demo's nodes are control-plane
+// nodes; the others are workers.
+const demoControlPlane = 3
+
+// demoEndpoints are the addresses clients dial: every node's apid.
+func demoEndpoints(o demoOptions, nodes []demoNode) []string {
+	endpoints := make([]string, len(nodes))
+	for i, n := range nodes {
+		endpoints[i] = n.ip
 		if o.port != 50000 {
-			endpoints[i] = net.JoinHostPort(a, strconv.Itoa(o.port))
+			endpoints[i] = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
 		}
 	}
-	tc := pki.TalosContext{Endpoints: endpoints, Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
-	return nodes, pki.WriteTalosconfig(filepath.Join(o.dir, "talosconfig"), "apid-demo", tc, pki.TalosconfigOverwrite)
+	return endpoints
+}
+
+// demoInventory lists the demo's nodes by name for every apid: the first
+// three are the control plane, the others workers, and they alternate
+// between two zones so that label selectors have something to select.
+func demoInventory(nodes []demoNode) []inventory.Node {
+	out := make([]inventory.Node, len(nodes))
+	for i, n := range nodes {
+		role := inventory.RoleWorker
+		if n.controlPlane {
+			role = inventory.RoleControlPlane
+		}
+		out[i] = inventory.Node{Name: n.name, Address: n.ip, Role: role,
+			Labels: map[string]string{"zone": fmt.Sprintf("zone-%c", 'a'+i%2)}}
+	}
+	return out
 }
 
 func loadOrCreateCA(crtPath, keyPath string) (*pki.CA, error) {
@@ -221,28 +265,43 @@ func writePair(crtPath string, crt []byte, keyPath string, key []byte) error {
 
 func printDemoHelp(w io.Writer, o demoOptions, nodes []demoNode) {
 	ips := make([]string, len(nodes))
+	var cp, workers []string
 	for i, n := range nodes {
 		ips[i] = n.ip
+		if n.controlPlane {
+			cp = append(cp, n.name)
+		} else {
+			workers = append(workers, n.name)
+		}
 	}
 	dir := o.dir
 	if abs, err := filepath.Abs(dir); err == nil {
 		dir = abs
 	}
+	groups := "@controlplane: " + strings.Join(cp, ", ")
+	if len(workers) > 0 {
+		groups += "; @workers: " + strings.Join(workers, ", ")
+	}
 	first := net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port))
 	fmt.Fprintf(w, `apid demo: %d nodes up (%s), each an apid on port %d in front of an example agent.
 Files are in %s (talosconfig, ca.crt, ca.key, admin.crt, admin.key).
+Nodes have names and groups (%s; @all; @zone=zone-a, @zone=zone-b).
 
 Try, from another terminal:
-  talosctl --talosconfig %s/talosconfig version
-  talosctl --talosconfig %s/talosconfig -n %s dmesg
+  export TALOSCONFIG=%s/talosconfig
+  talosctl version
+  talosctl -n @controlplane version
+  talosctl -n %s health
+  talosctl -n %s dmesg
+  talosctl -n %s config new reader-talosconfig --roles os:reader
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key \
     -rpc-header 'nodes: %s' %s machine.MachineService/Version
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key %s list
   curl http://%s/nodes      (each node's /nodes, /healthz, /readyz and /metrics)
 
 Press Ctrl-C to stop.
-`, len(nodes), strings.Join(ips, ", "), o.port, dir,
-		dir, dir, strings.Join(ips, ","),
+`, len(nodes), strings.Join(ips, ", "), o.port, dir, groups,
+		dir, nodes[0].name, nodes[0].name, nodes[0].name,
 		dir, dir, dir, strings.Join(ips, ","), first,
 		dir, dir, dir, first, net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port+1)))
 }
