@@ -56,14 +56,25 @@ type memCluster struct {
 
 func startMemCluster(t *testing.T, subnet, nodes int, extraConfig string) *memCluster {
 	t.Helper()
+	var ips []string
+	for i := 1; i <= nodes; i++ {
+		ips = append(ips, fmt.Sprintf("127.0.%d.%d", subnet, 10+i))
+	}
+	return startMemClusterOn(t, ips, extraConfig, nil)
+}
+
+// startMemClusterOn is startMemCluster on the addresses ips; atPort, if not
+// nil, learns the port the nodes will listen on before they start.
+func startMemClusterOn(t *testing.T, ips []string, extraConfig string, atPort func(port int)) *memCluster {
+	t.Helper()
 	bin := plainBin(t)
 	dir := t.TempDir()
 	p := newPKI(t, filepath.Join(dir, "pki"))
-	c := &memCluster{pki: p}
-	for i := 1; i <= nodes; i++ {
-		c.ips = append(c.ips, fmt.Sprintf("127.0.%d.%d", subnet, 10+i))
-	}
+	c := &memCluster{pki: p, ips: ips}
 	c.port = freePort(t, c.ips...)
+	if atPort != nil {
+		atPort(c.port)
+	}
 	mport := freePort(t, c.ips...)
 	cmds := [][]string{{"client", "-name", "admin", "-roles", "os:admin", "-ca-dir", p.dir, "-out", p.dir},
 		{"client", "-name", "reader", "-roles", "os:reader", "-ca-dir", p.dir, "-out", p.dir}}

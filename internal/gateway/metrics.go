@@ -193,7 +193,8 @@ func (m *metrics) nodeDone(kind proxy.Kind, code codes.Code, elapsed time.Durati
 	m.nodeTime.WithLabelValues(kind.String()).Observe(elapsed.Seconds())
 }
 
-// reloaded counts a reload of what ("config" or "certificates").
+// reloaded counts a reload of what ("config", "certificates" or
+// "inventory").
 func (m *metrics) reloaded(what string, err error) {
 	result := "success"
 	if err != nil {

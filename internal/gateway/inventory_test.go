@@ -1,0 +1,64 @@
+package gateway
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/certs"
+	"github.com/apid/apid/inventory"
+)
+
+// TestStaticInventoryReloads: the inventory of the config file is applied
+// with the rest of it on a reload, for calls that start afterwards.
+func TestStaticInventoryReloads(t *testing.T) {
+	tg := startGateway(t, func(c *Config) {
+		c.Inventory.Nodes = []inventory.Node{{Name: "self", Address: "127.0.0.1", Role: "controlplane"}}
+	})
+	mc := machine.NewMachineServiceClient(tg.client("admin", certs.RoleAdmin))
+	version := func(nodes string) ([]string, error) {
+		ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "nodes", nodes), 10*time.Second)
+		defer cancel()
+		resp, err := mc.Version(ctx, &emptypb.Empty{})
+		var got []string
+		for _, m := range resp.GetMessages() {
+			got = append(got, m.GetMetadata().GetHostname())
+		}
+		return got, err
+	}
+	if got, err := version("@controlplane"); err != nil || strings.Join(got, ",") != "self" {
+		t.Fatalf("@controlplane = %v, %v", got, err)
+	}
+	if _, err := version("@workers"); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "group @workers has no nodes") {
+		t.Fatalf("@workers before the reload: %v", err)
+	}
+
+	next := tg.cfg
+	next.Inventory.Nodes = []inventory.Node{
+		{Name: "self", Address: "127.0.0.1", Role: "controlplane"},
+		{Name: "also-self", Address: "node-1", Labels: map[string]string{"zone": "z1"}},
+	}
+	if err := tg.gw.Reload(next); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := version("@zone=z1,@controlplane"); err != nil || strings.Join(got, ",") != "also-self,self" {
+		t.Fatalf("after the reload: %v, %v", got, err)
+	}
+
+	// A reload whose inventory does not validate changes nothing.
+	bad := next
+	bad.Inventory.Nodes = []inventory.Node{{Name: "@oops"}}
+	if err := tg.gw.Reload(bad); err == nil || !strings.Contains(err.Error(), "cannot start with @") {
+		t.Fatalf("bad inventory reload: %v", err)
+	}
+	if got, err := version("@all"); err != nil || strings.Join(got, ",") != "also-self,self" {
+		t.Fatalf("after the refused reload: %v, %v", got, err)
+	}
+}
