@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -50,6 +52,22 @@ func TestStaticInventoryReloads(t *testing.T) {
 	}
 	if got, err := version("@zone=z1,@controlplane"); err != nil || strings.Join(got, ",") != "also-self,self" {
 		t.Fatalf("after the reload: %v, %v", got, err)
+	}
+
+	// /nodes lists the inventory's nodes with their role and labels.
+	code, body := tg.get("/nodes?format=json")
+	var page nodesPage
+	if code != 200 || json.Unmarshal([]byte(body), &page) != nil {
+		t.Fatalf("/nodes: %d %s", code, body)
+	}
+	var listed []string
+	for _, n := range page.Nodes {
+		if inv := n.Inventory; inv != nil {
+			listed = append(listed, fmt.Sprintf("%s %s %s %s %v", n.Node, inv.Role, inv.Address, n.Connection, inv.Labels))
+		}
+	}
+	if want := "also-self worker node-1 local map[zone:z1]|self controlplane 127.0.0.1 local map[]"; strings.Join(listed, "|") != want {
+		t.Errorf("/nodes inventory:\n got %s\nwant %s", strings.Join(listed, "|"), want)
 	}
 
 	// A reload whose inventory does not validate changes nothing.

@@ -112,6 +112,16 @@ type NodeStatus struct {
 	LastError  *NodeError        `json:"lastError,omitempty"`
 	LastUsed   time.Time         `json:"lastUsed"`
 	Ejected    *NodeEjection     `json:"ejected,omitempty"`
+	// Inventory is what the inventory says of the node, when it lists it.
+	Inventory *NodeInventory `json:"inventory,omitempty"`
+}
+
+// NodeInventory is a node's entry in the inventory.
+type NodeInventory struct {
+	Address  string            `json:"address"`
+	Identity string            `json:"identity"`
+	Role     string            `json:"role"`
+	Labels   map[string]string `json:"labels,omitempty"`
 }
 
 // NodeEjection says since when and until when a node is ejected.

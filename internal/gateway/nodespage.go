@@ -18,14 +18,28 @@ type nodesPage struct {
 	Nodes []NodeStatus `json:"nodes"`
 }
 
-// nodeStatuses merges the node table with the pool: every node apid has a
-// connection for or has called recently.
+// nodeStatuses merges the node table with the inventory and the pool:
+// every node the inventory lists, apid has a connection for, or has
+// called recently.
 func (g *Gateway) nodeStatuses() []NodeStatus {
 	nodes := g.nodes.snapshot()
 	byName := make(map[string]int, len(nodes))
 	for i, n := range nodes {
 		byName[n.Node] = i
 		nodes[i].Connection = "none"
+	}
+	for _, n := range g.inv.Set().Nodes() {
+		key := director.Canonical(n.Name)
+		i, ok := byName[key]
+		if !ok {
+			nodes = append(nodes, NodeStatus{Node: key, Connection: "none", Calls: map[string]uint64{}})
+			i = len(nodes) - 1
+			byName[key] = i
+		}
+		nodes[i].Inventory = &NodeInventory{Address: n.Address, Identity: n.Identity, Role: n.Role, Labels: n.Labels}
+		if g.isSelf(n.Name) || g.isSelf(n.Address) {
+			nodes[i].Connection = "local"
+		}
 	}
 	for _, name := range g.Config().SelfNames {
 		if i, ok := byName[director.Canonical(name)]; ok {
@@ -54,6 +68,11 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 	return nodes
 }
 
+// isSelf reports whether name is one of this node's selfNames.
+func (g *Gateway) isSelf(name string) bool {
+	return slices.ContainsFunc(g.Config().SelfNames, func(s string) bool { return director.Canonical(s) == director.Canonical(name) })
+}
+
 // serveNodes lists the nodes as JSON (?format=json, or a client that
 // accepts only JSON) or as a table for a terminal.
 func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
@@ -67,7 +86,7 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tLAST ERROR")
+	fmt.Fprintln(tw, "NODE\tROLE\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tLAST ERROR")
 	for _, n := range page.Nodes {
 		var calls, errs uint64
 		for code, v := range n.Calls {
@@ -95,7 +114,11 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 				last = e.LastError
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
+		role := "-"
+		if n.Inventory != nil {
+			role = n.Inventory.Role
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, role, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
 	}
 	_ = tw.Flush()
 }
