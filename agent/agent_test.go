@@ -65,7 +65,8 @@ func start(t *testing.T, cfg agent.Config, network string) (machine.MachineServi
 }
 
 // serve runs a new agent on addr until the test ends; cleanup stops the
-// server and waits for Serve to return.
+// server, waits for Serve to return and closes the agent, which ends any
+// lifecycle simulation still running.
 func serve(t *testing.T, cfg agent.Config, addr string) (*agent.Server, net.Listener) {
 	t.Helper()
 	lis, err := agent.Listen(addr)
@@ -82,6 +83,7 @@ func serve(t *testing.T, cfg agent.Config, addr string) (*agent.Server, net.List
 		if err := <-served; err != nil {
 			t.Errorf("Serve: %v", err)
 		}
+		srv.Close()
 	})
 	return srv, lis
 }
@@ -593,7 +595,7 @@ func TestEtcdRecover(t *testing.T) {
 
 func TestUnimplemented(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	_, err := c.Processes(testCtx(t), &emptypb.Empty{})
+	_, err := c.EtcdMemberList(testCtx(t), &machine.EtcdMemberListRequest{})
 	wantCode(t, err, codes.Unimplemented)
 }
 

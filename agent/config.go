@@ -34,7 +34,8 @@ type Config struct {
 	// log. Default: os.Hostname(), or "localhost" if that fails.
 	Hostname string
 
-	// ReadRoots are the directories the Read method may open files under.
+	// ReadRoots are the directories Read, List, DiskUsage and Copy may open
+	// files under.
 	// Each is made absolute, cleaned and symlink-resolved once, in New; empty
 	// entries are ignored. A request for anything that is not (after cleaning
 	// and symlink resolution) inside one of them is refused with

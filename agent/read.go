@@ -20,9 +20,24 @@ import (
 // readChunkSize is the payload size of each message sent by Read.
 const readChunkSize = 32 << 10
 
+// bootIDPath is the kernel's boot ID, which Read refuses to serve: see
+// bootIDRefused.
+const bootIDPath = "/proc/sys/kernel/random/boot_id"
+
+// bootIDRefused answers a request for the boot ID. talosctl reboot and
+// upgrade read it before and after the operation and wait until it changes,
+// which the host's never does when the agent only simulates the reboot;
+// they treat PermissionDenied as "cannot tell" and finish instead of waiting
+// for their 30-minute timeout.
+func bootIDRefused() error {
+	return status.Errorf(codes.PermissionDenied,
+		"%s is not served: the example agent simulates reboots, so the host's boot ID would never change", bootIDPath)
+}
+
 // Read streams a regular file under one of the read roots in chunks of
 // 32 KiB. Paths outside the roots, including ones that leave them through
-// ".." or a symlink, get PermissionDenied; missing files get NotFound.
+// ".." or a symlink, get PermissionDenied; missing files get NotFound. The
+// kernel's boot ID also gets PermissionDenied (see bootIDRefused).
 func (s *Server) Read(req *machine.ReadRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
 	defer s.logCall(stream.Context(), "Read", time.Now(), &err)
 	f, err := s.openForRead(req.GetPath())
@@ -48,46 +63,72 @@ func (s *Server) Read(req *machine.ReadRequest, stream grpc.ServerStreamingServe
 	}
 }
 
-// openForRead applies the read-roots rule to p and opens the file it names.
+// rootedPath is a path that passed the read-roots rule.
+type rootedPath struct {
+	clean string // the path as requested, cleaned
+	real  string // clean with every symlink resolved
+	root  string // the resolved read root that contains real
+	rel   string // real relative to root; "." for the root itself
+}
+
+// resolve applies the read-roots rule to p, which must be absolute. It is
+// shared by every method that touches files (Read, List, DiskUsage, Copy).
 //
 // The lexical check runs first so that paths outside the roots are refused
 // without touching the file system (no existence probing). Symlinks are then
-// resolved and the real path must lie inside a root; finally the file is
-// opened through an os.Root for that root, which refuses any path that
-// escapes it, so a symlink swapped in after the check cannot widen access.
-func (s *Server) openForRead(p string) (*os.File, error) {
+// resolved and the real path must lie inside a root. Callers go on to open
+// what they need through an os.Root for rootedPath.root, which refuses any
+// path that escapes it, so a symlink swapped in after the check cannot widen
+// access.
+func (s *Server) resolve(p string) (rootedPath, error) {
 	if p == "" {
-		return nil, status.Error(codes.InvalidArgument, "path is required")
+		return rootedPath{}, status.Error(codes.InvalidArgument, "path is required")
 	}
 	if !filepath.IsAbs(p) {
-		return nil, status.Errorf(codes.InvalidArgument, "path %q is not absolute", p)
+		return rootedPath{}, status.Errorf(codes.InvalidArgument, "path %q is not absolute", p)
 	}
 	clean := filepath.Clean(p)
 	if containingRoot(clean, s.allowed) == "" && containingRoot(clean, s.resolved) == "" {
-		return nil, status.Errorf(codes.PermissionDenied, "%s is outside the readable roots", clean)
+		return rootedPath{}, status.Errorf(codes.PermissionDenied, "%s is outside the readable roots", clean)
 	}
 	real, err := filepath.EvalSymlinks(clean)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, s.missingStatus(clean, err)
+		return rootedPath{}, s.missingStatus(clean, err)
 	}
 	if err != nil {
-		return nil, fsStatus(err, codes.Internal)
+		return rootedPath{}, fsStatus(err, codes.Internal)
 	}
 	root := containingRoot(real, s.resolved)
 	if root == "" {
-		return nil, status.Errorf(codes.PermissionDenied, "%s resolves outside the readable roots", clean)
+		return rootedPath{}, status.Errorf(codes.PermissionDenied, "%s resolves outside the readable roots", clean)
 	}
 	rel, err := filepath.Rel(root, real)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "relate %s to %s: %v", real, root, err)
+		return rootedPath{}, status.Errorf(codes.Internal, "relate %s to %s: %v", real, root, err)
 	}
-	r, err := os.OpenRoot(root)
+	return rootedPath{clean: clean, real: real, root: root, rel: rel}, nil
+}
+
+// openForRead applies the read-roots rule to p (see resolve) and opens the
+// regular file it names through an os.Root for its read root.
+func (s *Server) openForRead(p string) (*os.File, error) {
+	if filepath.Clean(p) == bootIDPath {
+		return nil, bootIDRefused()
+	}
+	rp, err := s.resolve(p)
+	if err != nil {
+		return nil, err
+	}
+	if rp.real == bootIDPath {
+		return nil, bootIDRefused()
+	}
+	r, err := os.OpenRoot(rp.root)
 	if err != nil {
 		return nil, fsStatus(err, codes.Internal)
 	}
 	defer r.Close()
 	// O_NONBLOCK keeps a FIFO from blocking the open; it is refused below.
-	f, err := r.OpenFile(rel, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	f, err := r.OpenFile(rp.rel, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		// Besides the errors fsStatus recognises, os.Root fails only when the
 		// path escapes the root: the tree changed since it was resolved.
@@ -100,7 +141,7 @@ func (s *Server) openForRead(p string) (*os.File, error) {
 	}
 	if !fi.Mode().IsRegular() {
 		f.Close()
-		return nil, status.Errorf(codes.InvalidArgument, "%s is not a regular file (%s)", clean, fi.Mode().Type())
+		return nil, status.Errorf(codes.InvalidArgument, "%s is not a regular file (%s)", rp.clean, fi.Mode().Type())
 	}
 	return f, nil
 }

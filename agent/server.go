@@ -7,22 +7,38 @@ import (
 	"log/slog"
 	"runtime"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 )
 
+// VersionTag is the tag reported by the Version method: the version of the
+// Talos machinery module whose API the agent serves, read from the build
+// information (fallbackMachineryVersion when there is none), with the build
+// metadata "+apid-example", e.g. "v1.13.9+apid-example". talosctl warns when
+// a node's tag is older, by semantic versioning, than its own version;
+// build metadata, unlike a pre-release suffix, does not make the tag older
+// than the release it names. It is set at start-up and not meant to change.
+var VersionTag = machineryVersion() + "+apid-example"
+
 const (
-	// VersionTag is the tag reported by the Version method.
-	VersionTag = "v0.1.0-example"
+	// machineryModule is the module of the generated Talos types the agent
+	// serves.
+	machineryModule = "github.com/siderolabs/talos/pkg/machinery"
+	// fallbackMachineryVersion is the version of machineryModule in go.mod,
+	// for binaries built without module information (a test keeps the two
+	// equal).
+	fallbackMachineryVersion = "v1.13.9"
+
 	// PlatformName is the platform name reported by the Version method.
 	PlatformName = "apid-example-agent"
 	// PlatformMode is the platform mode reported by the Version method: the
@@ -47,14 +63,29 @@ type Server struct {
 	startup  []string  // the agent's first log lines, replayed by the Dmesg fallback
 	bootTime time.Time // zero when unknown; used to date kernel records
 
-	mu      sync.Mutex
-	reboots []*machine.RebootRequest
+	events *eventLog
+
+	mu            sync.Mutex
+	reboots       []*machine.RebootRequest
+	services      []*simService // sorted by ID
+	sequence      string        // the simulated lifecycle operation in progress, if any
+	sequenceActor string        // and its actor ID
+
+	closed chan struct{}  // closed by Close
+	sims   sync.WaitGroup // lifecycle simulations in progress
 }
 
 // New returns an agent configured by cfg (see [Config] for defaults).
 func New(cfg Config) *Server {
 	cfg = cfg.withDefaults()
-	s := &Server{cfg: cfg, ring: newLogRing(cfg.LogCapacity), bootTime: bootTime()}
+	s := &Server{
+		cfg:      cfg,
+		ring:     newLogRing(cfg.LogCapacity),
+		bootTime: bootTime(),
+		events:   newEventLog(eventCapacity),
+		services: newSimServices(SimulatedServices),
+		closed:   make(chan struct{}),
+	}
 	s.allowed, s.resolved = resolveRoots(cfg.ReadRoots)
 	s.log = slog.New(slog.NewMultiHandler(
 		cfg.Logger.Handler(),
@@ -63,26 +94,46 @@ func New(cfg Config) *Server {
 	s.log.Info("example agent ready", "hostname", cfg.Hostname, "read_roots", s.resolved,
 		"kernel_log", cfg.KernelLogPath, "go", runtime.Version())
 	s.startup, _, _, _ = s.ring.since(0)
+	s.boot()
 	return s
 }
 
-// Register adds the agent's MachineService and gRPC server reflection to g,
-// so that tools such as grpcurl work without proto files.
+// boot puts the simulated node in the state a booted Talos node is in, and
+// publishes the events of that boot (with no actor): services running and
+// healthy, the machine running and ready.
+func (s *Server) boot() {
+	s.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_START})
+	s.mu.Lock()
+	for _, svc := range s.services {
+		s.startService(svc, "", "agent start")
+	}
+	s.mu.Unlock()
+	s.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_STOP})
+	s.publish("", machineStatus(machine.MachineStatusEvent_RUNNING, true))
+}
+
+// Register adds the agent's MachineService and TimeService, and gRPC server
+// reflection, to g, so that tools such as grpcurl work without proto files.
 func (s *Server) Register(g *grpc.Server) {
 	machine.RegisterMachineServiceServer(g, s)
+	timeapi.RegisterTimeServiceServer(g, timeServer{s: s})
 	reflection.Register(g)
 }
 
-// Reboots returns copies of the requests recorded by Reboot, oldest first
-// (at most the latest 1,000).
-func (s *Server) Reboots() []*machine.RebootRequest {
+// Close stops the agent's background work: a simulated reboot, shutdown or
+// upgrade in progress stops where it is, and Events streams end with
+// Unavailable. It waits for the simulation's goroutine, may be called more
+// than once, and is best called after the gRPC server has stopped; lifecycle
+// calls made afterwards fail with Unavailable.
+func (s *Server) Close() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := make([]*machine.RebootRequest, len(s.reboots))
-	for i, r := range s.reboots {
-		out[i] = proto.CloneOf(r)
+	select {
+	case <-s.closed:
+	default:
+		close(s.closed)
 	}
-	return out
+	s.mu.Unlock()
+	s.sims.Wait()
 }
 
 // Version reports the agent's build.
@@ -99,6 +150,8 @@ func (s *Server) Version(ctx context.Context, _ *emptypb.Empty) (_ *machine.Vers
 			Arch:      runtime.GOARCH,
 		},
 		Platform: &machine.PlatformInfo{Name: PlatformName, Mode: PlatformMode},
+		// apid enforces roles on every call, as Talos does with RBAC on.
+		Features: &machine.FeaturesInfo{Rbac: true},
 	}}}, nil
 }
 
@@ -106,21 +159,6 @@ func (s *Server) Version(ctx context.Context, _ *emptypb.Empty) (_ *machine.Vers
 func (s *Server) Hostname(ctx context.Context, _ *emptypb.Empty) (_ *machine.HostnameResponse, err error) {
 	defer s.logCall(ctx, "Hostname", time.Now(), &err)
 	return &machine.HostnameResponse{Messages: []*machine.Hostname{{Hostname: s.cfg.Hostname}}}, nil
-}
-
-// Reboot records the request and replies as Talos does, without rebooting
-// anything.
-func (s *Server) Reboot(ctx context.Context, req *machine.RebootRequest) (_ *machine.RebootResponse, err error) {
-	defer s.logCall(ctx, "Reboot", time.Now(), &err)
-	actor := newActorID()
-	s.mu.Lock()
-	if len(s.reboots) == maxRecordedReboots {
-		s.reboots = append(s.reboots[:0], s.reboots[1:]...)
-	}
-	s.reboots = append(s.reboots, proto.CloneOf(req))
-	s.mu.Unlock()
-	s.log.Info("reboot requested; example agent does not reboot", "mode", req.GetMode().String(), "actor_id", actor)
-	return &machine.RebootResponse{Messages: []*machine.Reboot{{ActorId: actor}}}, nil
 }
 
 // logCall records one served call; it is deferred with a pointer to the
@@ -159,6 +197,28 @@ func buildVCS() (sha, built string) {
 		}
 	}
 	return sha, built
+}
+
+// machineryVersion returns the version of machineryModule linked into the
+// binary (the replacement's, if it is replaced by another version).
+func machineryVersion() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return fallbackMachineryVersion
+	}
+	for _, dep := range info.Deps {
+		if dep.Path != machineryModule {
+			continue
+		}
+		v := dep.Version
+		if dep.Replace != nil && dep.Replace.Version != "" {
+			v = dep.Replace.Version
+		}
+		if strings.HasPrefix(v, "v") {
+			return v
+		}
+	}
+	return fallbackMachineryVersion
 }
 
 // newActorID returns a random version 4 UUID, the shape Talos uses for the

@@ -62,7 +62,9 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	srv := grpc.NewServer()
 	cfg.Logger = log
-	agent.New(cfg).Register(srv)
+	a := agent.New(cfg)
+	defer a.Close() // after the server has stopped: ends a simulation in progress
+	a.Register(srv)
 	log.Info("example agent serving", "listen", *listen)
 	return serveUntil(ctx, srv, lis, log)
 }

@@ -119,7 +119,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			// configurations (talosctl config new), as in Talos.
 			acfg.ClientCA.Cert, acfg.ClientCA.Key = caCert, caKey
 		}
-		agent.New(acfg).Register(agentSrv)
+		a := agent.New(acfg)
+		defer a.Close() // after the servers have stopped (g.Wait below)
+		a.Register(agentSrv)
 		g.Go(func() error { return serveUntil(ctx, agentSrv, agentLis, log) })
 
 		cfg := gateway.Default()

@@ -1,0 +1,213 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// SimulatedServices are the IDs of the services the agent pretends to run.
+// They are simulated: no process stands behind them, and starting or
+// stopping one only changes its state and publishes the events Talos would.
+// The "-sim" suffix keeps them from being taken for real Talos services.
+var SimulatedServices = []string{"cri-sim", "etcd-sim", "kubelet-sim"}
+
+// maxServiceHistory bounds each service's event history, as Talos does.
+const maxServiceHistory = 64
+
+// simService is the state of one simulated service; Server.mu guards it.
+type simService struct {
+	id      string
+	state   machine.ServiceStateEvent_Action
+	health  *machine.ServiceHealth
+	history []*machine.ServiceEvent // oldest first
+}
+
+func newSimServices(ids []string) []*simService {
+	out := make([]*simService, len(ids))
+	for i, id := range ids {
+		out[i] = &simService{id: id, state: machine.ServiceStateEvent_INITIALIZED, health: unknownHealth(time.Now())}
+	}
+	return out
+}
+
+// ServiceList reports the simulated services, sorted by ID, with their state,
+// health and latest events.
+func (s *Server) ServiceList(ctx context.Context, _ *emptypb.Empty) (_ *machine.ServiceListResponse, err error) {
+	defer s.logCall(ctx, "ServiceList", time.Now(), &err)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	list := &machine.ServiceList{}
+	for _, svc := range s.services {
+		list.Services = append(list.Services, &machine.ServiceInfo{
+			Id:     svc.id,
+			State:  stateName(svc.state),
+			Events: &machine.ServiceEvents{Events: cloneAll(svc.history)},
+			Health: proto.CloneOf(svc.health),
+		})
+	}
+	return &machine.ServiceListResponse{Messages: []*machine.ServiceList{list}}, nil
+}
+
+// ServiceStart starts a simulated service (Preparing, Running, then a
+// successful health check); starting a running service changes nothing.
+func (s *Server) ServiceStart(ctx context.Context, req *machine.ServiceStartRequest) (_ *machine.ServiceStartResponse, err error) {
+	defer s.logCall(ctx, "ServiceStart", time.Now(), &err)
+	resp, err := s.changeService(req.GetId(), "start")
+	if err != nil {
+		return nil, err
+	}
+	return &machine.ServiceStartResponse{Messages: []*machine.ServiceStart{{Resp: resp}}}, nil
+}
+
+// ServiceStop stops a simulated service (Stopping, then Finished); stopping
+// a stopped service changes nothing.
+func (s *Server) ServiceStop(ctx context.Context, req *machine.ServiceStopRequest) (_ *machine.ServiceStopResponse, err error) {
+	defer s.logCall(ctx, "ServiceStop", time.Now(), &err)
+	resp, err := s.changeService(req.GetId(), "stop")
+	if err != nil {
+		return nil, err
+	}
+	return &machine.ServiceStopResponse{Messages: []*machine.ServiceStop{{Resp: resp}}}, nil
+}
+
+// ServiceRestart stops a running simulated service and starts it again; as
+// in Talos, restarting a stopped service starts it.
+func (s *Server) ServiceRestart(ctx context.Context, req *machine.ServiceRestartRequest) (_ *machine.ServiceRestartResponse, err error) {
+	defer s.logCall(ctx, "ServiceRestart", time.Now(), &err)
+	resp, err := s.changeService(req.GetId(), "restart")
+	if err != nil {
+		return nil, err
+	}
+	return &machine.ServiceRestartResponse{Messages: []*machine.ServiceRestart{{Resp: resp}}}, nil
+}
+
+// changeService applies action ("start", "stop" or "restart") to the
+// service id and returns the reply text. The state changes happen at once,
+// while s.mu is held, so that their events are published in order and
+// ServiceList never shows a half-done change.
+func (s *Server) changeService(id, action string) (string, error) {
+	if id == "" {
+		return "", status.Error(codes.InvalidArgument, "service id is required")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	svc := s.service(id)
+	if svc == nil {
+		return "", status.Errorf(codes.NotFound, "service %q not found: the example agent simulates only %s",
+			id, strings.Join(SimulatedServices, ", "))
+	}
+	if s.sequence != "" {
+		return "", status.Errorf(codes.FailedPrecondition, "cannot %s service %q: a simulated %s (actor %s) is in progress",
+			action, id, s.sequence, s.sequenceActor)
+	}
+	actor := newActorID()
+	running := svc.state == machine.ServiceStateEvent_RUNNING
+	var resp string
+	switch {
+	case action == "start" && running:
+		return fmt.Sprintf("Service %q is already running", id), nil
+	case action == "stop" && !running:
+		return fmt.Sprintf("Service %q is already stopped", id), nil
+	case action == "start":
+		s.startService(svc, actor, "requested through the API")
+		resp = fmt.Sprintf("Service %q started", id)
+	case action == "stop":
+		s.stopService(svc, actor, "requested through the API")
+		resp = fmt.Sprintf("Service %q stopped", id)
+	default: // restart
+		if running {
+			s.stopService(svc, actor, "restart requested through the API")
+		}
+		s.startService(svc, actor, "restart requested through the API")
+		resp = fmt.Sprintf("Service %q restarted", id)
+	}
+	s.log.Info("simulated service "+action, "service", id, "actor_id", actor)
+	return resp, nil
+}
+
+// service returns the simulated service id, or nil; s.mu must be held.
+func (s *Server) service(id string) *simService {
+	i := slices.IndexFunc(s.services, func(svc *simService) bool { return svc.id == id })
+	if i < 0 {
+		return nil
+	}
+	return s.services[i]
+}
+
+// startService walks svc through Preparing and Running to a successful
+// health check; s.mu must be held.
+func (s *Server) startService(svc *simService, actor, why string) {
+	s.setServiceState(svc, actor, machine.ServiceStateEvent_PREPARING, "Simulated start ("+why+"): nothing is executed")
+	s.runService(svc, actor)
+}
+
+// runService moves svc to Running and passes its health check; s.mu must be
+// held.
+func (s *Server) runService(svc *simService, actor string) {
+	s.setServiceState(svc, actor, machine.ServiceStateEvent_RUNNING, "Simulated service running (no process)")
+	now := time.Now()
+	svc.health = &machine.ServiceHealth{Healthy: true, LastChange: timestamppb.New(now)}
+	s.recordServiceEvent(svc, actor, "Health check successful (simulated)", now)
+}
+
+// stopService walks svc through Stopping to Finished; s.mu must be held.
+func (s *Server) stopService(svc *simService, actor, why string) {
+	s.setServiceState(svc, actor, machine.ServiceStateEvent_STOPPING, "Simulated stop ("+why+"): no process to signal")
+	s.setServiceState(svc, actor, machine.ServiceStateEvent_FINISHED, "Service finished (simulated)")
+}
+
+// setServiceState moves svc to state, records msg in its history and
+// publishes a ServiceStateEvent; s.mu must be held. Health is only known
+// while a service runs, so any other state makes it unknown.
+func (s *Server) setServiceState(svc *simService, actor string, state machine.ServiceStateEvent_Action, msg string) {
+	now := time.Now()
+	svc.state = state
+	if state != machine.ServiceStateEvent_RUNNING && !svc.health.GetUnknown() {
+		svc.health = unknownHealth(now)
+	}
+	s.recordServiceEvent(svc, actor, msg, now)
+}
+
+// recordServiceEvent appends msg, in svc's current state and health, to its
+// history and publishes it; s.mu must be held.
+func (s *Server) recordServiceEvent(svc *simService, actor, msg string, at time.Time) {
+	if len(svc.history) == maxServiceHistory {
+		svc.history = slices.Delete(svc.history, 0, 1)
+	}
+	svc.history = append(svc.history, &machine.ServiceEvent{Msg: msg, State: stateName(svc.state), Ts: timestamppb.New(at)})
+	s.publish(actor, &machine.ServiceStateEvent{
+		Service: svc.id,
+		Action:  svc.state,
+		Message: msg,
+		Health:  proto.CloneOf(svc.health),
+	})
+}
+
+func unknownHealth(at time.Time) *machine.ServiceHealth {
+	return &machine.ServiceHealth{Unknown: true, LastChange: timestamppb.New(at)}
+}
+
+// stateName spells a state as Talos does in ServiceInfo: "Running", not
+// "RUNNING".
+func stateName(state machine.ServiceStateEvent_Action) string {
+	name := state.String()
+	return name[:1] + strings.ToLower(name[1:])
+}
+
+func cloneAll[M proto.Message](msgs []M) []M {
+	out := make([]M, len(msgs))
+	for i, m := range msgs {
+		out[i] = proto.CloneOf(m)
+	}
+	return out
+}
