@@ -32,25 +32,10 @@ func ParseTarget(s string) (string, error) {
 	if _, _, err := net.SplitHostPort(t); err == nil {
 		return "", fmt.Errorf("node %q: a node is named without a port", t)
 	}
-	for _, label := range strings.Split(t, ".") {
-		if !validLabel(label) {
-			return "", fmt.Errorf("node %q is neither an IP address nor a DNS name", t)
-		}
+	if !inventory.ValidDNSName(t) {
+		return "", fmt.Errorf("node %q is neither an IP address nor a DNS name", t)
 	}
 	return t, nil
-}
-
-func validLabel(l string) bool {
-	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
-		return false
-	}
-	for i := 0; i < len(l); i++ {
-		c := l[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
 
 // parseItem is ParseTarget that also lets groups (@controlplane) through,

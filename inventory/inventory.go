@@ -98,6 +98,13 @@ func validHost(s string) bool {
 	if _, err := netip.ParseAddr(s); err == nil {
 		return true
 	}
+	return ValidDNSName(s)
+}
+
+// ValidDNSName reports whether s is a DNS name as nodes are named: at most
+// 253 bytes of dot-separated labels of letters, digits, '-' and '_' (not
+// starting or ending with '-'), each 1 to 63 bytes.
+func ValidDNSName(s string) bool {
 	if s == "" || len(s) > 253 {
 		return false
 	}
