@@ -1,0 +1,443 @@
+package test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	clusterapi "github.com/siderolabs/talos/pkg/machinery/api/cluster"
+	"github.com/siderolabs/talos/pkg/machinery/api/common"
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"github.com/siderolabs/talos/pkg/machinery/client"
+	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/pki"
+)
+
+// entries lists a reply's entries as "hostname" or "hostname: error",
+// read through reflection so that one helper serves every reply type.
+func entries(m proto.Message) []string {
+	var out []string
+	if m == nil {
+		return nil
+	}
+	r := m.ProtoReflect()
+	f := r.Descriptor().Fields().ByName("messages")
+	if f == nil {
+		md := metadataOf(r)
+		return []string{describeEntry(md)}
+	}
+	list := r.Get(f).List()
+	for i := range list.Len() {
+		out = append(out, describeEntry(metadataOf(list.Get(i).Message())))
+	}
+	return out
+}
+
+func metadataOf(r protoreflect.Message) *common.Metadata {
+	f := r.Descriptor().Fields().ByName("metadata")
+	if f == nil || !r.Has(f) {
+		return nil
+	}
+	md, _ := r.Get(f).Message().Interface().(*common.Metadata)
+	return md
+}
+
+func describeEntry(md *common.Metadata) string {
+	if md.GetError() != "" {
+		return md.GetHostname() + ": error"
+	}
+	return md.GetHostname()
+}
+
+// TestDemoClusterAPI drives the demo (four nodes: three control-plane, one
+// worker) through the cluster-aware parts of the API with the official Go
+// client: groups, client configuration, the cluster health check, and the
+// agent's everyday methods fanned out with a node down.
+func TestDemoClusterAPI(t *testing.T) {
+	c := startDemo(t, 81, 4)
+	cl := c.client(t, c.endpoint(0))
+	dead := "127.0.81.99"
+
+	t.Run("groups expand to inventory names", func(t *testing.T) {
+		for _, tc := range []struct {
+			nodes []string
+			want  string
+		}{
+			{[]string{"@controlplane"}, "node-1,node-2,node-3"},
+			{[]string{"@workers"}, "node-4"},
+			{[]string{"@all"}, "node-1,node-2,node-3,node-4"},
+			{[]string{"@zone=zone-b"}, "node-2,node-4"},
+			{[]string{"node-4", "@controlplane", "node-1"}, "node-4,node-1,node-2,node-3"},
+			// Named by address, stamped with exactly what was sent.
+			{[]string{c.nodes[1], "node-3"}, c.nodes[1] + ",node-3"},
+			// A name nobody knows is its own NOT_FOUND entry.
+			{[]string{"node-1", "node-9"}, "node-1,node-9: error"},
+		} {
+			resp, err := cl.MachineClient.Version(client.WithNodes(testContext(t), tc.nodes...), &emptypb.Empty{})
+			if err != nil {
+				t.Fatalf("%v: %v", tc.nodes, err)
+			}
+			if got := strings.Join(entries(resp), ","); got != tc.want {
+				t.Errorf("%v: entries %s, want %s", tc.nodes, got, tc.want)
+			}
+		}
+		resp, _ := cl.MachineClient.Version(client.WithNodes(testContext(t), "node-9"), &emptypb.Empty{})
+		if e := resp.GetMessages()[0].GetMetadata().GetError(); !strings.Contains(e, `node "node-9" is not in the inventory`) {
+			t.Errorf("node-9 entry: %q", e)
+		}
+		_, err := cl.Version(client.WithNodes(testContext(t), "@controlplanes"))
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "known groups are @all, @controlplane, @workers, @zone=zone-a, @zone=zone-b") {
+			t.Errorf("unknown group: %v", err)
+		}
+	})
+
+	t.Run("config new issues a client with exactly the roles asked", func(t *testing.T) {
+		resp, err := cl.GenerateClientConfiguration(client.WithNodes(testContext(t), "node-1"), &machine.GenerateClientConfigurationRequest{
+			Roles: []string{"os:reader"}, CrtTtl: durationpb.New(24 * time.Hour),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		gen := resp.GetMessages()[0]
+		cfg, err := clientconfig.FromBytes(gen.GetTalosconfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := cfg.Contexts[cfg.Context]
+		var endpoints []string
+		for i := range c.nodes {
+			endpoints = append(endpoints, c.endpoint(i))
+		}
+		if cfg.Context != "reader@apid-demo" || !slices.Equal(ctx.Endpoints, endpoints) {
+			t.Errorf("talosconfig context %q endpoints %v, want reader@apid-demo and %v", cfg.Context, ctx.Endpoints, endpoints)
+		}
+		block, _ := pem.Decode(gen.GetCrt())
+		crt, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(crt.Subject.Organization, []string{"os:reader"}) || crt.NotAfter.After(time.Now().Add(25*time.Hour)) {
+			t.Errorf("certificate roles %v until %s", crt.Subject.Organization, crt.NotAfter)
+		}
+		// The new client works through apid, as a reader and no more.
+		ctx.Endpoints = []string{c.endpoint(1)}
+		reader, err := client.New(context.Background(), client.WithConfig(cfg))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer reader.Close()
+		if _, err := reader.Version(client.WithNodes(testContext(t), "@all")); err != nil {
+			t.Errorf("reader Version: %v", err)
+		}
+		if err := reader.Reboot(client.WithNodes(testContext(t), "node-2")); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("reader Reboot: %v, want PermissionDenied", err)
+		}
+		// Admin-only: the reader cannot mint itself an admin.
+		if _, err := reader.GenerateClientConfiguration(client.WithNodes(testContext(t), "node-1"), &machine.GenerateClientConfigurationRequest{
+			Roles: []string{"os:admin"}, CrtTtl: durationpb.New(time.Hour)}); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("reader GenerateClientConfiguration: %v, want PermissionDenied", err)
+		}
+
+		for _, tc := range []struct {
+			node  string
+			req   *machine.GenerateClientConfigurationRequest
+			code  codes.Code
+			words string
+		}{
+			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:raeder"}, CrtTtl: durationpb.New(time.Hour)}, codes.InvalidArgument, `unknown role "os:raeder"`},
+			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:impersonator"}, CrtTtl: durationpb.New(time.Hour)}, codes.InvalidArgument, "for apid nodes"},
+			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}, CrtTtl: durationpb.New(400 * 24 * time.Hour)}, codes.InvalidArgument, "longer than the 8760h0m0s"},
+			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}}, codes.InvalidArgument, "crt_ttl should be positive"},
+			{"node-4", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}, CrtTtl: durationpb.New(time.Hour)}, codes.FailedPrecondition, "no client CA"},
+		} {
+			_, err := cl.GenerateClientConfiguration(client.WithNode(testContext(t), tc.node), tc.req)
+			if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.words) {
+				t.Errorf("%s %v: %v, want %s %q", tc.node, tc.req, err, tc.code, tc.words)
+			}
+		}
+	})
+
+	health := func(t *testing.T, wait time.Duration, info *clusterapi.ClusterInfo) (lines []string, failure string) {
+		t.Helper()
+		stream, err := cl.ClusterHealthCheck(client.WithNode(testContext(t), "node-2"), wait, info)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			msg, err := stream.Recv()
+			if err == io.EOF {
+				return lines, failure
+			}
+			if err != nil {
+				t.Fatalf("health: %v", err)
+			}
+			lines = append(lines, msg.GetMessage())
+			if e := msg.GetMetadata().GetError(); e != "" {
+				failure = e
+			}
+		}
+	}
+
+	t.Run("health of the inventory passes", func(t *testing.T) {
+		lines, failure := health(t, 20*time.Second, &clusterapi.ClusterInfo{})
+		if failure != "" || lines[0] != "checking 4 nodes through apid: node-1, node-2, node-3, node-4" || lines[len(lines)-1] != "all checks passed" {
+			t.Fatalf("failure %q\n%s", failure, strings.Join(lines, "\n"))
+		}
+	})
+
+	t.Run("health with a node down fails within wait_timeout, naming it", func(t *testing.T) {
+		start := time.Now()
+		lines, failure := health(t, 3*time.Second, &clusterapi.ClusterInfo{ControlPlaneNodes: []string{"node-1", dead}, WorkerNodes: []string{"node-4"}})
+		if !strings.Contains(failure, "node "+dead+" does not answer through apid within 3s (check: reachability)") {
+			t.Fatalf("failure %q\n%s", failure, strings.Join(lines, "\n"))
+		}
+		if took := time.Since(start); took > 10*time.Second {
+			t.Errorf("took %s for a wait of 3s", took)
+		}
+	})
+
+	t.Run("health as a caller without roles is refused", func(t *testing.T) {
+		nobody := c.clientWithRoles(t, "nobody", "os:nothing")
+		stream, err := nobody.ClusterHealthCheck(testContext(t), time.Second, &clusterapi.ClusterInfo{})
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		if status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("health without roles: %v", err)
+		}
+	})
+
+	t.Run("new methods fan out with a node down", func(t *testing.T) {
+		nodes := []string{"node-1", "node-3", dead}
+		want := "node-1,node-3," + dead + ": error"
+		unary := map[string]func(ctx context.Context) (proto.Message, error){
+			"ServiceList": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.ServiceList(ctx, &emptypb.Empty{})
+			},
+			"Processes": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Processes(ctx, &emptypb.Empty{})
+			},
+			"Mounts": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Mounts(ctx, &emptypb.Empty{})
+			},
+			"LoadAvg": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.LoadAvg(ctx, &emptypb.Empty{})
+			},
+			"SystemStat": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.SystemStat(ctx, &emptypb.Empty{})
+			},
+			"CPUInfo": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.CPUInfo(ctx, &emptypb.Empty{})
+			},
+			"NetworkDeviceStats": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.NetworkDeviceStats(ctx, &emptypb.Empty{})
+			},
+			"DiskStats": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.DiskStats(ctx, &emptypb.Empty{})
+			},
+			"Netstat": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Netstat(ctx, &machine.NetstatRequest{Filter: machine.NetstatRequest_LISTENING})
+			},
+			"ServiceRestart": func(ctx context.Context) (proto.Message, error) {
+				list, err := cl.MachineClient.ServiceList(client.WithNode(ctx, "node-1"), &emptypb.Empty{})
+				if err != nil || len(list.GetMessages()) == 0 || len(list.GetMessages()[0].GetServices()) == 0 {
+					return nil, fmt.Errorf("no service to restart: %v", err)
+				}
+				return cl.MachineClient.ServiceRestart(ctx, &machine.ServiceRestartRequest{Id: list.GetMessages()[0].GetServices()[0].GetId()})
+			},
+			"Upgrade": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Upgrade(ctx, &machine.UpgradeRequest{Image: "example/installer:v0"})
+			},
+			"Time": func(ctx context.Context) (proto.Message, error) { return cl.TimeClient.Time(ctx, &emptypb.Empty{}) },
+			"Version": func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Version(ctx, &emptypb.Empty{})
+			},
+		}
+		for name, call := range unary {
+			resp, err := call(client.WithNodes(testContext(t), nodes...))
+			if err != nil {
+				t.Errorf("%s: %v", name, err)
+				continue
+			}
+			if got := strings.Join(entries(resp), ","); got != want {
+				t.Errorf("%s: entries %s, want %s", name, got, want)
+			}
+		}
+
+		// Streams: each node's messages arrive stamped, the dead node is
+		// one error message.
+		streams := map[string]func(ctx context.Context) (grpc.ClientStream, func() (proto.Message, error), error){
+			"List": func(ctx context.Context) (grpc.ClientStream, func() (proto.Message, error), error) {
+				s, err := cl.MachineClient.List(ctx, &machine.ListRequest{Root: "/proc/self"})
+				return s, func() (proto.Message, error) { return s.Recv() }, err
+			},
+			"DiskUsage": func(ctx context.Context) (grpc.ClientStream, func() (proto.Message, error), error) {
+				s, err := cl.MachineClient.DiskUsage(ctx, &machine.DiskUsageRequest{Paths: []string{"/proc/self/fd"}})
+				return s, func() (proto.Message, error) { return s.Recv() }, err
+			},
+			"Events": func(ctx context.Context) (grpc.ClientStream, func() (proto.Message, error), error) {
+				s, err := cl.MachineClient.Events(ctx, &machine.EventsRequest{TailEvents: 3})
+				return s, func() (proto.Message, error) { return s.Recv() }, err
+			},
+		}
+		for name, open := range streams {
+			ctx, cancel := context.WithTimeout(client.WithNodes(testContext(t), nodes...), 3*time.Second)
+			_, recv, err := open(ctx)
+			if err != nil {
+				cancel()
+				t.Errorf("%s: %v", name, err)
+				continue
+			}
+			seen := map[string]bool{}
+			for {
+				m, err := recv()
+				if err != nil {
+					// Events follow until the deadline; the others end.
+					if err != io.EOF && !(name == "Events" && status.Code(err) == codes.DeadlineExceeded) {
+						t.Errorf("%s: %v", name, err)
+					}
+					break
+				}
+				for _, e := range entries(m) {
+					seen[e] = true
+				}
+				if name == "Events" && len(seen) == 3 {
+					break
+				}
+			}
+			cancel()
+			var got []string
+			for e := range seen {
+				got = append(got, e)
+			}
+			slices.Sort(got)
+			if strings.Join(got, ",") != dead+": error,node-1,node-3" {
+				t.Errorf("%s: entries %v", name, got)
+			}
+		}
+
+		// A simulated shutdown refuses to start while the upgrade above is
+		// still being simulated (it comes last: a shut-down node stops its services): try until it starts.
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			resp, err := cl.MachineClient.Shutdown(client.WithNodes(testContext(t), nodes...), &machine.ShutdownRequest{})
+			if err != nil {
+				t.Fatalf("Shutdown: %v", err)
+			}
+			got := strings.Join(entries(resp), ",")
+			if got == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("Shutdown: entries %s, want %s", got, want)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+
+	})
+
+	t.Run("reboot completes as talosctl waits for it", func(t *testing.T) {
+		// What talosctl reboot (default --wait) does, through apid: watch the
+		// node's events, reboot it, wait for the machine to be ready again,
+		// then compare boot ids (unreadable: the reboot is simulated).
+		ctx, cancel := context.WithTimeout(client.WithNode(context.Background(), "node-2"), 20*time.Second)
+		defer cancel()
+		events := make(chan client.EventResult)
+		if err := cl.EventsWatchV2(ctx, events); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := cl.RebootWithResponse(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		actor := resp.GetMessages()[0].GetActorId()
+		var seen []string
+		for ready := false; !ready; {
+			select {
+			case ev := <-events:
+				if ev.Error != nil {
+					t.Fatalf("events: %v", ev.Error)
+				}
+				switch p := ev.Event.Payload.(type) {
+				case *machine.SequenceEvent:
+					if ev.Event.ActorID == actor {
+						seen = append(seen, p.GetSequence()+" "+p.GetAction().String())
+					}
+				case *machine.MachineStatusEvent:
+					ready = p.GetStage() == machine.MachineStatusEvent_RUNNING && p.GetStatus().GetReady()
+				}
+			case <-ctx.Done():
+				t.Fatalf("no ready event after the reboot; sequences seen %v", seen)
+			}
+		}
+		if len(seen) == 0 || seen[0] != "reboot START" {
+			t.Errorf("sequences of actor %s: %v", actor, seen)
+		}
+		r, err := cl.Read(ctx, "/proc/sys/kernel/random/boot_id")
+		if err == nil {
+			_, err = io.ReadAll(r)
+			r.Close()
+		}
+		if status.Code(err) != codes.PermissionDenied {
+			t.Errorf("boot id: %v, want PermissionDenied", err)
+		}
+	})
+
+	t.Run("services apid does not know pass through untouched", func(t *testing.T) {
+		// The example agent serves no InspectService or StorageService:
+		// its own Unimplemented comes back, one-to-one and per node.
+		_, err := cl.InspectClient.ControllerRuntimeDependencies(client.WithNode(testContext(t), "node-2"), &emptypb.Empty{})
+		if status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "inspect.InspectService") {
+			t.Errorf("Inspect one-to-one: %v", err)
+		}
+		resp, err := cl.InspectClient.ControllerRuntimeDependencies(client.WithNodes(testContext(t), "node-1", "node-2"), &emptypb.Empty{})
+		if got := strings.Join(entries(resp), ","); err != nil || got != "node-1: error,node-2: error" {
+			t.Errorf("Inspect fan-out: entries %s, %v", got, err)
+		}
+		if _, err := cl.Disks(client.WithNode(testContext(t), "node-3")); status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "storage.StorageService") {
+			t.Errorf("Storage one-to-one: %v", err)
+		}
+	})
+}
+
+// clientWithRoles is an official client of the demo whose certificate,
+// from the demo's CA, carries roles.
+func (c *cluster) clientWithRoles(t *testing.T, cn string, roles ...string) *client.Client {
+	t.Helper()
+	ca, err := pki.ReadCA(filepath.Join(c.dir, "ca.crt"), filepath.Join(c.dir, "ca.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, keyPEM, err := ca.IssueClient(cn, roles, time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	cl, err := client.New(context.Background(), client.WithEndpoints(c.endpoint(0)), client.WithTLSConfig(clientTLS(pool, &pair)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
