@@ -14,11 +14,13 @@ package clusterhealth
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/cluster"
@@ -26,6 +28,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -38,21 +41,28 @@ type Dialer interface {
 	Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error)
 }
 
-// Config bounds what the check accepts.
+// Config bounds what the check accepts and costs.
 type Config struct {
 	// MaxClockSkew is how far a node's clock may be from apid's.
 	MaxClockSkew time.Duration
 	// CertificateDays fails the check for a node certificate that expires
 	// within this many days.
 	CertificateDays int
+	// MaxWait caps the wait a request asks for (talosctl's default is
+	// 20 minutes): a check keeps asking its pending nodes once a second
+	// until then.
+	MaxWait time.Duration
+	// MaxNodes bounds the nodes one check covers (apid's maxNodes).
+	MaxNodes int
+	// MaxRunning bounds the checks running at once on this apid; more get
+	// RESOURCE_EXHAUSTED.
+	MaxRunning int
 }
 
 // Defaults of a request.
 const (
 	// DefaultWaitTimeout applies when the request sets none.
 	DefaultWaitTimeout = time.Minute
-	// maxNodes bounds the nodes one check may name.
-	maxNodes = 1000
 	// parallel bounds the nodes asked at once.
 	parallel = 32
 	// attemptTimeout bounds one call to one node.
@@ -73,13 +83,25 @@ type Server struct {
 	config func() Config
 	// self is the certificate this apid serves: the local node's.
 	self func() *x509.Certificate
-	now  func() time.Time
+	// authorize says whether the caller in ctx may call a method: the
+	// local node's agent is reached without apid's authorizer in between
+	// (other nodes' apid apply their own), so the check asks first.
+	authorize func(ctx context.Context, fullMethod string) error
+	now       func() time.Time
+	running   atomic.Int64
 }
 
-// New returns a Server.
-func New(dial Dialer, nodes func() (controlPlane, workers []string), config func() Config, self func() *x509.Certificate) *Server {
-	return &Server{dial: dial, nodes: nodes, config: config, self: self, now: time.Now}
+// New returns a Server. authorize may be nil (every call allowed: tests).
+func New(dial Dialer, nodes func() (controlPlane, workers []string), config func() Config, self func() *x509.Certificate,
+	authorize func(ctx context.Context, fullMethod string) error) *Server {
+	return &Server{dial: dial, nodes: nodes, config: config, self: self, authorize: authorize, now: time.Now}
 }
+
+// Methods the check calls on every node.
+const (
+	methodVersion = "/machine.MachineService/Version"
+	methodTime    = "/time.TimeService/Time"
+)
 
 // Register adds the service to g.
 func (s *Server) Register(g *grpc.Server) { cluster.RegisterClusterServiceServer(g, s) }
@@ -94,9 +116,18 @@ type answer struct {
 // HealthCheck implements cluster.ClusterServiceServer.
 func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.ClusterService_HealthCheckServer) error {
 	cfg := s.config()
+	if n := s.running.Add(1); cfg.MaxRunning > 0 && n > int64(cfg.MaxRunning) {
+		s.running.Add(-1)
+		return status.Errorf(codes.ResourceExhausted, "%d cluster health checks are running on this apid already: try again later", cfg.MaxRunning)
+	}
+	defer s.running.Add(-1)
 	wait := req.GetWaitTimeout().AsDuration()
 	if wait <= 0 {
 		wait = DefaultWaitTimeout
+	}
+	capped := cfg.MaxWait > 0 && wait > cfg.MaxWait
+	if capped {
+		wait = cfg.MaxWait
 	}
 	ctx, cancel := context.WithTimeout(stream.Context(), wait)
 	defer cancel()
@@ -107,17 +138,46 @@ func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.Clu
 		return r.fail(err.Error())
 	}
 	r.say("checking %d nodes through apid: %s", len(nodes), strings.Join(nodes, ", "))
-	answers, err := r.reachable(nodes)
-	if err != nil {
+	if capped {
+		r.say("waiting at most %s (this apid's health.maxWait), not the %s asked for", wait, req.GetWaitTimeout().AsDuration())
+	}
+	if _, err := r.reachable(nodes); err != nil {
 		return r.fail(err.Error())
+	}
+	// Each round asks the nodes again: a cluster that converges (an
+	// upgrade finishing, a certificate renewed) passes within the wait.
+	versions := func() (map[string]answer, error) {
+		answers := r.each(nodes, r.version)
+		for _, n := range nodes {
+			if a := answers[n]; a.err != nil {
+				err := fmt.Errorf("node %s stopped answering through apid (check: reachability): %s", n, describe(a.err))
+				if status.Code(a.err) == codes.PermissionDenied {
+					return nil, final{err}
+				}
+				return nil, err
+			}
+		}
+		return answers, nil
 	}
 	for _, step := range []struct {
 		what  string
 		check func() error
 	}{
-		{"all nodes to report the same version", func() error { return sameVersion(nodes, answers) }},
+		{"all nodes to report the same version", func() error {
+			answers, err := versions()
+			if err != nil {
+				return err
+			}
+			return sameVersion(nodes, answers)
+		}},
 		{fmt.Sprintf("node clocks to agree within %s", cfg.MaxClockSkew), func() error { return r.clocks(nodes) }},
-		{fmt.Sprintf("node certificates to be valid for %d more days", cfg.CertificateDays), func() error { return r.certificates(nodes, answers) }},
+		{fmt.Sprintf("node certificates to be valid for %d more days", cfg.CertificateDays), func() error {
+			answers, err := versions()
+			if err != nil {
+				return err
+			}
+			return r.certificates(nodes, answers)
+		}},
 	} {
 		if err := r.retry(step.what, step.check); err != nil {
 			return r.fail(err.Error())
@@ -177,8 +237,8 @@ func (r *run) nodesOf(info *cluster.ClusterInfo) ([]string, error) {
 	switch {
 	case len(out) == 0:
 		return nil, fmt.Errorf("no nodes to check: name them (talosctl health --control-plane-nodes, --worker-nodes) or give apid an inventory")
-	case len(out) > maxNodes:
-		return nil, fmt.Errorf("%d nodes from %s: at most %d are checked at once", len(out), from, maxNodes)
+	case r.cfg.MaxNodes > 0 && len(out) > r.cfg.MaxNodes:
+		return nil, fmt.Errorf("%d nodes from %s: at most %d (maxNodes) are checked at once", len(out), from, r.cfg.MaxNodes)
 	}
 	return out, nil
 }
@@ -209,12 +269,22 @@ func (r *run) reachable(nodes []string) (map[string]answer, error) {
 			return got, nil
 		}
 		first := waiting[0]
+		// A caller that may not ask will not be allowed by waiting.
+		if err := last[first].err; status.Code(err) == codes.PermissionDenied {
+			return nil, fmt.Errorf("node %s (check: reachability): %s", first, describe(err))
+		}
 		r.say("waiting for %s: %d of %d answered; %s: %s", what, len(nodes)-len(waiting), len(nodes), first, describe(last[first].err))
 		if !r.pause() {
 			return nil, fmt.Errorf("node %s does not answer through apid within %s (check: reachability): %s", first, r.wait, describe(last[first].err))
 		}
 	}
 }
+
+// final marks an error that waiting cannot change (the caller may not
+// make a call): the check ends at once.
+type final struct{ error }
+
+func (f final) Unwrap() error { return f.error }
 
 // retry runs check until it passes or the wait is over.
 func (r *run) retry(what string, check func() error) error {
@@ -225,7 +295,7 @@ func (r *run) retry(what string, check func() error) error {
 			return nil
 		}
 		r.say("waiting for %s: %v", what, err)
-		if !r.pause() {
+		if errors.As(err, new(final)) || !r.pause() {
 			return err
 		}
 	}
@@ -265,8 +335,14 @@ func (r *run) each(nodes []string, ask func(node string) answer) map[string]answ
 	return out
 }
 
-// call runs fn on a connection to node, with one attempt's deadline.
-func (r *run) call(node string, fn func(ctx context.Context, cc grpc.ClientConnInterface) error) error {
+// call runs fn, a call of method, on a connection to node, with one
+// attempt's deadline, if the caller may call method.
+func (r *run) call(node, method string, fn func(ctx context.Context, cc grpc.ClientConnInterface) error) error {
+	if r.s.authorize != nil {
+		if err := r.s.authorize(r.ctx, method); err != nil {
+			return err
+		}
+	}
 	ctx, cancel := context.WithTimeout(r.ctx, attemptTimeout)
 	defer cancel()
 	callCtx, cc, release, err := r.s.dial.Dial(ctx, node)
@@ -282,7 +358,7 @@ func (r *run) call(node string, fn func(ctx context.Context, cc grpc.ClientConnI
 // version asks node its version, and notes the certificate it presented.
 func (r *run) version(node string) answer {
 	var a answer
-	a.err = r.call(node, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+	a.err = r.call(node, methodVersion, func(ctx context.Context, cc grpc.ClientConnInterface) error {
 		var p peer.Peer
 		resp, err := machine.NewMachineServiceClient(cc).Version(ctx, &emptypb.Empty{}, grpc.Peer(&p))
 		if err != nil {
@@ -346,7 +422,7 @@ func (r *run) clocks(nodes []string) error {
 	skews := map[string]skew{}
 	r.each(nodes, func(node string) answer {
 		var sk skew
-		sk.err = r.call(node, func(ctx context.Context, cc grpc.ClientConnInterface) error {
+		sk.err = r.call(node, methodTime, func(ctx context.Context, cc grpc.ClientConnInterface) error {
 			before := r.s.now()
 			resp, err := timeapi.NewTimeServiceClient(cc).Time(ctx, &emptypb.Empty{})
 			after := r.s.now()
@@ -368,7 +444,11 @@ func (r *run) clocks(nodes []string) error {
 	for _, n := range nodes {
 		sk := skews[n]
 		if sk.err != nil {
-			return fmt.Errorf("node %s: cannot read its clock (check: clock): %s", n, describe(sk.err))
+			err := fmt.Errorf("node %s: cannot read its clock (check: clock): %s", n, describe(sk.err))
+			if status.Code(sk.err) == codes.PermissionDenied {
+				return final{err}
+			}
+			return err
 		}
 		if sk.d > r.cfg.MaxClockSkew || -sk.d > r.cfg.MaxClockSkew {
 			return fmt.Errorf("node %s: clock is %s off apid's, more than %s (check: clock)", n, sk.d.Round(time.Millisecond), r.cfg.MaxClockSkew)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -31,10 +32,17 @@ type fakeNode struct {
 	timeapi.UnimplementedTimeServiceServer
 	tag  string
 	skew time.Duration
+	// upgraded, when set, is the tag reported from then on.
+	upgraded   string
+	upgradedAt time.Time
 }
 
 func (n *fakeNode) Version(context.Context, *emptypb.Empty) (*machine.VersionResponse, error) {
-	return &machine.VersionResponse{Messages: []*machine.Version{{Version: &machine.VersionInfo{Tag: n.tag}}}}, nil
+	tag := n.tag
+	if n.upgraded != "" && time.Now().After(n.upgradedAt) {
+		tag = n.upgraded
+	}
+	return &machine.VersionResponse{Messages: []*machine.Version{{Version: &machine.VersionInfo{Tag: tag}}}}, nil
 }
 
 func (n *fakeNode) Time(context.Context, *emptypb.Empty) (*timeapi.TimeResponse, error) {
@@ -114,11 +122,13 @@ func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []st
 }
 
 func newServer(addrs map[string]string, nodes func() ([]string, []string), self *x509.Certificate) *Server {
-	return New(dialer{addrs: addrs}, nodes, func() Config { return Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30} },
-		func() *x509.Certificate { return self })
+	return New(dialer{addrs: addrs}, nodes, func() Config { return testConfig }, func() *x509.Certificate { return self }, nil)
 }
 
+var testConfig = Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: time.Minute, MaxNodes: 10, MaxRunning: 2}
+
 func TestHealthyCluster(t *testing.T) {
+	t.Parallel()
 	addrs := map[string]string{
 		"cp-1": serveNode(t, &fakeNode{tag: "v1.13.9"}),
 		"cp-2": serveNode(t, &fakeNode{tag: "v1.13.9", skew: 500 * time.Millisecond}),
@@ -149,6 +159,7 @@ func TestHealthyCluster(t *testing.T) {
 }
 
 func TestUnhealthyClusters(t *testing.T) {
+	t.Parallel()
 	good := serveNode(t, &fakeNode{tag: "v1.13.9"})
 	// A port nothing listens on (1, tcpmux, is unused on Linux): a node
 	// that is down.
@@ -167,7 +178,7 @@ func TestUnhealthyClusters(t *testing.T) {
 		{"versions", map[string]string{"cp-1": good, "cp-2": serveNode(t, &fakeNode{tag: "v1.12.0"}), "w-1": good}, year,
 			"nodes report different versions (check: version): most run v1.13.9; cp-2 runs v1.12.0"},
 		{"clock", map[string]string{"cp-1": good, "cp-2": serveNode(t, &fakeNode{tag: "v1.13.9", skew: -10 * time.Second})}, year,
-			"node cp-2: clock is -10s off apid's, more than 2s (check: clock)"},
+			"off apid's, more than 2s (check: clock)"},
 		{"certificate", map[string]string{"cp-1": good, "cp-2": good}, cert(time.Now().Add(10 * 24 * time.Hour)),
 			"node cp-1: certificate \"node\" expires"},
 	} {
@@ -192,9 +203,126 @@ func TestUnhealthyClusters(t *testing.T) {
 }
 
 func TestNoNodes(t *testing.T) {
+	t.Parallel()
 	s := newServer(nil, func() ([]string, []string) { return nil, nil }, nil)
 	_, failure := check(t, s, &cluster.HealthCheckRequest{})
 	if !strings.Contains(failure, "no nodes to check") {
 		t.Fatalf("failure %q", failure)
 	}
+}
+
+// TestConvergingClusterPasses: the nodes are asked again in each round, so
+// a node that finishes its upgrade within the wait passes the check.
+func TestConvergingClusterPasses(t *testing.T) {
+	t.Parallel()
+	addrs := map[string]string{
+		"cp-1": serveNode(t, &fakeNode{tag: "v1.13.9"}),
+		"cp-2": serveNode(t, &fakeNode{tag: "v1.13.8", upgraded: "v1.13.9", upgradedAt: time.Now().Add(1500 * time.Millisecond)}),
+	}
+	s := newServer(addrs, func() ([]string, []string) { return []string{"cp-1", "cp-2"}, nil }, cert(time.Now().Add(365*24*time.Hour)))
+	lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(10 * time.Second)})
+	if failure != "" || !strings.Contains(strings.Join(lines, "\n"), "nodes report different versions") || lines[len(lines)-1] != "all checks passed" {
+		t.Fatalf("failure %q\n%s", failure, strings.Join(lines, "\n"))
+	}
+}
+
+// TestCheckBounds: the wait is capped, the nodes are bounded, the checks
+// running at once are bounded, and what the caller may not call ends the
+// check at once.
+func TestCheckBounds(t *testing.T) {
+	t.Parallel()
+	good := serveNode(t, &fakeNode{tag: "v1.13.9"})
+	year := cert(time.Now().Add(365 * 24 * time.Hour))
+	cfg := testConfig
+	cfg.MaxWait = time.Second
+	s := New(dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, nil, func() Config { return cfg },
+		func() *x509.Certificate { return year }, nil)
+
+	start := time.Now()
+	lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(time.Hour),
+		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1", "cp-2"}}})
+	if !strings.Contains(failure, "within 1s") || lines[1] != "waiting at most 1s (this apid's health.maxWait), not the 1h0m0s asked for" {
+		t.Fatalf("capped wait: %q\n%s", failure, strings.Join(lines, "\n"))
+	}
+	if took := time.Since(start); took > 1*time.Second+attemptTimeout {
+		t.Errorf("took %s", took)
+	}
+
+	many := make([]string, 11)
+	for i := range many {
+		many[i] = fmt.Sprintf("n-%d", i)
+	}
+	if _, failure := check(t, s, &cluster.HealthCheckRequest{ClusterInfo: &cluster.ClusterInfo{WorkerNodes: many}}); !strings.Contains(failure, "at most 10 (maxNodes)") {
+		t.Errorf("11 nodes: %q", failure)
+	}
+
+	// Two checks waiting on a dead node fill MaxRunning (2): a third is
+	// refused.
+	cfg.MaxWait = 3 * time.Second
+	done := make(chan struct{}, 2)
+	for range 2 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			check(t, s, &cluster.HealthCheckRequest{ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-2"}}})
+		}()
+	}
+	if !waitUntil(func() bool { return s.running.Load() == 2 }) {
+		t.Fatal("the two checks did not start")
+	}
+	_, err := checkErr(t, s)
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "2 cluster health checks are running") {
+		t.Errorf("third check: %v", err)
+	}
+	<-done
+	<-done
+
+	// A caller who may not read the time fails at the clock check, now.
+	denyTime := New(dialer{addrs: map[string]string{"cp-1": good}}, nil, func() Config { return testConfig },
+		func() *x509.Certificate { return year }, func(_ context.Context, m string) error {
+			if m == methodTime {
+				return status.Error(codes.PermissionDenied, m+" needs one of the roles os:reader")
+			}
+			return nil
+		})
+	start = time.Now()
+	_, failure = check(t, denyTime, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(30 * time.Second),
+		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1"}}})
+	if !strings.Contains(failure, "node cp-1: cannot read its clock (check: clock): PermissionDenied") || time.Since(start) > 5*time.Second {
+		t.Errorf("denied Time: %q after %s", failure, time.Since(start))
+	}
+}
+
+func waitUntil(cond func() bool) bool {
+	for range 250 {
+		if cond() {
+			return true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return false
+}
+
+// checkErr starts a check and returns the status it ends with before any
+// message.
+func checkErr(t *testing.T, s *Server) (*cluster.HealthCheckProgress, error) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	s.Register(g)
+	go func() { _ = g.Serve(lis) }()
+	defer g.Stop()
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	stream, err := cluster.NewClusterServiceClient(cc).HealthCheck(t.Context(), &cluster.HealthCheckRequest{
+		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1"}}})
+	if err != nil {
+		return nil, err
+	}
+	return stream.Recv()
 }

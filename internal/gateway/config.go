@@ -132,6 +132,13 @@ type HealthConfig struct {
 	// CertificateDays fails the check when a node's certificate expires
 	// within this many days. Default 30.
 	CertificateDays int `yaml:"certificateDays"`
+	// MaxWait caps the wait a check may ask for (talosctl asks 20m by
+	// default): until then it asks its pending nodes once a second.
+	// Default 10m.
+	MaxWait time.Duration `yaml:"maxWait"`
+	// MaxRunning bounds the checks running at once on this apid.
+	// Default 8.
+	MaxRunning int `yaml:"maxRunning"`
 }
 
 // LimitsConfig bounds the memory and connections clients can make apid
@@ -250,7 +257,7 @@ func Default() Config {
 		LogLevel:       "info",
 		LogFormat:      "json",
 		Tracing:        TracingConfig{SampleRatio: 1},
-		Health:         HealthConfig{MaxClockSkew: 2 * time.Second, CertificateDays: 30},
+		Health:         HealthConfig{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: 10 * time.Minute, MaxRunning: 8},
 
 		AdminListen:     "127.0.0.1:50001",
 		DrainDelay:      5 * time.Second,
@@ -377,8 +384,8 @@ func (c Config) validate() (*auth.Policy, error) {
 	if err := c.Inventory.Validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if c.Health.MaxClockSkew <= 0 || c.Health.CertificateDays < 0 {
-		errs = append(errs, errors.New("health: want maxClockSkew > 0 and certificateDays >= 0"))
+	if h := c.Health; h.MaxClockSkew <= 0 || h.CertificateDays < 0 || h.MaxWait <= 0 || h.MaxRunning <= 0 {
+		errs = append(errs, errors.New("health: want maxClockSkew, maxWait and maxRunning > 0 and certificateDays >= 0"))
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)

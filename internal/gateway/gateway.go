@@ -226,9 +226,13 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	)...)
 	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
 	clusterhealth.New(g.router, g.inventoryNodes, func() clusterhealth.Config {
-		h := g.cfg.Load().Health
-		return clusterhealth.Config{MaxClockSkew: h.MaxClockSkew, CertificateDays: h.CertificateDays}
-	}, func() *x509.Certificate { return src.Certificate().Leaf }).Register(g.server)
+		c := g.cfg.Load()
+		return clusterhealth.Config{MaxClockSkew: c.Health.MaxClockSkew, CertificateDays: c.Health.CertificateDays,
+			MaxWait: c.Health.MaxWait, MaxRunning: c.Health.MaxRunning, MaxNodes: c.MaxNodes}
+	}, func() *x509.Certificate { return src.Certificate().Leaf }, func(ctx context.Context, method string) error {
+		_, err := g.authz.Authorize(ctx, method)
+		return err
+	}).Register(g.server)
 
 	go src.Watch(ctx, cfg.ReloadInterval, func() {
 		g.metrics.reloaded("certificates", nil)
