@@ -2,12 +2,15 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
+	"fmt"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/apid/apid/certs"
@@ -19,8 +22,12 @@ import (
 // CA and a talosconfig that reaches the cluster through the configured
 // gateway endpoints. Who may call it is apid's policy (admin-only by
 // default); the agent checks what is asked: known roles only (never
-// os:impersonator, which is for apid nodes), and a validity that is
-// positive and within MaxClientTTL.
+// os:impersonator, which is for apid nodes), roles the caller holds itself
+// unless it is os:admin (so a policy that lets operators call this cannot
+// make admins), and a validity that is positive and within MaxClientTTL.
+// The caller's roles are those apid forwards (talos-role): the agent
+// trusts its socket's peer as machined trusts apid's, which is why the
+// command line serves a client CA only on a unix socket.
 func (s *Server) GenerateClientConfiguration(ctx context.Context, req *machine.GenerateClientConfigurationRequest) (_ *machine.GenerateClientConfigurationResponse, err error) {
 	defer s.logCall(ctx, "GenerateClientConfiguration", time.Now(), &err)
 	if len(s.cfg.ClientCA.Cert) == 0 {
@@ -37,11 +44,18 @@ func (s *Server) GenerateClientConfiguration(ctx context.Context, req *machine.G
 	if err != nil {
 		return nil, err
 	}
+	if err := mayIssue(ctx, roles); err != nil {
+		return nil, err
+	}
 	ca, err := pki.LoadCA(s.cfg.ClientCA.Cert, s.cfg.ClientCA.Key)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "client CA: %v", err)
 	}
-	crt, key, err := ca.IssueClient("generated-"+strings.Join(shortRoles(roles), "+"), roles, ttl, pki.KeyECDSA)
+	// Limits, the audit log and revocation lists tell clients apart by
+	// their subject: each issued client gets its own.
+	var id [6]byte
+	_, _ = rand.Read(id[:])
+	crt, key, err := ca.IssueClient(fmt.Sprintf("generated-%s-%x", strings.Join(shortRoles(roles), "+"), id), roles, ttl, pki.KeyECDSA)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -79,6 +93,31 @@ func clientRoles(asked []string) ([]string, error) {
 	}
 	return roles, nil
 }
+
+// mayIssue refuses roles the caller (as apid forwarded it) does not hold,
+// unless it holds os:admin.
+func mayIssue(ctx context.Context, roles []string) error {
+	md, _ := metadata.FromIncomingContext(ctx)
+	held := md.Get(roleKey)
+	if slices.Contains(held, certs.RoleAdmin) {
+		return nil
+	}
+	have := "no roles"
+	if len(held) > 0 {
+		have = strings.Join(held, ", ")
+	}
+	for _, r := range roles {
+		if !slices.Contains(held, r) {
+			return status.Errorf(codes.PermissionDenied, "issuing a client with role %s needs that role or %s; the caller has %s",
+				r, certs.RoleAdmin, have)
+		}
+	}
+	return nil
+}
+
+// roleKey is the metadata key through which apid forwards the caller's
+// roles (auth.KeyRole; the agent does not import the gateway's packages).
+const roleKey = "talos-role"
 
 // shortRoles are roles without their os: prefix.
 func shortRoles(roles []string) []string {

@@ -41,6 +41,12 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 		return errors.New("-client-ca-cert and -client-ca-key go together")
 	}
 	if *caCert != "" {
+		// The agent does not authenticate its callers (apid does, and
+		// forwards their roles): a CA key behind a TCP port would issue
+		// clients to anyone who can reach it.
+		if !strings.HasPrefix(*listen, "unix:") {
+			return fmt.Errorf("-client-ca-cert: the agent serves a client CA only on a unix socket (-listen unix:///path), not on %s", *listen)
+		}
 		var err error
 		if cfg.ClientCA.Cert, err = os.ReadFile(*caCert); err != nil {
 			return err
