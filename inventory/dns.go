@@ -45,8 +45,11 @@ func (d DNSSource) kind() string {
 }
 
 func (d DNSSource) validate() error {
-	if !validHost(strings.TrimSuffix(d.Name, ".")) {
+	if !ValidDNSName(strings.TrimSuffix(d.Name, ".")) {
 		return fmt.Errorf("name %q is not a DNS name", d.Name)
+	}
+	if _, err := netip.ParseAddr(d.Name); err == nil {
+		return fmt.Errorf("name %q is an address: list it under inventory.nodes", d.Name)
 	}
 	if k := d.kind(); k != "SRV" && k != "A" {
 		return fmt.Errorf("%s: type %q: want SRV or A", d.Name, d.Type)

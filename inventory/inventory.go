@@ -160,6 +160,7 @@ type Set struct {
 // the rest.
 func NewSet(nodes []Node) (*Set, error) {
 	s := &Set{byName: map[string]int{}, byAddress: map[string]int{}, labels: map[string]bool{}}
+	addrs := map[string]string{} // Key(address) -> the first node reached there
 	var errs []error
 	for _, n := range nodes {
 		if err := n.Validate(); err != nil {
@@ -171,20 +172,30 @@ func NewSet(nodes []Node) (*Set, error) {
 			errs = append(errs, fmt.Errorf("node %q is listed twice; the first one stays", n.Name))
 			continue
 		}
+		// A node named by an address (a DNS A record) that an earlier node
+		// is reached at is that node: callers naming the address keep
+		// getting it, verified as it.
+		if owner, taken := addrs[Key(n.Name)]; taken {
+			errs = append(errs, fmt.Errorf("node %q is the address of node %q, listed first; it stays %q", n.Name, owner, owner))
+			continue
+		}
 		s.byName[Key(n.Name)] = -1
+		if _, err := netip.ParseAddr(n.Address); err == nil {
+			if _, taken := addrs[Key(n.Address)]; !taken {
+				addrs[Key(n.Address)] = n.Name
+			}
+		}
 		s.nodes = append(s.nodes, n)
 	}
 	sort.SliceStable(s.nodes, func(i, j int) bool { return s.nodes[i].Name < s.nodes[j].Name })
 	for i, n := range s.nodes {
 		s.byName[Key(n.Name)] = i
-		if _, err := netip.ParseAddr(n.Address); err == nil {
-			if _, taken := s.byAddress[Key(n.Address)]; !taken {
-				s.byAddress[Key(n.Address)] = i
-			}
-		}
 		for k, v := range n.Labels {
 			s.labels[k+"="+v] = true
 		}
+	}
+	for addr, owner := range addrs {
+		s.byAddress[addr] = s.byName[Key(owner)]
 	}
 	return s, errors.Join(errs...)
 }

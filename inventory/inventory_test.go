@@ -103,4 +103,14 @@ func TestInvalidNodes(t *testing.T) {
 	if names(s.Nodes()) != "a,c" {
 		t.Errorf("kept %q, want a,c", names(s.Nodes()))
 	}
+
+	// A node named by an address (a DNS A record) that an earlier node is
+	// reached at stays that earlier node.
+	s, err = NewSet([]Node{{Name: "cp-1", Address: "10.0.0.2"}, {Name: "10.0.0.2", Identity: "other"}, {Name: "10.0.0.3"}})
+	if err == nil || !strings.Contains(err.Error(), `node "10.0.0.2" is the address of node "cp-1"`) {
+		t.Errorf("err = %v", err)
+	}
+	if n, _ := s.Lookup("10.0.0.2"); n.Name != "cp-1" || names(s.Nodes()) != "10.0.0.3,cp-1" {
+		t.Errorf("10.0.0.2 is %q; nodes %s", n.Name, names(s.Nodes()))
+	}
 }

@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,24 +47,40 @@ func (c Config) Configured() bool {
 	return len(c.Nodes) > 0 || len(c.Files) > 0 || len(c.DNS) > 0
 }
 
-// Validate reports every problem of the sources as written, reading the
-// files (but not asking DNS).
+// Validate reports every problem of the sources as written. It does not
+// read the files (CheckFiles does) or ask DNS: a file that is briefly
+// invalid must not stop a reload of everything else.
 func (c Config) Validate() error {
 	var errs []error
 	if _, err := NewSet(c.Nodes); err != nil {
 		errs = append(errs, fmt.Errorf("inventory.nodes: %w", err))
 	}
+	seen := map[string]bool{}
 	for _, f := range c.Files {
-		if _, err := readFile(f); err != nil {
-			errs = append(errs, fmt.Errorf("inventory.files: %w", err))
+		switch {
+		case f == "":
+			errs = append(errs, errors.New("inventory.files: an empty path"))
+		case seen["file:"+filepath.Clean(f)]:
+			errs = append(errs, fmt.Errorf("inventory.files: %s is listed twice", f))
 		}
+		seen["file:"+filepath.Clean(f)] = true
 	}
 	for _, d := range c.DNS {
 		if err := d.validate(); err != nil {
 			errs = append(errs, fmt.Errorf("inventory.dns: %w", err))
 		}
+		if id := "dns:" + strings.ToLower(strings.TrimSuffix(d.Name, ".")); seen[id] {
+			errs = append(errs, fmt.Errorf("inventory.dns: %s is listed twice", d.Name))
+		} else {
+			seen[id] = true
+		}
 	}
-	if len(c.DNS) > 0 && c.DNSServer == "" {
+	switch {
+	case c.DNSServer != "":
+		if _, _, err := net.SplitHostPort(c.DNSServer); err != nil {
+			errs = append(errs, fmt.Errorf("inventory.dnsServer %q: want host:port, such as 10.0.0.53:53", c.DNSServer))
+		}
+	case len(c.DNS) > 0:
 		if _, err := defaultDNSServer(); err != nil {
 			errs = append(errs, fmt.Errorf("inventory.dnsServer: none set and %w", err))
 		}
@@ -70,9 +88,25 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// fileDoc is the shape of an inventory file.
+// CheckFiles reads every file source and reports those that cannot be
+// read or do not validate: apid refuses to start on them (apid check
+// reports them too); after the start, such a file only keeps its last
+// good nodes.
+func (c Config) CheckFiles() error {
+	var errs []error
+	for _, f := range c.Files {
+		if _, err := readFile(f); err != nil {
+			errs = append(errs, fmt.Errorf("inventory.files: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// fileDoc is the shape of an inventory file. Nodes is a pointer so that a
+// file without the key (empty, or caught half-written) is an error rather
+// than a list of no nodes; `nodes: []` says "none" on purpose.
 type fileDoc struct {
-	Nodes []Node `yaml:"nodes"`
+	Nodes *[]Node `yaml:"nodes"`
 }
 
 // maxFileSize bounds an inventory file: a node is a few lines.
@@ -99,10 +133,13 @@ func readFile(path string) ([]Node, error) {
 	if err := dec.Decode(&doc); err != nil && err != io.EOF {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	if _, err := NewSet(doc.Nodes); err != nil {
+	if doc.Nodes == nil {
+		return nil, fmt.Errorf("%s: no nodes key (write `nodes: []` for none)", path)
+	}
+	if _, err := NewSet(*doc.Nodes); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	return doc.Nodes, nil
+	return *doc.Nodes, nil
 }
 
 // Event is reported for every change of a source: the source ("static",
@@ -122,7 +159,8 @@ type Inventory struct {
 	cur    atomic.Pointer[Set]
 	conf   atomic.Pointer[Config]
 
-	confMu  sync.Mutex // one Configure at a time
+	confMu  sync.Mutex // one Configure (or Close) at a time
+	closed  bool       // guarded by confMu
 	mu      sync.Mutex
 	cfg     Config
 	parts   map[string][]Node // the last good nodes of each source
@@ -141,6 +179,9 @@ func New(cfg Config, log *slog.Logger, notify func(Event)) (*Inventory, error) {
 	}
 	if notify == nil {
 		notify = func(Event) {}
+	}
+	if err := errors.Join(cfg.Validate(), cfg.CheckFiles()); err != nil {
+		return nil, err
 	}
 	inv := &Inventory{log: log, notify: notify}
 	inv.cur.Store(&Set{})
@@ -162,15 +203,19 @@ func (inv *Inventory) ResolveUnknown() bool {
 	return c.ResolveUnknown || !c.Configured()
 }
 
-// Configure replaces the sources with those of cfg (as on a reload): a
-// file that cannot be read refuses the whole change. Sources that did not
-// change keep their nodes; watchers and refreshers restart.
+// Configure replaces the sources with those of cfg (as on a reload).
+// Watchers and refreshers restart; a file that cannot be read now keeps the
+// nodes it had (none if it is new) and is reported, and DNS sources keep
+// theirs until their first answer.
 func (inv *Inventory) Configure(cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
 	inv.confMu.Lock()
 	defer inv.confMu.Unlock()
+	if inv.closed {
+		return errors.New("inventory is closed")
+	}
 	inv.mu.Lock()
 	same := inv.stop != nil && reflect.DeepEqual(inv.cfg, cfg)
 	stop := inv.stop
@@ -193,9 +238,14 @@ func (inv *Inventory) Configure(cfg Config) error {
 	inv.conf.Store(&cfg)
 	inv.parts = map[string][]Node{"static": cfg.Nodes}
 	inv.order = []string{"static"}
+	var failed []Event
 	for _, f := range cfg.Files {
 		id := "file:" + f
-		nodes, _ := readFile(f) // Validate just read it
+		nodes, err := readFile(f)
+		if err != nil {
+			nodes = old[id]
+			failed = append(failed, Event{Source: id, Nodes: len(nodes), Err: err})
+		}
 		inv.parts[id] = nodes
 		inv.order = append(inv.order, id)
 	}
@@ -207,6 +257,10 @@ func (inv *Inventory) Configure(cfg Config) error {
 	inv.publishLocked()
 	inv.stop = cancel
 	inv.mu.Unlock()
+	for _, e := range failed {
+		inv.log.Warn("inventory source failed; keeping its last nodes", "source", e.Source, "nodes", e.Nodes, "err", e.Err)
+		inv.notify(e)
+	}
 
 	for _, f := range cfg.Files {
 		// Watching starts before Configure returns, so no change made
@@ -246,8 +300,12 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
 	}
 }
 
-// Close stops watching and refreshing.
+// Close stops watching and refreshing, for good: a Configure running at
+// the same time finishes first, and later ones fail.
 func (inv *Inventory) Close() {
+	inv.confMu.Lock()
+	defer inv.confMu.Unlock()
+	inv.closed = true
 	inv.mu.Lock()
 	stop := inv.stop
 	inv.mu.Unlock()

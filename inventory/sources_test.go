@@ -85,30 +85,68 @@ func TestFileSourceIsWatched(t *testing.T) {
 	}
 }
 
-func TestUnreadableFileRefusesTheConfiguration(t *testing.T) {
+func TestBadSources(t *testing.T) {
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.yaml")
 	write(t, bad, "nodes:\n- {name: a, colour: blue}\n")
-	for _, cfg := range []Config{
-		{Files: []string{filepath.Join(dir, "missing.yaml")}},
-		{Files: []string{bad}},
-		{DNS: []DNSSource{{Name: "not a name"}}},
-		{DNS: []DNSSource{{Name: "x.example.org", Type: "MX"}}},
+	empty := filepath.Join(dir, "empty.yaml")
+	write(t, empty, "")
+	for _, tc := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{Files: []string{filepath.Join(dir, "missing.yaml")}}, "no such file"},
+		{Config{Files: []string{bad}}, "colour"},
+		{Config{Files: []string{empty}}, "no nodes key"},
+		{Config{Files: []string{bad, bad}}, "listed twice"},
+		{Config{DNS: []DNSSource{{Name: "not a name"}}}, "not a DNS name"},
+		{Config{DNS: []DNSSource{{Name: "10.0.0.1"}}}, "is an address"},
+		{Config{DNS: []DNSSource{{Name: "x.example.org", Type: "MX"}}}, `type "MX"`},
+		{Config{DNS: []DNSSource{{Name: "x.example.org"}, {Name: "X.example.org."}}}, "listed twice"},
+		{Config{DNSServer: "127.0.0.53", DNS: []DNSSource{{Name: "x.example.org"}}}, "want host:port"},
 	} {
-		if _, err := New(cfg, nil, nil); err == nil {
-			t.Errorf("%+v accepted", cfg)
+		if _, err := New(tc.cfg, nil, nil); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: %v, want %q", tc.cfg, err, tc.want)
 		}
 	}
-	inv, err := New(Config{Nodes: []Node{{Name: "a"}}}, nil, nil)
+}
+
+// TestReloadKeepsAFileThatBrokeMeanwhile: a reload is not refused for a
+// file that is invalid at that moment (that would also hold back the rest
+// of apid's configuration); the file keeps its last good nodes.
+func TestReloadKeepsAFileThatBrokeMeanwhile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "nodes.yaml")
+	write(t, path, "nodes:\n- {name: a}\n")
+	var mu sync.Mutex
+	var errs []error
+	inv, err := New(Config{Files: []string{path}}, nil, func(e Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		if e.Err != nil {
+			errs = append(errs, e.Err)
+		}
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer inv.Close()
-	if err := inv.Configure(Config{Files: []string{bad}}); err == nil || !strings.Contains(err.Error(), "colour") {
-		t.Fatalf("reload with a bad file: %v", err)
+	if err := os.WriteFile(path, []byte("nodes: [{name: b, role: boss}]\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	if got := names(inv.Set().Nodes()); got != "a" {
-		t.Errorf("after a refused reload: %q", got)
+	if err := inv.Configure(Config{Files: []string{path}, Nodes: []Node{{Name: "static"}}}); err != nil {
+		t.Fatalf("reload refused: %v", err)
+	}
+	if got := names(inv.Set().Nodes()); got != "a,static" {
+		t.Errorf("after the reload: %q, want a,static", got)
+	}
+	mu.Lock()
+	if len(errs) == 0 || !strings.Contains(errs[0].Error(), "boss") {
+		t.Errorf("reported: %v", errs)
+	}
+	mu.Unlock()
+	inv.Close()
+	if err := inv.Configure(Config{}); err == nil {
+		t.Error("Configure after Close accepted")
 	}
 }
 
@@ -156,6 +194,14 @@ func (z *zone) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 
 func startDNS(t *testing.T) (*zone, string) {
 	t.Helper()
+	z, addr, _ := startDNSServer(t)
+	return z, addr
+}
+
+// startDNSServer is startDNS that also returns a function stopping the
+// server early.
+func startDNSServer(t *testing.T) (*zone, string, func()) {
+	t.Helper()
 	z := &zone{records: map[uint16][]dns.RR{}}
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -165,8 +211,10 @@ func startDNS(t *testing.T) (*zone, string) {
 	srv := &dns.Server{PacketConn: pc, Handler: z, NotifyStartedFunc: func() { close(started) }}
 	go func() { _ = srv.ActivateAndServe() }()
 	<-started
-	t.Cleanup(func() { _ = srv.Shutdown() })
-	return z, pc.LocalAddr().String()
+	var once sync.Once
+	stop := func() { once.Do(func() { _ = srv.Shutdown() }) }
+	t.Cleanup(stop)
+	return z, pc.LocalAddr().String(), stop
 }
 
 func TestDNSSourceFollowsTheRecords(t *testing.T) {
@@ -210,7 +258,7 @@ func TestDNSSourceFollowsTheRecords(t *testing.T) {
 }
 
 func TestDNSFailureKeepsTheLastNodes(t *testing.T) {
-	z, server := startDNS(t)
+	z, server, stop := startDNSServer(t)
 	z.set(dns.TypeA, "n.apid.test. 1 IN A 127.0.0.51")
 	var mu sync.Mutex
 	var failed int
@@ -226,29 +274,29 @@ func TestDNSFailureKeepsTheLastNodes(t *testing.T) {
 	}
 	defer inv.Close()
 	eventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
+
+	// The server goes away: refreshes fail, are reported, and the node
+	// stays.
+	stop()
+	eventually(t, "two reported failures", func() bool { mu.Lock(); defer mu.Unlock(); return failed >= 2 })
+	if n, ok := inv.Set().Lookup("127.0.0.51"); !ok || n.Name != "127.0.0.51" {
+		t.Fatalf("the node went with the server: %v", names(inv.Set().Nodes()))
+	}
+}
+
+func TestDNSEmptyAnswerEmptiesTheSource(t *testing.T) {
+	z, server := startDNS(t)
+	z.set(dns.TypeA, "n.apid.test. 1 IN A 127.0.0.51")
+	inv, err := New(Config{DNSServer: server, DNS: []DNSSource{{Name: "n.apid.test"}}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv.Close()
+	eventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
 	z.mu.Lock()
 	z.records = map[uint16][]dns.RR{} // NOERROR, nothing: the name lists no node now
 	z.mu.Unlock()
 	eventually(t, "the empty answer", func() bool { return inv.Set().Len() == 0 })
-
-	// A server that stops answering is an error, and the nodes stay.
-	z.set(dns.TypeA, "n.apid.test. 1 IN A 127.0.0.52")
-	eventually(t, "127.0.0.52", func() bool { return inv.Set().Len() == 1 })
-	inv2, err := New(Config{DNSServer: "127.0.0.1:1", DNS: []DNSSource{{Name: "n.apid.test"}}}, nil, func(e Event) {
-		if e.Err != nil {
-			mu.Lock()
-			failed++
-			mu.Unlock()
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer inv2.Close()
-	eventually(t, "a reported failure", func() bool { mu.Lock(); defer mu.Unlock(); return failed > 0 })
-	if inv2.Set().Len() != 0 {
-		t.Error("nodes from nowhere")
-	}
 }
 
 func mustRR(s string) dns.RR {

@@ -10,7 +10,8 @@ import (
 )
 
 // runCheck validates a configuration as serve would read it (file and
-// flags) and loads the certificate files it names, printing every problem.
+// flags) and loads the certificate and inventory files it names, printing
+// every problem.
 func runCheck(args []string, stdout, stderr io.Writer) error {
 	cfg, err := loadConfig("check", args, stderr)
 	if err != nil {
@@ -18,6 +19,9 @@ func runCheck(args []string, stdout, stderr io.Writer) error {
 	}
 	var problems []string
 	if err := cfg.Validate(); err != nil {
+		problems = append(problems, strings.Split(err.Error(), "\n")...)
+	}
+	if err := cfg.Inventory.CheckFiles(); err != nil {
 		problems = append(problems, strings.Split(err.Error(), "\n")...)
 	}
 	if cfg.CA != "" && cfg.Cert != "" && cfg.Key != "" {

@@ -97,12 +97,15 @@ func TestCheck(t *testing.T) {
 	// Every problem at once: bad values and a key that is not the
 	// certificate's.
 	bad := filepath.Join(dir, "bad.yaml")
-	writeFile(t, bad, "ca: "+dir+"/ca.crt\ncert: "+dir+"/cp-1.crt\nkey: "+dir+"/ca.key\nlogLevel: loud\nadminListen: nowhere\n")
+	nodes := filepath.Join(dir, "nodes.yaml")
+	writeFile(t, nodes, "nodes:\n- {name: cp-2, role: master}\n")
+	writeFile(t, bad, "ca: "+dir+"/ca.crt\ncert: "+dir+"/cp-1.crt\nkey: "+dir+"/ca.key\nlogLevel: loud\nadminListen: nowhere\n"+
+		"inventory:\n  files: ["+nodes+"]\n  nodes: [{name: '@cp'}]\n  dns: [{name: _apid._tcp.example.org}]\n  dnsServer: 10.0.0.53\n")
 	_, errOut, err := runCmd(t, "check", "-config", bad)
 	if err == nil {
 		t.Fatal("check of a bad file passed")
 	}
-	for _, want := range []string{"logLevel", "adminListen", "certificates:"} {
+	for _, want := range []string{"logLevel", "adminListen", "certificates:", `role "master"`, "cannot start with @", "inventory.dnsServer"} {
 		if !strings.Contains(errOut, want) {
 			t.Errorf("check output lacks %q:\n%s", want, errOut)
 		}
