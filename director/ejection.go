@@ -57,6 +57,7 @@ type failing struct {
 	probed    time.Time // when it started
 	last      time.Time // the last failure
 	lastError string
+	where     string // the destination that failed (Dest.where)
 }
 
 // maxFailing bounds the nodes with failures the ejector remembers: a
@@ -78,6 +79,23 @@ func (e *ejector) setConfig(cfg EjectionConfig) {
 		clear(e.nodes) // off: nobody stays ejected
 	}
 	e.mu.Unlock()
+}
+
+// forgetMoved forgets node's record when its failures were at another
+// destination than where (the inventory moved the node, or changed the
+// identity it must prove): they say nothing about the new one.
+func (e *ejector) forgetMoved(node, where string) {
+	e.mu.Lock()
+	f := e.nodes[node]
+	if f == nil || f.where == where {
+		e.mu.Unlock()
+		return
+	}
+	delete(e.nodes, node)
+	e.mu.Unlock()
+	if !f.until.IsZero() {
+		e.notify(f.view(node), false)
+	}
 }
 
 // peek reports whether node is ejected, without letting a probe through.
@@ -109,7 +127,7 @@ func (e *ejector) ejected(node string) (Ejection, bool) {
 
 // report records the outcome of a call that reached (or tried to reach)
 // node.
-func (e *ejector) report(node string, code codes.Code, msg string) {
+func (e *ejector) report(node, where string, code codes.Code, msg string) {
 	e.mu.Lock()
 	cfg := e.cfg
 	f := e.nodes[node]
@@ -144,6 +162,10 @@ func (e *ejector) report(node string, code codes.Code, msg string) {
 		f = &failing{}
 		e.nodes[node] = f
 	}
+	if f.where != where { // moved meanwhile: start afresh
+		*f = failing{}
+	}
+	f.where = where
 	f.failures++
 	f.last = now
 	f.lastError = fmt.Sprintf("%s: %s", code, msg)

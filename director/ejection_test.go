@@ -27,15 +27,15 @@ func TestEjectionLifecycle(t *testing.T) {
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 3, BaseTime: 5 * time.Second, MaxTime: 15 * time.Second, MaxPercent: 50})
 
 	// Answers, even errors of the node's own, do not count.
-	e.report("n", codes.Unavailable, "refused")
-	e.report("n", codes.NotFound, "no such file")
-	e.report("n", codes.Unavailable, "refused")
-	e.report("n", codes.Canceled, "caller left")
-	e.report("n", codes.DeadlineExceeded, "slow")
+	e.report("n", "here", codes.Unavailable, "refused")
+	e.report("n", "here", codes.NotFound, "no such file")
+	e.report("n", "here", codes.Unavailable, "refused")
+	e.report("n", "here", codes.Canceled, "caller left")
+	e.report("n", "here", codes.DeadlineExceeded, "slow")
 	if _, ej := e.ejected("n"); ej {
 		t.Fatal("ejected after 2 failures in a row")
 	}
-	e.report("n", codes.Unavailable, "connection refused")
+	e.report("n", "here", codes.Unavailable, "connection refused")
 	x, ej := e.ejected("n")
 	if !ej || x.Failures != 3 || !strings.Contains(x.LastError, "connection refused") {
 		t.Fatalf("after 3 failures in a row: %+v, %v", x, ej)
@@ -57,7 +57,7 @@ func TestEjectionLifecycle(t *testing.T) {
 		t.Fatal("a second call went through while the probe runs")
 	}
 	// The probe fails: ejected again, twice as long.
-	e.report("n", codes.Unavailable, "still refused")
+	e.report("n", "here", codes.Unavailable, "still refused")
 	x, _ = e.ejected("n")
 	if d := x.Until.Sub(c.now()); d < 10*time.Second || d > 11*time.Second {
 		t.Fatalf("second ejection lasts %s, want 10 s plus jitter", d)
@@ -65,7 +65,7 @@ func TestEjectionLifecycle(t *testing.T) {
 	// And again: capped at MaxTime.
 	c.t = x.Until
 	e.ejected("n")
-	e.report("n", codes.DeadlineExceeded, "timeout")
+	e.report("n", "here", codes.DeadlineExceeded, "timeout")
 	x, _ = e.ejected("n")
 	if d := x.Until.Sub(c.now()); d < 15*time.Second || d > 16500*time.Millisecond {
 		t.Fatalf("third ejection lasts %s, want the 15 s cap plus jitter", d)
@@ -73,7 +73,7 @@ func TestEjectionLifecycle(t *testing.T) {
 	// The probe succeeds: restored and forgotten.
 	c.t = x.Until
 	e.ejected("n")
-	e.report("n", codes.OK, "")
+	e.report("n", "here", codes.OK, "")
 	if _, ej := e.ejected("n"); ej || len(e.snapshot()) != 0 || len(e.nodes) != 0 {
 		t.Fatalf("not restored: %v", e.snapshot())
 	}
@@ -84,7 +84,7 @@ func TestEjectionLifecycle(t *testing.T) {
 	// Off: failures never eject.
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 0, BaseTime: time.Second, MaxTime: time.Second})
 	for range 10 {
-		e.report("m", codes.Unavailable, "x")
+		e.report("m", "here", codes.Unavailable, "x")
 	}
 	if _, ej := e.ejected("m"); ej {
 		t.Fatal("ejected with ejection off")
@@ -115,5 +115,36 @@ func TestCallersDeadlinesEjectNobody(t *testing.T) {
 	refused.Report(codes.OK, "")
 	if !e.peek("10.0.0.9") {
 		t.Fatal("a call refused without reaching the node restored it")
+	}
+}
+
+// TestEjectionForgetsAMovedNode: failures at one destination say nothing
+// about another, so a node the inventory moves is tried at once.
+func TestEjectionForgetsAMovedNode(t *testing.T) {
+	var events []string
+	e := newEjector(func(_ Ejection, ejected bool) { events = append(events, map[bool]string{true: "ejected", false: "restored"}[ejected]) })
+	e.setConfig(EjectionConfig{ConsecutiveFailures: 2, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50})
+	old := Dest{Node: "cp-1", Host: "10.0.0.2", ServerName: "cp-1"}
+	for range 2 {
+		e.report("cp-1", old.where(), codes.Unavailable, "refused")
+	}
+	if !e.peek("cp-1") {
+		t.Fatal("not ejected")
+	}
+	e.forgetMoved("cp-1", old.where())
+	if !e.peek("cp-1") {
+		t.Fatal("forgotten without moving")
+	}
+	moved := old
+	moved.Host = "10.0.0.3"
+	e.forgetMoved("cp-1", moved.where())
+	if e.peek("cp-1") || strings.Join(events, ",") != "ejected,restored" {
+		t.Fatalf("after the move: ejected %v, events %v", e.peek("cp-1"), events)
+	}
+	// A failure left over from the old address does not count at the new.
+	e.report("cp-1", old.where(), codes.Unavailable, "refused")
+	e.report("cp-1", moved.where(), codes.Unavailable, "refused")
+	if e.peek("cp-1") {
+		t.Fatal("two failures at two destinations ejected the node")
 	}
 }

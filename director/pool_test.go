@@ -314,3 +314,40 @@ func TestPoolConcurrentCallsToANewNodeShareOneConnection(t *testing.T) {
 		t.Fatalf("50 concurrent calls to one new node opened %d connections, want 1", n)
 	}
 }
+
+// TestPoolReplacesAMovedNode: when the inventory moves a node (another
+// address or identity under the same name), new calls get a new
+// connection, and the old one is closed only when its last call ends.
+func TestPoolReplacesAMovedNode(t *testing.T) {
+	p := testPool(t, PoolConfig{Port: 1})
+	old := Dest{Node: "cp-1", Host: "127.0.0.2", ServerName: "cp-1"}
+	c1, release1, err := p.ConnTo(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same, releaseSame, err := p.ConnTo(old)
+	if err != nil || same != c1 {
+		t.Fatalf("same destination: %v, new connection %v", err, same != c1)
+	}
+	releaseSame()
+	moved := old
+	moved.Host = "127.0.0.3"
+	c2, release2, err := p.ConnTo(moved)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release2()
+	if c2 == c1 {
+		t.Fatal("a moved node kept its old connection")
+	}
+	if s := c1.(*grpc.ClientConn).GetState(); s == connectivity.Shutdown {
+		t.Fatal("the old connection was closed under a running call")
+	}
+	release1()
+	if s := c1.(*grpc.ClientConn).GetState(); s != connectivity.Shutdown {
+		t.Fatalf("the old connection is %s after its last call, want SHUTDOWN", s)
+	}
+	if snap := p.Snapshot(); len(snap) != 1 || snap[0].Node != "cp-1" {
+		t.Fatalf("pool %v", snap)
+	}
+}

@@ -187,6 +187,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 			b := r.backendOf(n, out, remote)
 			if b.pool != nil {
 				b.ownDeadline = own
+				r.ej.forgetMoved(n.dest.Node, n.dest.where())
 				if skippable > 0 && r.ej.peek(n.dest.Node) {
 					// At most maxPercent of the nodes are skipped as
 					// ejected; the rest are tried whatever their record.
@@ -280,6 +281,15 @@ type backend struct {
 
 func (b *backend) Name() string { return b.name }
 
+// Key implements proxy.Keyed: statistics know a node by where it is
+// reached (its inventory name), whatever the caller called it.
+func (b *backend) Key() string {
+	if b.dest.Node != "" {
+		return b.dest.Node
+	}
+	return canonical(b.name)
+}
+
 // Connect implements proxy.Backend. A pooled connection stays counted in
 // use until the proxy releases it.
 func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, func(), error) {
@@ -292,6 +302,7 @@ func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.
 		return nil, nil, nil, b.fail
 	}
 	if b.mayRefuse {
+		b.ej.forgetMoved(b.dest.Node, b.dest.where())
 		if e, ok := b.ej.ejected(b.dest.Node); ok {
 			b.refused = true
 			return nil, nil, nil, refusal(e, b.ej.now())
@@ -313,5 +324,5 @@ func (b *backend) Report(code codes.Code, message string) {
 	if code == codes.DeadlineExceeded && !b.ownDeadline {
 		code = codes.Canceled // a deadline of the caller's: nothing learnt
 	}
-	b.ej.report(b.dest.Node, code, message)
+	b.ej.report(b.dest.Node, b.dest.where(), code, message)
 }

@@ -47,6 +47,13 @@ type Backend interface {
 	Connect(ctx context.Context, fullMethod string) (outCtx context.Context, conn grpc.ClientConnInterface, release func(), err error)
 }
 
+// Keyed is implemented by a Backend that observers should know by a key
+// other than its Name: the same destination reached under several names
+// (an address and the name it is listed under) is one for statistics.
+type Keyed interface {
+	Key() string
+}
+
 // Route is where one call goes.
 type Route struct {
 	// Backends receive the call; a one-to-one route has exactly one.

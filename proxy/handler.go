@@ -55,7 +55,8 @@ type Observer interface {
 	// Routed is told the route of a call, before any backend is contacted.
 	// ctx is the call's.
 	Routed(ctx context.Context, method string, r Route)
-	// BackendStarted is told that the call reaches backend (by its Name)
+	// BackendStarted is told that the call reaches backend (by its Key if
+	// it is Keyed, else its Name)
 	// now. The context it returns is the one the backend is called with
 	// (derived from ctx: a span may start there); the function is called
 	// once, when that backend's part is settled, with the code and message
@@ -83,7 +84,11 @@ type backendCall struct {
 func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, *backendCall) {
 	c := &backendCall{backend: b, start: time.Now(), observed: func(codes.Code, string, time.Duration) {}}
 	if h.opts.Observer != nil {
-		ctx, c.observed = h.opts.Observer.BackendStarted(ctx, b.Name(), kind)
+		name := b.Name()
+		if k, ok := b.(Keyed); ok && name != "" {
+			name = k.Key()
+		}
+		ctx, c.observed = h.opts.Observer.BackendStarted(ctx, name, kind)
 	}
 	return ctx, c
 }
