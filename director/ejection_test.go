@@ -122,7 +122,9 @@ func TestCallersDeadlinesEjectNobody(t *testing.T) {
 // about another, so a node the inventory moves is tried at once.
 func TestEjectionForgetsAMovedNode(t *testing.T) {
 	var events []string
-	e := newEjector(func(_ Ejection, ejected bool) { events = append(events, map[bool]string{true: "ejected", false: "restored"}[ejected]) })
+	e := newEjector(func(_ Ejection, ejected bool) {
+		events = append(events, map[bool]string{true: "ejected", false: "restored"}[ejected])
+	})
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 2, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50})
 	old := Dest{Node: "cp-1", Host: "10.0.0.2", ServerName: "cp-1"}
 	for range 2 {
