@@ -125,7 +125,9 @@ func (v resolver) member(stamp string, m inventory.Node) node {
 // backend is the proxy.Backend of node n.
 func (r *Router) backendOf(n node, local, remote metadata.MD) *backend {
 	if n.self {
-		return &backend{name: n.stamp, md: local, local: r.local}
+		// dest only names the node for statistics (Key); the call goes
+		// to the local agent.
+		return &backend{name: n.stamp, md: local, local: r.local, dest: Dest{Node: n.dest.Node}}
 	}
 	return &backend{name: n.stamp, dest: n.dest, fail: n.err, md: remote, pool: r.pool, ej: r.ej}
 }

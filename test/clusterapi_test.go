@@ -261,9 +261,6 @@ func TestDemoClusterAPI(t *testing.T) {
 				}
 				return cl.MachineClient.ServiceRestart(ctx, &machine.ServiceRestartRequest{Id: list.GetMessages()[0].GetServices()[0].GetId()})
 			},
-			"Upgrade": func(ctx context.Context) (proto.Message, error) {
-				return cl.MachineClient.Upgrade(ctx, &machine.UpgradeRequest{Image: "example/installer:v0"})
-			},
 			"Time": func(ctx context.Context) (proto.Message, error) { return cl.TimeClient.Time(ctx, &emptypb.Empty{}) },
 			"Version": func(ctx context.Context) (proto.Message, error) {
 				return cl.MachineClient.Version(ctx, &emptypb.Empty{})
@@ -332,22 +329,36 @@ func TestDemoClusterAPI(t *testing.T) {
 			}
 		}
 
-		// A simulated shutdown refuses to start while the upgrade above is
-		// still being simulated (it comes last: a shut-down node stops its services): try until it starts.
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			resp, err := cl.MachineClient.Shutdown(client.WithNodes(testContext(t), nodes...), &machine.ShutdownRequest{})
-			if err != nil {
-				t.Fatalf("Shutdown: %v", err)
+		// Lifecycle calls come last, one after the other: one simulated
+		// operation runs at a time (others get FailedPrecondition), and a
+		// shut-down node's services stay stopped.
+		for _, step := range []struct {
+			name string
+			call func(ctx context.Context) (proto.Message, error)
+		}{
+			{"Upgrade", func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Upgrade(ctx, &machine.UpgradeRequest{Image: "example/installer:v0"})
+			}},
+			{"Shutdown", func(ctx context.Context) (proto.Message, error) {
+				return cl.MachineClient.Shutdown(ctx, &machine.ShutdownRequest{})
+			}},
+		} {
+			name, call := step.name, step.call
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				resp, err := call(client.WithNodes(testContext(t), nodes...))
+				if err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+				got := strings.Join(entries(resp), ",")
+				if got == want {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: entries %s, want %s", name, got, want)
+				}
+				time.Sleep(200 * time.Millisecond)
 			}
-			got := strings.Join(entries(resp), ",")
-			if got == want {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("Shutdown: entries %s, want %s", got, want)
-			}
-			time.Sleep(200 * time.Millisecond)
 		}
 
 	})

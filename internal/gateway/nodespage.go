@@ -86,7 +86,7 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tROLE\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tLAST ERROR")
+	fmt.Fprintln(tw, "NODE\tROLE\tADDRESS\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tLAST ERROR")
 	for _, n := range page.Nodes {
 		var calls, errs uint64
 		for code, v := range n.Calls {
@@ -114,11 +114,11 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 				last = e.LastError
 			}
 		}
-		role := "-"
+		role, address := "-", "-"
 		if n.Inventory != nil {
-			role = n.Inventory.Role
+			role, address = n.Inventory.Role, n.Inventory.Address
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, role, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, role, address, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
 	}
 	_ = tw.Flush()
 }
