@@ -132,9 +132,8 @@ type HealthConfig struct {
 	// CertificateDays fails the check when a node's certificate expires
 	// within this many days. Default 30.
 	CertificateDays int `yaml:"certificateDays"`
-	// MaxWait caps the wait a check may ask for (talosctl asks 20m by
-	// default): until then it asks its pending nodes once a second.
-	// Default 10m.
+	// MaxWait caps the wait a check may ask for: until then it asks its
+	// pending nodes once a second. Default 20m (talosctl's default wait).
 	MaxWait time.Duration `yaml:"maxWait"`
 	// MaxRunning bounds the checks running at once on this apid.
 	// Default 8.
@@ -257,7 +256,7 @@ func Default() Config {
 		LogLevel:       "info",
 		LogFormat:      "json",
 		Tracing:        TracingConfig{SampleRatio: 1},
-		Health:         HealthConfig{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: 10 * time.Minute, MaxRunning: 8},
+		Health:         HealthConfig{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: 20 * time.Minute, MaxRunning: 8},
 
 		AdminListen:     "127.0.0.1:50001",
 		DrainDelay:      5 * time.Second,
