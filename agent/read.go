@@ -89,7 +89,8 @@ func (s *Server) resolve(p string) (rootedPath, error) {
 	}
 	clean := filepath.Clean(p)
 	if containingRoot(clean, s.allowed) == "" && containingRoot(clean, s.resolved) == "" {
-		return rootedPath{}, status.Errorf(codes.PermissionDenied, "%s is outside the readable roots", clean)
+		return rootedPath{}, status.Errorf(codes.PermissionDenied, "%s is outside the readable roots (this agent reads under %s; apid agent -read-root adds directories)",
+			clean, strings.Join(s.allowed, ", "))
 	}
 	real, err := filepath.EvalSymlinks(clean)
 	if errors.Is(err, fs.ErrNotExist) {

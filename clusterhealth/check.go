@@ -36,9 +36,13 @@ import (
 )
 
 // Dialer connects to one node as a call naming it with `node` would be
-// routed, on behalf of the caller in ctx. release may be nil.
+// routed, on behalf of the caller in ctx (release may be nil), and checks
+// the node or nodes a call names.
 type Dialer interface {
 	Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error)
+	// CheckTargets returns the status a call with ctx's routing metadata
+	// would fail with (an unknown group, a name nobody knows), or nil.
+	CheckTargets(ctx context.Context) error
 }
 
 // Config bounds what the check accepts and costs.
@@ -121,6 +125,11 @@ func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.Clu
 		return status.Errorf(codes.ResourceExhausted, "%d cluster health checks are running on this apid already: try again later", cfg.MaxRunning)
 	}
 	defer s.running.Add(-1)
+	// The check is this apid's whatever node the caller named, but a name
+	// that routes nowhere is still the caller's mistake to hear about.
+	if err := s.dial.CheckTargets(stream.Context()); err != nil {
+		return err
+	}
 	wait := req.GetWaitTimeout().AsDuration()
 	if wait <= 0 {
 		wait = DefaultWaitTimeout
@@ -137,7 +146,11 @@ func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.Clu
 	if err != nil {
 		return r.fail(err.Error())
 	}
-	r.say("checking %d nodes through apid: %s", len(nodes), strings.Join(nodes, ", "))
+	plural := "s"
+	if len(nodes) == 1 {
+		plural = ""
+	}
+	r.say("checking %d node%s through apid: %s", len(nodes), plural, strings.Join(nodes, ", "))
 	if capped {
 		r.say("waiting at most %s (this apid's health.maxWait), not the %s asked for", wait, req.GetWaitTimeout().AsDuration())
 	}
@@ -194,15 +207,18 @@ type run struct {
 	stream cluster.ClusterService_HealthCheckServer
 	ctx    context.Context
 	wait   time.Duration
-	failed bool // the stream broke: say nothing more
+	failed bool   // the stream broke: say nothing more
+	last   string // the line said last: a round that changes nothing is not repeated
 }
 
-// say streams one progress line.
+// say streams one progress line, unless it is the one said last.
 func (r *run) say(format string, args ...any) {
-	if r.failed {
+	line := fmt.Sprintf(format, args...)
+	if r.failed || line == r.last {
 		return
 	}
-	if err := r.stream.Send(&cluster.HealthCheckProgress{Message: fmt.Sprintf(format, args...)}); err != nil {
+	r.last = line
+	if err := r.stream.Send(&cluster.HealthCheckProgress{Message: line}); err != nil {
 		r.failed = true
 	}
 }

@@ -69,6 +69,8 @@ type dialer struct {
 	addrs map[string]string
 }
 
+func (d dialer) CheckTargets(context.Context) error { return nil }
+
 func (d dialer) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error) {
 	addr, ok := d.addrs[target]
 	if !ok {
@@ -153,7 +155,7 @@ func TestHealthyCluster(t *testing.T) {
 	}
 	// The request's nodes replace the inventory's.
 	lines, failure = check(t, s, &cluster.HealthCheckRequest{ClusterInfo: &cluster.ClusterInfo{WorkerNodes: []string{"w-1"}}})
-	if failure != "" || lines[0] != "checking 1 nodes through apid: w-1" {
+	if failure != "" || lines[0] != "checking 1 node through apid: w-1" {
 		t.Fatalf("%q %s", lines, failure)
 	}
 }

@@ -85,7 +85,7 @@ func (v resolver) expand(targets []string) ([]node, error) {
 			return nil, err
 		}
 		if len(members) == 0 {
-			return nil, fmt.Errorf("group %s has no nodes now", t)
+			return nil, fmt.Errorf("group %s has no nodes now (the inventory lists %d; groups: %s)", t, v.set.Len(), strings.Join(v.set.Groups(20), ", "))
 		}
 		for _, m := range members {
 			if err := add(v.member(m.Name, m)); err != nil {
@@ -155,6 +155,44 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 	b := r.backendOf(n, out, forwarded(out, metadata.MD{}))
 	b.mayRefuse = true
 	return b.Connect(ctx, "")
+}
+
+// CheckTargets returns the status a proxied call with ctx's node or nodes
+// metadata would fail with, or that the node it names would answer
+// (NOT_FOUND for a name nobody knows): for apid's own services, which
+// serve whatever node is named but should not pass over a mistake.
+func (r *Router) CheckTargets(ctx context.Context) error {
+	md, _ := metadata.FromIncomingContext(ctx)
+	rs := r.rules.Load()
+	node, nodes := md[KeyNode], md[KeyNodes]
+	var targets []string
+	switch {
+	case len(node) > 0 && len(nodes) > 0:
+		return status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
+	case len(node) > 1:
+		return status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(node))
+	case len(node) == 1:
+		n, err := r.resolver(rs).one(node[0])
+		if err != nil {
+			return status.Error(codes.InvalidArgument, err.Error())
+		}
+		return n.err
+	case len(nodes) > 0:
+		var err error
+		if targets, err = ParseTargets(nodes, rs.max); err != nil {
+			return status.Error(codes.InvalidArgument, err.Error())
+		}
+	}
+	resolved, err := r.resolver(rs).expand(targets)
+	if err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	for _, n := range resolved {
+		if n.err != nil {
+			return n.err
+		}
+	}
+	return nil
 }
 
 // one resolves the target of a one-to-one call: a name, an address, or a

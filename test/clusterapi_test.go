@@ -212,6 +212,18 @@ func TestDemoClusterAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("health naming a node that routes nowhere is refused", func(t *testing.T) {
+		for node, want := range map[string]codes.Code{"node-9": codes.NotFound, "@nosuch": codes.InvalidArgument} {
+			stream, err := cl.ClusterHealthCheck(client.WithNode(testContext(t), node), time.Second, &clusterapi.ClusterInfo{})
+			if err == nil {
+				_, err = stream.Recv()
+			}
+			if status.Code(err) != want {
+				t.Errorf("health -n %s: %v, want %s", node, err, want)
+			}
+		}
+	})
+
 	t.Run("health as a caller without roles is refused", func(t *testing.T) {
 		nobody := c.clientWithRoles(t, "nobody", "os:nothing")
 		stream, err := nobody.ClusterHealthCheck(testContext(t), time.Second, &clusterapi.ClusterInfo{})

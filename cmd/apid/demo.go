@@ -283,6 +283,8 @@ func printDemoHelp(w io.Writer, o demoOptions, nodes []demoNode) {
 	groups := "@controlplane: " + strings.Join(cp, ", ")
 	if len(workers) > 0 {
 		groups += "; @workers: " + strings.Join(workers, ", ")
+	} else {
+		groups += "; @workers: none (-nodes 5 adds two)"
 	}
 	first := net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port))
 	fmt.Fprintf(w, `apid demo: %d nodes up (%s), each an apid on port %d in front of an example agent.
