@@ -57,7 +57,7 @@ type failing struct {
 	probed    time.Time // when it started
 	last      time.Time // the last failure
 	lastError string
-	where     string // the destination that failed (Dest.where)
+	dest      Dest // where the failures happened
 }
 
 // maxFailing bounds the nodes with failures the ejector remembers: a
@@ -81,37 +81,54 @@ func (e *ejector) setConfig(cfg EjectionConfig) {
 	e.mu.Unlock()
 }
 
-// forgetMoved forgets node's record when its failures were at another
-// destination than where (the inventory moved the node, or changed the
-// identity it must prove): they say nothing about the new one.
-func (e *ejector) forgetMoved(node, where string) {
-	e.mu.Lock()
-	f := e.nodes[node]
-	if f == nil || f.where == where {
-		e.mu.Unlock()
-		return
+// currentLocked is d.Node's record, after forgetting one made at another
+// destination than d (the inventory moved the node, or changed the
+// identity it must prove): its failures say nothing about the new one.
+// A forgotten ejection is returned, to be announced as over once e.mu is
+// released.
+func (e *ejector) currentLocked(d Dest) (f *failing, forgotten *Ejection) {
+	f = e.nodes[d.Node]
+	if f == nil || f.dest == d {
+		return f, nil
 	}
-	delete(e.nodes, node)
-	e.mu.Unlock()
+	delete(e.nodes, d.Node)
 	if !f.until.IsZero() {
-		e.notify(f.view(node), false)
+		v := f.view(d.Node)
+		forgotten = &v
+	}
+	return nil, forgotten
+}
+
+// announce tells notify that a forgotten ejection is over.
+func (e *ejector) announce(forgotten *Ejection) {
+	if forgotten != nil {
+		e.notify(*forgotten, false)
 	}
 }
 
-// peek reports whether node is ejected, without letting a probe through.
-func (e *ejector) peek(node string) bool {
+// peek reports whether d's node is ejected, without letting a probe
+// through.
+func (e *ejector) peek(d Dest) bool {
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	f := e.nodes[node]
-	return f != nil && !f.until.IsZero()
+	f, forgotten := e.currentLocked(d)
+	ejected := f != nil && !f.until.IsZero()
+	e.mu.Unlock()
+	e.announce(forgotten)
+	return ejected
 }
 
-// ejected reports whether node is out of calls now. When its time is up,
-// the first caller to ask is let through as the probe.
-func (e *ejector) ejected(node string) (Ejection, bool) {
+// ejected reports whether d's node is out of calls now. When its time is
+// up, the first caller to ask is let through as the probe.
+func (e *ejector) ejected(d Dest) (Ejection, bool) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	f := e.nodes[node]
+	f, forgotten := e.currentLocked(d)
+	view, out := e.refuseLocked(f, d.Node)
+	e.mu.Unlock()
+	e.announce(forgotten)
+	return view, out
+}
+
+func (e *ejector) refuseLocked(f *failing, node string) (Ejection, bool) {
 	if f == nil || f.until.IsZero() {
 		return Ejection{}, false
 	}
@@ -127,10 +144,12 @@ func (e *ejector) ejected(node string) (Ejection, bool) {
 
 // report records the outcome of a call that reached (or tried to reach)
 // node.
-func (e *ejector) report(node, where string, code codes.Code, msg string) {
+func (e *ejector) report(d Dest, code codes.Code, msg string) {
+	node := d.Node
 	e.mu.Lock()
 	cfg := e.cfg
-	f := e.nodes[node]
+	f, forgotten := e.currentLocked(d)
+	defer e.announce(forgotten) // after the unlocks below
 	switch code {
 	case codes.Unavailable, codes.DeadlineExceeded:
 	case codes.Canceled:
@@ -162,10 +181,7 @@ func (e *ejector) report(node, where string, code codes.Code, msg string) {
 		f = &failing{}
 		e.nodes[node] = f
 	}
-	if f.where != where { // moved meanwhile: start afresh
-		*f = failing{}
-	}
-	f.where = where
+	f.dest = d
 	f.failures++
 	f.last = now
 	f.lastError = fmt.Sprintf("%s: %s", code, msg)

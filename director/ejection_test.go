@@ -27,16 +27,16 @@ func TestEjectionLifecycle(t *testing.T) {
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 3, BaseTime: 5 * time.Second, MaxTime: 15 * time.Second, MaxPercent: 50})
 
 	// Answers, even errors of the node's own, do not count.
-	e.report("n", "here", codes.Unavailable, "refused")
-	e.report("n", "here", codes.NotFound, "no such file")
-	e.report("n", "here", codes.Unavailable, "refused")
-	e.report("n", "here", codes.Canceled, "caller left")
-	e.report("n", "here", codes.DeadlineExceeded, "slow")
-	if _, ej := e.ejected("n"); ej {
+	e.report(Dest{Node: "n"}, codes.Unavailable, "refused")
+	e.report(Dest{Node: "n"}, codes.NotFound, "no such file")
+	e.report(Dest{Node: "n"}, codes.Unavailable, "refused")
+	e.report(Dest{Node: "n"}, codes.Canceled, "caller left")
+	e.report(Dest{Node: "n"}, codes.DeadlineExceeded, "slow")
+	if _, ej := e.ejected(Dest{Node: "n"}); ej {
 		t.Fatal("ejected after 2 failures in a row")
 	}
-	e.report("n", "here", codes.Unavailable, "connection refused")
-	x, ej := e.ejected("n")
+	e.report(Dest{Node: "n"}, codes.Unavailable, "connection refused")
+	x, ej := e.ejected(Dest{Node: "n"})
 	if !ej || x.Failures != 3 || !strings.Contains(x.LastError, "connection refused") {
 		t.Fatalf("after 3 failures in a row: %+v, %v", x, ej)
 	}
@@ -50,31 +50,31 @@ func TestEjectionLifecycle(t *testing.T) {
 
 	// Time up: one probe goes through, a second caller meanwhile does not.
 	c.t = x.Until
-	if _, ej := e.ejected("n"); ej {
+	if _, ej := e.ejected(Dest{Node: "n"}); ej {
 		t.Fatal("no probe let through once the ejection is over")
 	}
-	if _, ej := e.ejected("n"); !ej {
+	if _, ej := e.ejected(Dest{Node: "n"}); !ej {
 		t.Fatal("a second call went through while the probe runs")
 	}
 	// The probe fails: ejected again, twice as long.
-	e.report("n", "here", codes.Unavailable, "still refused")
-	x, _ = e.ejected("n")
+	e.report(Dest{Node: "n"}, codes.Unavailable, "still refused")
+	x, _ = e.ejected(Dest{Node: "n"})
 	if d := x.Until.Sub(c.now()); d < 10*time.Second || d > 11*time.Second {
 		t.Fatalf("second ejection lasts %s, want 10 s plus jitter", d)
 	}
 	// And again: capped at MaxTime.
 	c.t = x.Until
-	e.ejected("n")
-	e.report("n", "here", codes.DeadlineExceeded, "timeout")
-	x, _ = e.ejected("n")
+	e.ejected(Dest{Node: "n"})
+	e.report(Dest{Node: "n"}, codes.DeadlineExceeded, "timeout")
+	x, _ = e.ejected(Dest{Node: "n"})
 	if d := x.Until.Sub(c.now()); d < 15*time.Second || d > 16500*time.Millisecond {
 		t.Fatalf("third ejection lasts %s, want the 15 s cap plus jitter", d)
 	}
 	// The probe succeeds: restored and forgotten.
 	c.t = x.Until
-	e.ejected("n")
-	e.report("n", "here", codes.OK, "")
-	if _, ej := e.ejected("n"); ej || len(e.snapshot()) != 0 || len(e.nodes) != 0 {
+	e.ejected(Dest{Node: "n"})
+	e.report(Dest{Node: "n"}, codes.OK, "")
+	if _, ej := e.ejected(Dest{Node: "n"}); ej || len(e.snapshot()) != 0 || len(e.nodes) != 0 {
 		t.Fatalf("not restored: %v", e.snapshot())
 	}
 	if got := strings.Join(events, ","); got != "ejected,ejected,ejected,restored" {
@@ -84,9 +84,9 @@ func TestEjectionLifecycle(t *testing.T) {
 	// Off: failures never eject.
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 0, BaseTime: time.Second, MaxTime: time.Second})
 	for range 10 {
-		e.report("m", "here", codes.Unavailable, "x")
+		e.report(Dest{Node: "m"}, codes.Unavailable, "x")
 	}
-	if _, ej := e.ejected("m"); ej {
+	if _, ej := e.ejected(Dest{Node: "m"}); ej {
 		t.Fatal("ejected with ejection off")
 	}
 }
@@ -101,19 +101,19 @@ func TestCallersDeadlinesEjectNobody(t *testing.T) {
 	for range 10 {
 		callers.Report(codes.DeadlineExceeded, "context deadline exceeded")
 	}
-	if e.peek("10.0.0.9") {
+	if e.peek(DestOf("10.0.0.9")) {
 		t.Fatal("a caller's deadlines ejected the node")
 	}
 	own := &backend{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e, ownDeadline: true}
 	for range 3 {
 		own.Report(codes.DeadlineExceeded, "context deadline exceeded")
 	}
-	if !e.peek("10.0.0.9") {
+	if !e.peek(DestOf("10.0.0.9")) {
 		t.Fatal("three misses of apid's own node deadline did not eject the node")
 	}
 	refused := &backend{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e, refused: true}
 	refused.Report(codes.OK, "")
-	if !e.peek("10.0.0.9") {
+	if !e.peek(DestOf("10.0.0.9")) {
 		t.Fatal("a call refused without reaching the node restored it")
 	}
 }
@@ -128,25 +128,23 @@ func TestEjectionForgetsAMovedNode(t *testing.T) {
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 2, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50})
 	old := Dest{Node: "cp-1", Host: "10.0.0.2", ServerName: "cp-1"}
 	for range 2 {
-		e.report("cp-1", old.where(), codes.Unavailable, "refused")
+		e.report(old, codes.Unavailable, "refused")
 	}
-	if !e.peek("cp-1") {
+	if !e.peek(old) {
 		t.Fatal("not ejected")
 	}
-	e.forgetMoved("cp-1", old.where())
-	if !e.peek("cp-1") {
+	if !e.peek(old) {
 		t.Fatal("forgotten without moving")
 	}
 	moved := old
 	moved.Host = "10.0.0.3"
-	e.forgetMoved("cp-1", moved.where())
-	if e.peek("cp-1") || strings.Join(events, ",") != "ejected,restored" {
-		t.Fatalf("after the move: ejected %v, events %v", e.peek("cp-1"), events)
+	if e.peek(moved) || strings.Join(events, ",") != "ejected,restored" {
+		t.Fatalf("after the move: ejected %v, events %v", e.peek(moved), events)
 	}
 	// A failure left over from the old address does not count at the new.
-	e.report("cp-1", old.where(), codes.Unavailable, "refused")
-	e.report("cp-1", moved.where(), codes.Unavailable, "refused")
-	if e.peek("cp-1") {
+	e.report(old, codes.Unavailable, "refused")
+	e.report(moved, codes.Unavailable, "refused")
+	if e.peek(moved) {
 		t.Fatal("two failures at two destinations ejected the node")
 	}
 }

@@ -120,17 +120,11 @@ type Dest struct {
 	ServerName string
 }
 
-// where identifies the destination itself (not the node's name), with
-// the port zero standing for the pool's.
-func (d Dest) where() string {
-	return net.JoinHostPort(d.Host, strconv.Itoa(d.Port)) + "/" + d.ServerName
-}
-
 // DestOf is the destination of a node named by its address or DNS name
 // alone: dialled and verified under that name.
 func DestOf(target string) Dest {
 	key := canonical(target)
-	return Dest{Node: key, Host: unbracket(key), ServerName: unbracket(key)}
+	return Dest{Node: key, Host: key, ServerName: key} // canonical: no brackets
 }
 
 // Conn returns the connection to target's apid; see ConnTo.

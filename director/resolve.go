@@ -101,9 +101,9 @@ func (v resolver) target(t string) node {
 	if m, ok := v.set.Lookup(t); ok {
 		return v.member(t, m)
 	}
-	key := canonical(t)
-	n := node{stamp: t, dest: DestOf(t), self: v.rs.self[key]}
-	if _, err := netip.ParseAddr(unbracket(t)); err != nil && !n.self && !v.resolve {
+	n := node{stamp: t, dest: DestOf(t)}
+	n.self = v.rs.self[n.dest.Node]
+	if _, err := netip.ParseAddr(n.dest.Host); err != nil && !n.self && !v.resolve {
 		n.err = status.Errorf(codes.NotFound, "node %q is not in the inventory and is not an IP address", t)
 	}
 	return n
@@ -163,36 +163,46 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 // serve whatever node is named but should not pass over a mistake.
 func (r *Router) CheckTargets(ctx context.Context) error {
 	md, _ := metadata.FromIncomingContext(ctx)
-	rs := r.rules.Load()
-	node, nodes := md[KeyNode], md[KeyNodes]
-	var targets []string
-	switch {
-	case len(node) > 0 && len(nodes) > 0:
-		return status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
-	case len(node) > 1:
-		return status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(node))
-	case len(node) == 1:
-		n, err := r.resolver(rs).one(node[0])
-		if err != nil {
-			return status.Error(codes.InvalidArgument, err.Error())
-		}
-		return n.err
-	case len(nodes) > 0:
-		var err error
-		if targets, err = ParseTargets(nodes, rs.max); err != nil {
-			return status.Error(codes.InvalidArgument, err.Error())
-		}
-	}
-	resolved, err := r.resolver(rs).expand(targets)
+	nodes, _, err := r.destinations(r.rules.Load(), md)
 	if err != nil {
-		return status.Error(codes.InvalidArgument, err.Error())
+		return err
 	}
-	for _, n := range resolved {
+	for _, n := range nodes {
 		if n.err != nil {
 			return n.err
 		}
 	}
 	return nil
+}
+
+// destinations resolves the routing metadata of a call: no node (none
+// named: the local agent), the one node `node` names, or the nodes `nodes`
+// names (fanOut), as a gRPC status on error.
+func (r *Router) destinations(rs *rules, md metadata.MD) (nodes []node, fanOut bool, err error) {
+	one, many := md[KeyNode], md[KeyNodes]
+	switch {
+	case len(one) > 0 && len(many) > 0:
+		return nil, false, status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
+	case len(one) > 1:
+		return nil, false, status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(one))
+	case len(one) == 1:
+		n, err := r.resolver(rs).one(one[0])
+		if err != nil {
+			return nil, false, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return []node{n}, false, nil
+	case len(many) > 0:
+		targets, err := ParseTargets(many, rs.max)
+		if err != nil {
+			return nil, false, status.Error(codes.InvalidArgument, err.Error())
+		}
+		resolved, err := r.resolver(rs).expand(targets)
+		if err != nil {
+			return nil, false, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return resolved, true, nil
+	}
+	return nil, false, nil
 }
 
 // one resolves the target of a one-to-one call: a name, an address, or a

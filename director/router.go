@@ -147,59 +147,44 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
 	}
 
-	node, nodes := md[KeyNode], md[KeyNodes]
+	resolved, fanOut, err := r.destinations(rs, md)
 	switch {
-	case len(node) > 0 && len(nodes) > 0:
-		return proxy.Route{}, status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
-	case len(node) > 1:
-		return proxy.Route{}, status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(node))
-	case len(node) == 1:
-		n, err := r.resolver(rs).one(node[0])
-		if err != nil {
-			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
-		}
-		b := r.backendOf(n, out, forwarded(out, md))
+	case err != nil:
+		return proxy.Route{}, err
+	case len(resolved) == 0:
+		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
+	case !fanOut:
+		b := r.backendOf(resolved[0], out, forwarded(out, md))
 		b.mayRefuse = true // one node: fail fast while it is ejected
 		return oneToOne(b, rs.kinds.kind(fullMethod)), nil
-	case len(nodes) > 0:
-		targets, err := ParseTargets(nodes, rs.max)
-		if err != nil {
-			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
-		}
-		resolved, err := r.resolver(rs).expand(targets)
-		if err != nil {
-			return proxy.Route{}, status.Error(codes.InvalidArgument, err.Error())
-		}
-		timeout, err := rs.nodeTimeout(md)
-		if err != nil {
-			return proxy.Route{}, err
-		}
-		backends := make([]proxy.Backend, len(resolved))
-		remote := forwarded(out, md) // shared by every remote backend: read-only from here on
-		skippable := len(resolved) * rs.maxEjectedPercent / 100
-		// The node deadline is apid's own unless the client shortened it or
-		// the call's own deadline comes first.
-		own := timeout > 0 && timeout == rs.timeout
-		if d, ok := ctx.Deadline(); ok && time.Until(d) <= timeout {
-			own = false
-		}
-		for i, n := range resolved {
-			b := r.backendOf(n, out, remote)
-			if b.pool != nil {
-				b.ownDeadline = own
-				r.ej.forgetMoved(n.dest.Node, n.dest.where())
-				if skippable > 0 && r.ej.peek(n.dest.Node) {
-					// At most maxPercent of the nodes are skipped as
-					// ejected; the rest are tried whatever their record.
-					b.mayRefuse = true
-					skippable--
-				}
-			}
-			backends[i] = b
-		}
-		return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 	}
-	return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
+	timeout, err := rs.nodeTimeout(md)
+	if err != nil {
+		return proxy.Route{}, err
+	}
+	backends := make([]proxy.Backend, len(resolved))
+	remote := forwarded(out, md) // shared by every remote backend: read-only from here on
+	skippable := len(resolved) * rs.maxEjectedPercent / 100
+	// The node deadline is apid's own unless the client shortened it or
+	// the call's own deadline comes first.
+	own := timeout > 0 && timeout == rs.timeout
+	if d, ok := ctx.Deadline(); ok && time.Until(d) <= timeout {
+		own = false
+	}
+	for i, n := range resolved {
+		b := r.backendOf(n, out, remote)
+		if b.pool != nil {
+			b.ownDeadline = own
+			if skippable > 0 && r.ej.peek(n.dest) {
+				// At most maxPercent of the nodes are skipped as
+				// ejected; the rest are tried whatever their record.
+				b.mayRefuse = true
+				skippable--
+			}
+		}
+		backends[i] = b
+	}
+	return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
 }
 
 // Kind returns the shape of a method as the router knows it now.
@@ -302,8 +287,7 @@ func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.
 		return nil, nil, nil, b.fail
 	}
 	if b.mayRefuse {
-		b.ej.forgetMoved(b.dest.Node, b.dest.where())
-		if e, ok := b.ej.ejected(b.dest.Node); ok {
+		if e, ok := b.ej.ejected(b.dest); ok {
 			b.refused = true
 			return nil, nil, nil, refusal(e, b.ej.now())
 		}
@@ -324,5 +308,5 @@ func (b *backend) Report(code codes.Code, message string) {
 	if code == codes.DeadlineExceeded && !b.ownDeadline {
 		code = codes.Canceled // a deadline of the caller's: nothing learnt
 	}
-	b.ej.report(b.dest.Node, b.dest.where(), code, message)
+	b.ej.report(b.dest, code, message)
 }

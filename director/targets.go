@@ -3,7 +3,6 @@ package director
 import (
 	"fmt"
 	"net"
-	"net/netip"
 	"strings"
 
 	"github.com/apid/apid/inventory"
@@ -82,22 +81,10 @@ func ParseTargets(values []string, max int) ([]string, error) {
 	return out, nil
 }
 
-// unbracket returns target without the brackets of an IPv6 literal.
-func unbracket(target string) string {
-	return strings.TrimSuffix(strings.TrimPrefix(target, "["), "]")
-}
-
-// canonical is the identity of a target for de-duplication: an IP address
-// in its canonical form (so ::ffff:10.0.0.1, 10.0.0.1 and [::ffff:a00:1]
-// are one node), a name lower-cased.
 // Canonical is the one spelling of a node name or address (lower case, IPv6
-// compressed, IPv4-mapped unmapped) under which the pool and apid's node
-// statistics know it.
-func Canonical(t string) string { return canonical(t) }
+// compressed, IPv4-mapped unmapped, no brackets) under which the pool,
+// ejection and apid's node statistics know it: the inventory's Key, so a
+// node is one whichever way it is named.
+func Canonical(t string) string { return inventory.Key(t) }
 
-func canonical(t string) string {
-	if a, err := netip.ParseAddr(unbracket(t)); err == nil {
-		return a.Unmap().WithZone("").String()
-	}
-	return strings.ToLower(t)
-}
+func canonical(t string) string { return inventory.Key(t) }
