@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -162,7 +161,6 @@ type Inventory struct {
 	confMu  sync.Mutex // one Configure (or Close) at a time
 	closed  bool       // guarded by confMu
 	mu      sync.Mutex
-	cfg     Config
 	parts   map[string][]Node // the last good nodes of each source
 	order   []string          // sources in merge order
 	stop    context.CancelFunc
@@ -217,7 +215,8 @@ func (inv *Inventory) Configure(cfg Config) error {
 		return errors.New("inventory is closed")
 	}
 	inv.mu.Lock()
-	same := inv.stop != nil && reflect.DeepEqual(inv.cfg, cfg)
+	cur := inv.conf.Load()
+	same := inv.stop != nil && cur != nil && reflect.DeepEqual(*cur, cfg)
 	stop := inv.stop
 	inv.mu.Unlock()
 	if same {
@@ -234,7 +233,6 @@ func (inv *Inventory) Configure(cfg Config) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	inv.mu.Lock()
 	old := inv.parts
-	inv.cfg = cfg
 	inv.conf.Store(&cfg)
 	inv.parts = map[string][]Node{"static": cfg.Nodes}
 	inv.order = []string{"static"}
@@ -258,8 +256,7 @@ func (inv *Inventory) Configure(cfg Config) error {
 	inv.stop = cancel
 	inv.mu.Unlock()
 	for _, e := range failed {
-		inv.log.Warn("inventory source failed; keeping its last nodes", "source", e.Source, "nodes", e.Nodes, "err", e.Err)
-		inv.notify(e)
+		inv.tell(e, false)
 	}
 
 	for _, f := range cfg.Files {
@@ -330,15 +327,20 @@ func (inv *Inventory) update(ctx context.Context, id string, nodes []Node, err e
 	}
 	n := len(inv.parts[id])
 	inv.mu.Unlock()
+	inv.tell(Event{Source: id, Nodes: n, Err: err}, changed)
+}
+
+// tell logs and reports a source's failure, or its change.
+func (inv *Inventory) tell(e Event, changed bool) {
 	switch {
-	case err != nil:
-		inv.log.Warn("inventory source failed; keeping its last nodes", "source", id, "nodes", n, "err", err)
+	case e.Err != nil:
+		inv.log.Warn("inventory source failed; keeping its last nodes", "source", e.Source, "nodes", e.Nodes, "err", e.Err)
 	case changed:
-		inv.log.Info("inventory source changed", "source", id, "nodes", n, "total", inv.Set().Len())
+		inv.log.Info("inventory source changed", "source", e.Source, "nodes", e.Nodes, "total", inv.Set().Len())
 	default:
 		return
 	}
-	inv.notify(Event{Source: id, Nodes: n, Err: err})
+	inv.notify(e)
 }
 
 // publishLocked merges the sources into a new Set.
@@ -392,7 +394,7 @@ func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Wa
 }
 
 // refresh asks DNS for r's records, then again when their TTL runs out
-// (at least a second, at most five minutes apart), backing off on errors.
+// (at least a second apart; resolve caps the TTL), backing off on errors.
 func (inv *Inventory) refresh(ctx context.Context, r *resolver, firstDone func()) {
 	defer inv.running.Done()
 	once := sync.OnceFunc(firstDone)
@@ -407,7 +409,7 @@ func (inv *Inventory) refresh(ctx context.Context, r *resolver, firstDone func()
 		}
 		inv.update(ctx, "dns:"+r.src.Name, nodes, err)
 		once()
-		wait := min(max(ttl, time.Second), 5*time.Minute)
+		wait := max(ttl, time.Second)
 		if err != nil {
 			wait, backoff = backoff, min(backoff*2, 30*time.Second)
 		} else {
@@ -421,15 +423,4 @@ func (inv *Inventory) refresh(ctx context.Context, r *resolver, firstDone func()
 		case <-t.C:
 		}
 	}
-}
-
-// Sources lists the sources and their node counts, in merge order.
-func (inv *Inventory) Sources() []Event {
-	inv.mu.Lock()
-	defer inv.mu.Unlock()
-	out := make([]Event, 0, len(inv.order))
-	for _, id := range inv.order {
-		out = append(out, Event{Source: id, Nodes: len(inv.parts[id])})
-	}
-	return slices.Clip(out)
 }
