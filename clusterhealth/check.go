@@ -160,7 +160,7 @@ func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.Clu
 	// Each round asks the nodes again: a cluster that converges (an
 	// upgrade finishing, a certificate renewed) passes within the wait.
 	versions := func() (map[string]answer, error) {
-		answers := r.each(nodes, r.version)
+		answers := each(nodes, r.version)
 		for _, n := range nodes {
 			if a := answers[n]; a.err != nil {
 				err := fmt.Errorf("node %s stopped answering through apid (check: reachability): %s", n, describe(a.err))
@@ -267,7 +267,7 @@ func (r *run) reachable(nodes []string) (map[string]answer, error) {
 	var last map[string]answer
 	for {
 		pending := slices.DeleteFunc(slices.Clone(nodes), func(n string) bool { return got[n].err == nil && got[n].version != "" })
-		results := r.each(pending, r.version)
+		results := each(pending, r.version)
 		last = results
 		for n, a := range results {
 			if a.err == nil {
@@ -330,8 +330,8 @@ func (r *run) pause() bool {
 }
 
 // each calls ask for every node, at most parallel at once.
-func (r *run) each(nodes []string, ask func(node string) answer) map[string]answer {
-	out := make(map[string]answer, len(nodes))
+func each[T any](nodes []string, ask func(node string) T) map[string]T {
+	out := make(map[string]T, len(nodes))
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, parallel)
@@ -434,9 +434,7 @@ func (r *run) clocks(nodes []string) error {
 		d   time.Duration
 		err error
 	}
-	var mu sync.Mutex
-	skews := map[string]skew{}
-	r.each(nodes, func(node string) answer {
+	skews := each(nodes, func(node string) skew {
 		var sk skew
 		sk.err = r.call(node, methodTime, func(ctx context.Context, cc grpc.ClientConnInterface) error {
 			before := r.s.now()
@@ -452,10 +450,7 @@ func (r *run) clocks(nodes []string) error {
 			sk.d = resp.GetMessages()[0].GetLocaltime().AsTime().Sub(mid)
 			return nil
 		})
-		mu.Lock()
-		skews[node] = sk
-		mu.Unlock()
-		return answer{}
+		return sk
 	})
 	for _, n := range nodes {
 		sk := skews[n]

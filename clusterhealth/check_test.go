@@ -87,9 +87,9 @@ func cert(notAfter time.Time) *x509.Certificate {
 	return &x509.Certificate{Subject: pkix.Name{CommonName: "node"}, NotAfter: notAfter}
 }
 
-// check runs one health check over a real connection and returns its
-// lines and the error of its last message.
-func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []string, failure string) {
+// open serves s on loopback until the test ends and starts one health
+// check on it over a real connection.
+func open(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (cluster.ClusterService_HealthCheckClient, error) {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -98,13 +98,20 @@ func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []st
 	g := grpc.NewServer()
 	s.Register(g)
 	go func() { _ = g.Serve(lis) }()
-	defer g.Stop()
+	t.Cleanup(g.Stop)
 	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cc.Close()
-	stream, err := cluster.NewClusterServiceClient(cc).HealthCheck(t.Context(), req)
+	t.Cleanup(func() { cc.Close() })
+	return cluster.NewClusterServiceClient(cc).HealthCheck(t.Context(), req)
+}
+
+// check runs one health check and returns its lines and the error of its
+// last message.
+func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []string, failure string) {
+	t.Helper()
+	stream, err := open(t, s, req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,21 +315,7 @@ func waitUntil(cond func() bool) bool {
 // message.
 func checkErr(t *testing.T, s *Server) (*cluster.HealthCheckProgress, error) {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	s.Register(g)
-	go func() { _ = g.Serve(lis) }()
-	defer g.Stop()
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	stream, err := cluster.NewClusterServiceClient(cc).HealthCheck(t.Context(), &cluster.HealthCheckRequest{
-		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1"}}})
+	stream, err := open(t, s, &cluster.HealthCheckRequest{ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1"}}})
 	if err != nil {
 		return nil, err
 	}
