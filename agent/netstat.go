@@ -230,13 +230,9 @@ func parseSockAddr(s string, v6 bool) (netip.Addr, uint32, error) {
 // agent may inspect. A socket shared by several processes (after fork) is
 // attributed to the lowest pid. Processes that exit meanwhile are skipped.
 func socketOwners(ctx context.Context) (map[uint64]*machine.ConnectRecord_Process, error) {
-	pfs, err := procFS()
+	procs, err := allProcs()
 	if err != nil {
 		return nil, err
-	}
-	procs, err := pfs.AllProcs()
-	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "list processes: %v", err)
 	}
 	owners := map[uint64]*machine.ConnectRecord_Process{}
 	for _, p := range procs {

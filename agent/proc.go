@@ -41,6 +41,19 @@ func procFS() (procfs.FS, error) {
 	return pfs, nil
 }
 
+// allProcs lists the processes of /proc, as a gRPC status on error.
+func allProcs() (procfs.Procs, error) {
+	pfs, err := procFS()
+	if err != nil {
+		return nil, err
+	}
+	procs, err := pfs.AllProcs()
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "list processes: %v", err)
+	}
+	return procs, nil
+}
+
 // Processes lists every process in /proc with the fields talosctl processes
 // shows: CPU time in seconds, memory in bytes, the command (comm), the
 // executable and the command line joined with spaces.
@@ -52,13 +65,9 @@ func procFS() (procfs.FS, error) {
 // security module reports one in /proc/<pid>/attr/current.
 func (s *Server) Processes(ctx context.Context, _ *emptypb.Empty) (_ *machine.ProcessesResponse, err error) {
 	defer s.logCall(ctx, "Processes", time.Now(), &err)
-	pfs, err := procFS()
+	procs, err := allProcs()
 	if err != nil {
 		return nil, err
-	}
-	procs, err := pfs.AllProcs()
-	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "list processes: %v", err)
 	}
 	slices.SortFunc(procs, func(a, b procfs.Proc) int { return a.PID - b.PID })
 	out := make([]*machine.ProcessInfo, 0, len(procs))
