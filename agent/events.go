@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -109,19 +108,15 @@ type loggedEvent struct {
 	msg *machine.Event
 }
 
-// eventLog keeps the latest events. Events are numbered from 0 in the order
-// they are published; a reader keeps the number of the next event it wants
-// and is woken through a channel that is closed on every append.
+// eventLog keeps the latest events, numbered in the order they are
+// published.
 type eventLog struct {
-	mu      sync.Mutex
-	events  []*loggedEvent // events[seq%len(events)] holds event seq
-	next    uint64         // number of the next event to be published
-	lastSec uint32         // seconds field of the latest ID, which never goes back
-	changed chan struct{}
+	*ring[*loggedEvent]
+	lastSec uint32 // seconds field of the latest ID, which never goes back; guarded by mu
 }
 
 func newEventLog(capacity int) *eventLog {
-	return &eventLog{events: make([]*loggedEvent, capacity), changed: make(chan struct{})}
+	return &eventLog{ring: newRing[*loggedEvent](capacity)}
 }
 
 // append publishes an event and returns its ID.
@@ -139,22 +134,8 @@ func (l *eventLog) append(actor string, data *anypb.Any) string {
 	binary.BigEndian.PutUint32(raw[:4], l.lastSec)
 	binary.BigEndian.PutUint64(raw[4:], l.next)
 	id := eventIDEncoding.EncodeToString(raw[:])
-	l.events[l.next%uint64(len(l.events))] = &loggedEvent{
-		at:  now,
-		msg: &machine.Event{Data: data, Id: id, ActorId: actor},
-	}
-	l.next++
-	close(l.changed)
-	l.changed = make(chan struct{})
+	l.appendLocked(&loggedEvent{at: now, msg: &machine.Event{Data: data, Id: id, ActorId: actor}})
 	return id
-}
-
-// oldest is the number of the oldest event still kept; l.mu must be held.
-func (l *eventLog) oldest() uint64 {
-	if c := uint64(len(l.events)); l.next > c {
-		return l.next - c
-	}
-	return 0
 }
 
 // start validates the tail options of req and returns the number of the
@@ -183,14 +164,12 @@ func (l *eventLog) start(req *machine.EventsRequest, now time.Time) (uint64, err
 	// true; after must be false and then true along the log.
 	first := func(after func(*loggedEvent) bool) uint64 {
 		return oldest + uint64(sort.Search(int(l.next-oldest), func(i int) bool {
-			return after(l.events[(oldest+uint64(i))%uint64(len(l.events))])
+			return after(l.at(oldest + uint64(i)))
 		}))
 	}
-	switch n := req.GetTailEvents(); {
-	case n < 0 || (n > 0 && uint64(n) >= l.next-oldest):
-		return oldest, nil
-	case n > 0:
-		return l.next - uint64(n), nil
+	switch {
+	case req.GetTailEvents() != 0:
+		return l.tailStartLocked(req.GetTailEvents()), nil
 	case req.GetTailId() != "":
 		return first(func(e *loggedEvent) bool { return e.msg.GetId() > req.GetTailId() }), nil
 	case req.GetTailSeconds() > 0:
@@ -198,21 +177,6 @@ func (l *eventLog) start(req *machine.EventsRequest, now time.Time) (uint64, err
 		return first(func(e *loggedEvent) bool { return e.at.After(cutoff) }), nil
 	}
 	return l.next, nil
-}
-
-// since returns the kept events numbered from onwards, the number to ask
-// for next, how many events from that position were already overwritten,
-// and a channel closed on the next append.
-func (l *eventLog) since(from uint64) (evs []*loggedEvent, next, dropped uint64, changed <-chan struct{}) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if oldest := l.oldest(); from < oldest {
-		dropped, from = oldest-from, oldest
-	}
-	for seq := from; seq < l.next; seq++ {
-		evs = append(evs, l.events[seq%uint64(len(l.events))])
-	}
-	return evs, l.next, dropped, l.changed
 }
 
 // validEventID reports whether id has the form of an event ID (ours or an

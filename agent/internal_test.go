@@ -100,7 +100,7 @@ func TestLogRing(t *testing.T) {
 		t.Fatal("append did not wake readers")
 	}
 	for _, l := range []string{"c", "d", "e"} {
-		r.append(l)
+		_, _ = r.Write([]byte(l + "\n"))
 	}
 	lines, next, dropped, _ := r.since(0)
 	if strings.Join(lines, "") != "cde" || next != 5 || dropped != 2 {

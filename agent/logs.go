@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
@@ -61,69 +60,26 @@ func (s *Server) Logs(req *machine.LogsRequest, stream grpc.ServerStreamingServe
 	}
 }
 
-// logRing keeps the latest lines of the agent's log. Lines are numbered from
-// 0 in the order they arrive; a reader keeps the number of the next line it
-// wants and is woken through a channel that is closed on every append.
-type logRing struct {
-	mu      sync.Mutex
-	lines   []string // lines[seq%len(lines)] holds line seq
-	next    uint64   // number of the next line to be appended
-	changed chan struct{}
-}
+// logRing keeps the latest lines of the agent's log.
+type logRing struct{ *ring[string] }
 
-func newLogRing(capacity int) *logRing {
-	return &logRing{lines: make([]string, capacity), changed: make(chan struct{})}
-}
+func newLogRing(capacity int) logRing { return logRing{newRing[string](capacity)} }
 
 // Write appends p as one or more lines; slog's handlers call it once per
 // record.
-func (r *logRing) Write(p []byte) (int, error) {
+func (r logRing) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	for line := range bytes.Lines(p) {
-		r.append(string(bytes.TrimRight(line, "\r\n")))
+		r.appendLocked(string(bytes.TrimRight(line, "\r\n")))
 	}
 	return len(p), nil
 }
 
-func (r *logRing) append(line string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.lines[r.next%uint64(len(r.lines))] = line
-	r.next++
-	close(r.changed)
-	r.changed = make(chan struct{})
-}
-
-// oldest is the number of the oldest line still kept; r.mu must be held.
-func (r *logRing) oldest() uint64 {
-	if c := uint64(len(r.lines)); r.next > c {
-		return r.next - c
-	}
-	return 0
-}
-
 // tailStart returns the number of the line from which the last n lines
 // start; a negative n means every kept line.
-func (r *logRing) tailStart(n int32) uint64 {
+func (r logRing) tailStart(n int32) uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	oldest := r.oldest()
-	if n < 0 || uint64(n) >= r.next-oldest {
-		return oldest
-	}
-	return r.next - uint64(n)
-}
-
-// since returns the kept lines numbered from onwards, the number to ask for
-// next, how many lines from that position were already overwritten, and a
-// channel closed on the next append.
-func (r *logRing) since(from uint64) (lines []string, next, dropped uint64, changed <-chan struct{}) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if oldest := r.oldest(); from < oldest {
-		dropped, from = oldest-from, oldest
-	}
-	for seq := from; seq < r.next; seq++ {
-		lines = append(lines, r.lines[seq%uint64(len(r.lines))])
-	}
-	return lines, r.next, dropped, r.changed
+	return r.tailStartLocked(n)
 }

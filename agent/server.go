@@ -59,7 +59,7 @@ type Server struct {
 	allowed  []string // read roots, cleaned as configured
 	resolved []string // read roots, symlink-resolved
 	log      *slog.Logger
-	ring     *logRing
+	ring     logRing
 	startup  []string  // the agent's first log lines, replayed by the Dmesg fallback
 	bootTime time.Time // zero when unknown; used to date kernel records
 
