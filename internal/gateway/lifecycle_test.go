@@ -142,6 +142,9 @@ func TestDrain(t *testing.T) {
 // ends when apid stops accepting. StopNow cuts even the delay short.
 func TestDrainEndsWhenCallsDo(t *testing.T) {
 	tg := startGateway(t, func(c *Config) { c.DrainDelay, c.ShutdownTimeout = 300*time.Millisecond, time.Minute })
+	// Ready first: the local agent connects just after Serve starts, and a
+	// watch opened before then begins with NOT_SERVING.
+	tg.waitReady(200)
 	ctx := testCtx(t)
 	watch, err := healthpb.NewHealthClient(tg.client("probe", "team:probes")).Watch(ctx, &healthpb.HealthCheckRequest{})
 	if err != nil {
