@@ -50,7 +50,7 @@ func (a *Authorizer) SetPolicy(policy *Policy) { a.policy.Store(policy) }
 // ctx carrying the authorized caller, whose Roles are those the policy
 // knows.
 func (a *Authorizer) Authorize(ctx context.Context, fullMethod string) (context.Context, error) {
-	if !validMethod(fullMethod) {
+	if !ValidMethod(fullMethod) {
 		return ctx, status.Errorf(codes.InvalidArgument, "malformed method path %.64q", fullMethod)
 	}
 	c, ok := ctx.Value(identityKey{}).(Caller)

@@ -1,11 +1,13 @@
 package auth
 
 import (
+	"errors"
 	"fmt"
-	"github.com/apid/apid/certs"
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/apid/apid/certs"
 )
 
 // Rule allows the listed roles to call the methods it matches. Method is a
@@ -126,10 +128,12 @@ func NewPolicy(rules []Rule, replace bool) (*Policy, error) {
 		all = append(DefaultRules(), rules...)
 	}
 	patterns := map[string][]string{}
-	var errs []string
-	for _, r := range all {
+	var errs []error
+	offset := len(all) - len(rules) // the caller's rules come last
+	for i, r := range all {
+		key := fmt.Sprintf("policy.rules[%d]", i-offset)
 		if len(r.Roles) == 0 {
-			errs = append(errs, fmt.Sprintf("rule %q lists no roles", r.Method))
+			errs = append(errs, fmt.Errorf("%s.roles: rule %q lists no roles", key, r.Method))
 			continue
 		}
 		for _, role := range r.Roles {
@@ -138,14 +142,14 @@ func NewPolicy(rules []Rule, replace bool) (*Policy, error) {
 		switch {
 		case strings.HasSuffix(r.Method, "*") && strings.HasPrefix(r.Method, "/"):
 			patterns[strings.TrimSuffix(r.Method, "*")] = slices.Clone(r.Roles)
-		case validMethod(r.Method):
+		case ValidMethod(r.Method):
 			p.exact[r.Method] = slices.Clone(r.Roles)
 		default:
-			errs = append(errs, fmt.Sprintf("rule method %q: want /package.Service/Method or a pattern ending in *", r.Method))
+			errs = append(errs, fmt.Errorf("%s.method %q: want /package.Service/Method or a pattern ending in *", key, r.Method))
 		}
 	}
 	if len(errs) > 0 {
-		return nil, fmt.Errorf("policy: %s", strings.Join(errs, "; "))
+		return nil, errors.Join(errs...)
 	}
 	for prefix, roles := range patterns {
 		p.patterns = append(p.patterns, Rule{Method: prefix, Roles: roles})
@@ -216,9 +220,9 @@ func (p *Policy) Known(roles []string) (known, unknown []string) {
 	return known, unknown
 }
 
-// validMethod reports whether m is a canonical gRPC method path:
+// ValidMethod reports whether m is a canonical gRPC method path:
 // "/" service "/" method, both non-empty, nothing else.
-func validMethod(m string) bool {
+func ValidMethod(m string) bool {
 	if len(m) < 4 || m[0] != '/' {
 		return false
 	}

@@ -78,7 +78,7 @@ func TestDefaultPolicy(t *testing.T) {
 func TestDefaultRulesAreCanonical(t *testing.T) {
 	seen := map[string]bool{}
 	for _, r := range DefaultRules() {
-		if !validMethod(r.Method) {
+		if !ValidMethod(r.Method) {
 			t.Errorf("default rule for %q is not a canonical method path", r.Method)
 		}
 		if seen[r.Method] {
@@ -305,8 +305,8 @@ func TestValidMethod(t *testing.T) {
 		{"", false},
 		{"/a/", false},
 	} {
-		if got := validMethod(tc.m); got != tc.ok {
-			t.Errorf("validMethod(%q) = %v, want %v", tc.m, got, tc.ok)
+		if got := ValidMethod(tc.m); got != tc.ok {
+			t.Errorf("ValidMethod(%q) = %v, want %v", tc.m, got, tc.ok)
 		}
 	}
 }
@@ -347,7 +347,7 @@ func FuzzPolicy(f *testing.F) {
 			roles = strings.Split(roleList, ",")
 		}
 
-		_ = validMethod(method)
+		_ = ValidMethod(method)
 		if !p.Permits(method, []string{certs.RoleAdmin}) {
 			t.Fatalf("os:admin denied %q", method)
 		}
@@ -384,7 +384,7 @@ func FuzzPolicy(f *testing.F) {
 				t.Fatalf("%q permitted for %q, none of which is in Allowed = %q", method, roles, allowed)
 			}
 		}
-		if validMethod(method) && (method[0] != '/' || strings.Count(method, "/") != 2 || strings.Contains(method, "//") || strings.HasSuffix(method, "/")) {
+		if ValidMethod(method) && (method[0] != '/' || strings.Count(method, "/") != 2 || strings.Contains(method, "//") || strings.HasSuffix(method, "/")) {
 			t.Fatalf("validMethod accepted %q", method)
 		}
 	})

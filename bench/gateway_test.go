@@ -85,14 +85,14 @@ func startGatewayFleet(tb testing.TB, o fleetOptions) *gatewayFleet {
 			tb.Fatal(err)
 		}
 		cfg := gateway.Default()
-		cfg.CA, cfg.Cert, cfg.Key = caFile, f.write(tb, name+".crt", crt), f.write(tb, name+".key", key)
+		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = caFile, f.write(tb, name+".crt", crt), f.write(tb, name+".key", key)
 		if o.backend != nil {
 			cfg.Backend = o.backend(i, name)
 		} else {
 			cfg.Backend = f.agent(tb, name)
 		}
-		cfg.RemotePort = f.port
-		cfg.SelfNames = []string{ip}
+		cfg.Nodes.Port = f.port
+		cfg.Routing.SelfNames = []string{ip}
 		cfg.AdminListen = ""
 		cfg.DrainDelay = 0
 		// A benchmark loop is one identity calling as fast as it can.

@@ -23,12 +23,12 @@ const DefaultWatchInterval = 10 * time.Second
 type Files struct {
 	// CA holds the certificates trusted to sign peers. It may hold several
 	// so that a CA can be rotated without downtime.
-	CA string
+	CA string `yaml:"ca" reload:"restart"`
 	// Cert holds the node's certificate, optionally followed by
 	// intermediates.
-	Cert string
+	Cert string `yaml:"cert" reload:"restart"`
 	// Key holds the private key matching Cert.
-	Key string
+	Key string `yaml:"key" reload:"restart"`
 }
 
 // Source holds a node's current key pair and CA pool, loaded from Files, and

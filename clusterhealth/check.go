@@ -45,22 +45,47 @@ type Dialer interface {
 	CheckTargets(ctx context.Context) error
 }
 
-// Config bounds what the check accepts and costs.
+// Config is the health section of apid's configuration: what the check
+// accepts and costs. Every key applies to checks that start after a reload.
 type Config struct {
-	// MaxClockSkew is how far a node's clock may be from apid's.
-	MaxClockSkew time.Duration
+	// MaxClockSkew is how far a node's clock may be from apid's. Default 2s.
+	MaxClockSkew time.Duration `yaml:"maxClockSkew" reload:"live"`
 	// CertificateDays fails the check for a node certificate that expires
-	// within this many days.
-	CertificateDays int
+	// within this many days. Default 30.
+	CertificateDays int `yaml:"certificateDays" reload:"live"`
 	// MaxWait caps the wait a request asks for (talosctl's default is
-	// 20 minutes): a check keeps asking its pending nodes once a second
-	// until then.
-	MaxWait time.Duration
-	// MaxNodes bounds the nodes one check covers (apid's maxNodes).
-	MaxNodes int
+	// 20 minutes, and so is this one's): a check keeps asking its pending
+	// nodes once a second until then.
+	MaxWait time.Duration `yaml:"maxWait" reload:"live"`
 	// MaxRunning bounds the checks running at once on this apid; more get
-	// RESOURCE_EXHAUSTED.
-	MaxRunning int
+	// RESOURCE_EXHAUSTED. Default 8.
+	MaxRunning int `yaml:"maxRunning" reload:"live"`
+	// MaxNodes bounds the nodes one check covers: apid's maxNodes, set by
+	// whoever assembles the server.
+	MaxNodes int `yaml:"-"`
+}
+
+// DefaultConfig returns the health section with every default filled in.
+func DefaultConfig() Config {
+	return Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: 20 * time.Minute, MaxRunning: 8}
+}
+
+// Validate lists every bad key of the section, each by its full path.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxClockSkew <= 0 {
+		errs = append(errs, fmt.Errorf("health.maxClockSkew %s: must be positive", c.MaxClockSkew))
+	}
+	if c.CertificateDays < 0 {
+		errs = append(errs, fmt.Errorf("health.certificateDays %d: want 0 (no check) or more", c.CertificateDays))
+	}
+	if c.MaxWait <= 0 {
+		errs = append(errs, fmt.Errorf("health.maxWait %s: must be positive", c.MaxWait))
+	}
+	if c.MaxRunning <= 0 {
+		errs = append(errs, fmt.Errorf("health.maxRunning %d: must be positive", c.MaxRunning))
+	}
+	return errors.Join(errs...)
 }
 
 // Defaults of a request.

@@ -10,22 +10,6 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// EjectionConfig takes nodes that keep failing out of calls for a while, so
-// that a node that is down costs a fan-out nothing after its first few
-// failures instead of a per-node deadline each time.
-type EjectionConfig struct {
-	// ConsecutiveFailures ejects a node after this many failures in a row
-	// of the kinds a network or a dead node causes (UNAVAILABLE,
-	// DEADLINE_EXCEEDED), not answers such as NOT_FOUND. Zero: never.
-	ConsecutiveFailures int
-	// BaseTime is the first ejection's length; each ejection in a row
-	// doubles it, up to MaxTime, with up to 10 % jitter.
-	BaseTime, MaxTime time.Duration
-	// MaxPercent of a fan-out's nodes may be skipped as ejected; the others
-	// are tried even if ejected.
-	MaxPercent int
-}
-
 // Ejection is one ejected node, as the status page and metrics show it.
 type Ejection struct {
 	Node      string

@@ -13,54 +13,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
-
-// PoolConfig tunes a Pool.
-type PoolConfig struct {
-	// Port is where the apid of every other node listens. Default 50000.
-	Port int
-	// IdleTimeout closes a connection that carried no call for this long.
-	// Default 5 minutes.
-	IdleTimeout time.Duration
-	// MaxConns bounds the number of nodes connected at once; when full, idle
-	// connections are closed oldest first, and a new node is refused only
-	// when every connection is busy. Default 1024.
-	MaxConns int
-	// MaxDials bounds the connection attempts (TCP connects) in progress at
-	// once across all nodes, so a fan-out to a thousand new nodes does not
-	// open a thousand sockets and handshakes in the same instant. Default 64.
-	MaxDials int
-	// TCPUserTimeout, when set, closes a connection whose sent data or
-	// keepalive probes stay unacknowledged this long (Linux
-	// TCP_USER_TIMEOUT). TCP keepalive probes idle connections.
-	TCPUserTimeout time.Duration
-	// DialOptions are applied to every connection (keepalive, backoff,
-	// message limits).
-	DialOptions []grpc.DialOption
-	// Credentials returns the transport credentials for a node whose
-	// certificate must carry serverName (a DNS name or IP address without
-	// brackets): the name verified is per node. Nil means insecure, which only tests use.
-	Credentials func(host string) credentials.TransportCredentials
-}
-
-func (c PoolConfig) withDefaults() PoolConfig {
-	if c.Port == 0 {
-		c.Port = 50000
-	}
-	if c.IdleTimeout <= 0 {
-		c.IdleTimeout = 5 * time.Minute
-	}
-	if c.MaxConns <= 0 {
-		c.MaxConns = 1024
-	}
-	if c.MaxDials <= 0 {
-		c.MaxDials = 64
-	}
-	return c
-}
 
 // Pool holds one connection per node, keyed by the node's canonical form
 // (so every spelling of one node shares it), created on first use and

@@ -46,30 +46,6 @@ func ReservedKey(k string) bool {
 	return strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-")
 }
 
-// Config is the routing policy.
-type Config struct {
-	// SelfNames are the names and addresses clients may use for this node;
-	// a target among them is served by the local backend, not by a TLS
-	// round trip to this apid itself.
-	SelfNames []string
-	// MaxNodes bounds the distinct nodes one request may name. Default 1000.
-	MaxNodes int
-	// ForwardKeys are client metadata keys passed on to the next hop in
-	// addition to DefaultForwardKeys; reserved keys (ReservedKey) are
-	// ignored.
-	ForwardKeys []string
-	// ServerStreaming, ClientStreaming and BidiStreaming name (as
-	// /package.Service/Method) methods outside the Talos API whose shape the
-	// fan-out must know; other unknown methods are treated as unary, or as
-	// server-streaming when their name ends in "Stream".
-	ServerStreaming, ClientStreaming, BidiStreaming []string
-	// NodeTimeout is the per-node deadline of fan-out unary calls that a
-	// client's KeyNodeTimeout may shorten. Zero: none.
-	NodeTimeout time.Duration
-	// Ejection takes nodes that keep failing out of calls for a while.
-	Ejection EjectionConfig
-}
-
 // Router is the Director of apid: it implements proxy.Director.
 type Router struct {
 	inv   atomic.Pointer[Inventory]
@@ -115,7 +91,7 @@ func (r *Router) SetConfig(cfg Config) {
 		maxEjectedPercent: cfg.Ejection.MaxPercent,
 	}
 	if rs.max <= 0 {
-		rs.max = 1000
+		rs.max = DefaultConfig().MaxNodes
 	}
 	rs.forward = slices.DeleteFunc(rs.forward, func(k string) bool { return ReservedKey(k) })
 	for i, k := range rs.forward {

@@ -24,15 +24,22 @@ func runCheck(args []string, stdout, stderr io.Writer) error {
 	if err := cfg.Inventory.CheckFiles(); err != nil {
 		problems = append(problems, strings.Split(err.Error(), "\n")...)
 	}
-	if cfg.CA != "" && cfg.Cert != "" && cfg.Key != "" {
-		if _, err := certs.NewSource(certs.Files{CA: cfg.CA, Cert: cfg.Cert, Key: cfg.Key}); err != nil {
+	if cfg.TLS.CA != "" && cfg.TLS.Cert != "" && cfg.TLS.Key != "" {
+		if _, err := certs.NewSource(certs.Files{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}); err != nil {
 			problems = append(problems, "certificates: "+err.Error())
 		}
 	}
 	if len(problems) > 0 {
-		fmt.Fprintf(stderr, "configuration has %d problem(s):\n  - %s\n", len(problems), strings.Join(problems, "\n  - "))
+		fmt.Fprintf(stderr, "configuration has %d %s:\n  - %s\n", len(problems), plural(len(problems), "problem"), strings.Join(problems, "\n  - "))
 		return errors.New("check failed")
 	}
 	fmt.Fprintf(stdout, "configuration is valid: listen %s, admin %q, backend %s\n", cfg.Listen, cfg.AdminListen, cfg.Backend)
 	return nil
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return word
+	}
+	return word + "s"
 }

@@ -126,12 +126,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 		cfg := gateway.Default()
 		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
-		cfg.CA, cfg.Cert, cfg.Key = filepath.Join(o.dir, "ca.crt"), n.cert, n.key
+		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = filepath.Join(o.dir, "ca.crt"), n.cert, n.key
 		cfg.Backend = "unix://" + n.sock
-		cfg.RemotePort = o.port
-		cfg.SelfNames = []string{n.ip, n.name}
+		cfg.Nodes.Port = o.port
+		cfg.Routing.SelfNames = []string{n.ip, n.name}
 		cfg.Inventory.Nodes = inv
-		cfg.NodeTimeout = 10 * time.Second
+		cfg.Routing.NodeTimeout = 10 * time.Second
 		cfg.LogLevel = o.logLevel
 		cfg.LogFormat = o.logFmt
 		// Each node's admin endpoint is on its own address, next port up.

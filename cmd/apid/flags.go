@@ -44,22 +44,22 @@ func loadConfig(command string, args []string, stderr io.Writer) (gateway.Config
 func bindConfigFlags(fs *flag.FlagSet, c *gateway.Config) {
 	def := *c
 	fs.StringVar(&c.Listen, "listen", def.Listen, "gateway listen `address`")
-	fs.StringVar(&c.CA, "ca", def.CA, "CA bundle `file` (PEM)")
-	fs.StringVar(&c.Cert, "cert", def.Cert, "node certificate `file` (PEM)")
-	fs.StringVar(&c.Key, "key", def.Key, "node key `file` (PEM)")
+	fs.StringVar(&c.TLS.CA, "ca", def.TLS.CA, "CA bundle `file` (PEM)")
+	fs.StringVar(&c.TLS.Cert, "cert", def.TLS.Cert, "node certificate `file` (PEM)")
+	fs.StringVar(&c.TLS.Key, "key", def.TLS.Key, "node key `file` (PEM)")
 	fs.StringVar(&c.Backend, "backend", def.Backend, "local node agent `address`: unix:///path.sock or host:port")
-	fs.IntVar(&c.RemotePort, "remote-port", def.RemotePort, "`port` of other nodes' apid")
+	fs.IntVar(&c.Nodes.Port, "remote-port", def.Nodes.Port, "`port` of other nodes' apid")
 	fs.Func("self", "a `name` or address of this node (repeatable or comma-separated)", func(s string) error {
 		for _, n := range strings.Split(s, ",") {
 			if n = strings.TrimSpace(n); n != "" {
-				c.SelfNames = append(c.SelfNames, n)
+				c.Routing.SelfNames = append(c.Routing.SelfNames, n)
 			}
 		}
 		return nil
 	})
-	fs.IntVar(&c.MaxNodes, "max-nodes", def.MaxNodes, "most nodes one request may name")
-	fs.DurationVar(&c.NodeTimeout, "node-timeout", def.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
-	fs.BoolVar(&c.AllowTLS12, "allow-tls12", def.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
+	fs.IntVar(&c.Routing.MaxNodes, "max-nodes", def.Routing.MaxNodes, "most nodes one request may name")
+	fs.DurationVar(&c.Routing.NodeTimeout, "node-timeout", def.Routing.NodeTimeout, "per-node deadline of fan-out unary calls (0: none)")
+	fs.BoolVar(&c.TLS.AllowTLS12, "allow-tls12", def.TLS.AllowTLS12, "also accept TLS 1.2 clients (AEAD suites only)")
 	fs.StringVar(&c.AdminListen, "admin-listen", def.AdminListen, "serve /healthz, /readyz and /metrics over plain HTTP on this `address` (off when empty)")
 	fs.DurationVar(&c.DrainDelay, "drain-delay", def.DrainDelay, "on SIGTERM, keep accepting calls this long with readiness failing")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", def.ShutdownTimeout, "then give running calls this long before they end with UNAVAILABLE")

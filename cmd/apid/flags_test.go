@@ -36,14 +36,14 @@ policy:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Listen != "127.0.0.1:6000" || cfg.Backend != "unix:///run/agent.sock" || cfg.RemotePort != 50000 {
+	if cfg.Listen != "127.0.0.1:6000" || cfg.Backend != "unix:///run/agent.sock" || cfg.Nodes.Port != 50000 {
 		t.Errorf("file values or defaults lost: %+v", cfg)
 	}
-	if cfg.NodeTimeout != 5*time.Second {
-		t.Errorf("flag did not override the file: nodeTimeout %v", cfg.NodeTimeout)
+	if cfg.Routing.NodeTimeout != 5*time.Second {
+		t.Errorf("flag did not override the file: nodeTimeout %v", cfg.Routing.NodeTimeout)
 	}
-	if strings.Join(cfg.SelfNames, ",") != "10.0.0.2,cp-1" {
-		t.Errorf("selfNames %v", cfg.SelfNames)
+	if strings.Join(cfg.Routing.SelfNames, ",") != "10.0.0.2,cp-1" {
+		t.Errorf("selfNames %v", cfg.Routing.SelfNames)
 	}
 	if len(cfg.Policy.Rules) != 1 {
 		t.Errorf("policy %+v", cfg.Policy)

@@ -33,9 +33,8 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	level := new(slog.LevelVar)
-	level.Set(gateway.ParseLevel(cfg.LogLevel))
 	log := gateway.NewLogger(stderr, level, cfg.LogFormat)
-	gw, err := gateway.New(cfg, log)
+	gw, err := gateway.New(cfg, log, gateway.WithLogLevel(level))
 	if err != nil {
 		return err
 	}
@@ -47,7 +46,7 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	v := version.Get()
 	log.Info("apid serving", "listen", lis.Addr().String(), "admin", cfg.AdminListen, "backend", cfg.Backend,
-		"remote_port", cfg.RemotePort, "version", v.Version, "commit", v.Commit, "go", v.Go)
+		"remote_port", cfg.Nodes.Port, "version", v.Version, "commit", v.Commit, "go", v.Go)
 
 	served := make(chan struct{})
 	defer close(served)
@@ -67,7 +66,7 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 				switch {
 				case sig == syscall.SIGHUP:
 					notify(log, daemon.SdNotifyReloading+"\n"+monotonic())
-					reload(gw, args, level, log, stderr)
+					reload(gw, args, log, stderr)
 					notify(log, daemon.SdNotifyReady)
 				case !stopping:
 					stopping = true
@@ -87,16 +86,14 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 // reload re-reads the whole configuration (file and flags, as at start)
 // and applies it; a configuration that does not load or validate is
 // refused and the running one stays.
-func reload(gw *gateway.Gateway, args []string, level *slog.LevelVar, log *slog.Logger, stderr io.Writer) {
+func reload(gw *gateway.Gateway, args []string, log *slog.Logger, stderr io.Writer) {
 	log.Info("SIGHUP: reloading the configuration")
 	next, err := loadConfig("serve", args, stderr)
 	if err != nil {
-		log.Error("configuration refused; the running one stays", "err", err)
+		gw.ReloadFailed(err)
 		return
 	}
-	if gw.Reload(next) == nil {
-		level.Set(gateway.ParseLevel(gw.Config().LogLevel))
-	}
+	_ = gw.Reload(next) // logged and counted by the gateway
 }
 
 // notify tells systemd (Type=notify) about the service's state; without

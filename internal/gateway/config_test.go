@@ -2,30 +2,18 @@ package gateway
 
 import (
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/apid/apid/auth"
 )
 
-func TestByteSizes(t *testing.T) {
-	for in, want := range map[string]ByteSize{"0": 0, "1024": 1024, "64KiB": 64 << 10, "1 MiB": 1 << 20, "3GiB": 3 << 30, "12B": 12} {
-		if got, err := parseByteSize(in); err != nil || got != want {
-			t.Errorf("%q: %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "-1", "1.5MiB", "12kb", "MiB", "99999999999GiB"} {
-		if _, err := parseByteSize(in); err == nil {
-			t.Errorf("%q accepted", in)
-		}
-	}
-}
-
 func TestConfigValidateListsEveryProblem(t *testing.T) {
 	cfg := Default()
 	cfg.Listen = "nonsense"
 	cfg.Backend = "also nonsense"
-	cfg.RemotePort = 0
+	cfg.Nodes.Port = 0
 	cfg.LogLevel = "loud"
 	cfg.Limits.StreamWindow = 1024
 	cfg.Limits.BufferedBytes = 0
@@ -62,5 +50,90 @@ func TestShippedConfigIsValid(t *testing.T) {
 	}
 	if cfg.Listen != ":50000" || len(cfg.Policy.Rules) != 1 {
 		t.Fatalf("deploy/apid.yaml read as %+v", cfg)
+	}
+}
+
+// TestEveryKeyHasAReloadRule: a key without a reload tag would need a
+// restart silently; every key says which it is, beside its field.
+func TestEveryKeyHasAReloadRule(t *testing.T) {
+	keys := 0
+	walkKeys(reflect.TypeFor[Config](), "", func(key string, _ []int, rule string) {
+		keys++
+		if rule != "live" && rule != "restart" {
+			t.Errorf("key %s has reload rule %q: want live or restart on its field", key, rule)
+		}
+	})
+	if keys < 40 {
+		t.Fatalf("walked %d keys: the walk misses sections", keys)
+	}
+}
+
+// TestReloadAppliesLiveKeysOnly: a live key changes; a restart key keeps
+// its running value and is reported.
+func TestReloadAppliesLiveKeysOnly(t *testing.T) {
+	cur := Default()
+	next := Default()
+	next.Routing.MaxNodes = 7
+	next.Limits.ConcurrentCallsPerIdentity = 9
+	next.Limits.StreamWindow = 1 << 20
+	next.Listen = ":1"
+	live, restart := reconcile(cur, &next)
+	if strings.Join(live, ",") != "maxNodes,limits.concurrentCallsPerIdentity" {
+		t.Errorf("live %v", live)
+	}
+	if strings.Join(restart, ",") != "listen,limits.streamWindow" {
+		t.Errorf("restart %v", restart)
+	}
+	if next.Listen != cur.Listen || next.Limits.StreamWindow != cur.Limits.StreamWindow || next.Routing.MaxNodes != 7 {
+		t.Errorf("next after reconcile: listen %q, streamWindow %d, maxNodes %d", next.Listen, next.Limits.StreamWindow, next.Routing.MaxNodes)
+	}
+}
+
+// TestConfigTyposNameThePathAndTheKeyMeant: a typo anywhere reads as the
+// full key path, its line, and the nearest valid key.
+func TestConfigTyposNameThePathAndTheKeyMeant(t *testing.T) {
+	for _, tc := range []struct{ doc, want string }{
+		{"lisen: :1\n", "line 1: lisen is not a configuration key: did you mean listen?"},
+		{"limits:\n  bufferdBytes: 1MiB\n", "line 2: limits.bufferdBytes is not a configuration key: did you mean limits.bufferedBytes?"},
+		{"bufferedBytes: 1MiB\n", "line 1: bufferedBytes is not a configuration key: did you mean limits.bufferedBytes?"},
+		{"inventory:\n  nodes:\n    - {name: a, adress: 127.0.0.2}\n", "inventory.nodes[0].adress is not a configuration key: did you mean inventory.nodes[0].address?"},
+		{"ejection:\n  maxpercent: 3\n", "ejection.maxpercent is not a configuration key: did you mean ejection.maxPercent?"},
+		{"nodetimeout: 1s\n", "did you mean nodeTimeout?"},
+		{"tracing:\n  zzz: 1\n", "line 2: tracing.zzz is not a configuration key"},
+	} {
+		cfg := Default()
+		err := Decode([]byte(tc.doc), &cfg)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v\nwant %q", tc.doc, err, tc.want)
+		}
+	}
+	cfg := Default()
+	if err := Decode([]byte("limits:\n  bufferedBytes: 2MiB\ninventory:\n  nodes:\n    - {name: a, address: 127.0.0.2, labels: {zone: x}}\n"), &cfg); err != nil {
+		t.Fatalf("valid document refused: %v", err)
+	}
+}
+
+// TestConfigProblemsOneLineEach: every problem is one line that starts
+// with its key's full path.
+func TestConfigProblemsOneLineEach(t *testing.T) {
+	cfg := Default()
+	cfg.Nodes.MaxConns = 0
+	cfg.Nodes.MaxDials = -1
+	cfg.Routing.Ejection.MaxPercent = 101
+	cfg.Limits.ConnectionsPerIdentity = 0
+	cfg.Health.MaxRunning = 0
+	err := cfg.Validate()
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	want := []string{"ca:", "cert:", "key:", "ejection.maxPercent", "maxConnections", "maxDials", "limits.connectionsPerIdentity", "health.maxRunning"}
+	if len(lines) != len(want) {
+		t.Fatalf("%d lines, want %d:\n%v", len(lines), len(want), err)
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(lines[i], w) {
+			t.Errorf("line %d %q: want it to start with %q", i, lines[i], w)
+		}
 	}
 }

@@ -58,6 +58,7 @@ type Gateway struct {
 	cfg     atomic.Pointer[Config]
 	reload  sync.Mutex // serialises Reload
 	log     *slog.Logger
+	level   *slog.LevelVar // nil: fixed by whoever made log
 	src     *certs.Source
 	local   *grpc.ClientConn
 	pool    *director.Pool
@@ -88,9 +89,18 @@ type Gateway struct {
 	stop      context.CancelFunc // ends the watchers
 }
 
+// Option adjusts how New assembles a gateway.
+type Option func(*Gateway)
+
+// WithLogLevel gives the gateway the level of its logger: set to logLevel
+// at start and on every reload.
+func WithLogLevel(level *slog.LevelVar) Option {
+	return func(g *Gateway) { g.level = level }
+}
+
 // New assembles a gateway from cfg, which it validates (every problem is
 // reported at once). It opens no listener: Serve does. A nil log discards.
-func New(cfg Config, log *slog.Logger) (*Gateway, error) {
+func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -98,13 +108,13 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	src, err := certs.NewSource(certs.Files{CA: cfg.CA, Cert: cfg.Cert, Key: cfg.Key})
+	src, err := certs.NewSource(cfg.TLS.Files)
 	if err != nil {
 		return nil, fmt.Errorf("load certificates: %w", err)
 	}
 	instance := src.Certificate().Leaf.Subject.CommonName
-	if len(cfg.SelfNames) > 0 {
-		instance = cfg.SelfNames[0]
+	if len(cfg.Routing.SelfNames) > 0 {
+		instance = cfg.Routing.SelfNames[0]
 	}
 	tr, err := newTracing(cfg.Tracing, instance)
 	if err != nil {
@@ -134,20 +144,12 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("local backend %q: %w", cfg.Backend, err)
 	}
-	pool := director.NewPool(director.PoolConfig{
-		Port:        cfg.RemotePort,
-		IdleTimeout: cfg.IdleTimeout,
-		// A peer that vanished without FIN or RST (powered off,
-		// partitioned) is noticed by TCP keepalive on an idle connection
-		// and by TCP_USER_TIMEOUT once sent data stays unacknowledged.
-		TCPUserTimeout: cfg.TCPUserTimeout,
-		MaxConns:       cfg.MaxConnections,
-		MaxDials:       cfg.MaxDials,
-		DialOptions:    append(remoteDialOptions(cfg), traced...),
-		Credentials: func(host string) credentials.TransportCredentials {
-			return credentials.NewTLS(certs.ClientConfig(src, host))
-		},
-	})
+	poolCfg := cfg.Nodes
+	poolCfg.DialOptions = append(remoteDialOptions(cfg), traced...)
+	poolCfg.Credentials = func(host string) credentials.TransportCredentials {
+		return credentials.NewTLS(certs.ClientConfig(src, host))
+	}
+	pool := director.NewPool(poolCfg)
 	ctx, stop := context.WithCancel(context.Background())
 	hardStop, endCalls := context.WithCancelCause(context.Background())
 	stopping, goAway := context.WithCancel(context.Background())
@@ -159,15 +161,19 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 		conns:     limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
 		calls:     limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
 		ready:     newReadiness(src, cfg.Backend, policy.Services()),
-		nodes:     newNodeTable(cfg.MaxConnections),
+		nodes:     newNodeTable(cfg.Nodes.MaxConns),
 		tracing:   tr,
 		serving:   make(chan struct{}),
 		now:       make(chan struct{}),
 		stop:      stop, hardStop: hardStop, endCalls: func() { endCalls(errShuttingDown) },
 		stopping: stopping, goAway: goAway,
 	}
+	for _, o := range opts {
+		o(g)
+	}
+	g.setLogLevel(cfg.LogLevel)
 	g.cfg.Store(&cfg)
-	g.router = director.NewRouter(routerConfig(cfg), local, pool, func(e director.Ejection, ejected bool) {
+	g.router = director.NewRouter(cfg.Routing, local, pool, func(e director.Ejection, ejected bool) {
 		if ejected {
 			g.ejections.ejected.Add(1)
 			log.Warn("node ejected", "node", e.Node, "failures", e.Failures, "ejections_in_a_row", e.Ejections,
@@ -199,7 +205,7 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	})
 
 	g.server = grpc.NewServer(append(serverOpts,
-		grpc.Creds(g.conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.AllowTLS12})))),
+		grpc.Creds(g.conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.TLS.AllowTLS12})))),
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(handler.StreamHandler()),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),
@@ -227,14 +233,15 @@ func New(cfg Config, log *slog.Logger) (*Gateway, error) {
 	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
 	clusterhealth.New(g.router, g.inventoryNodes, func() clusterhealth.Config {
 		c := g.cfg.Load()
-		return clusterhealth.Config{MaxClockSkew: c.Health.MaxClockSkew, CertificateDays: c.Health.CertificateDays,
-			MaxWait: c.Health.MaxWait, MaxRunning: c.Health.MaxRunning, MaxNodes: c.MaxNodes}
+		h := c.Health
+		h.MaxNodes = c.Routing.MaxNodes
+		return h
 	}, func() *x509.Certificate { return src.Certificate().Leaf }, func(ctx context.Context, method string) error {
 		_, err := g.authz.Authorize(ctx, method)
 		return err
 	}).Register(g.server)
 
-	go src.Watch(ctx, cfg.ReloadInterval, func() {
+	go src.Watch(ctx, cfg.TLS.ReloadInterval, func() {
 		g.metrics.reloaded("certificates", nil)
 		g.certificatesChanged()
 	}, func(err error) {
@@ -269,22 +276,6 @@ func connectionAge(d time.Duration) time.Duration {
 		return time.Duration(math.MaxInt64)
 	}
 	return d
-}
-
-func routerConfig(cfg Config) director.Config {
-	return director.Config{
-		NodeTimeout:     cfg.NodeTimeout,
-		SelfNames:       cfg.SelfNames,
-		MaxNodes:        cfg.MaxNodes,
-		ForwardKeys:     cfg.ForwardMetadata,
-		ServerStreaming: cfg.ServerStreamingMethods,
-		ClientStreaming: cfg.ClientStreamingMethods,
-		BidiStreaming:   cfg.BidiStreamingMethods,
-		Ejection: director.EjectionConfig{
-			ConsecutiveFailures: cfg.Ejection.ConsecutiveFailures, BaseTime: cfg.Ejection.BaseTime,
-			MaxTime: cfg.Ejection.MaxTime, MaxPercent: cfg.Ejection.MaxPercent,
-		},
-	}
 }
 
 // remoteDialOptions are the options of connections to other nodes' apid.
@@ -323,14 +314,10 @@ func (g *Gateway) Reload(next Config) error {
 	defer g.reload.Unlock()
 	policy, err := next.validate()
 	if err != nil {
-		g.metrics.reloaded("config", err)
-		g.log.Error("configuration refused; the running one stays", "err", err)
-		return err
+		return g.refuseReload(err)
 	}
 	if err := g.inv.Configure(next.Inventory); err != nil { // a file changed since validate read it
-		g.metrics.reloaded("config", err)
-		g.log.Error("configuration refused; the running one stays", "err", err)
-		return err
+		return g.refuseReload(err)
 	}
 	g.metrics.reloaded("config", nil)
 	live, restart := reconcile(*g.cfg.Load(), &next)
@@ -339,14 +326,37 @@ func (g *Gateway) Reload(next Config) error {
 	}
 	g.authz.SetPolicy(policy)
 	g.ready.setServices(policy.Services())
-	g.router.SetConfig(routerConfig(next))
+	g.router.SetConfig(next.Routing)
 	g.budget.SetLimit(int64(next.Limits.BufferedBytes))
 	g.conns.SetLimits(next.Limits.Connections, next.Limits.ConnectionsPerIdentity)
 	g.calls.SetLimits(next.Limits.ConcurrentCallsPerIdentity, next.Limits.CallsPerSecondPerIdentity, next.Limits.CallBurstPerIdentity)
+	g.setLogLevel(next.LogLevel)
 	g.cfg.Store(&next)
 	g.log.Info("configuration reloaded", "changed", live)
 	g.reloadCertificates()
 	return nil
+}
+
+// ReloadFailed counts and logs a reload whose configuration could not even
+// be read (a file that does not parse): the running one stays.
+func (g *Gateway) ReloadFailed(err error) {
+	g.reload.Lock()
+	defer g.reload.Unlock()
+	_ = g.refuseReload(err)
+}
+
+func (g *Gateway) refuseReload(err error) error {
+	g.metrics.reloaded("config", err)
+	g.log.Error("configuration refused; the running one stays", "err", err)
+	return err
+}
+
+// setLogLevel applies logLevel to the logger, when the gateway holds its
+// level.
+func (g *Gateway) setLogLevel(level string) {
+	if g.level != nil {
+		g.level.Set(ParseLevel(level))
+	}
 }
 
 // reloadCertificates re-reads the certificate files now.

@@ -65,9 +65,9 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	t.Cleanup(tg.agentSrv.Stop)
 
 	cfg := Default()
-	cfg.CA, cfg.Cert, cfg.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
+	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
 	cfg.Backend = "unix://" + sock
-	cfg.SelfNames = []string{"127.0.0.1", "node-1"}
+	cfg.Routing.SelfNames = []string{"127.0.0.1", "node-1"}
 	cfg.AdminListen = "127.0.0.1:0"
 	cfg.DrainDelay = 0
 	if edit != nil {

@@ -186,7 +186,7 @@ func TestDrainEndsWhenCallsDo(t *testing.T) {
 func TestHealthExemptionIsExact(t *testing.T) {
 	// Were the call routed, it would go to loopback nodes on a closed port,
 	// never off the machine.
-	tg := startGateway(t, func(c *Config) { c.RemotePort = closedPort(t) })
+	tg := startGateway(t, func(c *Config) { c.Nodes.Port = closedPort(t) })
 	cc := tg.client("nobody", "team:none")
 	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,127.0.0.9")
 	err := cc.Invoke(ctx, "/grpc.health.v1.Health/Nope", &emptypb.Empty{}, &emptypb.Empty{})

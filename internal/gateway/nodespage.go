@@ -41,7 +41,7 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 			nodes[i].Connection = "local"
 		}
 	}
-	for _, name := range g.Config().SelfNames {
+	for _, name := range g.Config().Routing.SelfNames {
 		if i, ok := byName[director.Canonical(name)]; ok {
 			nodes[i].Connection = "local"
 		}
@@ -70,7 +70,7 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 
 // isSelf reports whether name is one of this node's selfNames.
 func (g *Gateway) isSelf(name string) bool {
-	return slices.ContainsFunc(g.Config().SelfNames, func(s string) bool { return director.Canonical(s) == director.Canonical(name) })
+	return slices.ContainsFunc(g.Config().Routing.SelfNames, func(s string) bool { return director.Canonical(s) == director.Canonical(name) })
 }
 
 // serveNodes lists the nodes as JSON (?format=json, or a client that

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/director"
 )
 
 // closedPort returns a port on 127.0.0.1 nothing listens on.
@@ -46,7 +47,7 @@ func families(page string) map[string]bool {
 // every metric the README documents, every metric the Grafana dashboard
 // queries, that made-up methods add one series, and /nodes.
 func TestObservability(t *testing.T) {
-	tg := startGateway(t, func(c *Config) { c.RemotePort = closedPort(t) })
+	tg := startGateway(t, func(c *Config) { c.Nodes.Port = closedPort(t) })
 	ctx := testCtx(t)
 	cc := tg.client("admin", certs.RoleAdmin)
 	mc := machine.NewMachineServiceClient(cc)
@@ -76,7 +77,7 @@ func TestObservability(t *testing.T) {
 	}
 
 	next := tg.gw.Config()
-	next.NodeTimeout = 7e9
+	next.Routing.NodeTimeout = 7e9
 	if err := tg.gw.Reload(next); err != nil {
 		t.Fatal(err)
 	}
@@ -228,8 +229,8 @@ func TestObservability(t *testing.T) {
 // the metrics show it, and the healthy node's replies are whole.
 func TestEjection(t *testing.T) {
 	tg := startGateway(t, func(c *Config) {
-		c.RemotePort = closedPort(t)
-		c.Ejection = EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50}
+		c.Nodes.Port = closedPort(t)
+		c.Routing.Ejection = director.EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50}
 	})
 	mc := machine.NewMachineServiceClient(tg.client("admin", certs.RoleAdmin))
 	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,127.0.0.3")

@@ -5,60 +5,57 @@ import (
 	"strings"
 )
 
-// liveKeys are the configuration keys whose new values a reload applies to
-// calls that start after it. Every other key (addresses, files, windows,
-// transport settings) is read once at start and needs a restart.
-var liveKeys = map[string]bool{
-	"selfNames":                         true,
-	"maxNodes":                          true,
-	"nodeTimeout":                       true,
-	"forwardMetadata":                   true,
-	"serverStreamingMethods":            true,
-	"clientStreamingMethods":            true,
-	"bidiStreamingMethods":              true,
-	"logLevel":                          true,
-	"policy":                            true,
-	"drainDelay":                        true,
-	"shutdownTimeout":                   true,
-	"ejection":                          true,
-	"inventory":                         true,
-	"health":                            true,
-	"limits.bufferedBytes":              true,
-	"limits.connections":                true,
-	"limits.connectionsPerIdentity":     true,
-	"limits.concurrentCallsPerIdentity": true,
-	"limits.callsPerSecondPerIdentity":  true,
-	"limits.callBurstPerIdentity":       true,
-}
+// A key's reload rule is its field's reload tag, written beside the key in
+// the package that owns it: "live" keys apply, on a reload, to calls that
+// start after it; "restart" keys (addresses, files, windows, transport
+// settings) are read once at start. A struct field without the tag is a
+// section whose own fields carry it; a key with none needs a restart (a
+// test holds that every key has one).
 
 // reconcile compares next with cur key by key (by YAML name) and returns
 // the changed keys that apply live and those that need a restart; for the
 // latter it puts cur's value back into next, so next is what will run.
 func reconcile(cur Config, next *Config) (live, restart []string) {
-	compare(reflect.ValueOf(cur), reflect.ValueOf(next).Elem(), "", &live, &restart)
+	walkKeys(reflect.TypeFor[Config](), "", func(key string, index []int, rule string) {
+		a, b := reflect.ValueOf(cur).FieldByIndex(index), reflect.ValueOf(next).Elem().FieldByIndex(index)
+		if reflect.DeepEqual(a.Interface(), b.Interface()) {
+			return
+		}
+		if rule == "live" {
+			live = append(live, key)
+			return
+		}
+		restart = append(restart, key)
+		b.Set(a)
+	})
 	return live, restart
 }
 
-var limitsType = reflect.TypeFor[LimitsConfig]()
+// walkKeys calls fn for every classified key of t (a configuration
+// struct) with its path, its field index and its reload rule; a key
+// without a rule is reported with rule "".
+func walkKeys(t reflect.Type, prefix string, fn func(key string, index []int, rule string)) {
+	walkFields(t, nil, prefix, fn)
+}
 
-func compare(cur, next reflect.Value, prefix string, live, restart *[]string) {
-	t := cur.Type()
+func walkFields(t reflect.Type, parent []int, prefix string, fn func(string, []int, string)) {
 	for i := range t.NumField() {
 		f := t.Field(i)
-		key := prefix + strings.Split(f.Tag.Get("yaml"), ",")[0]
-		a, b := cur.Field(i), next.Field(i)
-		if f.Type == limitsType {
-			compare(a, b, key+".", live, restart)
+		name, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "-" || !f.IsExported() {
 			continue
 		}
-		if reflect.DeepEqual(a.Interface(), b.Interface()) {
-			continue
+		index := append(append([]int(nil), parent...), i)
+		rule, tagged := f.Tag.Lookup("reload")
+		switch {
+		case tagged:
+			fn(prefix+name, index, rule)
+		case opts == "inline" && f.Type.Kind() == reflect.Struct:
+			walkFields(f.Type, index, prefix, fn)
+		case f.Type.Kind() == reflect.Struct:
+			walkFields(f.Type, index, prefix+name+".", fn)
+		default:
+			fn(prefix+name, index, "")
 		}
-		if liveKeys[key] {
-			*live = append(*live, key)
-			continue
-		}
-		*restart = append(*restart, key)
-		b.Set(a)
 	}
 }

@@ -2,7 +2,9 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
@@ -28,6 +30,20 @@ type TracingConfig struct {
 	// caller's sampling decision in its traceparent is always followed).
 	// Default 1.
 	SampleRatio float64 `yaml:"sampleRatio"`
+}
+
+// Validate lists every bad key, each by its path in the configuration file.
+func (t TracingConfig) Validate() error {
+	var errs []error
+	if t.SampleRatio < 0 || t.SampleRatio > 1 {
+		errs = append(errs, fmt.Errorf("tracing.sampleRatio %g: want 0 to 1", t.SampleRatio))
+	}
+	if t.Endpoint != "" {
+		if _, _, err := net.SplitHostPort(t.Endpoint); err != nil {
+			errs = append(errs, fmt.Errorf("tracing.endpoint %q: want host:port", t.Endpoint))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // enabled reports whether traces are exported.
