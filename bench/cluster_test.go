@@ -27,7 +27,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/internal/testbackend"
-	"github.com/apid/apid/pki"
+	"github.com/apid/apid/internal/testpki"
 )
 
 // The cluster-wide comparison is long (minutes) and starts a gateway
@@ -48,16 +48,15 @@ type gatewayProcess struct {
 func startGatewayProcess(tb testing.TB, f *gatewayFleet, bin string) *gatewayProcess {
 	tb.Helper()
 	const ip = "127.0.69.1"
-	crt, key, err := f.ca.IssueNode("gateway", nil, []net.IP{net.ParseIP(ip)}, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		tb.Fatal(err)
-	}
+	files := testpki.WriteNode(tb, f.ca, f.dir, "gateway", net.ParseIP(ip))
 	backend := testbackend.Start(tb, "gateway", testbackend.Behaviour{})
 	port := sharedPort(tb, []string{ip})
 	admin := net.JoinHostPort("127.0.69.2", strconv.Itoa(sharedPort(tb, []string{"127.0.69.2"})))
 	cfg := f.write(tb, "gateway.yaml", []byte(fmt.Sprintf(`ca: %q
 cert: %q
 key: %q
+clientCert: %q
+clientKey: %q
 listen: %q
 adminListen: %q
 backend: %q
@@ -68,7 +67,7 @@ limits:
   concurrentCallsPerIdentity: 100000
   callsPerSecondPerIdentity: 1000000
   callBurstPerIdentity: 1000000
-`, filepath.Join(f.dir, "ca.crt"), f.write(tb, "gateway.crt", crt), f.write(tb, "gateway.key", key),
+`, filepath.Join(f.dir, "ca.crt"), files.Cert, files.Key, files.ClientCert, files.ClientKey,
 		net.JoinHostPort(ip, strconv.Itoa(port)), admin, backend.Addr, f.port)))
 	cmd := exec.Command(bin, "serve", "-config", cfg)
 	out, err := cmd.StderrPipe()

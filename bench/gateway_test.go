@@ -23,6 +23,7 @@ import (
 	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/gateway"
+	"github.com/apid/apid/internal/testpki"
 	"github.com/apid/apid/pki"
 )
 
@@ -80,12 +81,10 @@ func startGatewayFleet(tb testing.TB, o fleetOptions) *gatewayFleet {
 	log := gateway.NewLogger(discard{}, level, "json")
 	for i, ip := range f.ips {
 		name := fmt.Sprintf("node-%d", i+1)
-		crt, key, err := f.ca.IssueNode(name, nil, []net.IP{net.ParseIP(ip)}, time.Hour, pki.KeyECDSA)
-		if err != nil {
-			tb.Fatal(err)
-		}
+		files := testpki.WriteNode(tb, f.ca, f.dir, name, net.ParseIP(ip))
 		cfg := gateway.Default()
-		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = caFile, f.write(tb, name+".crt", crt), f.write(tb, name+".key", key)
+		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = caFile, files.Cert, files.Key
+		cfg.TLS.ClientCert, cfg.TLS.ClientKey = files.ClientCert, files.ClientKey
 		if o.backend != nil {
 			cfg.Backend = o.backend(i, name)
 		} else {

@@ -7,6 +7,7 @@ import (
 	"github.com/apid/apid/internal/testpki"
 	"github.com/apid/apid/pki"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -53,7 +54,7 @@ func TestServerConfigClientCertificates(t *testing.T) {
 		wantRoles []string // nil: refused
 	}{
 		{"valid client", &reader, []string{certs.RoleReader, certs.RoleOperator, "custom:role"}},
-		{"clientAuth and serverAuth", &both, []string{certs.RoleAdmin}},
+		{"clientAuth and serverAuth (Talos refuses it)", &both, nil},
 		{"expired", &expired, nil},
 		{"not yet valid", &notYetValid, nil},
 		{"other CA", &wrongCA, nil},
@@ -96,6 +97,59 @@ func TestServerConfigClientCertificates(t *testing.T) {
 				t.Errorf("version %x, protocol %q", h.state.Version, h.state.NegotiatedProtocol)
 			}
 		})
+	}
+}
+
+// TestServerConfigAllowsCombinedClientCertificates: the rolling-upgrade
+// switch admits serverAuth beside clientAuth, and nothing else more.
+func TestServerConfigAllowsCombinedClientCertificates(t *testing.T) {
+	t.Parallel()
+
+	ca, srv := gateway(t, certs.ServerOptions{AllowCombinedClientCertificates: true})
+	roots := testpki.Pool(t, ca.CertPEM)
+	both := craft(t, ca, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}})
+	serverOnly := craft(t, ca, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	extra := craft(t, ca, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageCodeSigning}})
+
+	for _, tc := range []struct {
+		name   string
+		client pair
+		ok     bool
+	}{{"serverAuth and clientAuth", both, true}, {"serverAuth only", serverOnly, false}, {"clientAuth and codeSigning", extra, false}} {
+		_, err := dial(t, srv.addr, clientConfig(t, roots, &tc.client))
+		h := srv.next(t)
+		if ok := err == nil && h.err == nil; ok != tc.ok {
+			t.Errorf("%s: accepted %v, want %v (client %v, server %v)", tc.name, ok, tc.ok, err, h.err)
+		}
+	}
+}
+
+// TestClientUsageErrorsSpeakTalos: the refusal begins with Talos's text
+// and says what the certificate has.
+func TestClientUsageErrorsSpeakTalos(t *testing.T) {
+	t.Parallel()
+
+	ca := testpki.NewCA(t, "cluster")
+	both := craft(t, ca, &x509.Certificate{ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}})
+	leaf := testpki.Must[tls.Certificate](t)(tls.X509KeyPair(both.cert, both.key)).Leaf
+	err := certs.CheckClientUsage([]*x509.Certificate{leaf}, false)
+	want := `certificate "CN=crafted,O=os:admin" is missing the client auth extended key usage: a client certificate must have exactly clientAuth, this one has serverAuth, clientAuth`
+	if err == nil || err.Error() != want {
+		t.Fatalf("got %v\nwant %s", err, want)
+	}
+	if err := certs.CheckForwardingCertificate(leaf); err == nil {
+		t.Fatal("a combined certificate accepted as a forwarding identity")
+	}
+	reader := issueClient(t, ca, certs.RoleReader)
+	if err := certs.CheckForwardingCertificate(reader.tls(t).Leaf); err == nil || !strings.Contains(err.Error(), "lacks the os:impersonator role") {
+		t.Fatalf("a forwarding certificate without os:impersonator: %v", err)
+	}
+	fc, fk, err := ca.IssueForwarding("cp-1", time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := certs.CheckForwardingCertificate(pair{cert: fc, key: fk}.tls(t).Leaf); err != nil {
+		t.Fatalf("IssueForwarding's certificate refused: %v", err)
 	}
 }
 

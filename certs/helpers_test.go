@@ -28,8 +28,12 @@ const testTimeout = 10 * time.Second
 
 var loopback = []net.IP{net.IPv4(127, 0, 0, 1)}
 
-// pair is a PEM certificate and key.
-type pair struct{ cert, key []byte }
+// pair is a PEM certificate and key, and for a node its forwarding
+// identity.
+type pair struct {
+	cert, key []byte
+	fwd       *pair
+}
 
 func (p pair) tls(t *testing.T) tls.Certificate {
 	t.Helper()
@@ -45,7 +49,12 @@ func issueNode(t *testing.T, ca *pki.CA, kt pki.KeyType) pair {
 		t.Fatal(err)
 	}
 
-	return pair{c, k}
+	fc, fk, err := ca.IssueForwarding("node.test", time.Hour, kt)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	return pair{cert: c, key: k, fwd: &pair{cert: fc, key: fk}}
 }
 
 func issueClient(t *testing.T, ca *pki.CA, roles ...string) pair {
@@ -56,7 +65,7 @@ func issueClient(t *testing.T, ca *pki.CA, roles ...string) pair {
 		t.Fatal(err)
 	}
 
-	return pair{c, k}
+	return pair{cert: c, key: k}
 }
 
 // craft signs a certificate the PKI functions refuse to make: tmpl is
@@ -109,7 +118,13 @@ func writeFiles(t *testing.T, dir string, caPEM []byte, node pair) certs.Files {
 		Key:  filepath.Join(dir, "node.key"),
 	}
 
-	for path, data := range map[string][]byte{f.CA: caPEM, f.Cert: node.cert, f.Key: node.key} {
+	files := map[string][]byte{f.CA: caPEM, f.Cert: node.cert, f.Key: node.key}
+	if node.fwd != nil {
+		f.ClientCert, f.ClientKey = filepath.Join(dir, "node-client.crt"), filepath.Join(dir, "node-client.key")
+		files[f.ClientCert], files[f.ClientKey] = node.fwd.cert, node.fwd.key
+	}
+
+	for path, data := range files {
 		if err := pki.WriteFile(path, data, 0o600, true); err != nil {
 			t.Fatal(err)
 		}

@@ -29,6 +29,14 @@ type Files struct {
 	Cert string `yaml:"cert" reload:"restart"`
 	// Key holds the private key matching Cert.
 	Key string `yaml:"key" reload:"restart"`
+	// ClientCert and ClientKey are the forwarding identity: the client
+	// certificate this node presents to other nodes' apid, as Talos
+	// control planes hold one (Organization os:impersonator, extended key
+	// usage exactly clientAuth; apid gen node writes it). Empty: Cert is
+	// presented, which only peers that allow combined client certificates
+	// accept.
+	ClientCert string `yaml:"clientCert" reload:"restart"`
+	ClientKey  string `yaml:"clientKey" reload:"restart"`
 }
 
 // Source holds a node's current key pair and CA pool, loaded from Files, and
@@ -47,6 +55,7 @@ type Source struct {
 // material is one immutable generation of key material.
 type material struct {
 	cert       *tls.Certificate // Leaf is set
+	client     *tls.Certificate // the forwarding identity; cert when none is configured
 	pool       *x509.CertPool
 	cas        []*x509.Certificate // what pool holds, for expiry reports
 	digest     [sha256.Size]byte
@@ -77,6 +86,11 @@ func (s *Source) Files() Files { return s.files }
 // Certificate returns the current certificate and key, with Leaf set. It is
 // shared: callers must not modify it.
 func (s *Source) Certificate() *tls.Certificate { return s.current.Load().cert }
+
+// ClientCertificate returns the certificate presented to other nodes: the
+// forwarding identity, or the serving certificate when none is configured.
+// Leaf is set.
+func (s *Source) ClientCertificate() *tls.Certificate { return s.current.Load().client }
 
 // Pool returns the current pool of trusted CAs. It is shared: callers must
 // not modify it.
@@ -187,7 +201,7 @@ func (s *Source) Watch(ctx context.Context, interval time.Duration, onChange fun
 
 // rawFiles is the undecoded content of Files.
 type rawFiles struct {
-	ca, cert, key []byte
+	ca, cert, key, clientCert, clientKey []byte
 }
 
 func readFiles(files Files) (rawFiles, error) {
@@ -197,13 +211,20 @@ func readFiles(files Files) (rawFiles, error) {
 	)
 
 	for _, f := range []struct {
-		path string
-		dst  *[]byte
+		path     string
+		dst      *[]byte
+		optional bool
 	}{
-		{files.CA, &raw.ca},
-		{files.Cert, &raw.cert},
-		{files.Key, &raw.key},
+		{files.CA, &raw.ca, false},
+		{files.Cert, &raw.cert, false},
+		{files.Key, &raw.key, false},
+		{files.ClientCert, &raw.clientCert, true},
+		{files.ClientKey, &raw.clientKey, true},
 	} {
+		if f.path == "" && f.optional {
+			continue
+		}
+
 		b, err := os.ReadFile(f.path)
 		if err != nil {
 			errs = append(errs, err)
@@ -222,7 +243,7 @@ func readFiles(files Files) (rawFiles, error) {
 func (r rawFiles) digest() [sha256.Size]byte {
 	h := sha256.New()
 
-	for _, b := range [][]byte{r.ca, r.cert, r.key} {
+	for _, b := range [][]byte{r.ca, r.cert, r.key, r.clientCert, r.clientKey} {
 		_ = binary.Write(h, binary.BigEndian, uint64(len(b)))
 		h.Write(b)
 	}
@@ -245,8 +266,21 @@ func (r rawFiles) parse(files Files) (*material, error) {
 		return nil, fmt.Errorf("load CA %s: %w", files.CA, err)
 	}
 
+	client := &cert
+	if files.ClientCert != "" || files.ClientKey != "" {
+		c, err := tls.X509KeyPair(r.clientCert, r.clientKey)
+		if err != nil {
+			return nil, fmt.Errorf("load forwarding key pair %s, %s: %w", files.ClientCert, files.ClientKey, err)
+		}
+		if err := CheckForwardingCertificate(c.Leaf); err != nil {
+			return nil, fmt.Errorf("clientCert %s: %w", files.ClientCert, err)
+		}
+		client = &c
+	}
+
 	return &material{
 		cert:       &cert,
+		client:     client,
 		pool:       pool,
 		cas:        caCertificates(r.ca),
 		digest:     r.digest(),

@@ -214,11 +214,11 @@ func TestNewSourceRejects(t *testing.T) {
 		ca   []byte
 		node pair
 	}{
-		{"key of another certificate", ca.CertPEM, pair{node.cert, other.key}},
+		{"key of another certificate", ca.CertPEM, pair{cert: node.cert, key: other.key}},
 		{"empty CA file", nil, node},
 		{"leaf in CA file", node.cert, node},
 		{"key in CA file", slices.Concat(ca.CertPEM, node.key), node},
-		{"garbage certificate", ca.CertPEM, pair{[]byte("not PEM"), node.key}},
+		{"garbage certificate", ca.CertPEM, pair{cert: []byte("not PEM"), key: node.key}},
 	}
 
 	for _, tt := range tests {

@@ -17,6 +17,17 @@ type Config struct {
 	// ReloadInterval is how often the files are checked for changes.
 	// Default 10s.
 	ReloadInterval time.Duration `yaml:"reloadInterval" reload:"restart"`
+	// AllowCombinedClientCertificates also accepts client certificates
+	// whose extended key usage is serverAuth and clientAuth, as apid node
+	// certificates were before the forwarding identity (clientCert) was
+	// separate: for a rolling upgrade only. Off: Talos's rule, exactly
+	// clientAuth.
+	AllowCombinedClientCertificates bool `yaml:"allowCombinedClientCertificates" reload:"restart"`
+}
+
+// ServerOptions are the options of the listener's TLS configuration.
+func (c Config) ServerOptions() ServerOptions {
+	return ServerOptions{AllowTLS12: c.AllowTLS12, AllowCombinedClientCertificates: c.AllowCombinedClientCertificates}
 }
 
 // DefaultConfig returns the section with every default; the files have none.
@@ -32,6 +43,9 @@ func (c Config) Validate() error {
 		if f.path == "" {
 			errs = append(errs, fmt.Errorf("%s: a file is required (apid gen makes one)", f.key))
 		}
+	}
+	if (c.ClientCert == "") != (c.ClientKey == "") {
+		errs = append(errs, fmt.Errorf("clientCert %q, clientKey %q: set both (the forwarding identity) or neither", c.ClientCert, c.ClientKey))
 	}
 	if c.ReloadInterval <= 0 {
 		errs = append(errs, fmt.Errorf("reloadInterval %s: must be positive", c.ReloadInterval))

@@ -187,24 +187,24 @@ func LoadCA(certPEM, keyPEM []byte) (*CA, error) {
 	}, nil
 }
 
-// IssueNode issues an apid node certificate: usable as a server certificate
-// for dnsNames and ips and as the client certificate apid forwards with
-// (extended key usages serverAuth and clientAuth, role os:impersonator). At
-// least one DNS name or IP is required, or no client could verify it. Like
+// IssueNode issues an apid node's serving certificate for dnsNames and ips
+// (extended key usage serverAuth only: it is never presented as a client;
+// IssueForwarding makes the certificate a node forwards with). At least one
+// DNS name or IP is required, or no client could verify it. Like
 // IssueClient, it ends the validity with the CA's if ttl reaches past it.
 func (ca *CA) IssueNode(commonName string, dnsNames []string, ips []net.IP, ttl time.Duration, kt KeyType) (certPEM, keyPEM []byte, err error) {
 	if len(dnsNames) == 0 && len(ips) == 0 {
 		return nil, nil, errors.New("issue node certificate: no DNS names or IP addresses")
 	}
 
-	tmpl, err := template(commonName, []string{certs.RoleImpersonator}, time.Now(), ttl)
+	tmpl, err := template(commonName, nil, time.Now(), ttl)
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue node certificate: %w", err)
 	}
 
 	tmpl.DNSNames = dnsNames
 	tmpl.IPAddresses = ips
-	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
 
 	certPEM, keyPEM, err = ca.issue(tmpl, kt)
 	if err != nil {
@@ -212,6 +212,15 @@ func (ca *CA) IssueNode(commonName string, dnsNames []string, ips []net.IP, ttl 
 	}
 
 	return certPEM, keyPEM, nil
+}
+
+// IssueForwarding issues a node's forwarding identity, the client
+// certificate it presents to other nodes' apid, as Talos control planes
+// hold it: Organization os:impersonator (so the next node honours the
+// caller's roles it forwards), the node's name as common name, and
+// clientAuth as the only extended key usage (Talos refuses any other).
+func (ca *CA) IssueForwarding(commonName string, ttl time.Duration, kt KeyType) (certPEM, keyPEM []byte, err error) {
+	return ca.IssueClient(commonName, []string{certs.RoleImpersonator}, ttl, kt)
 }
 
 // IssueClient issues a client certificate carrying roles as its Subject

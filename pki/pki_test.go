@@ -104,12 +104,23 @@ func TestIssue(t *testing.T) {
 		c := parseCert(t, certPEM)
 		checkValidity(t, c, time.Hour)
 
-		if !slices.Equal(c.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}) {
-			t.Errorf("EKU %v", c.ExtKeyUsage)
+		if !slices.Equal(c.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}) {
+			t.Errorf("EKU %v: a serving certificate is never a client's", c.ExtKeyUsage)
 		}
 
-		if !slices.Equal(certs.Roles(c), []string{certs.RoleImpersonator}) || c.Subject.CommonName != "cp-1.example" {
+		if len(certs.Roles(c)) != 0 || c.Subject.CommonName != "cp-1.example" {
 			t.Errorf("subject %v", c.Subject)
+		}
+
+		fwdPEM, _, err := ca.IssueForwarding("cp-1.example", time.Hour, pki.KeyEd25519)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		fwd := parseCert(t, fwdPEM)
+		if !slices.Equal(fwd.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}) ||
+			!slices.Equal(certs.Roles(fwd), []string{certs.RoleImpersonator}) || fwd.Subject.CommonName != "cp-1.example" {
+			t.Errorf("forwarding identity: EKU %v, subject %v; want clientAuth only, O=os:impersonator", fwd.ExtKeyUsage, fwd.Subject)
 		}
 
 		for _, name := range []string{"cp-1.example", "10.0.0.1", "fd00::1"} {

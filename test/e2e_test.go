@@ -243,6 +243,7 @@ func TestServeExposesMetrics(t *testing.T) {
 	start(t, "apid serving", "serve",
 		"-listen", fmt.Sprintf("127.0.79.20:%d", port),
 		"-ca", c.dir+"/ca.crt", "-cert", c.dir+"/extra.crt", "-key", c.dir+"/extra.key",
+		"-client-cert", c.dir+"/extra-client.crt", "-client-key", c.dir+"/extra-client.key",
 		"-backend", "unix://"+c.dir+"/node-1.sock", "-remote-port", fmt.Sprint(c.port),
 		"-admin-listen", fmt.Sprintf("127.0.79.20:%d", metricsPort), "-drain-delay", "0")
 	cl := c.client(t, fmt.Sprintf("127.0.79.20:%d", port))

@@ -100,8 +100,7 @@ func startMemClusterOn(t *testing.T, ips []string, extraConfig string, atPort fu
 		sock := filepath.Join(dir, fmt.Sprintf("agent-%d.sock", i+1))
 		startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock,
 			"-hostname", fmt.Sprintf("node-%d", i+1), "-read-root", files)
-		cfg := writeConfig(t, dir, fmt.Sprintf("node-%d.yaml", i+1), fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\n%s",
-			p.path("ca.crt"), p.path(fmt.Sprintf("node-%d.crt", i+1)), p.path(fmt.Sprintf("node-%d.key", i+1)), extraConfig))
+		cfg := writeConfig(t, dir, fmt.Sprintf("node-%d.yaml", i+1), p.nodeConfig(fmt.Sprintf("node-%d", i+1))+extraConfig)
 		maddr := net.JoinHostPort(ip, strconv.Itoa(mport))
 		c.metrics = append(c.metrics, maddr)
 		c.procs = append(c.procs, startBin(t, bin, "apid serving", "serve", "-config", cfg,

@@ -150,8 +150,8 @@ func (h *netnsHarness) serve(m *netnsMember, name, sock, extraConfig string) *pr
 	if name == "gateway" {
 		admin = net.JoinHostPort(m.ip, "50001")
 	}
-	cfg := writeConfig(h.t, h.dir, name+".yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nshutdownTimeout: 2s\nlogLevel: warn\n%s",
-		h.pki.path("ca.crt"), h.pki.path(name+".crt"), h.pki.path(name+".key"), net.JoinHostPort(m.ip, "50000"), "unix://"+sock, admin, extraConfig))
+	cfg := writeConfig(h.t, h.dir, name+".yaml", h.pki.nodeConfig(name)+fmt.Sprintf("listen: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nshutdownTimeout: 2s\nlogLevel: warn\n%s",
+		net.JoinHostPort(m.ip, "50000"), "unix://"+sock, admin, extraConfig))
 	return h.start(m, "", "serve", "-config", cfg, "-self", m.ip)
 }
 

@@ -201,6 +201,13 @@ func newPKI(t *testing.T, dir string) *testPKI {
 
 func (p *testPKI) path(name string) string { return filepath.Join(p.dir, name) }
 
+// nodeConfig is the configuration lines of node name's key material as
+// apid gen node wrote it: its serving pair and its forwarding identity.
+func (p *testPKI) nodeConfig(name string) string {
+	return fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nclientCert: %q\nclientKey: %q\n",
+		p.path("ca.crt"), p.path(name+".crt"), p.path(name+".key"), p.path(name+"-client.crt"), p.path(name+"-client.key"))
+}
+
 func (p *testPKI) load(t *testing.T, base string) tls.Certificate {
 	t.Helper()
 	c, err := tls.LoadX509KeyPair(p.path(base+".crt"), p.path(base+".key"))
@@ -512,10 +519,17 @@ func startSecCluster(t *testing.T) *secCluster {
 			t.Errorf("reader.crt now carries %q", r.Subject.Organization)
 		}
 		node := p.load(t, "node-a").Leaf
-		if !slices.Equal(node.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}) ||
-			!slices.Equal(node.Subject.Organization, []string{certs.RoleImpersonator}) ||
+		if !slices.Equal(node.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}) ||
+			len(node.Subject.Organization) != 0 ||
 			len(node.IPAddresses) != 1 || node.IPAddresses[0].String() != ipA {
 			t.Errorf("node certificate: EKU %v, O %q, IPs %v", node.ExtKeyUsage, node.Subject.Organization, node.IPAddresses)
+		}
+		// The forwarding identity, as Talos control planes hold it.
+		checkModes(t, p.path("node-a-client.crt"), p.path("node-a-client.key"))
+		fwd := p.load(t, "node-a-client").Leaf
+		if !slices.Equal(fwd.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}) ||
+			!slices.Equal(fwd.Subject.Organization, []string{certs.RoleImpersonator}) || fwd.Subject.CommonName != "node-a" {
+			t.Errorf("forwarding certificate: EKU %v, subject %v", fwd.ExtKeyUsage, fwd.Subject)
 		}
 		if cl := p.load(t, "reader").Leaf; !slices.Equal(cl.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}) || cl.IsCA {
 			t.Errorf("client certificate: EKU %v, CA %v", cl.ExtKeyUsage, cl.IsCA)
@@ -546,21 +560,25 @@ func startSecCluster(t *testing.T) *secCluster {
 	cfgA := writeConfig(t, dir, "a.yaml", fmt.Sprintf(`ca: %q
 cert: %q
 key: %q
+clientCert: %q
+clientKey: %q
 maxNodes: 3
 reloadInterval: 1h
 policy:
   rules:
     - method: %s
       roles: [os:reader, os:operator]
-`, p.path("ca.crt"), c.certA, c.keyA, methodRestart))
+`, p.path("ca.crt"), c.certA, c.keyA, p.path("node-a-client.crt"), p.path("node-a-client.key"), methodRestart))
 	cfgB := writeConfig(t, dir, "b.yaml", fmt.Sprintf(`ca: %q
 cert: %q
 key: %q
+clientCert: %q
+clientKey: %q
 forwardMetadata: [x-custom]
 reloadInterval: 300ms
 handshakeTimeout: 1s
 maxConcurrentStreams: 2
-`, c.caB, p.path("node-b.crt"), p.path("node-b.key")))
+`, c.caB, p.path("node-b.crt"), p.path("node-b.key"), p.path("node-b-client.crt"), p.path("node-b-client.key")))
 	serve := func(cfg, ip string, agent *recordingAgent) *process {
 		return start(t, "apid serving", "serve", "-config", cfg, "-listen", c.addr(ip), "-self", ip,
 			"-remote-port", fmt.Sprint(c.port), "-backend", agent.Addr, "-admin-listen", "", "-drain-delay", "0")

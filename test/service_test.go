@@ -239,7 +239,8 @@ func TestHAProxyFailover(t *testing.T) {
 		// Default drainDelay (5 s) and shutdownTimeout (30 s).
 		gateways[i] = startBin(t, bin, "apid serving", "serve", "-listen", net.JoinHostPort(ip, fmt.Sprint(port)),
 			"-admin-listen", admins[i], "-self", ip, "-ca", p.path("ca.crt"), "-cert", p.path(name+".crt"),
-			"-key", p.path(name+".key"), "-backend", "unix://"+sock)
+			"-key", p.path(name+".key"), "-client-cert", p.path(name+"-client.crt"), "-client-key", p.path(name+"-client.key"),
+			"-backend", "unix://"+sock)
 	}
 
 	shipped, err := os.ReadFile("../deploy/haproxy/haproxy.cfg")

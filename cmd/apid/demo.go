@@ -44,6 +44,8 @@ type demoNode struct {
 	sock         string
 	cert         string
 	key          string
+	clientCert   string // the forwarding identity
+	clientKey    string
 }
 
 func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
@@ -127,6 +129,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg := gateway.Default()
 		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
 		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = filepath.Join(o.dir, "ca.crt"), n.cert, n.key
+		cfg.TLS.ClientCert, cfg.TLS.ClientKey = n.clientCert, n.clientKey
 		cfg.Backend = "unix://" + n.sock
 		cfg.Nodes.Port = o.port
 		cfg.Routing.SelfNames = []string{n.ip, n.name}
@@ -183,12 +186,20 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 			sock:         filepath.Join(o.dir, name+".sock"),
 			cert:         filepath.Join(o.dir, name+".crt"),
 			key:          filepath.Join(o.dir, name+".key"),
+			clientCert:   filepath.Join(o.dir, name+"-client.crt"),
+			clientKey:    filepath.Join(o.dir, name+"-client.key"),
 		}
 		crt, key, err := ca.IssueNode(name, []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, year, pki.KeyECDSA)
 		if err != nil {
 			return nil, err
 		}
 		if err := writePair(n.cert, crt, n.key, key); err != nil {
+			return nil, err
+		}
+		if crt, key, err = ca.IssueForwarding(name, year, pki.KeyECDSA); err != nil {
+			return nil, err
+		}
+		if err := writePair(n.clientCert, crt, n.clientKey, key); err != nil {
 			return nil, err
 		}
 		nodes[i], ips[i] = n, n.ip

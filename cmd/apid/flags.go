@@ -47,6 +47,8 @@ func bindConfigFlags(fs *flag.FlagSet, c *gateway.Config) {
 	fs.StringVar(&c.TLS.CA, "ca", def.TLS.CA, "CA bundle `file` (PEM)")
 	fs.StringVar(&c.TLS.Cert, "cert", def.TLS.Cert, "node certificate `file` (PEM)")
 	fs.StringVar(&c.TLS.Key, "key", def.TLS.Key, "node key `file` (PEM)")
+	fs.StringVar(&c.TLS.ClientCert, "client-cert", def.TLS.ClientCert, "forwarding certificate `file` presented to other nodes (PEM; apid gen node writes NAME-client.crt)")
+	fs.StringVar(&c.TLS.ClientKey, "client-key", def.TLS.ClientKey, "forwarding key `file` (PEM)")
 	fs.StringVar(&c.Backend, "backend", def.Backend, "local node agent `address`: unix:///path.sock or host:port")
 	fs.IntVar(&c.Nodes.Port, "remote-port", def.Nodes.Port, "`port` of other nodes' apid")
 	fs.Func("self", "a `name` or address of this node (repeatable or comma-separated)", func(s string) error {

@@ -26,6 +26,8 @@ var genUsages = map[string]string{
 const genNotes = `
 A node certificate must carry every name and address clients use to reach
 the node, the load balancer's included (-dns lb.example.internal, -ip ...).
+gen node also writes NAME-client.crt/.key, the identity the node forwards
+with (os:impersonator, extended key usage clientAuth only, as Talos wants).
 Private keys are written with mode 0600; existing files are kept unless -force.
 `
 
@@ -146,7 +148,19 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		return write(*name, crt, key)
+		if err := write(*name, crt, key); err != nil {
+			return err
+		}
+		// The forwarding identity, as Talos control planes hold it.
+		crt, key, err = ca.IssueForwarding(*name, *ttl, kt)
+		if err != nil {
+			return err
+		}
+		if err := write(*name+"-client", crt, key); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "serve with cert/key = %[1]s.crt/.key and clientCert/clientKey = %[1]s-client.crt/.key\n", filepath.Join(*out, *name))
+		return nil
 	case "client":
 		roleList := splitList(*roles)
 		if len(roleList) == 0 {

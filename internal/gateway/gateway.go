@@ -205,7 +205,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	})
 
 	g.server = grpc.NewServer(append(serverOpts,
-		grpc.Creds(g.conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, certs.ServerOptions{AllowTLS12: cfg.TLS.AllowTLS12})))),
+		grpc.Creds(g.conns.Credentials(credentials.NewTLS(certs.ServerConfig(src, cfg.TLS.ServerOptions())))),
 		grpc.ForceServerCodecV2(proxy.Codec()),
 		grpc.UnknownServiceHandler(handler.StreamHandler()),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),

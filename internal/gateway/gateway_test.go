@@ -66,6 +66,11 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 
 	cfg := Default()
 	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
+	fwdCrt, fwdKey, err := tg.ca.IssueForwarding("node-1", time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TLS.ClientCert, cfg.TLS.ClientKey = tg.write("node-client.crt", fwdCrt), tg.write("node-client.key", fwdKey)
 	cfg.Backend = "unix://" + sock
 	cfg.Routing.SelfNames = []string{"127.0.0.1", "node-1"}
 	cfg.AdminListen = "127.0.0.1:0"

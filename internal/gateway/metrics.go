@@ -226,7 +226,7 @@ func (p poolStates) Collect(ch chan<- prometheus.Metric) {
 type certExpiry struct{ src *certs.Source }
 
 var certExpiryDesc = prometheus.NewDesc("apid_certificate_expiry_seconds",
-	"Seconds until a certificate expires (negative: expired): the one apid serves (kind=serving) and each CA it trusts (kind=ca).",
+	"Seconds until a certificate expires (negative: expired): the one apid serves (kind=serving), the one it forwards with (kind=forwarding) and each CA it trusts (kind=ca).",
 	[]string{"kind", "subject"}, nil)
 
 func (c certExpiry) Describe(ch chan<- *prometheus.Desc) { ch <- certExpiryDesc }
@@ -235,6 +235,9 @@ func (c certExpiry) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now()
 	if leaf := c.src.Certificate().Leaf; leaf != nil {
 		ch <- prometheus.MustNewConstMetric(certExpiryDesc, prometheus.GaugeValue, leaf.NotAfter.Sub(now).Seconds(), "serving", leaf.Subject.String())
+	}
+	if fwd := c.src.ClientCertificate(); fwd != c.src.Certificate() && fwd.Leaf != nil {
+		ch <- prometheus.MustNewConstMetric(certExpiryDesc, prometheus.GaugeValue, fwd.Leaf.NotAfter.Sub(now).Seconds(), "forwarding", fwd.Leaf.Subject.String())
 	}
 	seen := map[string]bool{}
 	for _, ca := range c.src.CAs() {

@@ -192,7 +192,8 @@ func TestObservability(t *testing.T) {
 		`apid_node_calls_total{code="OK",node="127.0.0.1"} 2`,
 		`apid_reloads_total{result="success",what="config"} 1`,
 		`apid_reloads_total{result="failure",what="config"} 1`,
-		`apid_certificate_expiry_seconds{kind="serving",subject="CN=node-1,O=os:impersonator"}`,
+		`apid_certificate_expiry_seconds{kind="serving",subject="CN=node-1"}`,
+		`apid_certificate_expiry_seconds{kind="forwarding",subject="CN=node-1,O=os:impersonator"}`,
 		`apid_handshake_failures_total 1`,
 	} {
 		if !strings.Contains(page, want) {
