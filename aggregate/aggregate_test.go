@@ -3,6 +3,7 @@ package aggregate_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
 	"strings"
@@ -327,9 +328,10 @@ type wantMeta struct {
 
 func checkMeta(t *testing.T, md *common.Metadata, want wantMeta) {
 	t.Helper()
-	if md.GetHostname() != want.host || md.GetError() != want.msg ||
+	printed := fmt.Sprintf("rpc error: code = %s desc = %s", codes.Code(want.code), want.msg)
+	if md.GetHostname() != want.host || md.GetError() != printed ||
 		md.GetStatus().GetCode() != want.code || md.GetStatus().GetMessage() != want.msg {
-		t.Errorf("metadata = %v, want hostname %q, error and status message %q, code %d", md, want.host, want.msg, want.code)
+		t.Errorf("metadata = %v, want hostname %q, error %q, status message %q, code %d", md, want.host, printed, want.msg, want.code)
 	}
 }
 
@@ -451,12 +453,12 @@ func TestMerge(t *testing.T) {
 	}
 	for i, w := range want {
 		md := got[i].GetMetadata()
-		g := entry{md.GetHostname(), got[i].GetVersion().GetTag(), md.GetError(), md.GetStatus().GetCode()}
+		g := entry{md.GetHostname(), got[i].GetVersion().GetTag(), md.GetStatus().GetMessage(), md.GetStatus().GetCode()}
 		if g != w {
 			t.Errorf("entry %d = %+v, want %+v", i, g, w)
 		}
-		if w.err != "" && md.GetStatus().GetMessage() != w.err {
-			t.Errorf("entry %d status message = %q, want %q", i, md.GetStatus().GetMessage(), w.err)
+		if w.err != "" && md.GetError() != fmt.Sprintf("rpc error: code = %s desc = %s", codes.Code(w.code), w.err) {
+			t.Errorf("entry %d error = %q, want the status as grpc-go prints it", i, md.GetError())
 		}
 	}
 	if len(out) != cap(out) {

@@ -48,18 +48,28 @@ type errorMetadata struct {
 	code      codes.Code
 	msg       text
 	hostLen   int
-	msgLen    int
+	msgLen    int // the status message
+	errLen    int // metadata.error: the message after its status prefix
 	statusLen int // contents of Metadata.status
 	size      int // contents of the Metadata message
 }
 
+// metadata.error holds the status as grpc-go prints an error, as Talos
+// writes it (clients and Talos's own tests match that text), and
+// metadata.status the status itself: rpc error: code = NotFound desc = ...
+const (
+	errorPrefix = "rpc error: code = "
+	errorDesc   = " desc = "
+)
+
 func newErrorMetadata(host string, code codes.Code, msg text) errorMetadata {
 	m := errorMetadata{host: host, code: code, msg: msg, hostLen: validUTF8Len(host), msgLen: msg.len()}
+	m.errLen = len(errorPrefix) + len(code.String()) + len(errorDesc) + m.msgLen
 	if code != codes.OK {
 		m.statusLen = 1 + protowire.SizeVarint(statusCode(code))
 	}
 	m.statusLen += bytesFieldLen(m.msgLen)
-	m.size = bytesFieldLen(m.hostLen) + bytesFieldLen(m.msgLen) + bytesFieldLen(m.statusLen)
+	m.size = bytesFieldLen(m.hostLen) + bytesFieldLen(m.errLen) + bytesFieldLen(m.statusLen)
 	return m
 }
 
@@ -79,7 +89,10 @@ func (m *errorMetadata) appendMessage(b []byte) []byte {
 	b = protowire.AppendVarint(b, uint64(m.hostLen))
 	b = appendValidUTF8(b, m.host)
 	b = append(b, tagMetadataError)
-	b = protowire.AppendVarint(b, uint64(m.msgLen))
+	b = protowire.AppendVarint(b, uint64(m.errLen))
+	b = append(b, errorPrefix...)
+	b = append(b, m.code.String()...)
+	b = append(b, errorDesc...)
 	b = m.msg.appendTo(b)
 	b = append(b, tagMetadataStatus)
 	b = protowire.AppendVarint(b, uint64(m.statusLen))
@@ -99,8 +112,9 @@ func (m *errorMetadata) appendReply(b []byte) []byte {
 }
 
 // AppendErrorMessage appends to dst a server-streamed message that holds only
-// common.Metadata{hostname: host, error: msg, status: {code, message: msg}},
-// telling the client that host failed. An empty msg is replaced by the
+// common.Metadata{hostname: host, error: "rpc error: code = CODE desc = msg",
+// status: {code, message: msg}}, telling the client that host failed (the
+// error text is the status as grpc-go prints it, as Talos writes it). An empty msg is replaced by the
 // code's name, because clients recognise error entries by a non-empty error.
 // Invalid UTF-8 in host or msg is replaced by U+FFFD.
 func AppendErrorMessage(dst []byte, host string, code codes.Code, msg string) []byte {

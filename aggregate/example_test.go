@@ -40,6 +40,6 @@ func ExampleMerge() {
 	}
 	// Output:
 	// 10.5.0.2: v1.13.9
-	// 10.5.0.3: error 14: connection refused
+	// 10.5.0.3: error 14: rpc error: code = Unavailable desc = connection refused
 	// 10.5.0.4: v1.13.8
 }

@@ -3,6 +3,7 @@ package aggregate_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -96,7 +98,7 @@ func FuzzStampReply(f *testing.F) {
 			}
 			md := decodeVersions(t, merged).GetMessages()[0].GetMetadata()
 			if md.GetHostname() != wantHost || md.GetStatus().GetCode() != int32(codes.Internal) ||
-				!strings.HasPrefix(md.GetError(), "malformed reply: ") {
+				!strings.HasPrefix(md.GetError(), "rpc error: code = Internal desc = malformed reply: ") {
 				t.Fatalf("Merge of a malformed part gave %v", md)
 			}
 			return
@@ -191,7 +193,13 @@ func FuzzErrorEntry(f *testing.F) {
 			t.Fatalf("error reply decodes to %v, %v", &r, err)
 		}
 		md := r.Messages[0].GetMetadata()
-		if md.GetError() == "" || md.GetError() != md.GetStatus().GetMessage() ||
+		// metadata.error is the status as grpc-go prints the error, as
+		// Talos writes it.
+		printed := fmt.Sprintf("rpc error: code = %s desc = %s", codes.Code(md.GetStatus().GetCode()), md.GetStatus().GetMessage())
+		if code != 0 {
+			printed = status.FromProto(md.GetStatus()).Err().Error()
+		}
+		if md.GetStatus().GetMessage() == "" || md.GetError() != printed ||
 			md.GetHostname() != strings.ToValidUTF8(host, "\uFFFD") || md.GetStatus().GetCode() != int32(code) {
 			t.Fatalf("error entry %v for host %q code %d msg %q", md, host, code, msg)
 		}

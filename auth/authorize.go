@@ -44,6 +44,9 @@ func (a *Authorizer) Policy() *Policy { return a.policy.Load() }
 // SetPolicy makes calls that start from now on checked against policy.
 func (a *Authorizer) SetPolicy(policy *Policy) { a.policy.Store(policy) }
 
+// NotAuthorized begins every refusal, as machined words it.
+const NotAuthorized = "not authorized"
+
 // Authorize refuses a non-canonical method path before anything else (so
 // no path trick can slip past the policy), identifies the caller (unless
 // the Identity interceptor already did), and checks the policy. It returns
@@ -67,8 +70,10 @@ func (a *Authorizer) Authorize(ctx context.Context, fullMethod string) (context.
 	}
 	if !HealthMethods[fullMethod] && !policy.Permits(fullMethod, c.Roles) {
 		a.log.Info("permission denied", "method", fullMethod, "peer", c.Subject, "roles", c.Roles, "unknown_roles", c.Unknown)
-		return ctx, status.Errorf(codes.PermissionDenied, "%s needs one of the roles %s; the caller has %s",
-			fullMethod, strings.Join(policy.Allowed(fullMethod), ", "), describeRoles(c.Roles))
+		// Talos's words first (clients and Talos's own tests match them),
+		// then what would have been needed.
+		return ctx, status.Errorf(codes.PermissionDenied, "%s: %s needs one of the roles %s; the caller has %s",
+			NotAuthorized, fullMethod, strings.Join(policy.Allowed(fullMethod), ", "), describeRoles(c.Roles))
 	}
 	return NewContext(ctx, c), nil
 }

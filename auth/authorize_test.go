@@ -70,6 +70,10 @@ func TestInterceptorsPutTheCallerInTheContext(t *testing.T) {
 	if status.Code(err) != codes.PermissionDenied || ok {
 		t.Fatalf("reader calling Reboot: %v, handler reached %v", err, ok)
 	}
+	// Talos's words first, as its own tests match them, then apid's detail.
+	if want := "rpc error: code = PermissionDenied desc = not authorized: /machine.MachineService/Reboot needs one of the roles os:admin, os:operator; the caller has os:reader"; err.Error() != want {
+		t.Fatalf("refusal %q\nwant %q", err, want)
+	}
 	if logged.CommonName != "ops" {
 		t.Fatalf("a refused call's caller was not known to the interceptors before the authorizer: %+v", logged)
 	}

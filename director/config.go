@@ -38,6 +38,11 @@ type Config struct {
 	BidiStreaming   []string `yaml:"bidiStreamingMethods" reload:"live"`
 	// Ejection takes nodes that keep failing out of calls for a while.
 	Ejection EjectionConfig `yaml:"ejection" reload:"live"`
+	// LocalOnly serves this node only, as a Talos worker does (it holds no
+	// certificate to forward with): a call whose node or nodes name
+	// another node is refused with PermissionDenied "no request
+	// forwarding"; one naming only this node (selfNames) is served.
+	LocalOnly bool `yaml:"localOnly" reload:"live"`
 }
 
 // EjectionConfig takes nodes that keep failing out of calls for a while, so

@@ -151,6 +151,9 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 	if err != nil {
 		return nil, nil, nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if rs.localOnly && !n.self {
+		return nil, nil, nil, errNoForwarding
+	}
 	out := rs.outgoing(metadata.MD{}, caller.Roles)
 	b := r.backendOf(n, out, forwarded(out, metadata.MD{}))
 	b.mayRefuse = true
@@ -163,9 +166,13 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 // serve whatever node is named but should not pass over a mistake.
 func (r *Router) CheckTargets(ctx context.Context) error {
 	md, _ := metadata.FromIncomingContext(ctx)
-	nodes, _, err := r.destinations(r.rules.Load(), md)
+	rs := r.rules.Load()
+	nodes, _, err := r.destinations(rs, md)
 	if err != nil {
 		return err
+	}
+	if rs.localOnly && !allSelf(nodes) {
+		return errNoForwarding
 	}
 	for _, n := range nodes {
 		if n.err != nil {
@@ -184,7 +191,7 @@ func (r *Router) destinations(rs *rules, md metadata.MD) (nodes []node, fanOut b
 	case len(one) > 0 && len(many) > 0:
 		return nil, false, status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
 	case len(one) > 1:
-		return nil, false, status.Errorf(codes.InvalidArgument, "node metadata holds %d values: it takes one (use nodes for several)", len(one))
+		return nil, false, status.Errorf(codes.InvalidArgument, "node metadata must be single-valued: it holds %d values (use nodes for several)", len(one))
 	case len(one) == 1:
 		n, err := r.resolver(rs).one(one[0])
 		if err != nil {

@@ -59,6 +59,7 @@ type Router struct {
 // so one call sees one configuration.
 type rules struct {
 	self              map[string]bool
+	localOnly         bool
 	forward           []string
 	kinds             methodKinds
 	max               int
@@ -88,6 +89,7 @@ func (r *Router) SetConfig(cfg Config) {
 		max:     cfg.MaxNodes,
 		timeout: cfg.NodeTimeout,
 
+		localOnly:         cfg.LocalOnly,
 		maxEjectedPercent: cfg.Ejection.MaxPercent,
 	}
 	if rs.max <= 0 {
@@ -127,6 +129,8 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	switch {
 	case err != nil:
 		return proxy.Route{}, err
+	case rs.localOnly && !allSelf(resolved):
+		return proxy.Route{}, errNoForwarding
 	case len(resolved) == 0:
 		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
 	case !fanOut:
@@ -161,6 +165,19 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		backends[i] = b
 	}
 	return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
+}
+
+// errNoForwarding refuses, in Talos's words, a call a local-only node
+// would have to forward.
+var errNoForwarding = status.Error(codes.PermissionDenied, "no request forwarding: this apid serves only its own node (localOnly)")
+
+func allSelf(nodes []node) bool {
+	for _, n := range nodes {
+		if !n.self {
+			return false
+		}
+	}
+	return true
 }
 
 // Kind returns the shape of a method as the router knows it now.

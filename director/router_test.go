@@ -554,3 +554,34 @@ func TestRouteRefusesUnauthorizedCalls(t *testing.T) {
 		t.Fatalf("unauthorized call routed: %v, want Internal", err)
 	}
 }
+
+// TestLocalOnlyRefusesForwarding: a local-only apid behaves as a Talos
+// worker's: a call naming another node is PermissionDenied "no request
+// forwarding" as a whole (node or nodes), a call naming only itself is
+// served locally, and a call naming nothing too.
+func TestLocalOnlyRefusesForwarding(t *testing.T) {
+	r := newTestRouter(t, Config{LocalOnly: true, SelfNames: []string{"10.0.0.1", "w-1"}})
+	admin := []string{certs.RoleAdmin}
+	for _, md := range []metadata.MD{
+		metadata.Pairs(KeyNode, "10.0.0.2"),
+		metadata.Pairs(KeyNodes, "10.0.0.2"),
+		metadata.Pairs(KeyNodes, "10.0.0.1", KeyNodes, "10.0.0.2"),
+		metadata.Pairs(KeyNode, "w-2"),
+	} {
+		_, err := r.Route(callerContext(admin, md), "/machine.MachineService/Version")
+		if status.Code(err) != codes.PermissionDenied || !strings.HasPrefix(status.Convert(err).Message(), "no request forwarding") {
+			t.Errorf("%v: %v, want PermissionDenied no request forwarding", md, err)
+		}
+	}
+	for _, md := range []metadata.MD{{}, metadata.Pairs(KeyNode, "10.0.0.1"), metadata.Pairs(KeyNodes, "w-1")} {
+		rt, _ := route(t, r, "/machine.MachineService/Version", admin, md)
+		if len(rt.Backends) != 1 || rt.Backends[0].(*backend).local == nil {
+			t.Errorf("%v: routed to %v, want the local agent", md, rt.Backends)
+		}
+	}
+	// Talos's words for a multi-valued node.
+	_, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "10.0.0.1", KeyNode, "10.0.0.2")), "/machine.MachineService/Version")
+	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "node metadata must be single-valued") {
+		t.Errorf("two node values: %v", err)
+	}
+}

@@ -107,6 +107,26 @@ func TestDemoClusterAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("a worker serves only itself, as a Talos worker does", func(t *testing.T) {
+		w := c.client(t, c.endpoint(3))
+		for _, ctx := range []context.Context{
+			client.WithNode(testContext(t), c.nodes[0]),
+			client.WithNodes(testContext(t), c.nodes[0]),
+			client.WithNodes(testContext(t), "@controlplane"),
+		} {
+			_, err := w.Version(ctx)
+			if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "no request forwarding") {
+				t.Errorf("worker asked to forward: %v, want PermissionDenied no request forwarding", err)
+			}
+		}
+		for _, ctx := range []context.Context{testContext(t), client.WithNode(testContext(t), c.nodes[3]), client.WithNodes(testContext(t), "node-4")} {
+			resp, err := w.Version(ctx)
+			if err != nil || len(resp.GetMessages()) != 1 {
+				t.Errorf("worker naming itself: %v, %v", resp, err)
+			}
+		}
+	})
+
 	t.Run("config new issues a client with exactly the roles asked", func(t *testing.T) {
 		resp, err := cl.GenerateClientConfiguration(client.WithNodes(testContext(t), "node-1"), &machine.GenerateClientConfigurationRequest{
 			Roles: []string{"os:reader"}, CrtTtl: durationpb.New(24 * time.Hour),
@@ -120,10 +140,8 @@ func TestDemoClusterAPI(t *testing.T) {
 			t.Fatal(err)
 		}
 		ctx := cfg.Contexts[cfg.Context]
-		var endpoints []string
-		for i := range c.nodes {
-			endpoints = append(endpoints, c.endpoint(i))
-		}
+		// The control-plane nodes: a worker's apid does not forward.
+		endpoints := []string{c.endpoint(0), c.endpoint(1), c.endpoint(2)}
 		if cfg.Context != "reader@apid-demo" || !slices.Equal(ctx.Endpoints, endpoints) {
 			t.Errorf("talosconfig context %q endpoints %v, want reader@apid-demo and %v", cfg.Context, ctx.Endpoints, endpoints)
 		}

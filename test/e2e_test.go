@@ -278,6 +278,21 @@ func TestServeExposesMetrics(t *testing.T) {
 	if t.Failed() {
 		t.Logf("metrics:\n%s", body)
 	}
+
+	// The demo's nodes apply Talos's client-certificate rule: a gateway
+	// that forwards with its serving certificate (no clientCert) is
+	// refused at the handshake, as a Talos node refuses it; the one above,
+	// with its forwarding identity, was served.
+	noIdentity := freePort(t, "127.0.79.20")
+	start(t, "apid serving", "serve",
+		"-listen", fmt.Sprintf("127.0.79.20:%d", noIdentity),
+		"-ca", c.dir+"/ca.crt", "-cert", c.dir+"/extra.crt", "-key", c.dir+"/extra.key",
+		"-backend", "unix://"+c.dir+"/node-1.sock", "-remote-port", fmt.Sprint(c.port),
+		"-admin-listen", "", "-drain-delay", "0")
+	_, err = c.client(t, fmt.Sprintf("127.0.79.20:%d", noIdentity)).Version(client.WithNodes(testContext(t), c.nodes[0]))
+	if errs := nodeErrors(t, err); len(errs) != 1 || !strings.Contains(errs[0].Error(), "certificate") {
+		t.Fatalf("forwarding with a serving certificate: %v, want the node's refusal of the certificate", err)
+	}
 }
 
 func TestDemoRerunOnTheSameDirectory(t *testing.T) {

@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -54,6 +55,13 @@ func plainBin(t *testing.T) string {
 func TestMain(m *testing.M) {
 	if os.Getenv(h2specEnv) != "" {
 		runH2specChild() // exits
+	}
+	flag.Parse()
+	if testing.Short() {
+		// Every test here starts real processes: -short (make
+		// test-short) runs none of them and builds nothing.
+		fmt.Println("test: end-to-end tests skipped in -short mode")
+		os.Exit(0)
 	}
 	dir, err := os.MkdirTemp("", "apid-e2e-")
 	if err != nil {

@@ -662,6 +662,9 @@ func (c *secCluster) testHandshake(t *testing.T) {
 		{"self-signed", ptr(p.mint(t, clientCert("admin", admin, clientAuth), nil, true)), 0},
 		{"signed by a node certificate", ptr(p.mint(t, clientCert("admin", admin, clientAuth), &nodeA, false)), 0},
 		{"serverAuth only", ptr(p.mint(t, clientCert("admin", admin, x509.ExtKeyUsageServerAuth), nil, false)), 0},
+		// Talos's rule: a client certificate has exactly clientAuth.
+		{"clientAuth and serverAuth", ptr(p.mint(t, clientCert("admin", admin, x509.ExtKeyUsageServerAuth, clientAuth), nil, false)), 0},
+		{"a node's serving certificate", &nodeA, 0},
 		{"no extended key usage", ptr(p.mint(t, clientCert("admin", admin), nil, false)), 0},
 		{"TLS 1.2", ptr(c.clients["admin"]), tls.VersionTLS12},
 	}
@@ -689,8 +692,7 @@ func (c *secCluster) testHandshake(t *testing.T) {
 	}
 
 	t.Run("accepted", func(t *testing.T) {
-		both := p.mint(t, clientCert("admin", admin, x509.ExtKeyUsageServerAuth, clientAuth), nil, false)
-		for name, cert := range map[string]tls.Certificate{"admin": c.clients["admin"], "clientAuth and serverAuth": both, "no role": c.clients["no-role"]} {
+		for name, cert := range map[string]tls.Certificate{"admin": c.clients["admin"], "no role": c.clients["no-role"], "a forwarding identity": p.load(t, "node-b-client")} {
 			st, err := handshake(c.addr(ipA), clientTLS(p.pool, &cert))
 			if err != nil {
 				t.Errorf("%s: %v", name, err)
@@ -701,8 +703,8 @@ func (c *secCluster) testHandshake(t *testing.T) {
 			}
 		}
 		before := c.totals()
-		if err := call(callContext(t), c.dial(t, ipA, both), methodVersion); err != nil {
-			t.Errorf("admin with clientAuth and serverAuth: %v", err)
+		if err := call(callContext(t), c.dial(t, ipA, c.clients["admin"]), methodVersion); err != nil {
+			t.Errorf("admin: %v", err)
 		}
 		if after := c.totals(); after[0] != before[0]+1 {
 			t.Errorf("agent A calls %d -> %d, want one more", before[0], after[0])
@@ -914,9 +916,10 @@ func (c *secCluster) testSpoofing(t *testing.T) {
 	})
 
 	t.Run("a node certificate alone grants nothing", func(t *testing.T) {
-		// A node certificate may speak for a caller, but it must name the
-		// caller's roles: without talos-role it has none of its own.
-		node := c.dial(t, ipA, c.pki.load(t, "node-b"))
+		// A node's forwarding identity may speak for a caller, but it must
+		// name the caller's roles: without talos-role it has none of its
+		// own.
+		node := c.dial(t, ipA, c.pki.load(t, "node-b-client"))
 		before := c.totals()
 		for _, md := range [][]string{nil, {"proxyfrom", ipB}, {"proxyfrom", ipB, "node", ipB}, {"nodes", ipA}} {
 			if err := call(callContext(t, md...), node, methodVersion); status.Code(err) != codes.PermissionDenied {

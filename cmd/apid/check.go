@@ -6,7 +6,7 @@ import (
 	"io"
 	"strings"
 
-	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/gateway"
 )
 
 // runCheck validates a configuration as serve would read it (file and
@@ -21,13 +21,12 @@ func runCheck(args []string, stdout, stderr io.Writer) error {
 	if err := cfg.Validate(); err != nil {
 		problems = append(problems, strings.Split(err.Error(), "\n")...)
 	}
-	if err := cfg.Inventory.CheckFiles(); err != nil {
-		problems = append(problems, strings.Split(err.Error(), "\n")...)
+	fileProblems, warnings := gateway.CheckFiles(cfg)
+	for _, p := range fileProblems {
+		problems = append(problems, p.Error())
 	}
-	if cfg.TLS.CA != "" && cfg.TLS.Cert != "" && cfg.TLS.Key != "" {
-		if _, err := certs.NewSource(certs.Files{CA: cfg.TLS.CA, Cert: cfg.TLS.Cert, Key: cfg.TLS.Key}); err != nil {
-			problems = append(problems, "certificates: "+err.Error())
-		}
+	for _, w := range warnings {
+		fmt.Fprintf(stderr, "warning: %v\n", w)
 	}
 	if len(problems) > 0 {
 		fmt.Fprintf(stderr, "configuration has %d %s:\n  - %s\n", len(problems), plural(len(problems), "problem"), strings.Join(problems, "\n  - "))

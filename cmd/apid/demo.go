@@ -129,7 +129,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg := gateway.Default()
 		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
 		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = filepath.Join(o.dir, "ca.crt"), n.cert, n.key
-		cfg.TLS.ClientCert, cfg.TLS.ClientKey = n.clientCert, n.clientKey
+		if n.controlPlane {
+			cfg.TLS.ClientCert, cfg.TLS.ClientKey = n.clientCert, n.clientKey
+		} else {
+			// A Talos worker holds no certificate to forward with and
+			// serves only itself: so do the demo's.
+			cfg.Routing.LocalOnly = true
+		}
 		cfg.Backend = "unix://" + n.sock
 		cfg.Nodes.Port = o.port
 		cfg.Routing.SelfNames = []string{n.ip, n.name}
@@ -196,11 +202,13 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 		if err := writePair(n.cert, crt, n.key, key); err != nil {
 			return nil, err
 		}
-		if crt, key, err = ca.IssueForwarding(name, year, pki.KeyECDSA); err != nil {
-			return nil, err
-		}
-		if err := writePair(n.clientCert, crt, n.clientKey, key); err != nil {
-			return nil, err
+		if n.controlPlane {
+			if crt, key, err = ca.IssueForwarding(name, year, pki.KeyECDSA); err != nil {
+				return nil, err
+			}
+			if err := writePair(n.clientCert, crt, n.clientKey, key); err != nil {
+				return nil, err
+			}
 		}
 		nodes[i], ips[i] = n, n.ip
 		if ip = ip.Next(); !ip.IsLoopback() {
@@ -222,14 +230,20 @@ func writeDemoPKI(o demoOptions) ([]demoNode, error) {
 // nodes; the others are workers.
 const demoControlPlane = 3
 
-// demoEndpoints are the addresses clients dial: every node's apid.
+// demoEndpoints are the addresses clients dial: the control-plane nodes'
+// apid (a worker's would refuse a call naming another node, and the
+// client spreads its calls over its endpoints).
 func demoEndpoints(o demoOptions, nodes []demoNode) []string {
-	endpoints := make([]string, len(nodes))
-	for i, n := range nodes {
-		endpoints[i] = n.ip
-		if o.port != 50000 {
-			endpoints[i] = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
+	var endpoints []string
+	for _, n := range nodes {
+		if !n.controlPlane {
+			continue
 		}
+		e := n.ip
+		if o.port != 50000 {
+			e = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
+		}
+		endpoints = append(endpoints, e)
 	}
 	return endpoints
 }
@@ -293,7 +307,7 @@ func printDemoHelp(w io.Writer, o demoOptions, nodes []demoNode) {
 	}
 	groups := "@controlplane: " + strings.Join(cp, ", ")
 	if len(workers) > 0 {
-		groups += "; @workers: " + strings.Join(workers, ", ")
+		groups += "; @workers: " + strings.Join(workers, ", ") + ", which serve only themselves, as Talos workers do"
 	} else {
 		groups += "; @workers: none (-nodes 5 adds two)"
 	}
@@ -308,7 +322,7 @@ Try, from another terminal:
   talosctl -n @controlplane version
   talosctl -n %s health
   talosctl -n %s dmesg
-  talosctl -n %s config new reader-talosconfig --roles os:reader
+  talosctl -n %s config new %s/reader-talosconfig --roles os:reader
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key \
     -rpc-header 'nodes: %s' %s machine.MachineService/Version
   grpcurl -cacert %s/ca.crt -cert %s/admin.crt -key %s/admin.key %s list
@@ -316,7 +330,7 @@ Try, from another terminal:
 
 Press Ctrl-C to stop.
 `, len(nodes), strings.Join(ips, ", "), o.port, dir, groups,
-		dir, nodes[0].name, nodes[0].name, nodes[0].name,
+		dir, nodes[0].name, nodes[0].name, nodes[0].name, dir,
 		dir, dir, dir, strings.Join(ips, ","), first,
 		dir, dir, dir, first, net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port+1)))
 }

@@ -62,21 +62,33 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(fs.Output(), "\nflags:")
 		fs.PrintDefaults()
 	}
+	// Each kind has the flags it uses and no other, so a flag given to
+	// the wrong kind is an error rather than silently ignored.
+	var (
+		caDir, ips, dns, roles, talosconfig, endpoints, nodes, contextName string
+		allowUnknown, allowImpersonator                                    bool
+	)
 	out := fs.String("out", ".", "output `directory`")
-	caDir := fs.String("ca-dir", ".", "`directory` holding ca.crt and ca.key")
-	name := fs.String("name", "", "common name (node: its FQDN; client: who it is)")
+	name := fs.String("name", "", "common name (ca: its name; node: its FQDN; client: who it is)")
 	ttl := fs.Duration("ttl", 365*24*time.Hour, "validity")
 	keyType := fs.String("key-type", "ecdsa", "ecdsa (P-256) or ed25519")
 	force := fs.Bool("force", false, "overwrite existing files")
-	ips := fs.String("ip", "", "node: comma-separated IP SANs")
-	dns := fs.String("dns", "", "node: comma-separated DNS SANs (the name is always one)")
-	roles := fs.String("roles", "", "client: comma-separated roles, e.g. os:reader")
-	allowUnknown := fs.Bool("allow-unknown-roles", false, "client: accept roles outside the built-in ones (for a custom policy)")
-	allowImpersonator := fs.Bool("allow-impersonator", false, "client: accept os:impersonator, which lets the holder claim any role (node certificates carry it)")
-	talosconfig := fs.String("talosconfig", "", "client: also write (or merge into) this talosconfig `file`")
-	endpoints := fs.String("endpoints", "", "client: talosconfig endpoints, comma-separated")
-	nodes := fs.String("nodes", "", "client: talosconfig default nodes, comma-separated")
-	contextName := fs.String("context", "", "client: talosconfig context name (default: the name)")
+	if what != "ca" {
+		fs.StringVar(&caDir, "ca-dir", ".", "`directory` holding ca.crt and ca.key")
+	}
+	if what == "node" {
+		fs.StringVar(&ips, "ip", "", "comma-separated IP SANs")
+		fs.StringVar(&dns, "dns", "", "comma-separated DNS SANs (the name is always one)")
+	}
+	if what == "client" {
+		fs.StringVar(&roles, "roles", "", "comma-separated roles, e.g. os:reader")
+		fs.BoolVar(&allowUnknown, "allow-unknown-roles", false, "accept roles outside the built-in ones (for a custom policy)")
+		fs.BoolVar(&allowImpersonator, "allow-impersonator", false, "accept os:impersonator, which lets the holder claim any role (forwarding identities carry it)")
+		fs.StringVar(&talosconfig, "talosconfig", "", "also write (or merge into) this talosconfig `file`")
+		fs.StringVar(&endpoints, "endpoints", "", "talosconfig endpoints, comma-separated")
+		fs.StringVar(&nodes, "nodes", "", "talosconfig default nodes, comma-separated")
+		fs.StringVar(&contextName, "context", "", "talosconfig context name (default: the name)")
+	}
 	for _, a := range args {
 		if a == "-h" || a == "-help" || a == "--help" {
 			fs.SetOutput(stdout) // asked for: the usage is the output
@@ -130,21 +142,21 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 	if *name == "" {
 		return fmt.Errorf("gen %s: -name is required", what)
 	}
-	ca, err := pki.ReadCA(filepath.Join(*caDir, "ca.crt"), filepath.Join(*caDir, "ca.key"))
+	ca, err := pki.ReadCA(filepath.Join(caDir, "ca.crt"), filepath.Join(caDir, "ca.key"))
 	if err != nil {
 		return err
 	}
 	switch what {
 	case "node":
 		var ipList []net.IP
-		for _, s := range splitList(*ips) {
+		for _, s := range splitList(ips) {
 			ip := net.ParseIP(s)
 			if ip == nil {
 				return fmt.Errorf("-ip %q: not an IP address", s)
 			}
 			ipList = append(ipList, ip)
 		}
-		crt, key, err := ca.IssueNode(*name, append([]string{*name}, splitList(*dns)...), ipList, *ttl, kt)
+		crt, key, err := ca.IssueNode(*name, append([]string{*name}, splitList(dns)...), ipList, *ttl, kt)
 		if err != nil {
 			return err
 		}
@@ -162,14 +174,14 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "serve with cert/key = %[1]s.crt/.key and clientCert/clientKey = %[1]s-client.crt/.key\n", filepath.Join(*out, *name))
 		return nil
 	case "client":
-		roleList := splitList(*roles)
+		roleList := splitList(roles)
 		if len(roleList) == 0 {
 			return errors.New("gen client: -roles is required (e.g. os:reader)")
 		}
-		if slices.Contains(roleList, certs.RoleImpersonator) && !*allowImpersonator {
+		if slices.Contains(roleList, certs.RoleImpersonator) && !allowImpersonator {
 			return fmt.Errorf("gen client: %s lets the holder assert any role, os:admin included; it belongs on node certificates (use -allow-impersonator if you mean it)", certs.RoleImpersonator)
 		}
-		if !*allowUnknown {
+		if !allowUnknown {
 			for _, r := range roleList {
 				if !slices.Contains(certs.BuiltinRoles, r) {
 					return fmt.Errorf("gen client: unknown role %q: the built-in roles are %s (use -allow-unknown-roles for a role of your own policy)",
@@ -184,21 +196,21 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		if err := write(*name, crt, key); err != nil {
 			return err
 		}
-		if *talosconfig == "" {
+		if talosconfig == "" {
 			return nil
 		}
-		if len(splitList(*endpoints)) == 0 {
+		if len(splitList(endpoints)) == 0 {
 			return errors.New("gen client: -talosconfig needs -endpoints")
 		}
-		ctxName := *contextName
+		ctxName := contextName
 		if ctxName == "" {
 			ctxName = *name
 		}
-		tc := pki.TalosContext{Endpoints: splitList(*endpoints), Nodes: splitList(*nodes), CA: ca.CertPEM, Crt: crt, Key: key}
-		if err := pki.WriteTalosconfig(*talosconfig, ctxName, tc, pki.TalosconfigMerge); err != nil {
+		tc := pki.TalosContext{Endpoints: splitList(endpoints), Nodes: splitList(nodes), CA: ca.CertPEM, Crt: crt, Key: key}
+		if err := pki.WriteTalosconfig(talosconfig, ctxName, tc, pki.TalosconfigMerge); err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "wrote context %q to %s\n", ctxName, *talosconfig)
+		fmt.Fprintf(stdout, "wrote context %q to %s\n", ctxName, talosconfig)
 		return nil
 	}
 	return fmt.Errorf("gen: unknown kind %q", what)

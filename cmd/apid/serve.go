@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -17,7 +18,16 @@ import (
 	"github.com/apid/apid/internal/version"
 )
 
+// howToStart answers apid serve given nothing to serve with.
+const howToStart = `apid serve needs a configuration: apid serve -config apid.yaml (deploy/apid.yaml lists every key),
+or flags (-ca, -cert, -key, -client-cert, -client-key, -backend; apid serve -h).
+No certificates yet? apid gen ca, then apid gen node -name NAME -ip IP.
+Just looking? apid demo runs a whole cluster on this machine`
+
 func runServe(ctx context.Context, args []string, stderr io.Writer) error {
+	if len(args) == 0 {
+		return errors.New(howToStart)
+	}
 	// Signals are caught from the start: a SIGHUP while apid loads must
 	// not kill it (its default action), and the first stop signal drains
 	// whatever context the caller passed.

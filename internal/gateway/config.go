@@ -152,14 +152,9 @@ func (c Config) Validate() error {
 func (c Config) validate() (*auth.Policy, error) {
 	var errs []error
 	add := func(err error) {
-		if err == nil {
-			return
+		if err != nil {
+			errs = append(errs, unjoin(err)...)
 		}
-		if joined, ok := err.(interface{ Unwrap() []error }); ok {
-			errs = append(errs, joined.Unwrap()...)
-			return
-		}
-		errs = append(errs, err)
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		add(fmt.Errorf("listen %q: want host:port, such as :50000", c.Listen))

@@ -112,6 +112,13 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load certificates: %w", err)
 	}
+	problems, warnings := checkMaterial(cfg, src)
+	if len(problems) > 0 {
+		return nil, errors.Join(problems...)
+	}
+	for _, w := range warnings {
+		log.Warn(w.Error())
+	}
 	instance := src.Certificate().Leaf.Subject.CommonName
 	if len(cfg.Routing.SelfNames) > 0 {
 		instance = cfg.Routing.SelfNames[0]

@@ -50,7 +50,7 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	if tg.ca, err = pki.NewCA("test", time.Hour, pki.KeyECDSA); err != nil {
 		t.Fatal(err)
 	}
-	nodeCrt, nodeKey, err := tg.ca.IssueNode("node-1", nil, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour, pki.KeyECDSA)
+	nodeCrt, nodeKey, err := tg.ca.IssueNode("node-1", []string{"node-1"}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,160 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"io"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apid/apid/pki"
+)
+
+// TestCheckRefusesWhatCannotWork: each configuration below validates key
+// by key but cannot work with the files it names; apid check says why on a
+// line of its own naming the key, and serve refuses to start on it.
+func TestCheckRefusesWhatCannotWork(t *testing.T) {
+	dir := t.TempDir()
+	other := filepath.Join(dir, "other")
+	for _, args := range [][]string{
+		{"gen", "ca", "-out", dir},
+		{"gen", "ca", "-out", other, "-name", "another CA"},
+		{"gen", "node", "-ca-dir", dir, "-out", dir, "-name", "cp-1", "-ip", "127.0.0.1"},
+		{"gen", "client", "-ca-dir", dir, "-out", dir, "-name", "admin", "-roles", "os:admin"},
+		{"gen", "node", "-ca-dir", other, "-out", other, "-name", "cp-9", "-ip", "127.0.0.1"},
+	} {
+		if _, _, err := runCmd(t, args...); err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+	}
+	noSAN := craftServerCert(t, dir, "nosan")
+	base := func(ca, cert, key string) string {
+		return "ca: " + ca + "\ncert: " + cert + "\nkey: " + key + "\nbackend: 127.0.0.1:1\n"
+	}
+	own := base(dir+"/ca.crt", dir+"/cp-1.crt", dir+"/cp-1.key")
+	fwd := "clientCert: " + dir + "/cp-1-client.crt\nclientKey: " + dir + "/cp-1-client.key\n"
+	for _, tc := range []struct {
+		name, config, want string
+	}{
+		{"the CA bundle lacks the node certificate's issuer", base(other+"/ca.crt", dir+"/cp-1.crt", dir+"/cp-1.key") + fwd,
+			"does not hold the CA that issued cert"},
+		{"a client certificate as the node certificate", base(dir+"/ca.crt", dir+"/admin.crt", dir+"/admin.key") + fwd,
+			"does not allow server authentication"},
+		{"a node certificate without SANs", base(dir+"/ca.crt", noSAN+".crt", noSAN+".key") + fwd,
+			"names no DNS name or IP address (SAN)"},
+		{"selfNames the certificate lacks", own + fwd + "selfNames: [127.0.0.1, cp-1, lb.example.internal]\n",
+			`selfNames "lb.example.internal": cert`},
+		{"a forwarding certificate Talos refuses", own + "clientCert: " + dir + "/admin.crt\nclientKey: " + dir + "/admin.key\n",
+			"lacks the os:impersonator role"},
+		{"a forwarding certificate of another CA", own + "clientCert: " + other + "/cp-9-client.crt\nclientKey: " + other + "/cp-9-client.key\n",
+			"is not issued by a CA in ca"},
+		{"a typo in a nested key", own + fwd + "limits:\n  bufferdBytes: 1MiB\n",
+			"limits.bufferdBytes is not a configuration key: did you mean limits.bufferedBytes?"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			file := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".yaml")
+			writeFile(t, file, tc.config)
+			_, errOut, err := runCmd(t, "check", "-config", file)
+			if err == nil || !strings.Contains(errOut+err.Error(), tc.want) {
+				t.Fatalf("check: %v\n%s\nwant a problem containing %q", err, errOut, tc.want)
+			}
+			if strings.Contains(tc.want, "not a configuration key") {
+				return // refused before anything is read
+			}
+			if err := runServeOnce(t, file); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("serve started anyway, or for another reason: %v", err)
+			}
+		})
+	}
+
+	// What works, but not in front of Talos: a warning, not a failure.
+	file := filepath.Join(dir, "no-forwarding-identity.yaml")
+	writeFile(t, file, own+"selfNames: [127.0.0.1, cp-1]\n")
+	out, errOut, err := runCmd(t, "check", "-config", file)
+	if err != nil || !strings.Contains(out, "configuration is valid") || !strings.Contains(errOut, "warning: clientCert: not set") {
+		t.Fatalf("check without a forwarding identity: %v\n%s%s", err, out, errOut)
+	}
+}
+
+// runServeOnce starts apid serve on file with a free listener and returns
+// its error if it refuses to start; a gateway that starts is stopped.
+func runServeOnce(t *testing.T, file string) error {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"serve", "-config", file, "-listen", "127.0.0.1:0", "-admin-listen", "", "-drain-delay", "0"}, io.Discard, io.Discard)
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(3 * time.Second):
+		cancel()
+		<-done
+		return nil
+	}
+}
+
+// craftServerCert writes name.crt and name.key into dir: a serverAuth
+// certificate from dir's CA that names nothing, which apid gen refuses to
+// make.
+func craftServerCert(t *testing.T, dir, name string) string {
+	t.Helper()
+	ca, err := pki.ReadCA(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}, ca.Cert, key.Public(), ca.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	base := filepath.Join(dir, name)
+	writeFile(t, base+".crt", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
+	writeFile(t, base+".key", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})))
+	return base
+}
+
+// TestGenRefusesFlagsOfAnotherKind: each kind takes its own flags only.
+func TestGenRefusesFlagsOfAnotherKind(t *testing.T) {
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"gen", "ca", "-out", dir, "-roles", "os:admin"},
+		{"gen", "ca", "-out", dir, "-ip", "1.2.3.4"},
+		{"gen", "node", "-out", dir, "-name", "n", "-roles", "os:admin"},
+		{"gen", "client", "-out", dir, "-name", "c", "-roles", "os:reader", "-ip", "1.2.3.4"},
+	} {
+		if _, _, err := runCmd(t, args...); err == nil || !strings.Contains(err.Error(), "flag provided but not defined") {
+			t.Errorf("%v: %v, want the flag refused", args, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ca.crt")); err == nil {
+		t.Error("a refused gen ca wrote ca.crt")
+	}
+}
+
+// TestServeWithoutArgumentsSaysHowToStart: no configuration at all is met
+// with the ways to get one.
+func TestServeWithoutArgumentsSaysHowToStart(t *testing.T) {
+	_, _, err := runCmd(t, "serve")
+	for _, want := range []string{"-config", "apid gen", "apid demo"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("serve without arguments: %v, want a hint naming %s", err, want)
+		}
+	}
+}
