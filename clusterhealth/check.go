@@ -293,12 +293,17 @@ func (r *run) reachable(nodes []string) (map[string]answer, error) {
 	for {
 		pending := slices.DeleteFunc(slices.Clone(nodes), func(n string) bool { return got[n].err == nil && got[n].version != "" })
 		results := each(pending, r.version)
-		last = results
 		for n, a := range results {
 			if a.err == nil {
 				got[n] = a
 			}
+			// An attempt the end of the wait cut short says nothing
+			// about the node: what the round before found stands.
+			if prev, ok := last[n]; ok && r.cutOff(a.err) && prev.err != nil {
+				results[n] = prev
+			}
 		}
+		last = results
 		var waiting []string
 		for _, n := range nodes {
 			if a, ok := got[n]; !ok || a.err != nil || a.version == "" {
@@ -327,20 +332,47 @@ type final struct{ error }
 
 func (f final) Unwrap() error { return f.error }
 
-// retry runs check until it passes or the wait is over.
+// retry runs check until it passes or the wait is over; the error of an
+// attempt the end of the wait cut short does not replace the finding of
+// the one before.
 func (r *run) retry(what string, check func() error) error {
+	var prev error
 	for {
 		err := check()
 		if err == nil {
 			r.say("waiting for %s: OK", what)
 			return nil
 		}
+		if prev != nil && r.cutOff(err) {
+			err = prev
+		}
+		prev = err
 		r.say("waiting for %s: %v", what, err)
 		if errors.As(err, new(final)) || !r.pause() {
 			return err
 		}
 	}
 }
+
+// cutOff reports whether err is what the end of the wait made of an
+// attempt, rather than a finding about a node. The node's side of the
+// call may see the deadline first (grpc-timeout is sent rounded down), so
+// an attempt that ended within cutOffMargin of the wait's end counts too.
+func (r *run) cutOff(err error) bool {
+	if err == nil {
+		return false
+	}
+	if end, ok := r.ctx.Deadline(); r.ctx.Err() == nil && (!ok || time.Until(end) > cutOffMargin) {
+		return false
+	}
+	switch status.Code(err) {
+	case codes.DeadlineExceeded, codes.Canceled:
+		return true
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
+}
+
+const cutOffMargin = 100 * time.Millisecond
 
 // pause waits before the next round; false when the wait is over.
 func (r *run) pause() bool {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -35,9 +36,20 @@ type fakeNode struct {
 	// upgraded, when set, is the tag reported from then on.
 	upgraded   string
 	upgradedAt time.Time
+	// refuseThenHang: the first Version is refused, later ones never
+	// answer.
+	refuseThenHang bool
+	calls          atomic.Int64
 }
 
-func (n *fakeNode) Version(context.Context, *emptypb.Empty) (*machine.VersionResponse, error) {
+func (n *fakeNode) Version(ctx context.Context, _ *emptypb.Empty) (*machine.VersionResponse, error) {
+	if n.refuseThenHang {
+		if n.calls.Add(1) == 1 {
+			return nil, status.Error(codes.Unavailable, "first refusal")
+		}
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	tag := n.tag
 	if n.upgraded != "" && time.Now().After(n.upgradedAt) {
 		tag = n.upgraded
@@ -181,9 +193,9 @@ func TestUnhealthyClusters(t *testing.T) {
 		want  string
 	}{
 		{"down", map[string]string{"cp-1": good, "cp-2": down}, year,
-			"node cp-2 does not answer through apid within 2s (check: reachability): Unavailable"},
+			"node cp-2 does not answer through apid within 4s (check: reachability): Unavailable"},
 		{"unknown", map[string]string{"cp-1": good}, year,
-			`node cp-2 does not answer through apid within 2s (check: reachability): NotFound: node "cp-2" is not in the inventory`},
+			`node cp-2 does not answer through apid within 4s (check: reachability): NotFound: node "cp-2" is not in the inventory`},
 		{"versions", map[string]string{"cp-1": good, "cp-2": serveNode(t, &fakeNode{tag: "v1.12.0"}), "w-1": good}, year,
 			"nodes report different versions (check: version): most run v1.13.9; cp-2 runs v1.12.0"},
 		{"clock", map[string]string{"cp-1": good, "cp-2": serveNode(t, &fakeNode{tag: "v1.13.9", skew: -10 * time.Second})}, year,
@@ -198,16 +210,32 @@ func TestUnhealthyClusters(t *testing.T) {
 			if _, ok := tc.nodes["w-1"]; ok {
 				info.WorkerNodes = []string{"w-1"}
 			}
+			// 4 s: a first round that a loaded machine slows past the
+			// wait would leave only the cut-off attempt to report.
+			const wait = 4 * time.Second
 			start := time.Now()
-			lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(2 * time.Second), ClusterInfo: info})
+			lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(wait), ClusterInfo: info})
 			if !strings.Contains(failure, tc.want) {
 				t.Fatalf("failure %q, want %q\n%s", failure, tc.want, strings.Join(lines, "\n"))
 			}
-			// It gives up once the wait is over, not much later.
-			if took := time.Since(start); took > 2*time.Second+attemptTimeout {
+			// It gives up once the wait is over, not an attempt later.
+			if took := time.Since(start); took > wait+attemptTimeout {
 				t.Errorf("took %s", took)
 			}
 		})
+	}
+}
+
+// TestCutOffAttemptKeepsTheFinding: when the wait ends during an
+// attempt, the failure reported is what the node said before, not the
+// deadline that cut the last attempt short.
+func TestCutOffAttemptKeepsTheFinding(t *testing.T) {
+	t.Parallel()
+	s := newServer(map[string]string{"cp-1": serveNode(t, &fakeNode{tag: "v1.13.9"}), "cp-2": serveNode(t, &fakeNode{refuseThenHang: true})}, nil, nil)
+	_, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(3 * time.Second),
+		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1", "cp-2"}}})
+	if !strings.Contains(failure, "node cp-2 does not answer through apid within 3s (check: reachability): Unavailable: first refusal") {
+		t.Fatalf("failure %q, want the node's refusal", failure)
 	}
 }
 
