@@ -74,7 +74,7 @@ func serve(t *testing.T, cfg agent.Config, addr string) (*agent.Server, net.List
 		t.Fatal(err)
 	}
 	srv := agent.New(cfg)
-	g := grpc.NewServer()
+	g := grpc.NewServer(srv.ServerOptions()...)
 	srv.Register(g)
 	served := make(chan error, 1)
 	go func() { served <- g.Serve(lis) }()
@@ -511,7 +511,7 @@ func TestLogs(t *testing.T) {
 			t.Fatal(err)
 		}
 		if len(lines) < 3 || !bytes.Contains(lines[0], []byte("example agent ready")) ||
-			!bytes.Contains(lines[1], []byte("method=Hostname")) {
+			!bytes.Contains(lines[1], []byte("grpc.method=Hostname")) {
 			t.Fatalf("lines = %q", lines)
 		}
 	})
@@ -520,7 +520,7 @@ func TestLogs(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(lines) != 1 || !bytes.Contains(lines[0], []byte("call served")) {
+		if len(lines) != 1 || !bytes.Contains(lines[0], []byte("finished call")) {
 			t.Fatalf("lines = %q", lines)
 		}
 	})

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
@@ -29,7 +28,6 @@ import (
 // trusts its socket's peer as machined trusts apid's, which is why the
 // command line serves a client CA only on a unix socket.
 func (s *Server) GenerateClientConfiguration(ctx context.Context, req *machine.GenerateClientConfigurationRequest) (_ *machine.GenerateClientConfigurationResponse, err error) {
-	defer s.logCall(ctx, "GenerateClientConfiguration", time.Now(), &err)
 	if len(s.cfg.ClientCA.Cert) == 0 {
 		return nil, status.Error(codes.FailedPrecondition, "this agent holds no client CA: ask a control-plane node")
 	}

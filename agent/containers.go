@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 )
@@ -11,13 +10,11 @@ import (
 // namespace asked for. It manages no container runtime, and an empty list
 // is the truth (talosctl containers prints its header only).
 func (s *Server) Containers(ctx context.Context, _ *machine.ContainersRequest) (_ *machine.ContainersResponse, err error) {
-	defer s.logCall(ctx, "Containers", time.Now(), &err)
 	return &machine.ContainersResponse{Messages: []*machine.Container{{}}}, nil
 }
 
 // Stats reports the resource use of the agent's containers: there are
 // none (talosctl stats prints its header only).
 func (s *Server) Stats(ctx context.Context, _ *machine.StatsRequest) (_ *machine.StatsResponse, err error) {
-	defer s.logCall(ctx, "Stats", time.Now(), &err)
 	return &machine.StatsResponse{Messages: []*machine.Stats{{}}}, nil
 }

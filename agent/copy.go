@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -56,7 +55,6 @@ const maxPseudoFileSize = 1 << 20
 // ResourceExhausted.
 func (s *Server) Copy(req *machine.CopyRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
 	ctx := stream.Context()
-	defer s.logCall(ctx, "Copy", time.Now(), &err)
 	t, err := s.openTree(req.GetRootPath())
 	if err != nil {
 		return err

@@ -30,7 +30,6 @@ import (
 // the agent's own start-up log, all labelled as synthetic.
 func (s *Server) Dmesg(req *machine.DmesgRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
 	ctx := stream.Context()
-	defer s.logCall(ctx, "Dmesg", time.Now(), &err)
 
 	k, err := openKmsg(s.cfg.KernelLogPath, req.GetTail())
 	if err != nil {

@@ -45,12 +45,13 @@
 // IDs (instead of waiting half an hour for a change). Time and TimeCheck
 // report the local clock: the agent has no NTP client.
 //
-// Serve it with [New], [Server.Register] and [Listen]:
+// Serve it with [New], [Server.ServerOptions] (its call log),
+// [Server.Register] and [Listen]:
 //
 //	lis, err := agent.Listen("unix:///run/apid-agent.sock")
 //	...
-//	g := grpc.NewServer()
 //	a := agent.New(agent.Config{})
+//	g := grpc.NewServer(a.ServerOptions()...)
 //	a.Register(g)
 //	err = g.Serve(lis)
 //	...

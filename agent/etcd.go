@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"strconv"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -26,7 +25,6 @@ const (
 // and digest, and reports both in the response trailer so that a caller can
 // check that a proxy passed the upload through unchanged.
 func (s *Server) EtcdRecover(stream grpc.ClientStreamingServer[common.Data, machine.EtcdRecoverResponse]) (err error) {
-	defer s.logCall(stream.Context(), "EtcdRecover", time.Now(), &err)
 	h := sha256.New()
 	var n int64
 	for {

@@ -50,7 +50,6 @@ var eventIDEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").Wit
 // only what gRPC flow control lets through.
 func (s *Server) Events(req *machine.EventsRequest, stream grpc.ServerStreamingServer[machine.Event]) (err error) {
 	ctx := stream.Context()
-	defer s.logCall(ctx, "Events", time.Now(), &err)
 
 	from, err := s.events.start(req, time.Now())
 	if err != nil {

@@ -29,8 +29,9 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	g := grpc.NewServer()
-	agent.New(agent.Config{Hostname: "node-1"}).Register(g)
+	a := agent.New(agent.Config{Hostname: "node-1"})
+	g := grpc.NewServer(a.ServerOptions()...)
+	a.Register(g)
 	served := make(chan error, 1)
 	go func() { served <- g.Serve(lis) }()
 	defer func() { g.Stop(); <-served }()

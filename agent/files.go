@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"syscall"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"golang.org/x/sys/unix"
@@ -44,7 +43,6 @@ var maxWalkEntries = 100_000
 // while it runs. At most 100,000 entries are visited (ResourceExhausted).
 func (s *Server) List(req *machine.ListRequest, stream grpc.ServerStreamingServer[machine.FileInfo]) (err error) {
 	ctx := stream.Context()
-	defer s.logCall(ctx, "List", time.Now(), &err)
 	t, err := s.openTree(talosPath(req.GetRoot()))
 	if err != nil {
 		return err
@@ -127,7 +125,6 @@ func typeWanted(mode fs.FileMode, types []machine.ListRequest_Type) bool {
 // from "/" as in Talos. The walk is bounded and confined like List's.
 func (s *Server) DiskUsage(req *machine.DiskUsageRequest, stream grpc.ServerStreamingServer[machine.DiskUsageInfo]) (err error) {
 	ctx := stream.Context()
-	defer s.logCall(ctx, "DiskUsage", time.Now(), &err)
 	if len(req.GetPaths()) == 0 {
 		return status.Error(codes.InvalidArgument, "at least one path is required")
 	}

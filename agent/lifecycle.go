@@ -44,7 +44,6 @@ var (
 // the host is rebooted. While a simulated reboot, shutdown or upgrade is in
 // progress, Reboot fails with FailedPrecondition and records nothing.
 func (s *Server) Reboot(ctx context.Context, req *machine.RebootRequest) (_ *machine.RebootResponse, err error) {
-	defer s.logCall(ctx, "Reboot", time.Now(), &err)
 	actor := newActorID()
 	if err := s.beginSequence(seqReboot, actor); err != nil {
 		return nil, err
@@ -72,7 +71,6 @@ func (s *Server) Reboots() []*machine.RebootRequest {
 // the simulated machine stays down: its services stay Finished until they
 // are started or the machine is rebooted. Nothing on the host is shut down.
 func (s *Server) Shutdown(ctx context.Context, req *machine.ShutdownRequest) (_ *machine.ShutdownResponse, err error) {
-	defer s.logCall(ctx, "Shutdown", time.Now(), &err)
 	actor := newActorID()
 	if err := s.beginSequence(seqShutdown, actor); err != nil {
 		return nil, err
@@ -86,7 +84,6 @@ func (s *Server) Shutdown(ctx context.Context, req *machine.ShutdownRequest) (_ 
 // then a simulated reboot. No image is pulled or installed; the agent's
 // version does not change.
 func (s *Server) Upgrade(ctx context.Context, req *machine.UpgradeRequest) (_ *machine.UpgradeResponse, err error) {
-	defer s.logCall(ctx, "Upgrade", time.Now(), &err)
 	if req.GetImage() == "" {
 		return nil, status.Error(codes.InvalidArgument, "image is required")
 	}

@@ -189,10 +189,12 @@ func TestUpgradeSimulation(t *testing.T) {
 	t.Parallel()
 	c, _ := officialClient(t, agent.Config{})
 	ctx := testCtx(t)
+	//lint:ignore SA1019 released talosctl (v1.11, v1.13) upgrades through this call
 	_, err := c.UpgradeWithOptions(ctx)
 	wantCode(t, err, codes.InvalidArgument)
 
 	w := watchEvents(t, c)
+	//lint:ignore SA1019 released talosctl (v1.11, v1.13) upgrades through this call
 	resp, err := c.UpgradeWithOptions(ctx, talosclient.WithUpgradeImage("ghcr.io/siderolabs/installer:v1.11.5"))
 	if err != nil {
 		t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"slices"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -23,7 +22,6 @@ var logIDs = []string{"agent", "apid-agent"}
 // Follow the stream then waits for new lines until the client goes away.
 func (s *Server) Logs(req *machine.LogsRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
 	ctx := stream.Context()
-	defer s.logCall(ctx, "Logs", time.Now(), &err)
 
 	if !slices.Contains(logIDs, req.GetId()) || req.GetDriver() == common.ContainerDriver_CRI {
 		return status.Errorf(codes.NotFound, "log %q not found: this agent serves only %q", req.GetId(), logIDs)

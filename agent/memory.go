@@ -8,7 +8,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
@@ -22,7 +21,6 @@ import (
 // the kernel prints them (the HugePages_ counters are page counts), which is
 // what Talos returns.
 func (s *Server) Memory(ctx context.Context, _ *emptypb.Empty) (_ *machine.MemoryResponse, err error) {
-	defer s.logCall(ctx, "Memory", time.Now(), &err)
 	data, err := os.ReadFile(s.cfg.MeminfoPath)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "read memory statistics: %v", err)

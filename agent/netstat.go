@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
@@ -52,7 +51,6 @@ var sockTables = []sockTable{
 // inspect get one; the others keep an empty Process, which talosctl shows
 // as "-". Other network namespaces (netns, allnetns) are not supported.
 func (s *Server) Netstat(ctx context.Context, req *machine.NetstatRequest) (_ *machine.NetstatResponse, err error) {
-	defer s.logCall(ctx, "Netstat", time.Now(), &err)
 	if ns := req.GetNetns(); ns.GetAllnetns() || len(ns.GetNetns()) > 0 {
 		return nil, status.Error(codes.Unimplemented,
 			"the example agent reports only its own network namespace: netns and allnetns are not supported")

@@ -13,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/prometheus/procfs"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -64,7 +63,6 @@ func allProcs() (procfs.Procs, error) {
 // another user's process when the agent is not root, and the label when no
 // security module reports one in /proc/<pid>/attr/current.
 func (s *Server) Processes(ctx context.Context, _ *emptypb.Empty) (_ *machine.ProcessesResponse, err error) {
-	defer s.logCall(ctx, "Processes", time.Now(), &err)
 	procs, err := allProcs()
 	if err != nil {
 		return nil, err
@@ -121,7 +119,6 @@ func gone(err error) bool {
 
 // LoadAvg reports the 1, 5 and 15 minute load averages from /proc/loadavg.
 func (s *Server) LoadAvg(ctx context.Context, _ *emptypb.Empty) (_ *machine.LoadAvgResponse, err error) {
-	defer s.logCall(ctx, "LoadAvg", time.Now(), &err)
 	pfs, err := procFS()
 	if err != nil {
 		return nil, err
@@ -139,7 +136,6 @@ func (s *Server) LoadAvg(ctx context.Context, _ *emptypb.Empty) (_ *machine.Load
 // USER_HZ ticks divided by 100), the other counters as the kernel prints
 // them; Cpu is indexed by CPU number.
 func (s *Server) SystemStat(ctx context.Context, _ *emptypb.Empty) (_ *machine.SystemStatResponse, err error) {
-	defer s.logCall(ctx, "SystemStat", time.Now(), &err)
 	pfs, err := procFS()
 	if err != nil {
 		return nil, err
@@ -187,7 +183,6 @@ func cpuStat(c procfs.CPUStat) *machine.CPUStat {
 // CPUInfo reports /proc/cpuinfo, one entry per processor. Which fields are
 // filled depends on the architecture: the x86 layout has them all.
 func (s *Server) CPUInfo(ctx context.Context, _ *emptypb.Empty) (_ *machine.CPUInfoResponse, err error) {
-	defer s.logCall(ctx, "CPUInfo", time.Now(), &err)
 	pfs, err := procFS()
 	if err != nil {
 		return nil, err
@@ -234,7 +229,6 @@ func (s *Server) CPUInfo(ctx context.Context, _ *emptypb.Empty) (_ *machine.CPUI
 // namespace: every interface, sorted by name, and their sum in Total, whose
 // name lists the interfaces summed (as Talos reports it).
 func (s *Server) NetworkDeviceStats(ctx context.Context, _ *emptypb.Empty) (_ *machine.NetworkDeviceStatsResponse, err error) {
-	defer s.logCall(ctx, "NetworkDeviceStats", time.Now(), &err)
 	pfs, err := procFS()
 	if err != nil {
 		return nil, err
@@ -282,7 +276,6 @@ func netDev(d procfs.NetDevLine) *machine.NetDev {
 // disk; when /sys/block cannot be read every line is summed. Kernels before
 // 4.18 have no discard counters, which are then zero.
 func (s *Server) DiskStats(ctx context.Context, _ *emptypb.Empty) (_ *machine.DiskStatsResponse, err error) {
-	defer s.logCall(ctx, "DiskStats", time.Now(), &err)
 	data, err := os.ReadFile(filepath.Join(procPath, "diskstats"))
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "read disk statistics: %v", err)
@@ -389,7 +382,6 @@ func addDiskStat(t, d *machine.DiskStat) {
 // sizes. statfs is not interruptible: a hung network file system delays the
 // reply as it would df.
 func (s *Server) Mounts(ctx context.Context, _ *emptypb.Empty) (_ *machine.MountsResponse, err error) {
-	defer s.logCall(ctx, "Mounts", time.Now(), &err)
 	data, err := os.ReadFile(filepath.Join(procPath, "self", "mountinfo"))
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "read mounts: %v", err)

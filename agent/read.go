@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -39,7 +38,6 @@ func bootIDRefused() error {
 // ".." or a symlink, get PermissionDenied; missing files get NotFound. The
 // kernel's boot ID also gets PermissionDenied (see bootIDRefused).
 func (s *Server) Read(req *machine.ReadRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
-	defer s.logCall(stream.Context(), "Read", time.Now(), &err)
 	f, err := s.openForRead(req.GetPath())
 	if err != nil {
 		return err

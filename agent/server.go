@@ -11,13 +11,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/reflection"
-	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 )
 
@@ -138,7 +137,6 @@ func (s *Server) Close() {
 
 // Version reports the agent's build.
 func (s *Server) Version(ctx context.Context, _ *emptypb.Empty) (_ *machine.VersionResponse, err error) {
-	defer s.logCall(ctx, "Version", time.Now(), &err)
 	sha, built := buildVCS()
 	return &machine.VersionResponse{Messages: []*machine.Version{{
 		Version: &machine.VersionInfo{
@@ -157,27 +155,31 @@ func (s *Server) Version(ctx context.Context, _ *emptypb.Empty) (_ *machine.Vers
 
 // Hostname reports the configured hostname.
 func (s *Server) Hostname(ctx context.Context, _ *emptypb.Empty) (_ *machine.HostnameResponse, err error) {
-	defer s.logCall(ctx, "Hostname", time.Now(), &err)
 	return &machine.HostnameResponse{Messages: []*machine.Hostname{{Hostname: s.cfg.Hostname}}}, nil
 }
 
-// logCall records one served call; it is deferred with a pointer to the
-// method's named error so that it sees the final outcome.
-func (s *Server) logCall(ctx context.Context, method string, start time.Time, errp *error) {
-	code := status.Code(*errp)
-	attrs := []any{"method", method, "code", code.String(), "duration", time.Since(start)}
-	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
-		attrs = append(attrs, "peer", p.Addr.String())
-	}
-	level := slog.LevelInfo
-	if *errp != nil {
+// ServerOptions are the options a gRPC server needs to serve the agent:
+// one line per call in the agent's log (its method, code and duration),
+// written once by go-grpc-middleware's logging interceptor rather than by
+// each method. Pass them to grpc.NewServer before Register.
+func (s *Server) ServerOptions() []grpc.ServerOption {
+	logger := logging.LoggerFunc(func(ctx context.Context, level logging.Level, msg string, fields ...any) {
+		s.log.Log(ctx, slog.Level(level), msg, fields...)
+	})
+	opts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
 		// A follower that hangs up is the normal end of a follow stream.
-		if code != codes.Canceled {
-			level = slog.LevelWarn
-		}
-		attrs = append(attrs, "error", status.Convert(*errp).Message())
+		logging.WithLevels(func(code codes.Code) logging.Level {
+			if code == codes.Canceled {
+				return logging.LevelInfo
+			}
+			return logging.DefaultServerCodeToLevel(code)
+		}),
 	}
-	s.log.Log(ctx, level, "call served", attrs...)
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(logging.UnaryServerInterceptor(logger, opts...)),
+		grpc.ChainStreamInterceptor(logging.StreamServerInterceptor(logger, opts...)),
+	}
 }
 
 // buildVCS returns the commit and commit time embedded by the Go toolchain,

@@ -43,7 +43,6 @@ func newSimServices(ids []string) []*simService {
 // ServiceList reports the simulated services, sorted by ID, with their state,
 // health and latest events.
 func (s *Server) ServiceList(ctx context.Context, _ *emptypb.Empty) (_ *machine.ServiceListResponse, err error) {
-	defer s.logCall(ctx, "ServiceList", time.Now(), &err)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	list := &machine.ServiceList{}
@@ -61,7 +60,6 @@ func (s *Server) ServiceList(ctx context.Context, _ *emptypb.Empty) (_ *machine.
 // ServiceStart starts a simulated service (Preparing, Running, then a
 // successful health check); starting a running service changes nothing.
 func (s *Server) ServiceStart(ctx context.Context, req *machine.ServiceStartRequest) (_ *machine.ServiceStartResponse, err error) {
-	defer s.logCall(ctx, "ServiceStart", time.Now(), &err)
 	resp, err := s.changeService(req.GetId(), "start")
 	if err != nil {
 		return nil, err
@@ -72,7 +70,6 @@ func (s *Server) ServiceStart(ctx context.Context, req *machine.ServiceStartRequ
 // ServiceStop stops a simulated service (Stopping, then Finished); stopping
 // a stopped service changes nothing.
 func (s *Server) ServiceStop(ctx context.Context, req *machine.ServiceStopRequest) (_ *machine.ServiceStopResponse, err error) {
-	defer s.logCall(ctx, "ServiceStop", time.Now(), &err)
 	resp, err := s.changeService(req.GetId(), "stop")
 	if err != nil {
 		return nil, err
@@ -83,7 +80,6 @@ func (s *Server) ServiceStop(ctx context.Context, req *machine.ServiceStopReques
 // ServiceRestart stops a running simulated service and starts it again; as
 // in Talos, restarting a stopped service starts it.
 func (s *Server) ServiceRestart(ctx context.Context, req *machine.ServiceRestartRequest) (_ *machine.ServiceRestartResponse, err error) {
-	defer s.logCall(ctx, "ServiceRestart", time.Now(), &err)
 	resp, err := s.changeService(req.GetId(), "restart")
 	if err != nil {
 		return nil, err

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"time"
 
 	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
 	"google.golang.org/grpc/codes"
@@ -27,7 +26,6 @@ type timeServer struct {
 // and the time that server gave; the agent names [LocalClockServer] instead
 // and, having no remote time, reports the local time for both.
 func (t timeServer) Time(ctx context.Context, _ *emptypb.Empty) (_ *timeapi.TimeResponse, err error) {
-	defer t.s.logCall(ctx, "Time", time.Now(), &err)
 	return localTime(LocalClockServer), nil
 }
 
@@ -35,7 +33,6 @@ func (t timeServer) Time(ctx context.Context, _ *emptypb.Empty) (_ *timeapi.Time
 // names the server, says that it was not asked, and reports the local time
 // for both times.
 func (t timeServer) TimeCheck(ctx context.Context, req *timeapi.TimeRequest) (_ *timeapi.TimeResponse, err error) {
-	defer t.s.logCall(ctx, "TimeCheck", time.Now(), &err)
 	if req.GetServer() == "" {
 		return nil, status.Error(codes.InvalidArgument, "server is required")
 	}

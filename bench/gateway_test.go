@@ -138,8 +138,9 @@ func (f *gatewayFleet) agent(tb testing.TB, name string) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	srv := grpc.NewServer()
-	agent.New(agent.Config{Hostname: name}).Register(srv)
+	a := agent.New(agent.Config{Hostname: name})
+	srv := grpc.NewServer(a.ServerOptions()...)
+	a.Register(srv)
 	go func() { _ = srv.Serve(lis) }()
 	tb.Cleanup(srv.Stop)
 	return "unix://" + sock

@@ -77,7 +77,6 @@ func serveNode(t *testing.T, n *fakeNode) string {
 
 // dialer reaches node names through a table of loopback addresses.
 type dialer struct {
-	t     *testing.T
 	addrs map[string]string
 }
 

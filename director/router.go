@@ -257,6 +257,16 @@ type backend struct {
 	ownDeadline bool
 }
 
+// The proxy finds Keyed and Reporter by type assertion: a signature that
+// drifted would silently turn statistics and ejection off, so the compiler
+// holds them here.
+var (
+	_ proxy.Backend  = (*backend)(nil)
+	_ proxy.Keyed    = (*backend)(nil)
+	_ proxy.Reporter = (*backend)(nil)
+	_ proxy.Director = (*Router)(nil)
+)
+
 func (b *backend) Name() string { return b.name }
 
 // Key implements proxy.Keyed: statistics know a node by where it is

@@ -185,9 +185,7 @@ func (z *zone) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		}
 	}
 	if q.Qtype == dns.TypeSRV {
-		for _, rr := range z.records[dns.TypeA] {
-			m.Extra = append(m.Extra, rr)
-		}
+		m.Extra = append(m.Extra, z.records[dns.TypeA]...)
 	}
 	_ = w.WriteMsg(m)
 }

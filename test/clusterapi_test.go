@@ -367,6 +367,7 @@ func TestDemoClusterAPI(t *testing.T) {
 			call func(ctx context.Context) (proto.Message, error)
 		}{
 			{"Upgrade", func(ctx context.Context) (proto.Message, error) {
+				//lint:ignore SA1019 released talosctl (v1.11, v1.13) upgrades through this call
 				return cl.MachineClient.Upgrade(ctx, &machine.UpgradeRequest{Image: "example/installer:v0"})
 			}},
 			{"Shutdown", func(ctx context.Context) (proto.Message, error) {

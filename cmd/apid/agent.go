@@ -66,10 +66,10 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer()
 	cfg.Logger = log
 	a := agent.New(cfg)
 	defer a.Close() // after the server has stopped: ends a simulation in progress
+	srv := grpc.NewServer(a.ServerOptions()...)
 	a.Register(srv)
 	log.Info("example agent serving", "listen", *listen)
 	return serveUntil(ctx, srv, lis, log)

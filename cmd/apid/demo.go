@@ -114,7 +114,6 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
-		agentSrv := grpc.NewServer()
 		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo"}
 		if n.controlPlane {
 			// Control-plane nodes hold the CA and issue client
@@ -123,6 +122,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		a := agent.New(acfg)
 		defer a.Close() // after the servers have stopped (g.Wait below)
+		agentSrv := grpc.NewServer(a.ServerOptions()...)
 		a.Register(agentSrv)
 		g.Go(func() error { return serveUntil(ctx, agentSrv, agentLis, log) })
 

@@ -59,8 +59,9 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tg.agentSrv = grpc.NewServer()
-	agent.New(agent.Config{Hostname: "node-1"}).Register(tg.agentSrv)
+	a := agent.New(agent.Config{Hostname: "node-1"})
+	tg.agentSrv = grpc.NewServer(a.ServerOptions()...)
+	a.Register(tg.agentSrv)
 	go func() { _ = tg.agentSrv.Serve(agentLis) }()
 	t.Cleanup(tg.agentSrv.Stop)
 

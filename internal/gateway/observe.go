@@ -18,6 +18,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
 
@@ -70,6 +71,11 @@ func (auditStats) HandleConn(context.Context, stats.ConnStats)                  
 
 // observer is the proxy's Observer: it fills the call's record, counts each
 // node's part in the metrics and the node table, and traces it.
+var (
+	_ proxy.Observer = (*observer)(nil)
+	_ proxy.Budget   = (*limits.Memory)(nil)
+)
+
 type observer struct {
 	metrics *metrics
 	nodes   *nodeTable
