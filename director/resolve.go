@@ -192,6 +192,19 @@ func (r *Router) destinations(rs *rules, md metadata.MD) (nodes []node, fanOut b
 		return nil, false, status.Error(codes.InvalidArgument, "both node and nodes metadata are set: use one")
 	case len(one) > 1:
 		return nil, false, status.Errorf(codes.InvalidArgument, "node metadata must be single-valued: it holds %d values (use nodes for several)", len(one))
+	case len(one) == 1 && inventory.IsGroup(strings.TrimSpace(one[0])):
+		// A multiplexing client (talosctl since v1.14) sends each -n value
+		// as node: a group of several nodes is served as their fan-out,
+		// each reply stamped with its node's name.
+		t, err := parseItem(one[0])
+		if err != nil {
+			return nil, false, status.Error(codes.InvalidArgument, err.Error())
+		}
+		nodes, err := r.resolver(rs).expand([]string{t})
+		if err != nil {
+			return nil, false, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return nodes, len(nodes) > 1, nil
 	case len(one) == 1:
 		n, err := r.resolver(rs).one(one[0])
 		if err != nil {

@@ -100,7 +100,7 @@ func TestGroupErrors(t *testing.T) {
 		// The expansion counts toward maxNodes (3 here).
 		{metadata.Pairs(KeyNodes, "@all"), "more than 3 nodes in one request"},
 		{metadata.Pairs(KeyNodes, "w-1,@controlplane"), "more than 3 nodes"},
-		{metadata.Pairs(KeyNode, "@controlplane"), "node @controlplane names 3 nodes (cp-1, cp-2, cp-3): send it as nodes"},
+		{metadata.Pairs(KeyNode, "@all"), "more than 3 nodes"},
 		{metadata.Pairs(KeyNodes, "@ zone"), "want @ and a group name"},
 	} {
 		_, err := r.Route(callerContext([]string{certs.RoleAdmin}, tc.md), mVersion)
@@ -111,6 +111,12 @@ func TestGroupErrors(t *testing.T) {
 	// A group of one node may stand where one node is expected.
 	if got := dests(t, r, metadata.Pairs(KeyNode, "@workers")); strings.Join(got, "") != "w-1=127.0.0.21:50123 as worker-1.certs.test" {
 		t.Errorf("node @workers: %v", got)
+	}
+	// A multiplexing client sends each -n value as node: a group of
+	// several is their fan-out, stamped with their names.
+	rt, err := r.Route(callerContext([]string{certs.RoleAdmin}, metadata.Pairs(KeyNode, "@controlplane")), mVersion)
+	if err != nil || !rt.OneToMany || len(rt.Backends) != 3 || rt.Backends[0].Name() != "cp-1" {
+		t.Errorf("node @controlplane: %+v, %v; want the fan-out to cp-1, cp-2, cp-3", rt, err)
 	}
 	// Three control-plane nodes fit maxNodes exactly.
 	if got := dests(t, r, metadata.Pairs(KeyNodes, "@controlplane,cp-1")); len(got) != 3 {

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/apid/apid/auth"
+	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/proxy"
 )
 
@@ -138,6 +139,9 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		b.mayRefuse = true // one node: fail fast while it is ejected
 		return oneToOne(b, rs.kinds.kind(fullMethod)), nil
 	}
+	if err := rs.mayFanOut(fullMethod, md, resolved); err != nil {
+		return proxy.Route{}, err
+	}
 	timeout, err := rs.nodeTimeout(md)
 	if err != nil {
 		return proxy.Route{}, err
@@ -165,6 +169,32 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		backends[i] = b
 	}
 	return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
+}
+
+// mayFanOut refuses a fan-out of a method whose replies cannot be merged
+// (Talos's words first), and a group of several nodes for a method
+// talosctl sends to one node only.
+func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) error {
+	if !rs.kinds.method(fullMethod).Stamped {
+		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: its replies carry no common.Metadata to stamp and merge (the Talos API fans out machine.MachineService, cluster.ClusterService, inspect.InspectService, storage.StorageService and time.TimeService); name one node with node, or call each node", fullMethod)
+	}
+	command, single := singleNodeMethods[fullMethod]
+	if !single || len(nodes) < 2 {
+		return nil
+	}
+	for _, v := range append(slices.Clone(md[KeyNode]), md[KeyNodes]...) {
+		for _, item := range strings.Split(v, ",") {
+			if g := strings.TrimSpace(item); inventory.IsGroup(g) {
+				names := make([]string, len(nodes))
+				for i, n := range nodes {
+					names[i] = n.stamp
+				}
+				return status.Errorf(codes.InvalidArgument, "talosctl %s works on one node, and %s names %d (%s): name one, as in talosctl -n %s %s",
+					command, g, len(nodes), strings.Join(names, ", "), names[0], command)
+			}
+		}
+	}
+	return nil
 }
 
 // errNoForwarding refuses, in Talos's words, a call a local-only node

@@ -585,3 +585,85 @@ func TestLocalOnlyRefusesForwarding(t *testing.T) {
 		t.Errorf("two node values: %v", err)
 	}
 }
+
+// TestFanOutFollowsTheDescriptors: what may fan out and how it streams is
+// read from the compiled descriptors, and the services whose replies carry
+// common.Metadata are exactly the five Talos fans out.
+func TestFanOutFollowsTheDescriptors(t *testing.T) {
+	stampedServices := map[string]bool{}
+	unstamped := map[string]bool{}
+	for name, m := range apiMethods {
+		svc := name[1:strings.LastIndexByte(name, '/')]
+		if m.Stamped {
+			stampedServices[svc] = true
+		} else {
+			unstamped[svc] = true
+		}
+	}
+	var both []string
+	for svc := range stampedServices {
+		if unstamped[svc] {
+			both = append(both, svc)
+		}
+	}
+	// Talos (commit 2165280d0) fans out these services and refuses the rest.
+	talos := []string{"cluster.ClusterService", "inspect.InspectService", "machine.MachineService", "os.OSService", "storage.StorageService", "time.TimeService"}
+	if got := slices.Sorted(maps.Keys(stampedServices)); !slices.Equal(got, talos) || len(both) > 0 {
+		t.Fatalf("services whose replies can be merged: %v (mixed: %v), want %v", got, both, talos)
+	}
+	for method, want := range map[string]proxy.Kind{
+		"/cosi.resource.State/List":           proxy.ServerStream,
+		"/cosi.resource.State/Watch":          proxy.ServerStream,
+		"/cosi.resource.State/Get":            proxy.Unary,
+		"/machine.ImageService/List":          proxy.ServerStream,
+		"/machine.ImageService/Pull":          proxy.ServerStream,
+		"/machine.ImageService/Import":        proxy.ClientStream,
+		"/machine.DebugService/ContainerRun":  proxy.BidiStream,
+		"/grpc.health.v1.Health/Watch":        proxy.ServerStream,
+		"/machine.MachineService/Logs":        proxy.ServerStream,
+		"/machine.MachineService/EtcdRecover": proxy.ClientStream,
+		"/machine.MachineService/Version":     proxy.Unary,
+		"/custom.Service/TailStream":          proxy.ServerStream,
+		"/custom.Service/Get":                 proxy.Unary,
+	} {
+		if got := Describe(method).Kind; got != want {
+			t.Errorf("%s: %v, want %v", method, got, want)
+		}
+	}
+
+	r := newTestRouter(t, Config{})
+	admin := []string{certs.RoleAdmin}
+	_, err := r.Route(callerContext(admin, metadata.Pairs(KeyNodes, "10.0.0.2")), "/cosi.resource.State/Get")
+	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "one-2-many proxying is not supported for method /cosi.resource.State/Get") {
+		t.Errorf("COSI with nodes: %v", err)
+	}
+	if rt, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "10.0.0.2")), "/cosi.resource.State/Get"); err != nil || rt.OneToMany {
+		t.Errorf("COSI with node: %+v, %v; want one-to-one", rt, err)
+	}
+	// Policy and routing name the same methods: every method a built-in
+	// rule names exists in the descriptors.
+	for _, rule := range auth.DefaultRules() {
+		if !strings.HasSuffix(rule.Method, "*") && !Describe(rule.Method).Known {
+			t.Errorf("the policy names %s, which no compiled service has", rule.Method)
+		}
+	}
+}
+
+// TestGroupsRefusedForSingleNodeCommands: talosctl cannot see through a
+// group, so the gateway keeps its one-node guard for groups.
+func TestGroupsRefusedForSingleNodeCommands(t *testing.T) {
+	r := inventoryRouter(t, Config{}, testInventory)
+	admin := []string{certs.RoleAdmin}
+	for _, md := range []metadata.MD{metadata.Pairs(KeyNodes, "@controlplane"), metadata.Pairs(KeyNode, "@controlplane")} {
+		_, err := r.Route(callerContext(admin, md), "/machine.MachineService/EtcdLeaveCluster")
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "talosctl etcd leave works on one node, and @controlplane names 3 (cp-1, cp-2, cp-3): name one, as in talosctl -n cp-1 etcd leave") {
+			t.Errorf("%v: %v", md, err)
+		}
+	}
+	// A group of one, or a list a client wrote out, is the client's call.
+	for _, md := range []metadata.MD{metadata.Pairs(KeyNodes, "@workers"), metadata.Pairs(KeyNodes, "cp-1,cp-2")} {
+		if _, err := r.Route(callerContext(admin, md), "/machine.MachineService/Read"); err != nil {
+			t.Errorf("%v: %v", md, err)
+		}
+	}
+}

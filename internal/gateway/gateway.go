@@ -226,7 +226,11 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(1<<20),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// The most eager released client, talosctl v1.13's event
+		// tracker, pings every 10 s; a server that counts pings a hair
+		// early as strikes sends it GOAWAY (talos PR #14137). Half that
+		// interval leaves room for jitter.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			Time: time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: cfg.MaxConnectionIdle,
 			MaxConnectionAge: connectionAge(cfg.MaxConnectionAge), MaxConnectionAgeGrace: connectionAge(cfg.MaxConnectionAgeGrace),
