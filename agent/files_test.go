@@ -385,7 +385,9 @@ func TestDiskUsage(t *testing.T) {
 		}
 		// A descriptor another test closes between the listing and its
 		// stat is reported as gone, which is the truth.
-		gone := func(i *machine.DiskUsageInfo) bool { return strings.Contains(i.GetError(), "no such file or directory") }
+		gone := func(i *machine.DiskUsageInfo) bool {
+			return strings.Contains(i.GetError(), "no such file or directory")
+		}
 		if len(infos) < 2 || slices.ContainsFunc(infos, func(i *machine.DiskUsageInfo) bool { return !gone(i) && (i.GetSize() != 0 || i.GetError() != "") }) {
 			t.Fatalf("infos = %v, want the descriptors and their directory, all of size 0", infos)
 		}
