@@ -299,9 +299,17 @@ var (
 
 func (b *backend) Name() string { return b.name }
 
+// UnknownNodeKey is the one key under which statistics count calls to
+// names nobody knows: names a caller makes up must not mint rows on the
+// node page or series in the metrics.
+const UnknownNodeKey = "(unknown)"
+
 // Key implements proxy.Keyed: statistics know a node by where it is
 // reached (its inventory name), whatever the caller called it.
 func (b *backend) Key() string {
+	if b.fail != nil {
+		return UnknownNodeKey
+	}
 	if b.dest.Node != "" {
 		return b.dest.Node
 	}

@@ -150,7 +150,7 @@ func (h *netnsHarness) serve(m *netnsMember, name, sock, extraConfig string) *pr
 	if name == "gateway" {
 		admin = net.JoinHostPort(m.ip, "50001")
 	}
-	cfg := writeConfig(h.t, h.dir, name+".yaml", h.pki.nodeConfig(name)+fmt.Sprintf("listen: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nshutdownTimeout: 2s\nlogLevel: warn\n%s",
+	cfg := writeConfig(h.t, h.dir, name+".yaml", h.pki.nodeConfig(name)+fmt.Sprintf("listen: %q\nbackend: %q\nadminListen: %q\nadminPublic: true\ndrainDelay: 0s\nshutdownTimeout: 2s\nlogLevel: warn\n%s",
 		net.JoinHostPort(m.ip, "50000"), "unix://"+sock, admin, extraConfig))
 	return h.start(m, "", "serve", "-config", cfg, "-self", m.ip)
 }

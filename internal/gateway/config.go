@@ -70,6 +70,10 @@ type Config struct {
 	// /metrics (Prometheus) over plain HTTP at this address: keep it on
 	// loopback or a private interface. Default 127.0.0.1:50001. Empty: off.
 	AdminListen string `yaml:"adminListen" reload:"restart"`
+	// AdminPublic allows an adminListen address other than loopback: the
+	// admin endpoint has no authentication, and its pages name every node
+	// and caller activity. Off by default.
+	AdminPublic bool `yaml:"adminPublic" reload:"restart"`
 	// DrainDelay is how long apid, told to stop, goes on accepting calls
 	// with readiness already failing, so that balancers notice before
 	// connections are refused. Default 5s.
@@ -195,6 +199,8 @@ func (c Config) validate() (*auth.Policy, error) {
 			add(fmt.Errorf("adminListen %q: want host:port, such as 127.0.0.1:50001, or empty for none", c.AdminListen))
 		} else if c.AdminListen == c.Listen {
 			add(fmt.Errorf("adminListen %q: the same address as listen", c.AdminListen))
+		} else if !c.AdminPublic && !loopback(c.AdminListen) {
+			add(fmt.Errorf("adminListen %q is not a loopback address: the admin endpoint has no authentication and names every node; keep it on 127.0.0.1, or set adminPublic: true on a network only operators reach", c.AdminListen))
 		}
 	}
 	switch c.LogLevel {
@@ -214,4 +220,15 @@ func (c Config) validate() (*auth.Policy, error) {
 		return nil, errors.Join(errs...)
 	}
 	return policy, nil
+}
+
+// loopback reports whether the host of addr (host:port) is a loopback
+// address or localhost.
+func loopback(addr string) bool {
+	host, _, _ := net.SplitHostPort(addr)
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"fmt"
 	"os"
 	"reflect"
 	"strings"
@@ -135,5 +136,26 @@ func TestConfigProblemsOneLineEach(t *testing.T) {
 		if !strings.HasPrefix(lines[i], w) {
 			t.Errorf("line %d %q: want it to start with %q", i, lines[i], w)
 		}
+	}
+}
+
+// TestAdminListenStaysOnLoopback: the admin endpoint has no
+// authentication, so another address needs an explicit opt-in.
+func TestAdminListenStaysOnLoopback(t *testing.T) {
+	cfg := Default()
+	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = "ca", "cert", "key"
+	for addr, ok := range map[string]bool{"127.0.0.1:50001": true, "[::1]:50001": true, "localhost:50001": true, "0.0.0.0:50001": false, ":50001": false, "198.18.0.1:50001": false} {
+		cfg.AdminListen = addr
+		err := cfg.Validate()
+		if (err == nil) != ok {
+			t.Errorf("adminListen %s: %v", addr, err)
+		}
+		if !ok && !strings.Contains(fmt.Sprint(err), "adminPublic: true") {
+			t.Errorf("adminListen %s: %v, want the opt-in named", addr, err)
+		}
+	}
+	cfg.AdminListen, cfg.AdminPublic = "0.0.0.0:50001", true
+	if err := cfg.Validate(); err != nil {
+		t.Errorf("adminPublic: %v", err)
 	}
 }

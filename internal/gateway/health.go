@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/health"
@@ -145,6 +146,10 @@ func (r *readiness) watchBackend(ctx context.Context, cc *grpc.ClientConn) {
 
 // admin serves /healthz, /readyz, /nodes and /metrics on lis until ctx
 // ends.
+// adminConnections bounds the admin endpoint's open connections; a probe
+// or a scraper needs one or two.
+const adminConnections = 64
+
 func (g *Gateway) admin(ctx context.Context, lis net.Listener) error {
 	r := g.ready
 	mux := http.NewServeMux()
@@ -162,7 +167,12 @@ func (g *Gateway) admin(ctx context.Context, lis net.Listener) error {
 	})
 	mux.HandleFunc("GET /nodes", g.serveNodes)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.metrics.registry, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute}
+	// A small, bounded server: a connection cap, and timeouts for every
+	// phase, so that idle or slow clients cannot hold the process's file
+	// descriptors or the pages' memory.
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 16 << 10}
+	lis = netutil.LimitListener(lis, adminConnections)
 	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
 	defer stop()
 	g.log.Info("admin endpoint serving /healthz, /readyz, /nodes and /metrics", "listen", lis.Addr().String())

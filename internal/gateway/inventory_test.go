@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/director"
 	"github.com/apid/apid/inventory"
 )
 
@@ -78,5 +81,58 @@ func TestStaticInventoryReloads(t *testing.T) {
 	}
 	if got, err := version("@all"); err != nil || strings.Join(got, ",") != "also-self,self" {
 		t.Fatalf("after the refused reload: %v, %v", got, err)
+	}
+}
+
+// TestNodePageIsBounded: /nodes comes in pages whatever the inventory's
+// size, and names callers make up do not mint rows.
+func TestNodePageIsBounded(t *testing.T) {
+	const size = 1200
+	tg := startGateway(t, func(c *Config) {
+		for i := range size {
+			c.Inventory.Nodes = append(c.Inventory.Nodes, inventory.Node{Name: fmt.Sprintf("n-%04d", i), Address: fmt.Sprintf("127.1.%d.%d", i/250, 1+i%250)})
+		}
+	})
+	mc := machine.NewMachineServiceClient(tg.client("admin", certs.RoleAdmin))
+	var made []string
+	for i := range 50 {
+		made = append(made, fmt.Sprintf("made-up-%d", i))
+	}
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "nodes", strings.Join(made, ",")), 10*time.Second)
+	defer cancel()
+	if resp, err := mc.Version(ctx, &emptypb.Empty{}); err != nil || len(resp.GetMessages()) != 50 {
+		t.Fatalf("made-up names: %v, %v", resp, err)
+	}
+
+	seen := map[string]bool{}
+	pages := 0
+	for after := ""; ; pages++ {
+		code, body := tg.get("/nodes?format=json&limit=500&after=" + url.QueryEscape(after))
+		if code != http.StatusOK {
+			t.Fatalf("/nodes: %d %s", code, body)
+		}
+		var page nodesPage
+		if err := json.Unmarshal([]byte(body), &page); err != nil {
+			t.Fatal(err)
+		}
+		if len(page.Nodes) > 500 {
+			t.Fatalf("a page of %d nodes", len(page.Nodes))
+		}
+		for _, n := range page.Nodes {
+			if seen[n.Node] {
+				t.Fatalf("%s on two pages", n.Node)
+			}
+			seen[n.Node] = true
+		}
+		if page.Next == "" {
+			break
+		}
+		after = page.Next
+	}
+	if pages != 2 || !seen["n-0000"] || !seen["n-1199"] || !seen[director.UnknownNodeKey] || seen["made-up-7"] {
+		t.Errorf("%d pages after the first, %d nodes; want all %d inventory nodes and one row for the made-up names", pages, len(seen), size)
+	}
+	if code, _ := tg.get("/nodes?limit=100000"); code != http.StatusBadRequest {
+		t.Errorf("a page over the bound: %d", code)
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -12,11 +14,22 @@ import (
 	"github.com/apid/apid/director"
 )
 
-// nodesPage is what /nodes answers.
+// nodesPage is what /nodes answers: at most limit nodes, from the first
+// whose name sorts after the request's after; Next is the after of the
+// following page, empty on the last.
 type nodesPage struct {
 	Time  time.Time    `json:"time"`
+	Total int          `json:"total"`
 	Nodes []NodeStatus `json:"nodes"`
+	Next  string       `json:"next,omitempty"`
 }
+
+// Page sizes of /nodes: a page is built and written whole, so its size,
+// not the inventory's, bounds what one request holds.
+const (
+	defaultNodesPage = 500
+	maxNodesPage     = 5000
+)
 
 // nodeStatuses merges the node table with the inventory and the pool:
 // every node the inventory lists, apid has a connection for, or has
@@ -76,7 +89,30 @@ func (g *Gateway) isSelf(name string) bool {
 // serveNodes lists the nodes as JSON (?format=json, or a client that
 // accepts only JSON) or as a table for a terminal.
 func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
-	page := nodesPage{Time: time.Now().UTC(), Nodes: g.nodeStatuses()}
+	q := r.URL.Query()
+	limit := defaultNodesPage
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 || n > maxNodesPage {
+			http.Error(w, fmt.Sprintf("limit %q: want 1 to %d", v, maxNodesPage), http.StatusBadRequest)
+			return
+		}
+		limit = n
+	}
+	all := g.nodeStatuses()
+	start, _ := slices.BinarySearchFunc(all, q.Get("after"), func(n NodeStatus, after string) int {
+		if n.Node <= after {
+			return -1
+		}
+		return 1
+	})
+	end := min(start+limit, len(all))
+	// A clone, so that only the page stays reachable while a slow client
+	// reads it.
+	page := nodesPage{Time: time.Now().UTC(), Total: len(all), Nodes: slices.Clone(all[start:end])}
+	if end < len(all) {
+		page.Next = all[end-1].Node
+	}
 	if r.URL.Query().Get("format") == "json" || r.Header.Get("Accept") == "application/json" {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
@@ -119,6 +155,9 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 			role, address = n.Inventory.Role, n.Inventory.Address
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, role, address, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
+	}
+	if page.Next != "" {
+		fmt.Fprintf(tw, "… %d of %d nodes shown: next page ?after=%s\n", len(page.Nodes), page.Total, url.QueryEscape(page.Next))
 	}
 	_ = tw.Flush()
 }
