@@ -29,6 +29,11 @@ type Config struct {
 	// addition to DefaultForwardKeys; reserved keys (ReservedKey) are
 	// refused by Validate and ignored by the router.
 	ForwardKeys []string `yaml:"forwardMetadata" reload:"live"`
+	// ReplyKeys are the header and trailer keys of nodes' replies that
+	// reach the client of a fan-out; others stay at the gateway, so that
+	// one node cannot fill every client's reply (one-to-one replies pass
+	// untouched).
+	ReplyKeys []string `yaml:"replyMetadata" reload:"live"`
 	// ServerStreaming, ClientStreaming and BidiStreaming name (as
 	// /package.Service/Method) methods outside the Talos API whose shape the
 	// fan-out must know; other unknown methods are treated as unary, or as

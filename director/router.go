@@ -60,6 +60,7 @@ type Router struct {
 // so one call sees one configuration.
 type rules struct {
 	self              map[string]bool
+	reply             map[string]bool
 	localOnly         bool
 	forward           []string
 	kinds             methodKinds
@@ -103,6 +104,10 @@ func (r *Router) SetConfig(cfg Config) {
 	for _, n := range cfg.SelfNames {
 		rs.self[canonical(n)] = true
 	}
+	rs.reply = make(map[string]bool, len(cfg.ReplyKeys))
+	for _, k := range cfg.ReplyKeys {
+		rs.reply[strings.ToLower(k)] = true
+	}
 	r.ej.setConfig(cfg.Ejection)
 	r.rules.Store(rs)
 }
@@ -117,6 +122,9 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	rs := r.rules.Load()
+	if err := rs.checkSizes(md); err != nil {
+		return proxy.Route{}, err
+	}
 	out := rs.outgoing(md, caller.Roles)
 	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
 		// Forwarded calls are this node's to serve (which also stops loops).
@@ -208,6 +216,40 @@ func allSelf(nodes []node) bool {
 		}
 	}
 	return true
+}
+
+// ReplyKey reports whether a header or trailer key of the nodes' replies
+// reaches the client of a fan-out (proxy.Options.ReplyKey).
+func (r *Router) ReplyKey(key string) bool { return r.rules.Load().reply[key] }
+
+// Bounds on what a caller's metadata may make apid parse and forward: far
+// below grpc-go's 1 MiB header list (past which the client sees only an
+// Internal reset), so that the answer names the key.
+const (
+	maxNodesBytes   = 64 << 10 // all node and nodes values together
+	maxForwardBytes = 8 << 10  // the values of one forwarded key
+)
+
+// checkSizes refuses routing metadata or forwarded values too large to be
+// anything but an attempt to make apid work for nothing.
+func (rs *rules) checkSizes(md metadata.MD) error {
+	n := 0
+	for _, v := range append(md[KeyNode], md[KeyNodes]...) {
+		n += len(v)
+	}
+	if n > maxNodesBytes {
+		return status.Errorf(codes.InvalidArgument, "node and nodes metadata hold %d bytes, more than %d: name at most maxNodes nodes (groups such as @controlplane count as one value)", n, maxNodesBytes)
+	}
+	for _, k := range rs.forward {
+		size := 0
+		for _, v := range md[k] {
+			size += len(v)
+		}
+		if size > maxForwardBytes {
+			return status.Errorf(codes.InvalidArgument, "%s metadata holds %d bytes, more than the %d apid forwards", k, size, maxForwardBytes)
+		}
+	}
+	return nil
 }
 
 // Kind returns the shape of a method as the router knows it now.

@@ -667,3 +667,23 @@ func TestGroupsRefusedForSingleNodeCommands(t *testing.T) {
 		}
 	}
 }
+
+// TestMetadataSizesBounded: routing and forwarded metadata past apid's
+// bounds is refused naming the key, before anything is parsed or dialled.
+func TestMetadataSizesBounded(t *testing.T) {
+	r := newTestRouter(t, Config{})
+	admin := []string{certs.RoleAdmin}
+	big := strings.Repeat("10.0.0.2,", 8000)
+	for md, want := range map[*metadata.MD]string{
+		ptrMD(metadata.Pairs(KeyNodes, big)):                                             "node and nodes metadata hold",
+		ptrMD(metadata.Pairs(KeyNodes, "10.0.0.2", "traceparent", big)):                  "traceparent metadata holds",
+		ptrMD(metadata.Pairs("context", strings.Repeat("x", 9000), KeyNode, "10.0.0.2")): "context metadata holds",
+	} {
+		_, err := r.Route(callerContext(admin, *md), mVersion)
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v", want, err)
+		}
+	}
+}
+
+func ptrMD(md metadata.MD) *metadata.MD { return &md }

@@ -34,6 +34,11 @@ type Options struct {
 	// Budget, if set, is told every byte the proxy holds for calls in
 	// flight and may refuse new calls.
 	Budget Budget
+	// ReplyKey, if set, says which header and trailer keys of the
+	// backends' replies reach the client of a one-to-many call (a node
+	// could otherwise set any key, as often as it likes, in every
+	// client's reply). One-to-one replies pass untouched.
+	ReplyKey func(key string) bool
 }
 
 // Budget accounts for the bytes the proxy holds on behalf of calls in

@@ -78,6 +78,7 @@ func readSingleRequest(ss grpc.ServerStream, method string) (*frame, error) {
 // without losing any value.
 type replyMD struct {
 	mu      sync.Mutex
+	allow   func(key string) bool // nil: every key
 	header  metadata.MD
 	trailer metadata.MD
 	sent    bool // header already sent to the client: later headers go to the trailer
@@ -90,10 +91,10 @@ func (r *replyMD) addHeader(md metadata.MD) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.sent {
-		r.trailer = appendMD(r.trailer, md)
+		r.trailer = appendMD(r.trailer, md, r.allow)
 		return
 	}
-	r.header = appendMD(r.header, md)
+	r.header = appendMD(r.header, md, r.allow)
 }
 
 func (r *replyMD) addTrailer(md metadata.MD) {
@@ -101,17 +102,21 @@ func (r *replyMD) addTrailer(md metadata.MD) {
 		return
 	}
 	r.mu.Lock()
-	r.trailer = appendMD(r.trailer, md)
+	r.trailer = appendMD(r.trailer, md, r.allow)
 	r.mu.Unlock()
 }
 
-// appendMD adds src's values to dst in place (metadata.Join would copy
-// everything gathered so far for every backend: quadratic in fan-out).
-func appendMD(dst, src metadata.MD) metadata.MD {
-	if dst == nil {
-		dst = make(metadata.MD, len(src))
-	}
+// appendMD adds src's values of the keys allow allows (nil: all) to dst in
+// place (metadata.Join would copy everything gathered so far for every
+// backend: quadratic in fan-out).
+func appendMD(dst, src metadata.MD, allow func(string) bool) metadata.MD {
 	for k, v := range src {
+		if allow != nil && !allow(k) {
+			continue
+		}
+		if dst == nil {
+			dst = make(metadata.MD, len(src))
+		}
 		dst[k] = append(dst[k], v...)
 	}
 	return dst
@@ -133,7 +138,7 @@ func (r *replyMD) takeTrailer() metadata.MD {
 	defer r.mu.Unlock()
 	if !r.sent {
 		r.sent = true
-		r.trailer = appendMD(r.trailer, r.header)
+		r.trailer = appendMD(r.trailer, r.header, nil) // filtered on the way in
 	}
 	return r.trailer
 }
@@ -147,7 +152,7 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	parts := make([]aggregate.Part, len(backends))
 	calls := make([]*backendCall, len(backends))
 	replies := make([]frame, len(backends))
-	var md replyMD
+	md := replyMD{allow: h.opts.ReplyKey}
 	var held atomic.Int64 // reply bytes kept for the merge so far
 
 	var wg sync.WaitGroup
@@ -264,7 +269,7 @@ func (h *Handler) fanOutStream(ss grpc.ServerStream, method string, backends []B
 	defer cancel()
 
 	out := make(chan queued, h.opts.StreamBuffer)
-	var md replyMD
+	md := replyMD{allow: h.opts.ReplyKey}
 	var wg sync.WaitGroup
 	for _, b := range backends {
 		wg.Add(1)

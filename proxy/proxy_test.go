@@ -369,3 +369,26 @@ func TestOneToManyStuckNodeDoesNotBlockOthersAndCancelReachesAll(t *testing.T) {
 		t.Fatal("stuck backend's call still running after the client cancelled")
 	}
 }
+
+// TestOneToManyReplyKeysFiltered: with ReplyKey set, only the keys it
+// allows reach the client of a fan-out; a one-to-one reply is untouched.
+func TestOneToManyReplyKeysFiltered(t *testing.T) {
+	_, bs := backends(t, testbackend.Behaviour{}, "n1", "n2")
+	allow := func(k string) bool { return k == "x-backend" }
+	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{ReplyKey: allow})
+	var header, trailer metadata.MD
+	if _, err := c.Version(testContext(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
+		t.Fatal(err)
+	}
+	if len(header.Get("x-backend")) != 2 || len(trailer.Get("x-backend-trailer")) != 0 {
+		t.Errorf("fan-out: header %v, trailer %v; want x-backend only", header, trailer)
+	}
+	one := startProxy(t, proxy.Route{Backends: bs[:1]}, proxy.Options{ReplyKey: allow})
+	header, trailer = nil, nil
+	if _, err := one.Version(testContext(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
+		t.Fatal(err)
+	}
+	if len(trailer.Get("x-backend-trailer")) != 1 {
+		t.Errorf("one-to-one trailer %v: want it untouched", trailer)
+	}
+}

@@ -209,6 +209,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	}
 	handler := proxy.NewHandler(g.router, proxy.Options{
 		MaxReplySize: cfg.MaxMessageSize, NodeBuffer: int(cfg.Limits.NodeBuffer), Observer: obs, Budget: g.budget,
+		ReplyKey: g.router.ReplyKey,
 	})
 
 	g.server = grpc.NewServer(append(serverOpts,
@@ -301,8 +302,14 @@ func remoteDialOptions(cfg Config) []grpc.DialOption {
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 		// The pool closes idle connections itself.
 		grpc.WithIdleTimeout(0),
+		// What one node's reply headers may hold.
+		grpc.WithMaxHeaderListSize(maxNodeHeaderList),
 	}
 }
+
+// maxNodeHeaderList bounds the header list of a node's reply: a node that
+// sends more fails its own call rather than making apid hold it.
+const maxNodeHeaderList = 256 << 10
 
 // reconnectBackoff is gRPC's backoff capped at 15 s: a rebooted node (or a
 // restarted agent) is back within seconds, not the 2 minutes of gRPC's
