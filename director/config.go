@@ -3,6 +3,7 @@ package director
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"time"
 
 	"google.golang.org/grpc"
@@ -43,6 +44,11 @@ type Config struct {
 	BidiStreaming   []string `yaml:"bidiStreamingMethods" reload:"live"`
 	// Ejection takes nodes that keep failing out of calls for a while.
 	Ejection EjectionConfig `yaml:"ejection" reload:"live"`
+	// NodeNetworks, when set, are the networks (CIDRs) nodes live in:
+	// apid dials no address outside them, whoever named it (the
+	// inventory, DNS, or a caller's IP); such a node gets a
+	// PermissionDenied entry. Empty: any address.
+	NodeNetworks []string `yaml:"nodeNetworks" reload:"live"`
 	// LocalOnly serves this node only, as a Talos worker does (it holds no
 	// certificate to forward with): a call whose node or nodes name
 	// another node is refused with PermissionDenied "no request
@@ -99,6 +105,11 @@ func (c Config) Validate() error {
 			if !auth.ValidMethod(m) {
 				errs = append(errs, fmt.Errorf("%s %q: want /package.Service/Method", list.key, m))
 			}
+		}
+	}
+	for i, n := range c.NodeNetworks {
+		if _, err := netip.ParsePrefix(n); err != nil {
+			errs = append(errs, fmt.Errorf("nodeNetworks[%d] %q: want a CIDR such as 10.0.0.0/8 or fd00::/8", i, n))
 		}
 	}
 	e := c.Ejection

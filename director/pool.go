@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -29,9 +31,10 @@ type Pool struct {
 	mu   sync.Mutex
 	live map[string]*poolConn
 
-	dials   chan struct{} // semaphore of connection attempts
-	stop    context.CancelFunc
-	stopped chan struct{}
+	dials    chan struct{}                  // semaphore of connection attempts
+	networks atomic.Pointer[[]netip.Prefix] // the router's nodeNetworks; nil or empty: any
+	stop     context.CancelFunc
+	stopped  chan struct{}
 }
 
 // poolConn is a pooled connection; every field but the connection is
@@ -161,8 +164,18 @@ func (p *Pool) release(c *poolConn) {
 	}
 }
 
+// setNetworks makes dials from now on refuse addresses outside networks
+// (empty: none refused), whatever name resolved to them.
+func (p *Pool) setNetworks(networks []netip.Prefix) { p.networks.Store(&networks) }
+
 // dial connects to addr once a slot among MaxDials is free.
 func (p *Pool) dial(ctx context.Context, addr string) (net.Conn, error) {
+	if nets := p.networks.Load(); nets != nil {
+		host, _, _ := net.SplitHostPort(addr)
+		if why := outside(*nets, host); why != "" {
+			return nil, errors.New(why)
+		}
+	}
 	select {
 	case p.dials <- struct{}{}:
 	case <-ctx.Done():

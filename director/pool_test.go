@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -349,5 +351,23 @@ func TestPoolReplacesAMovedNode(t *testing.T) {
 	}
 	if snap := p.Snapshot(); len(snap) != 1 || snap[0].Node != "cp-1" {
 		t.Fatalf("pool %v", snap)
+	}
+}
+
+// TestPoolRefusesAddressesOutsideNodeNetworks: a name is checked where it
+// resolves, at the dial.
+func TestPoolRefusesAddressesOutsideNodeNetworks(t *testing.T) {
+	p := testPool(t, PoolConfig{Port: 1})
+	p.setNetworks([]netip.Prefix{netip.MustParsePrefix("198.18.0.0/15")})
+	cc, release, err := p.ConnTo(Dest{Node: "localhost", Host: "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = cc.Invoke(ctx, "/x.Y/Z", &emptypb.Empty{}, &emptypb.Empty{})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "outside the networks nodes live in") {
+		t.Fatalf("localhost outside 198.18.0.0/15: %v", err)
 	}
 }

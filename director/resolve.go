@@ -123,11 +123,14 @@ func (v resolver) member(stamp string, m inventory.Node) node {
 }
 
 // backend is the proxy.Backend of node n.
-func (r *Router) backendOf(n node, local, remote metadata.MD) *backend {
+func (r *Router) backendOf(rs *rules, n node, local, remote metadata.MD) *backend {
 	if n.self {
 		// dest only names the node for statistics (Key); the call goes
 		// to the local agent.
 		return &backend{name: n.stamp, md: local, local: r.local, dest: Dest{Node: n.dest.Node}}
+	}
+	if why := outside(rs.networks, n.dest.Host); why != "" && n.err == nil {
+		n.err = status.Errorf(codes.PermissionDenied, "node %s: %s", n.stamp, why)
 	}
 	return &backend{name: n.stamp, dest: n.dest, fail: n.err, md: remote, pool: r.pool, ej: r.ej}
 }
@@ -155,7 +158,7 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 		return nil, nil, nil, errNoForwarding
 	}
 	out := rs.outgoing(metadata.MD{}, caller.Roles)
-	b := r.backendOf(n, out, forwarded(out, metadata.MD{}))
+	b := r.backendOf(rs, n, out, forwarded(out, metadata.MD{}))
 	b.mayRefuse = true
 	return b.Connect(ctx, "")
 }

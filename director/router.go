@@ -2,6 +2,8 @@ package director
 
 import (
 	"context"
+	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -60,6 +62,7 @@ type Router struct {
 // so one call sees one configuration.
 type rules struct {
 	self              map[string]bool
+	networks          []netip.Prefix // nil: any address
 	reply             map[string]bool
 	localOnly         bool
 	forward           []string
@@ -104,6 +107,12 @@ func (r *Router) SetConfig(cfg Config) {
 	for _, n := range cfg.SelfNames {
 		rs.self[canonical(n)] = true
 	}
+	for _, n := range cfg.NodeNetworks {
+		if p, err := netip.ParsePrefix(n); err == nil { // Validate refused the others
+			rs.networks = append(rs.networks, p.Masked())
+		}
+	}
+	r.pool.setNetworks(rs.networks)
 	rs.reply = make(map[string]bool, len(cfg.ReplyKeys))
 	for _, k := range cfg.ReplyKeys {
 		rs.reply[strings.ToLower(k)] = true
@@ -143,7 +152,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	case len(resolved) == 0:
 		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
 	case !fanOut:
-		b := r.backendOf(resolved[0], out, forwarded(out, md))
+		b := r.backendOf(rs, resolved[0], out, forwarded(out, md))
 		b.mayRefuse = true // one node: fail fast while it is ejected
 		return oneToOne(b, rs.kinds.kind(fullMethod)), nil
 	}
@@ -164,7 +173,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		own = false
 	}
 	for i, n := range resolved {
-		b := r.backendOf(n, out, remote)
+		b := r.backendOf(rs, n, out, remote)
 		if b.pool != nil {
 			b.ownDeadline = own
 			if skippable > 0 && r.ej.peek(n.dest) {
@@ -216,6 +225,25 @@ func allSelf(nodes []node) bool {
 		}
 	}
 	return true
+}
+
+// outside reports why host may not be dialled under the node networks,
+// or "" when it may (a name is checked once resolved, when it is dialled).
+func outside(networks []netip.Prefix, host string) string {
+	if len(networks) == 0 {
+		return ""
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return ""
+	}
+	ip = ip.Unmap()
+	for _, n := range networks {
+		if n.Contains(ip) {
+			return ""
+		}
+	}
+	return fmt.Sprintf("address %s is outside the networks nodes live in (nodeNetworks)", ip)
 }
 
 // ReplyKey reports whether a header or trailer key of the nodes' replies

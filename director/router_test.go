@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/proxy"
 )
 
@@ -687,3 +689,33 @@ func TestMetadataSizesBounded(t *testing.T) {
 }
 
 func ptrMD(md metadata.MD) *metadata.MD { return &md }
+
+// TestNodeNetworks: an address outside nodeNetworks is that node's
+// PermissionDenied entry, whoever named it; inside, it is dialled.
+func TestNodeNetworks(t *testing.T) {
+	r := inventoryRouter(t, Config{NodeNetworks: []string{"127.0.0.0/8"}}, inventory.Config{Nodes: []inventory.Node{{Name: "far", Address: "198.18.0.9"}, {Name: "near", Address: "127.0.0.9"}}})
+	rt, err := r.Route(callerContext([]string{certs.RoleAdmin}, metadata.Pairs(KeyNodes, "far,near,198.18.0.10")), mVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []codes.Code{codes.PermissionDenied, codes.OK, codes.PermissionDenied} {
+		_, _, _, err := rt.Backends[i].Connect(context.Background(), mVersion)
+		if want == codes.OK {
+			if err != nil {
+				t.Errorf("%s: %v", rt.Backends[i].Name(), err)
+			}
+			continue
+		}
+		if status.Code(err) != want || !strings.Contains(err.Error(), "outside the networks nodes live in (nodeNetworks)") {
+			t.Errorf("%s: %v, want %v", rt.Backends[i].Name(), err, want)
+		}
+	}
+	// A name is checked where it resolves: at the dial.
+	if why := outside([]netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, "::ffff:127.0.0.1"); why != "" {
+		t.Errorf("an IPv4-mapped loopback address: %s", why)
+	}
+	cfg := Config{NodeNetworks: []string{"10.0.0.0/33"}, MaxNodes: 1, Ejection: DefaultConfig().Ejection}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "nodeNetworks[0]") {
+		t.Errorf("a bad CIDR: %v", err)
+	}
+}

@@ -141,6 +141,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		cfg.Routing.SelfNames = []string{n.ip, n.name}
 		cfg.Inventory.Nodes = inv
 		cfg.Routing.NodeTimeout = 10 * time.Second
+		// The demo's nodes live on loopback: nothing else is dialled.
+		cfg.Routing.NodeNetworks = []string{"127.0.0.0/8"}
 		cfg.LogLevel = o.logLevel
 		cfg.LogFormat = o.logFmt
 		// Each node's admin endpoint is on its own address, next port up.
