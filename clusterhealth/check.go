@@ -36,10 +36,11 @@ import (
 )
 
 // Dialer connects to one node as a call naming it with `node` would be
-// routed, on behalf of the caller in ctx (release may be nil), and checks
-// the node or nodes a call names.
+// routed, on behalf of the caller in ctx, and checks the node or nodes a
+// call names. release (nil for the local agent) is told how the call ended,
+// so that a node that keeps failing is ejected as in any fan-out.
 type Dialer interface {
-	Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error)
+	Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(err error), error)
 	// CheckTargets returns the status a call with ctx's routing metadata
 	// would fail with (an unknown group, a name nobody knows), or nil.
 	CheckTargets(ctx context.Context) error
@@ -60,6 +61,10 @@ type Config struct {
 	// MaxRunning bounds the checks running at once on this apid; more get
 	// RESOURCE_EXHAUSTED. Default 8.
 	MaxRunning int `yaml:"maxRunning" reload:"live"`
+	// MaxRunningPerIdentity bounds the checks one client certificate
+	// subject runs at once, so that one caller cannot take every check
+	// for the whole of its wait. Default 2.
+	MaxRunningPerIdentity int `yaml:"maxRunningPerIdentity" reload:"live"`
 	// MaxNodes bounds the nodes one check covers: apid's maxNodes, set by
 	// whoever assembles the server.
 	MaxNodes int `yaml:"-"`
@@ -67,7 +72,7 @@ type Config struct {
 
 // DefaultConfig returns the health section with every default filled in.
 func DefaultConfig() Config {
-	return Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: 20 * time.Minute, MaxRunning: 8}
+	return Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: 20 * time.Minute, MaxRunning: 8, MaxRunningPerIdentity: 2}
 }
 
 // Validate lists every bad key of the section, each by its full path.
@@ -85,6 +90,9 @@ func (c Config) Validate() error {
 	if c.MaxRunning <= 0 {
 		errs = append(errs, fmt.Errorf("health.maxRunning %d: must be positive", c.MaxRunning))
 	}
+	if c.MaxRunningPerIdentity <= 0 || (c.MaxRunning > 0 && c.MaxRunningPerIdentity > c.MaxRunning) {
+		errs = append(errs, fmt.Errorf("health.maxRunningPerIdentity %d: want 1 to health.maxRunning (%d)", c.MaxRunningPerIdentity, c.MaxRunning))
+	}
 	return errors.Join(errs...)
 }
 
@@ -100,30 +108,77 @@ const (
 	retryEvery = time.Second
 )
 
+// Options is what a Server needs of the gateway that assembles it. Only
+// Dialer and Config are required.
+type Options struct {
+	// Dialer reaches the nodes (the router).
+	Dialer Dialer
+	// Config is read at the start of each check (it follows reloads).
+	Config func() Config
+	// Nodes lists the control-plane and worker nodes to check when the
+	// request names none (the inventory).
+	Nodes func() (controlPlane, workers []string)
+	// Self is the certificate this apid serves: the local node's.
+	Self func() *x509.Certificate
+	// Authorize says whether the caller in ctx may call a method: the
+	// local node's agent is reached without apid's authorizer in between
+	// (other nodes' apid apply their own), so the check asks first. Nil:
+	// every call allowed (tests).
+	Authorize func(ctx context.Context, fullMethod string) error
+	// Admit counts one call the check makes to a node against its
+	// caller's call limits, as if the caller had made it; nil: none.
+	Admit func(ctx context.Context) (release func(), err error)
+	// Identity names the caller in ctx, for MaxRunningPerIdentity.
+	Identity func(ctx context.Context) string
+	// Checking is told the nodes a check covers (for the call's audit
+	// line).
+	Checking func(ctx context.Context, nodes []string)
+}
+
 // Server serves cluster.ClusterService.
 type Server struct {
 	cluster.UnimplementedClusterServiceServer
 
-	dial Dialer
-	// nodes lists the control-plane and worker nodes to check when the
-	// request names none (the inventory).
-	nodes func() (controlPlane, workers []string)
-	// config is read at the start of each check (it follows reloads).
-	config func() Config
-	// self is the certificate this apid serves: the local node's.
-	self func() *x509.Certificate
-	// authorize says whether the caller in ctx may call a method: the
-	// local node's agent is reached without apid's authorizer in between
-	// (other nodes' apid apply their own), so the check asks first.
-	authorize func(ctx context.Context, fullMethod string) error
-	now       func() time.Time
-	running   atomic.Int64
+	o       Options
+	now     func() time.Time
+	running atomic.Int64
+
+	mu    sync.Mutex
+	perID map[string]int // checks running per identity
 }
 
-// New returns a Server. authorize may be nil (every call allowed: tests).
-func New(dial Dialer, nodes func() (controlPlane, workers []string), config func() Config, self func() *x509.Certificate,
-	authorize func(ctx context.Context, fullMethod string) error) *Server {
-	return &Server{dial: dial, nodes: nodes, config: config, self: self, authorize: authorize, now: time.Now}
+// New returns a Server.
+func New(o Options) *Server {
+	return &Server{o: o, now: time.Now, perID: map[string]int{}}
+}
+
+// admitCheck counts a check in, globally and for its caller, or says why
+// not.
+func (s *Server) admitCheck(ctx context.Context, cfg Config) (release func(), err error) {
+	if n := s.running.Add(1); cfg.MaxRunning > 0 && n > int64(cfg.MaxRunning) {
+		s.running.Add(-1)
+		return nil, status.Errorf(codes.ResourceExhausted, "%d cluster health checks are running on this apid already: try again later", cfg.MaxRunning)
+	}
+	id := ""
+	if s.o.Identity != nil {
+		id = s.o.Identity(ctx)
+	}
+	s.mu.Lock()
+	if cfg.MaxRunningPerIdentity > 0 && s.perID[id] >= cfg.MaxRunningPerIdentity {
+		s.mu.Unlock()
+		s.running.Add(-1)
+		return nil, status.Errorf(codes.ResourceExhausted, "%q runs %d cluster health checks already (health.maxRunningPerIdentity): wait for one to end", id, cfg.MaxRunningPerIdentity)
+	}
+	s.perID[id]++
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		if s.perID[id]--; s.perID[id] == 0 {
+			delete(s.perID, id)
+		}
+		s.mu.Unlock()
+		s.running.Add(-1)
+	}, nil
 }
 
 // Methods the check calls on every node.
@@ -144,15 +199,15 @@ type answer struct {
 
 // HealthCheck implements cluster.ClusterServiceServer.
 func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.ClusterService_HealthCheckServer) error {
-	cfg := s.config()
-	if n := s.running.Add(1); cfg.MaxRunning > 0 && n > int64(cfg.MaxRunning) {
-		s.running.Add(-1)
-		return status.Errorf(codes.ResourceExhausted, "%d cluster health checks are running on this apid already: try again later", cfg.MaxRunning)
+	cfg := s.o.Config()
+	done, err := s.admitCheck(stream.Context(), cfg)
+	if err != nil {
+		return err
 	}
-	defer s.running.Add(-1)
+	defer done()
 	// The check is this apid's whatever node the caller named, but a name
 	// that routes nowhere is still the caller's mistake to hear about.
-	if err := s.dial.CheckTargets(stream.Context()); err != nil {
+	if err := s.o.Dialer.CheckTargets(stream.Context()); err != nil {
 		return err
 	}
 	wait := req.GetWaitTimeout().AsDuration()
@@ -170,6 +225,9 @@ func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.Clu
 	nodes, err := r.nodesOf(req.GetClusterInfo())
 	if err != nil {
 		return r.fail(err.Error())
+	}
+	if s.o.Checking != nil {
+		s.o.Checking(stream.Context(), nodes)
 	}
 	plural := "s"
 	if len(nodes) == 1 {
@@ -261,8 +319,8 @@ func (r *run) fail(msg string) error {
 func (r *run) nodesOf(info *cluster.ClusterInfo) ([]string, error) {
 	cp, workers := info.GetControlPlaneNodes(), info.GetWorkerNodes()
 	from := "the request"
-	if len(cp)+len(workers) == 0 && r.s.nodes != nil {
-		cp, workers = r.s.nodes()
+	if len(cp)+len(workers) == 0 && r.s.o.Nodes != nil {
+		cp, workers = r.s.o.Nodes()
 		from = "the inventory"
 	}
 	var out []string
@@ -411,21 +469,34 @@ func each[T any](nodes []string, ask func(node string) T) map[string]T {
 // call runs fn, a call of method, on a connection to node, with one
 // attempt's deadline, if the caller may call method.
 func (r *run) call(node, method string, fn func(ctx context.Context, cc grpc.ClientConnInterface) error) error {
-	if r.s.authorize != nil {
-		if err := r.s.authorize(r.ctx, method); err != nil {
+	if r.s.o.Authorize != nil {
+		if err := r.s.o.Authorize(r.ctx, method); err != nil {
 			return err
 		}
 	}
+	if r.s.o.Admit != nil {
+		done, err := r.s.o.Admit(r.ctx)
+		if err != nil {
+			return err
+		}
+		defer done()
+	}
 	ctx, cancel := context.WithTimeout(r.ctx, attemptTimeout)
 	defer cancel()
-	callCtx, cc, release, err := r.s.dial.Dial(ctx, node)
+	callCtx, cc, release, err := r.s.o.Dialer.Dial(ctx, node)
 	if err != nil {
 		return err
 	}
+	err = fn(callCtx, cc)
 	if release != nil {
-		defer release()
+		if r.cutOff(err) {
+			// The end of the caller's wait says nothing about the node.
+			release(context.Canceled)
+		} else {
+			release(err)
+		}
 	}
-	return fn(callCtx, cc)
+	return err
 }
 
 // version asks node its version, and notes the certificate it presented.
@@ -450,8 +521,8 @@ func (r *run) version(node string) answer {
 		}
 		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
 			a.cert = info.State.PeerCertificates[0]
-		} else if r.s.self != nil {
-			a.cert = r.s.self() // the local agent, reached without TLS: this apid's own
+		} else if r.s.o.Self != nil {
+			a.cert = r.s.o.Self() // the local agent, reached without TLS: this apid's own
 		}
 		return nil
 	})

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
+	"google.golang.org/grpc/metadata"
 	"io"
 	"net"
 	"strings"
@@ -82,7 +83,7 @@ type dialer struct {
 
 func (d dialer) CheckTargets(context.Context) error { return nil }
 
-func (d dialer) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error) {
+func (d dialer) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(error), error) {
 	addr, ok := d.addrs[target]
 	if !ok {
 		return nil, nil, nil, status.Errorf(codes.NotFound, "node %q is not in the inventory", target)
@@ -91,7 +92,7 @@ func (d dialer) Dial(ctx context.Context, target string) (context.Context, grpc.
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return ctx, cc, func() { cc.Close() }, nil
+	return ctx, cc, func(error) { cc.Close() }, nil
 }
 
 func cert(notAfter time.Time) *x509.Certificate {
@@ -142,10 +143,10 @@ func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []st
 }
 
 func newServer(addrs map[string]string, nodes func() ([]string, []string), self *x509.Certificate) *Server {
-	return New(dialer{addrs: addrs}, nodes, func() Config { return testConfig }, func() *x509.Certificate { return self }, nil)
+	return New(Options{Dialer: dialer{addrs: addrs}, Nodes: nodes, Config: func() Config { return testConfig }, Self: func() *x509.Certificate { return self }})
 }
 
-var testConfig = Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: time.Minute, MaxNodes: 10, MaxRunning: 2}
+var testConfig = Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: time.Minute, MaxNodes: 10, MaxRunning: 2, MaxRunningPerIdentity: 2}
 
 func TestHealthyCluster(t *testing.T) {
 	t.Parallel()
@@ -271,8 +272,8 @@ func TestCheckBounds(t *testing.T) {
 	year := cert(time.Now().Add(365 * 24 * time.Hour))
 	cfg := testConfig
 	cfg.MaxWait = time.Second
-	s := New(dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, nil, func() Config { return cfg },
-		func() *x509.Certificate { return year }, nil)
+	s := New(Options{Dialer: dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, Config: func() Config { return cfg },
+		Self: func() *x509.Certificate { return year }})
 
 	start := time.Now()
 	lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(time.Hour),
@@ -312,14 +313,46 @@ func TestCheckBounds(t *testing.T) {
 	<-done
 	<-done
 
+	// One identity may run MaxRunningPerIdentity checks: with it at 1, a
+	// second check of the same caller is refused while another caller's
+	// runs; and each node call is admitted as the caller's own.
+	cfg.MaxRunning, cfg.MaxRunningPerIdentity = 4, 1
+	var admitted atomic.Int64
+	perID := New(Options{Dialer: dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, Config: func() Config { return cfg },
+		Self: func() *x509.Certificate { return year },
+		Identity: func(ctx context.Context) string {
+			md, _ := metadata.FromIncomingContext(ctx)
+			return strings.Join(md.Get("x-who"), "")
+		},
+		Admit: func(context.Context) (func(), error) { admitted.Add(1); return func() {}, nil },
+	})
+	busy := make(chan struct{})
+	go func() {
+		defer close(busy)
+		checkAs(t, perID, "reader", []string{"cp-2"})
+	}()
+	if !waitUntil(func() bool { return perID.running.Load() == 1 }) {
+		t.Fatal("the first check did not start")
+	}
+	if _, err := checkAs(t, perID, "reader", []string{"cp-1"}); status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "maxRunningPerIdentity") {
+		t.Errorf("the same caller's second check: %v", err)
+	}
+	if failure, err := checkAs(t, perID, "admin", []string{"cp-1"}); err != nil || failure != "" {
+		t.Errorf("another caller's check: %q, %v", failure, err)
+	}
+	<-busy
+	if admitted.Load() < 2 {
+		t.Errorf("%d node calls admitted as the caller's", admitted.Load())
+	}
+
 	// A caller who may not read the time fails at the clock check, now.
-	denyTime := New(dialer{addrs: map[string]string{"cp-1": good}}, nil, func() Config { return testConfig },
-		func() *x509.Certificate { return year }, func(_ context.Context, m string) error {
+	denyTime := New(Options{Dialer: dialer{addrs: map[string]string{"cp-1": good}}, Config: func() Config { return testConfig },
+		Self: func() *x509.Certificate { return year }, Authorize: func(_ context.Context, m string) error {
 			if m == methodTime {
 				return status.Error(codes.PermissionDenied, m+" needs one of the roles os:reader")
 			}
 			return nil
-		})
+		}})
 	start = time.Now()
 	_, failure = check(t, denyTime, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(30 * time.Second),
 		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1"}}})
@@ -347,4 +380,42 @@ func checkErr(t *testing.T, s *Server) (*cluster.HealthCheckProgress, error) {
 		return nil, err
 	}
 	return stream.Recv()
+}
+
+// checkAs runs a check as caller (its identity carried in x-who) and
+// returns its failure line, or the status it ended with before any.
+func checkAs(t *testing.T, s *Server, caller string, nodes []string) (string, error) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	s.Register(g)
+	go func() { _ = g.Serve(lis) }()
+	defer g.Stop()
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx := metadata.AppendToOutgoingContext(t.Context(), "x-who", caller)
+	stream, err := cluster.NewClusterServiceClient(cc).HealthCheck(ctx, &cluster.HealthCheckRequest{
+		WaitTimeout: durationpb.New(3 * time.Second), ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: nodes}})
+	if err != nil {
+		return "", err
+	}
+	failure := ""
+	for {
+		msg, err := stream.Recv()
+		if err == io.EOF {
+			return failure, nil
+		}
+		if err != nil {
+			return failure, err
+		}
+		if e := msg.GetMetadata().GetError(); e != "" {
+			failure = e
+		}
+	}
 }

@@ -142,9 +142,10 @@ var ErrNoCaller = errors.New("no authorized caller in the context")
 // Dial connects apid's own services (the cluster health check) to one
 // node the way a call with `node: target` would be routed, on behalf of
 // the caller in ctx: with its roles, never more. It returns the context
-// to call with, the connection and its release (nil for the local
-// agent). target may be a group of exactly one node.
-func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(), error) {
+// to call with, the connection and its release, which must be told how
+// the call ended: a node that keeps failing is ejected, and then refused
+// at once, as in any fan-out. target may be a group of exactly one node.
+func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(error), error) {
 	caller, ok := auth.CallerFrom(ctx)
 	if !ok {
 		return nil, nil, nil, ErrNoCaller
@@ -160,7 +161,20 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 	out := rs.outgoing(metadata.MD{}, caller.Roles)
 	b := r.backendOf(rs, n, out, forwarded(out, metadata.MD{}))
 	b.mayRefuse = true
-	return b.Connect(ctx, "")
+	// The caller's service sets each attempt's deadline itself: a node
+	// that misses it did not answer in time.
+	b.ownDeadline = true
+	callCtx, cc, release, err := b.Connect(ctx, "")
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return callCtx, cc, func(callErr error) {
+		st := status.Convert(callErr)
+		b.Report(st.Code(), st.Message())
+		if release != nil {
+			release()
+		}
+	}, nil
 }
 
 // CheckTargets returns the status a proxied call with ctx's node or nodes

@@ -243,14 +243,33 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		grpc.ChainUnaryInterceptor(g.metrics.unaryInterceptor(), g.authz.UnaryInterceptor()),
 	)...)
 	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
-	clusterhealth.New(g.router, g.inventoryNodes, func() clusterhealth.Config {
-		c := g.cfg.Load()
-		h := c.Health
-		h.MaxNodes = c.Routing.MaxNodes
-		return h
-	}, func() *x509.Certificate { return src.Certificate().Leaf }, func(ctx context.Context, method string) error {
-		_, err := g.authz.Authorize(ctx, method)
-		return err
+	clusterhealth.New(clusterhealth.Options{
+		Dialer: g.router,
+		Config: func() clusterhealth.Config {
+			c := g.cfg.Load()
+			h := c.Health
+			h.MaxNodes = c.Routing.MaxNodes
+			return h
+		},
+		Nodes: g.inventoryNodes,
+		Self:  func() *x509.Certificate { return src.Certificate().Leaf },
+		Authorize: func(ctx context.Context, method string) error {
+			_, err := g.authz.Authorize(ctx, method)
+			return err
+		},
+		// A check's calls to nodes are its caller's calls.
+		Admit: func(ctx context.Context) (func(), error) {
+			id, ok := auth.IdentityFrom(ctx)
+			if !ok || id.Forwarded {
+				return func() {}, nil
+			}
+			return g.calls.Acquire(id.Subject)
+		},
+		Identity: func(ctx context.Context) string {
+			id, _ := auth.IdentityFrom(ctx)
+			return id.Subject
+		},
+		Checking: checking,
 	}).Register(g.server)
 
 	go src.Watch(ctx, cfg.TLS.ReloadInterval, func() {

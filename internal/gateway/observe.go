@@ -82,6 +82,20 @@ type observer struct {
 	tracer  trace.Tracer // nil: tracing off
 }
 
+// checking names in the call's audit record the nodes a cluster health
+// check covers: it reaches them itself, not through the proxy.
+func checking(ctx context.Context, nodes []string) {
+	rec := recordFrom(ctx)
+	if rec == nil {
+		return
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	rec.mode = "health-check"
+	rec.nodeCount = len(nodes)
+	rec.nodes = append(rec.nodes[:0], nodes[:min(len(nodes), maxLoggedNodes)]...)
+}
+
 // Routed implements proxy.Observer.
 func (o *observer) Routed(ctx context.Context, _ string, r proxy.Route) {
 	rec := recordFrom(ctx)
