@@ -16,6 +16,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
 
@@ -52,6 +53,7 @@ func ReservedKey(k string) bool {
 // Router is the Director of apid: it implements proxy.Director.
 type Router struct {
 	inv   atomic.Pointer[Inventory]
+	share atomic.Pointer[limits.PerNode]
 	local grpc.ClientConnInterface
 	pool  *Pool
 	rules atomic.Pointer[rules]
@@ -80,6 +82,9 @@ func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool, notify fu
 	r.SetConfig(cfg)
 	return r
 }
+
+// UsePerNodeLimits bounds each caller's calls in flight to one node.
+func (r *Router) UsePerNodeLimits(p *limits.PerNode) { r.share.Store(p) }
 
 // Ejections lists the nodes ejected now.
 func (r *Router) Ejections() []Ejection { return r.ej.snapshot() }
@@ -144,17 +149,22 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	}
 
 	resolved, fanOut, err := r.destinations(rs, md)
+	kind := rs.kinds.kind(fullMethod)
+	share := func(b *backend) *backend {
+		b.share, b.caller, b.stream = r.share.Load(), caller.Subject, kind != proxy.Unary
+		return b
+	}
 	switch {
 	case err != nil:
 		return proxy.Route{}, err
 	case rs.localOnly && !allSelf(resolved):
 		return proxy.Route{}, errNoForwarding
 	case len(resolved) == 0:
-		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
+		return oneToOne(share(r.localBackend("", out)), kind), nil
 	case !fanOut:
-		b := r.backendOf(rs, resolved[0], out, forwarded(out, md))
+		b := share(r.backendOf(rs, resolved[0], out, forwarded(out, md)))
 		b.mayRefuse = true // one node: fail fast while it is ejected
-		return oneToOne(b, rs.kinds.kind(fullMethod)), nil
+		return oneToOne(b, kind), nil
 	}
 	if err := rs.mayFanOut(fullMethod, md, resolved); err != nil {
 		return proxy.Route{}, err
@@ -173,7 +183,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		own = false
 	}
 	for i, n := range resolved {
-		b := r.backendOf(rs, n, out, remote)
+		b := share(r.backendOf(rs, n, out, remote))
 		if b.pool != nil {
 			b.ownDeadline = own
 			if skippable > 0 && r.ej.peek(n.dest) {
@@ -185,7 +195,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		}
 		backends[i] = b
 	}
-	return proxy.Route{Backends: backends, OneToMany: true, Kind: rs.kinds.kind(fullMethod), NodeTimeout: timeout}, nil
+	return proxy.Route{Backends: backends, OneToMany: true, Kind: kind, NodeTimeout: timeout}, nil
 }
 
 // mayFanOut refuses a fan-out of a method whose replies cannot be merged
@@ -333,7 +343,7 @@ func forwarded(out, in metadata.MD) metadata.MD {
 	return fwd
 }
 
-func (r *Router) localBackend(name string, out metadata.MD) proxy.Backend {
+func (r *Router) localBackend(name string, out metadata.MD) *backend {
 	return &backend{name: name, md: out, local: r.local}
 }
 
@@ -347,6 +357,12 @@ type backend struct {
 	dest  Dest     // remote backends: where the node is reached
 	fail  error    // remote backends: why it cannot be (a name nobody knows)
 	ej    *ejector // remote backends: the record of failing nodes, keyed by dest.Node
+
+	// share bounds the caller's calls in flight to this node (nil: none);
+	// caller is its identity, stream whether this call is a stream.
+	share  *limits.PerNode
+	caller string
+	stream bool
 
 	mayRefuse bool // an ejected node is refused at once
 	refused   bool // it was, or the pool refused: the outcome says nothing about the node
@@ -386,29 +402,42 @@ func (b *backend) Key() string {
 	return canonical(b.name)
 }
 
-// Connect implements proxy.Backend. A pooled connection stays counted in
-// use until the proxy releases it.
+// Connect implements proxy.Backend. A pooled connection, and the caller's
+// share of the node, stay counted in use until the proxy releases them.
 func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, func(), error) {
 	out := metadata.NewOutgoingContext(ctx, b.md)
-	if b.local != nil {
-		return out, b.local, nil, nil
-	}
 	if b.fail != nil {
 		b.refused = true
 		return nil, nil, nil, b.fail
 	}
-	if b.mayRefuse {
+	if b.mayRefuse && b.local == nil {
 		if e, ok := b.ej.ejected(b.dest); ok {
 			b.refused = true
 			return nil, nil, nil, refusal(e, b.ej.now())
 		}
 	}
+	share := func() {}
+	if b.share != nil {
+		var err error
+		node := b.Key()
+		if node == "" {
+			node = "(local)"
+		}
+		if share, err = b.share.Acquire(b.caller, node, b.stream); err != nil {
+			b.refused = true // the caller's bound, not the node's doing
+			return nil, nil, nil, err
+		}
+	}
+	if b.local != nil {
+		return out, b.local, share, nil
+	}
 	cc, release, err := b.pool.ConnTo(b.dest)
 	if err != nil {
+		share()
 		b.refused = true // the pool's own refusal (full, a bad name)
 		return nil, nil, nil, err
 	}
-	return out, cc, release, nil
+	return out, cc, func() { release(); share() }, nil
 }
 
 // Report implements proxy.Reporter: remote nodes' outcomes feed ejection.

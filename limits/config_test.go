@@ -14,3 +14,34 @@ func TestByteSizes(t *testing.T) {
 		}
 	}
 }
+
+// TestPerNodeBudgets: an identity's streams to one node are bounded apart
+// from its short calls, and apart from other identities and nodes.
+func TestPerNodeBudgets(t *testing.T) {
+	p := NewPerNode(2, 1)
+	var releases []func()
+	acquire := func(id, node string, stream, ok bool) {
+		t.Helper()
+		r, err := p.Acquire(id, node, stream)
+		if (err == nil) != ok {
+			t.Fatalf("%s to %s (stream %v): %v, want admitted %v", id, node, stream, err, ok)
+		}
+		if r != nil {
+			releases = append(releases, r)
+		}
+	}
+	acquire("reader", "n1", true, true)
+	acquire("reader", "n1", true, false) // its one stream to n1 is taken
+	acquire("reader", "n1", false, true) // short calls have their own budget
+	acquire("reader", "n1", false, true)
+	acquire("reader", "n1", false, false)
+	acquire("reader", "n2", true, true) // another node
+	acquire("admin", "n1", true, true)  // another identity
+	releases[0]()
+	releases[0]() // twice: once only
+	acquire("reader", "n1", true, true)
+	acquire("reader", "n1", true, false)
+	if p.Refused() != 3 {
+		t.Errorf("refused %d, want 3", p.Refused())
+	}
+}

@@ -67,6 +67,7 @@ type Gateway struct {
 	budget  *limits.Memory
 	conns   *limits.Connections
 	calls   *limits.Calls
+	perNode *limits.PerNode
 	server  *grpc.Server
 	metrics *metrics
 	ready   *readiness
@@ -167,6 +168,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		budget:    limits.NewMemory(int64(cfg.Limits.BufferedBytes)),
 		conns:     limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
 		calls:     limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
+		perNode:   limits.NewPerNode(cfg.Limits.CallsPerIdentityPerNode, cfg.Limits.StreamsPerIdentityPerNode),
 		ready:     newReadiness(src, cfg.Backend, policy.Services()),
 		nodes:     newNodeTable(cfg.Nodes.MaxConns),
 		tracing:   tr,
@@ -190,9 +192,10 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		g.ejections.restored.Add(1)
 		log.Info("node restored", "node", e.Node, "ejected_since", e.Since.UTC().Format(time.RFC3339Nano))
 	})
+	g.router.UsePerNodeLimits(g.perNode)
 	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
-		calls: g.calls, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
+		calls: g.calls, perNode: g.perNode, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
 	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) })
 	if err != nil { // a file changed since validate read it
 		stop()
@@ -367,6 +370,7 @@ func (g *Gateway) Reload(next Config) error {
 	g.budget.SetLimit(int64(next.Limits.BufferedBytes))
 	g.conns.SetLimits(next.Limits.Connections, next.Limits.ConnectionsPerIdentity)
 	g.calls.SetLimits(next.Limits.ConcurrentCallsPerIdentity, next.Limits.CallsPerSecondPerIdentity, next.Limits.CallBurstPerIdentity)
+	g.perNode.SetLimits(next.Limits.CallsPerIdentityPerNode, next.Limits.StreamsPerIdentityPerNode)
 	g.setLogLevel(next.LogLevel)
 	g.cfg.Store(&next)
 	g.log.Info("configuration reloaded", "changed", live)

@@ -281,3 +281,39 @@ func TestConcurrentCallsPerIdentity(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestStreamsPerIdentityPerNode: one identity's streams to a node are
+// bounded apart from its short calls and from other identities.
+func TestStreamsPerIdentityPerNode(t *testing.T) {
+	tg := startGateway(t, func(c *Config) { c.Limits.StreamsPerIdentityPerNode = 1 })
+	ctx := testCtx(t)
+	reader := machine.NewMachineServiceClient(tg.client("reader", certs.RoleReader))
+	for _, md := range []metadata.MD{{}, metadata.Pairs("node", "127.0.0.1")} {
+		sctx, stop := context.WithCancel(metadata.NewOutgoingContext(ctx, md))
+		logs, err := reader.Logs(sctx, &machine.LogsRequest{Id: "agent", Follow: true})
+		if err == nil {
+			_, err = logs.Header()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		second, err := reader.Logs(sctx, &machine.LogsRequest{Id: "agent", Follow: true})
+		if err == nil {
+			_, err = second.Recv()
+		}
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "limits.streamsPerIdentityPerNode") {
+			t.Errorf("%v: a second stream: %v", md, err)
+		}
+		if _, err := reader.Version(metadata.NewOutgoingContext(ctx, md), &emptypb.Empty{}); err != nil {
+			t.Errorf("%v: a short call beside the stream: %v", md, err)
+		}
+		other, err := machine.NewMachineServiceClient(tg.client("other", certs.RoleReader)).Logs(metadata.NewOutgoingContext(sctx, md), &machine.LogsRequest{Id: "agent", Follow: true})
+		if err == nil {
+			_, err = other.Header()
+		}
+		if err != nil {
+			t.Errorf("%v: another identity's stream: %v", md, err)
+		}
+		stop()
+	}
+}

@@ -68,6 +68,7 @@ type metricSources struct {
 	budget    *limits.Memory
 	conns     *limits.Connections
 	calls     *limits.Calls
+	perNode   *limits.PerNode
 	nodes     *nodeTable
 	src       *certs.Source
 	inFlight  func() int64
@@ -122,6 +123,7 @@ func newMetrics(s metricSources) *metrics {
 		refusals("connectionsPerIdentity", s.conns.RefusedPerIdentity),
 		refusals("concurrentCallsPerIdentity", s.calls.RefusedConcurrent),
 		refusals("callsPerSecondPerIdentity", s.calls.RefusedRate),
+		refusals("perIdentityPerNode", s.perNode.Refused),
 		refusals("rapidResets", s.resets),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "apid_build_info", Help: "Always 1; the labels say which apid this is.",
