@@ -31,6 +31,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
@@ -88,12 +89,6 @@ func serve(t *testing.T, cfg agent.Config, addr string) (*agent.Server, net.List
 	return srv, lis
 }
 
-// testCtx bounds every call of a test, follow streams included.
-func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 // recvAll collects a server stream's payloads until it ends.
 func recvAll(stream grpc.ServerStreamingClient[common.Data]) ([][]byte, error) {
@@ -121,7 +116,7 @@ func TestTransports(t *testing.T) {
 	for _, network := range []string{"unix", "tcp"} {
 		t.Run(network, func(t *testing.T) {
 			c, _, _ := start(t, agent.Config{Hostname: "node-" + network}, network)
-			ctx := testCtx(t)
+			ctx := testkit.Context(t)
 			h, err := c.Hostname(ctx, &emptypb.Empty{})
 			if err != nil {
 				t.Fatal(err)
@@ -144,7 +139,7 @@ func TestOfficialClient(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "a.sock")
 	serve(t, agent.Config{Hostname: "official", ReadRoots: []string{root}}, "unix://"+sock)
 
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	c, err := talosclient.New(ctx, talosclient.WithUnixSocket(sock),
 		talosclient.WithGRPCDialOptions(grpc.WithTransportCredentials(insecure.NewCredentials())))
 	if err != nil {
@@ -178,7 +173,7 @@ func TestOfficialClient(t *testing.T) {
 
 func TestVersion(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	resp, err := c.Version(testCtx(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +200,7 @@ func TestHostnameDefault(t *testing.T) {
 		want = "localhost"
 	}
 	c, _, _ := start(t, agent.Config{}, "unix")
-	resp, err := c.Hostname(testCtx(t), &emptypb.Empty{})
+	resp, err := c.Hostname(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +215,7 @@ func TestMemory(t *testing.T) {
 			t.Skipf("no %s: %v", agent.DefaultMeminfoPath, err)
 		}
 		c, _, _ := start(t, agent.Config{}, "unix")
-		resp, err := c.Memory(testCtx(t), &emptypb.Empty{})
+		resp, err := c.Memory(testkit.Context(t), &emptypb.Empty{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -231,7 +226,7 @@ func TestMemory(t *testing.T) {
 	})
 	t.Run("fixture", func(t *testing.T) {
 		c, _, _ := start(t, agent.Config{MeminfoPath: "testdata/meminfo"}, "unix")
-		resp, err := c.Memory(testCtx(t), &emptypb.Empty{})
+		resp, err := c.Memory(testkit.Context(t), &emptypb.Empty{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -243,14 +238,14 @@ func TestMemory(t *testing.T) {
 	})
 	t.Run("unreadable", func(t *testing.T) {
 		c, _, _ := start(t, agent.Config{MeminfoPath: filepath.Join(t.TempDir(), "missing")}, "unix")
-		_, err := c.Memory(testCtx(t), &emptypb.Empty{})
+		_, err := c.Memory(testkit.Context(t), &emptypb.Empty{})
 		wantCode(t, err, codes.Unavailable)
 	})
 }
 
 func TestReboot(t *testing.T) {
 	c, _, srv := start(t, agent.Config{}, "unix")
-	resp, err := c.Reboot(testCtx(t), &machine.RebootRequest{Mode: machine.RebootRequest_POWERCYCLE})
+	resp, err := c.Reboot(testkit.Context(t), &machine.RebootRequest{Mode: machine.RebootRequest_POWERCYCLE})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,7 +280,7 @@ func TestRead(t *testing.T) {
 
 	c, _, _ := start(t, agent.Config{ReadRoots: []string{root}}, "unix")
 	read := func(t *testing.T, path string) ([]byte, error) {
-		stream, err := c.Read(testCtx(t), &machine.ReadRequest{Path: path})
+		stream, err := c.Read(testkit.Context(t), &machine.ReadRequest{Path: path})
 		if err != nil {
 			return nil, err
 		}
@@ -333,7 +328,7 @@ func TestReadDefaultRoots(t *testing.T) {
 		t.Skipf("no procfs: %v", err)
 	}
 	c, _, _ := start(t, agent.Config{}, "unix")
-	stream, err := c.Read(testCtx(t), &machine.ReadRequest{Path: "/proc/self/status"})
+	stream, err := c.Read(testkit.Context(t), &machine.ReadRequest{Path: "/proc/self/status"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +336,7 @@ func TestReadDefaultRoots(t *testing.T) {
 	if err != nil || !bytes.Contains(bytes.Join(chunks, nil), []byte("Name:")) {
 		t.Fatalf("read /proc/self/status: %q, %v", chunks, err)
 	}
-	stream, err = c.Read(testCtx(t), &machine.ReadRequest{Path: "/etc/hostname"})
+	stream, err = c.Read(testkit.Context(t), &machine.ReadRequest{Path: "/etc/hostname"})
 	if err == nil {
 		_, err = recvAll(stream)
 	}
@@ -350,7 +345,7 @@ func TestReadDefaultRoots(t *testing.T) {
 
 func TestDmesg(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	stream, err := c.Dmesg(testCtx(t), &machine.DmesgRequest{})
+	stream, err := c.Dmesg(testkit.Context(t), &machine.DmesgRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -374,7 +369,7 @@ func TestDmesgFallback(t *testing.T) {
 	c, _, _ := start(t, agent.Config{KernelLogPath: missing}, "unix")
 
 	t.Run("once", func(t *testing.T) {
-		stream, err := c.Dmesg(testCtx(t), &machine.DmesgRequest{})
+		stream, err := c.Dmesg(testkit.Context(t), &machine.DmesgRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -388,7 +383,7 @@ func TestDmesgFallback(t *testing.T) {
 		}
 	})
 	t.Run("follow", func(t *testing.T) {
-		ctx, cancel := context.WithCancel(testCtx(t))
+		ctx, cancel := context.WithCancel(testkit.Context(t))
 		defer cancel()
 		stream, err := c.Dmesg(ctx, &machine.DmesgRequest{Follow: true, Tail: true})
 		if err != nil {
@@ -419,7 +414,7 @@ func TestDmesgFollow(t *testing.T) {
 	}
 	defer w.Close()
 	c, _, _ := start(t, agent.Config{KernelLogPath: fifo}, "unix")
-	ctx, cancel := context.WithCancel(testCtx(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{Follow: true})
 	if err != nil {
@@ -456,7 +451,7 @@ func TestDmesgFollowKernel(t *testing.T) {
 	}
 	defer w.Close()
 	c, _, _ := start(t, agent.Config{}, "unix")
-	ctx, cancel := context.WithCancel(testCtx(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{Follow: true, Tail: true})
 	if err != nil {
@@ -492,7 +487,7 @@ func TestDmesgFollowKernel(t *testing.T) {
 func TestLogs(t *testing.T) {
 	c, _, _ := start(t, agent.Config{Hostname: "logs-node"}, "unix")
 	logs := func(t *testing.T, req *machine.LogsRequest) ([][]byte, error) {
-		stream, err := c.Logs(testCtx(t), req)
+		stream, err := c.Logs(testkit.Context(t), req)
 		if err != nil {
 			return nil, err
 		}
@@ -500,7 +495,7 @@ func TestLogs(t *testing.T) {
 	}
 	// Two served calls so that the log holds more than the start-up line.
 	for range 2 {
-		if _, err := c.Hostname(testCtx(t), &emptypb.Empty{}); err != nil {
+		if _, err := c.Hostname(testkit.Context(t), &emptypb.Empty{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -535,7 +530,7 @@ func TestLogs(t *testing.T) {
 		wantCode(t, err, codes.NotFound)
 	})
 	t.Run("follow", func(t *testing.T) {
-		ctx, cancel := context.WithCancel(testCtx(t))
+		ctx, cancel := context.WithCancel(testkit.Context(t))
 		defer cancel()
 		stream, err := c.Logs(ctx, &machine.LogsRequest{Id: "agent", Follow: true})
 		if err != nil {
@@ -562,7 +557,7 @@ func TestLogs(t *testing.T) {
 
 func TestEtcdRecover(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	stream, err := c.EtcdRecover(testCtx(t))
+	stream, err := c.EtcdRecover(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -595,13 +590,13 @@ func TestEtcdRecover(t *testing.T) {
 
 func TestUnimplemented(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	_, err := c.EtcdMemberList(testCtx(t), &machine.EtcdMemberListRequest{})
+	_, err := c.EtcdMemberList(testkit.Context(t), &machine.EtcdMemberListRequest{})
 	wantCode(t, err, codes.Unimplemented)
 }
 
 func TestReflection(t *testing.T) {
 	_, conn, _ := start(t, agent.Config{}, "unix")
-	stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(testCtx(t))
+	stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 	"github.com/apid/apid/pki"
 )
@@ -31,7 +32,7 @@ func TestGenerateClientConfiguration(t *testing.T) {
 	cfg.ClientCA.Cert, cfg.ClientCA.Key = ca.CertPEM, ca.KeyPEM
 	mc, _, _ := start(t, cfg, "unix")
 	call := func(held []string, roles []string, ttl time.Duration) (*machine.GenerateClientConfiguration, error) {
-		ctx := testCtx(t)
+		ctx := testkit.Context(t)
 		for _, r := range held {
 			ctx = metadata.AppendToOutgoingContext(ctx, "talos-role", r)
 		}
@@ -99,7 +100,7 @@ func TestGenerateClientConfiguration(t *testing.T) {
 
 	// Without a CA the agent is a worker: FailedPrecondition.
 	worker, _, _ := start(t, agent.Config{}, "unix")
-	_, err = worker.GenerateClientConfiguration(metadata.AppendToOutgoingContext(testCtx(t), "talos-role", "os:admin"),
+	_, err = worker.GenerateClientConfiguration(metadata.AppendToOutgoingContext(testkit.Context(t), "talos-role", "os:admin"),
 		&machine.GenerateClientConfigurationRequest{Roles: []string{"os:reader"}, CrtTtl: durationpb.New(time.Hour)})
 	wantCode(t, err, codes.FailedPrecondition)
 }

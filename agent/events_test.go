@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
@@ -26,7 +27,7 @@ func officialClient(t *testing.T, cfg agent.Config) (*talosclient.Client, *agent
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "a.sock")
 	srv, _ := serve(t, cfg, "unix://"+sock)
-	c, err := talosclient.New(testCtx(t), talosclient.WithUnixSocket(sock),
+	c, err := talosclient.New(testkit.Context(t), talosclient.WithUnixSocket(sock),
 		talosclient.WithGRPCDialOptions(grpc.WithTransportCredentials(insecure.NewCredentials())))
 	if err != nil {
 		t.Fatal(err)
@@ -40,7 +41,7 @@ func officialClient(t *testing.T, cfg agent.Config) (*talosclient.Client, *agent
 // fixed when it returns. The watch ends with the test.
 func watchEvents(t *testing.T, c *talosclient.Client, opts ...talosclient.EventsOptionFunc) <-chan talosclient.EventResult {
 	t.Helper()
-	ctx, cancel := context.WithCancel(testCtx(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	t.Cleanup(cancel)
 	ch := make(chan talosclient.EventResult)
 	if err := c.EventsWatchV2(ctx, ch, opts...); err != nil {
@@ -184,7 +185,7 @@ func TestEventsHistory(t *testing.T) {
 		watches[i] = watchEvents(t, c, tc.opts...)
 	}
 	// Every watch's start is fixed: a new event shows where each history ends.
-	if _, err := c.ServiceRestart(testCtx(t), "cri-sim"); err != nil {
+	if _, err := c.ServiceRestart(testkit.Context(t), "cri-sim"); err != nil {
 		t.Fatal(err)
 	}
 	for i, tc := range cases {
@@ -205,7 +206,7 @@ func TestEventsHistory(t *testing.T) {
 func TestEventsTailSeconds(t *testing.T) {
 	t.Parallel()
 	c, _ := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	time.Sleep(1100 * time.Millisecond) // the boot events are now older than a second
 	if _, err := c.ServiceStop(ctx, "etcd-sim"); err != nil {
 		t.Fatal(err)
@@ -231,7 +232,7 @@ func TestEventsInvalidRequests(t *testing.T) {
 		{TailEvents: 1, TailSeconds: 1},
 		{TailSeconds: -1},
 	} {
-		stream, err := c.Events(testCtx(t), req)
+		stream, err := c.Events(testkit.Context(t), req)
 		if err == nil {
 			_, err = stream.Recv()
 		}
@@ -257,7 +258,7 @@ func TestEventsSlowSubscriber(t *testing.T) {
 	}
 	defer conn.Close()
 	mc := machine.NewMachineServiceClient(conn)
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	stalled, err := mc.Events(ctx, &machine.EventsRequest{})
 	if err != nil {
 		t.Fatal(err)

@@ -20,6 +20,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
@@ -71,7 +72,7 @@ func (ft fileTree) deniedPaths() map[string]string {
 
 func list(t *testing.T, c machine.MachineServiceClient, req *machine.ListRequest) ([]*machine.FileInfo, error) {
 	t.Helper()
-	stream, err := c.List(testCtx(t), req)
+	stream, err := c.List(testkit.Context(t), req)
 	if err != nil {
 		return nil, err
 	}
@@ -224,7 +225,7 @@ func TestListLimits(t *testing.T) {
 		if _, err := os.Stat("/proc/self"); err != nil {
 			t.Skipf("no procfs: %v", err)
 		}
-		ctx, cancel := context.WithCancel(testCtx(t))
+		ctx, cancel := context.WithCancel(testkit.Context(t))
 		defer cancel()
 		stream, err := c.List(ctx, &machine.ListRequest{Root: "/proc", Recurse: true})
 		if err != nil {
@@ -282,7 +283,7 @@ func TestDiskUsage(t *testing.T) {
 	c := officialClientFor(t, agent.Config{ReadRoots: []string{ft.root, "/proc"}})
 	du := func(t *testing.T, req *machine.DiskUsageRequest) ([]*machine.DiskUsageInfo, error) {
 		t.Helper()
-		stream, err := c.DiskUsage(testCtx(t), req)
+		stream, err := c.DiskUsage(testkit.Context(t), req)
 		if err != nil {
 			return nil, err
 		}
@@ -450,7 +451,7 @@ func readTarGz(t *testing.T, r io.Reader) (map[string]tarEntry, []string, error)
 // copyArchive calls Copy with the generated client and checks the chunk size.
 func copyArchive(t *testing.T, c machine.MachineServiceClient, path string) (map[string]tarEntry, []string, error) {
 	t.Helper()
-	stream, err := c.Copy(testCtx(t), &machine.CopyRequest{RootPath: path})
+	stream, err := c.Copy(testkit.Context(t), &machine.CopyRequest{RootPath: path})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -491,7 +492,7 @@ func TestCopy(t *testing.T) {
 
 	t.Run("official client", func(t *testing.T) {
 		c := officialClientFor(t, agent.Config{ReadRoots: []string{ft.root}})
-		r, err := c.Copy(testCtx(t), ft.root)
+		r, err := c.Copy(testkit.Context(t), ft.root)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
@@ -65,7 +66,7 @@ func isMachineReady(ev talosclient.Event) bool {
 func TestRebootSimulation(t *testing.T) {
 	t.Parallel()
 	c, srv := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	w := watchEvents(t, c)
 
 	began := time.Now()
@@ -125,7 +126,7 @@ func TestRebootSimulation(t *testing.T) {
 func TestRebootTrackedLikeTalosctl(t *testing.T) {
 	t.Parallel()
 	c, _ := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 
 	r, err := c.Read(ctx, "/proc/sys/kernel/random/boot_id")
 	if err == nil {
@@ -163,7 +164,7 @@ func TestRebootTrackedLikeTalosctl(t *testing.T) {
 func TestShutdownSimulation(t *testing.T) {
 	t.Parallel()
 	c, _ := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	w := watchEvents(t, c)
 	resp, err := c.ShutdownWithResponse(ctx, talosclient.WithShutdownForce(true))
 	if err != nil {
@@ -188,7 +189,7 @@ func TestShutdownSimulation(t *testing.T) {
 func TestUpgradeSimulation(t *testing.T) {
 	t.Parallel()
 	c, _ := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	//lint:ignore SA1019 released talosctl (v1.11, v1.13) upgrades through this call
 	_, err := c.UpgradeWithOptions(ctx)
 	wantCode(t, err, codes.InvalidArgument)
@@ -216,7 +217,7 @@ func TestUpgradeSimulation(t *testing.T) {
 
 func TestCloseEndsSimulation(t *testing.T) {
 	c, _, srv := start(t, agent.Config{}, "unix")
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	events, err := c.Events(ctx, &machine.EventsRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -256,7 +257,7 @@ func TestReadBootIDRefused(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, _, _ := start(t, agent.Config{ReadRoots: tc.roots}, "unix")
-			stream, err := c.Read(testCtx(t), &machine.ReadRequest{Path: tc.path})
+			stream, err := c.Read(testkit.Context(t), &machine.ReadRequest{Path: tc.path})
 			if err == nil {
 				_, err = recvAll(stream)
 			}
@@ -272,7 +273,7 @@ func TestReadBootIDRefused(t *testing.T) {
 // simulates.
 func TestLifecycleCallsAreLogged(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	ctx, cancel := context.WithCancel(testCtx(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
 	if _, err := c.Shutdown(ctx, &machine.ShutdownRequest{}); err != nil {
 		t.Fatal(err)

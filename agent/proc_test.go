@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
@@ -30,7 +31,7 @@ func officialClientFor(t *testing.T, cfg agent.Config) *talosclient.Client {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "a.sock")
 	serve(t, cfg, "unix://"+sock)
-	c, err := talosclient.New(testCtx(t), talosclient.WithUnixSocket(sock),
+	c, err := talosclient.New(testkit.Context(t), talosclient.WithUnixSocket(sock),
 		talosclient.WithGRPCDialOptions(grpc.WithTransportCredentials(insecure.NewCredentials())))
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +73,7 @@ func TestProcesses(t *testing.T) {
 
 	cpuBefore := procSelfStatField(t, 14) + procSelfStatField(t, 15)
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.Processes(testCtx(t))
+	resp, err := c.Processes(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +136,7 @@ func loadavg(t *testing.T) [3]float64 {
 func TestLoadAvg(t *testing.T) {
 	before := loadavg(t)
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.MachineClient.LoadAvg(testCtx(t), &emptypb.Empty{})
+	resp, err := c.MachineClient.LoadAvg(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +176,7 @@ func procStat(t *testing.T) (values map[string]uint64, cpus [][]uint64) {
 func TestSystemStat(t *testing.T) {
 	before, cpusBefore := procStat(t)
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.MachineClient.SystemStat(testCtx(t), &emptypb.Empty{})
+	resp, err := c.MachineClient.SystemStat(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +229,7 @@ func TestCPUInfo(t *testing.T) {
 		}
 	}
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.MachineClient.CPUInfo(testCtx(t), &emptypb.Empty{})
+	resp, err := c.MachineClient.CPUInfo(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +265,7 @@ func netDevCounters(t *testing.T) map[string]uint64 {
 func TestNetworkDeviceStats(t *testing.T) {
 	before := netDevCounters(t)
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.MachineClient.NetworkDeviceStats(testCtx(t), &emptypb.Empty{})
+	resp, err := c.MachineClient.NetworkDeviceStats(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,7 +304,7 @@ func TestDiskStats(t *testing.T) {
 		}
 	}
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.MachineClient.DiskStats(testCtx(t), &emptypb.Empty{})
+	resp, err := c.MachineClient.DiskStats(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,7 +337,7 @@ func TestMounts(t *testing.T) {
 		sources = append(sources, unescape.Replace(f[sep+2]))
 	}
 	c := officialClientFor(t, agent.Config{})
-	resp, err := c.Mounts(testCtx(t))
+	resp, err := c.Mounts(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -404,7 +405,7 @@ func TestNetstat(t *testing.T) {
 	c := officialClientFor(t, agent.Config{})
 	netstat := func(t *testing.T, req *machine.NetstatRequest) []*machine.ConnectRecord {
 		t.Helper()
-		resp, err := c.Netstat(testCtx(t), req)
+		resp, err := c.Netstat(testkit.Context(t), req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -482,7 +483,7 @@ func TestNetstat(t *testing.T) {
 	})
 	t.Run("other namespaces", func(t *testing.T) {
 		for _, ns := range []*machine.NetstatRequest_NetNS{{Allnetns: true, Hostnetwork: true}, {Netns: []string{"cni-1234"}}} {
-			_, err := c.Netstat(testCtx(t), &machine.NetstatRequest{Netns: ns})
+			_, err := c.Netstat(testkit.Context(t), &machine.NetstatRequest{Netns: ns})
 			wantCode(t, err, codes.Unimplemented)
 		}
 	})

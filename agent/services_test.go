@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
@@ -18,7 +19,7 @@ import (
 // list.
 func serviceStates(t *testing.T, c *talosclient.Client) map[string]string {
 	t.Helper()
-	resp, err := c.ServiceList(testCtx(t))
+	resp, err := c.ServiceList(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +54,7 @@ func serviceStates(t *testing.T, c *talosclient.Client) map[string]string {
 
 func TestServices(t *testing.T) {
 	c, _ := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	if got := serviceStates(t, c); got["etcd-sim"] != "Running OK" || got["kubelet-sim"] != "Running OK" || got["cri-sim"] != "Running OK" {
 		t.Fatalf("initial states %v, want all Running OK", got)
 	}

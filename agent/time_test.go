@@ -10,12 +10,13 @@ import (
 	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
 	"google.golang.org/grpc/codes"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
 )
 
 func TestTime(t *testing.T) {
 	c, _ := officialClient(t, agent.Config{})
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	check := func(t *testing.T, resp *timeapi.TimeResponse, server string) {
 		t.Helper()
 		if len(resp.GetMessages()) != 1 {
@@ -69,7 +70,7 @@ func TestVersionTag(t *testing.T) {
 	}
 
 	c, _ := officialClient(t, agent.Config{})
-	v, err := c.Version(testCtx(t))
+	v, err := c.Version(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}

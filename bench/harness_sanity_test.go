@@ -1,34 +1,28 @@
 package bench
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
 )
 
 // The benchmarks only check counts on their hot path; these tests check
 // that every variant really delivers what the benchmark claims to measure.
 
-func testContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 func TestOneToOneVariantsRelayTheBackendsReply(t *testing.T) {
 	backend := testbackend.Start(t, "node", testbackend.Behaviour{Payload: 100})
 	for _, via := range []string{viaDirect, viaApid, viaMwitkow, viaSiderolabs} {
 		t.Run(via, func(t *testing.T) {
-			resp, err := oneToOne(t, via, backend.Addr).Version(testContext(t), &emptypb.Empty{})
+			resp, err := oneToOne(t, via, backend.Addr).Version(testkit.Context(t), &emptypb.Empty{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -59,7 +53,7 @@ func TestFanOutVariantsStampEveryBackend(t *testing.T) {
 		}
 		for _, via := range []string{viaApid, viaSiderolabs} {
 			t.Run(fmt.Sprintf("servers=%d/%s", len(f.servers), via), func(t *testing.T) {
-				resp, err := f.oneToMany(t, via).Version(testContext(t), &emptypb.Empty{})
+				resp, err := f.oneToMany(t, via).Version(testkit.Context(t), &emptypb.Empty{})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -81,7 +75,7 @@ func TestFanOutVariantsStampEveryBackend(t *testing.T) {
 				if !slices.Equal(got, want) {
 					t.Fatalf("entries\n%v\nwant\n%v", got, want)
 				}
-				if err := fanOutVersion(testContext(t), f.oneToMany(t, via), n)(); err != nil {
+				if err := fanOutVersion(testkit.Context(t), f.oneToMany(t, via), n)(); err != nil {
 					t.Fatal(err)
 				}
 			})
@@ -101,7 +95,7 @@ func TestFanOutStreamVariantsDeliverEveryMessage(t *testing.T) {
 			} else {
 				c = f.oneToMany(t, via)
 			}
-			stream, err := c.Dmesg(testContext(t), &machine.DmesgRequest{})
+			stream, err := c.Dmesg(testkit.Context(t), &machine.DmesgRequest{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -131,7 +125,7 @@ func TestFanOutStreamVariantsDeliverEveryMessage(t *testing.T) {
 			if total != 3*perNode {
 				t.Fatalf("%d messages (%v), want %d", total, next, 3*perNode)
 			}
-			if err := readDmesg(testContext(t), c, 3*perNode)(); err != nil {
+			if err := readDmesg(testkit.Context(t), c, 3*perNode)(); err != nil {
 				t.Fatal(err)
 			}
 		})

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -303,7 +305,7 @@ func TestCheckBounds(t *testing.T) {
 			check(t, s, &cluster.HealthCheckRequest{ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-2"}}})
 		}()
 	}
-	if !waitUntil(func() bool { return s.running.Load() == 2 }) {
+	if !testkit.Eventually(5*time.Second, func() bool { return s.running.Load() == 2 }) {
 		t.Fatal("the two checks did not start")
 	}
 	_, err := checkErr(t, s)
@@ -331,7 +333,7 @@ func TestCheckBounds(t *testing.T) {
 		defer close(busy)
 		checkAs(t, perID, "reader", []string{"cp-2"})
 	}()
-	if !waitUntil(func() bool { return perID.running.Load() == 1 }) {
+	if !testkit.Eventually(5*time.Second, func() bool { return perID.running.Load() == 1 }) {
 		t.Fatal("the first check did not start")
 	}
 	if _, err := checkAs(t, perID, "reader", []string{"cp-1"}); status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "maxRunningPerIdentity") {
@@ -359,16 +361,6 @@ func TestCheckBounds(t *testing.T) {
 	if !strings.Contains(failure, "node cp-1: cannot read its clock (check: clock): PermissionDenied") || time.Since(start) > 5*time.Second {
 		t.Errorf("denied Time: %q after %s", failure, time.Since(start))
 	}
-}
-
-func waitUntil(cond func() bool) bool {
-	for range 250 {
-		if cond() {
-			return true
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return false
 }
 
 // checkErr starts a check and returns the status it ends with before any

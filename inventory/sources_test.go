@@ -11,21 +11,11 @@ import (
 
 	"github.com/miekg/dns"
 	"go.uber.org/goleak"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// eventually polls cond every 20 ms for up to 15 s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 func write(t *testing.T, path, body string) {
 	t.Helper()
@@ -56,11 +46,11 @@ func TestFileSourceIsWatched(t *testing.T) {
 	}
 
 	write(t, path, "nodes:\n- {name: cp-1, address: 127.0.0.11, role: controlplane}\n- {name: w-1, address: 127.0.0.21}\n")
-	eventually(t, "w-1 from the edited file", func() bool { _, ok := inv.Set().Lookup("w-1"); return ok })
+	requireEventually(t, "w-1 from the edited file", func() bool { _, ok := inv.Set().Lookup("w-1"); return ok })
 
 	// A broken edit changes nothing and is reported.
 	write(t, path, "nodes:\n- {name: w-2, role: boss}\n")
-	eventually(t, "the error of the broken file", func() bool {
+	requireEventually(t, "the error of the broken file", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(events) > 0 && events[len(events)-1].Err != nil && strings.Contains(events[len(events)-1].Err.Error(), "boss")
@@ -71,7 +61,7 @@ func TestFileSourceIsWatched(t *testing.T) {
 
 	// A name already taken by the static source stays the static one's.
 	write(t, path, "nodes:\n- {name: static-1, address: 127.0.0.50}\n")
-	eventually(t, "cp-1 gone", func() bool { _, ok := inv.Set().Lookup("cp-1"); return !ok })
+	requireEventually(t, "cp-1 gone", func() bool { _, ok := inv.Set().Lookup("cp-1"); return !ok })
 	if n, _ := inv.Set().Lookup("static-1"); n.Address != "127.0.0.99" {
 		t.Errorf("static-1 at %s", n.Address)
 	}
@@ -249,7 +239,7 @@ func TestDNSSourceFollowsTheRecords(t *testing.T) {
 
 	// The A records have a TTL of 1 s: a change shows within a few.
 	z.set(dns.TypeA, "nodes.apid.test. 1 IN A 127.0.0.33", "cp-1.apid.test. 60 IN A 127.0.0.41")
-	eventually(t, "127.0.0.33 from DNS", func() bool { _, ok := inv.Set().Lookup("127.0.0.33"); return ok })
+	requireEventually(t, "127.0.0.33 from DNS", func() bool { _, ok := inv.Set().Lookup("127.0.0.33"); return ok })
 	if _, ok := inv.Set().Lookup("127.0.0.31"); ok {
 		t.Error("127.0.0.31 still listed")
 	}
@@ -271,12 +261,12 @@ func TestDNSFailureKeepsTheLastNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer inv.Close()
-	eventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
+	requireEventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
 
 	// The server goes away: refreshes fail, are reported, and the node
 	// stays.
 	stop()
-	eventually(t, "two reported failures", func() bool { mu.Lock(); defer mu.Unlock(); return failed >= 2 })
+	requireEventually(t, "two reported failures", func() bool { mu.Lock(); defer mu.Unlock(); return failed >= 2 })
 	if n, ok := inv.Set().Lookup("127.0.0.51"); !ok || n.Name != "127.0.0.51" {
 		t.Fatalf("the node went with the server: %v", names(inv.Set().Nodes()))
 	}
@@ -290,11 +280,11 @@ func TestDNSEmptyAnswerEmptiesTheSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer inv.Close()
-	eventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
+	requireEventually(t, "the first answer", func() bool { return inv.Set().Len() == 1 })
 	z.mu.Lock()
 	z.records = map[uint16][]dns.RR{} // NOERROR, nothing: the name lists no node now
 	z.mu.Unlock()
-	eventually(t, "the empty answer", func() bool { return inv.Set().Len() == 0 })
+	requireEventually(t, "the empty answer", func() bool { return inv.Set().Len() == 0 })
 }
 
 func mustRR(s string) dns.RR {
@@ -303,4 +293,12 @@ func mustRR(s string) dns.RR {
 		panic(err)
 	}
 	return rr
+}
+
+// requireEventually fails t unless cond holds within 15 s.
+func requireEventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	if !testkit.Eventually(15*time.Second, cond) {
+		t.Fatalf("timed out waiting for %s", what)
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/proxy"
 )
@@ -58,7 +59,7 @@ func TestBudgetRefusesNewCallsBeforeAnyBackend(t *testing.T) {
 	m.full.Store(true)
 	for _, route := range []proxy.Route{{Backends: bs[:1]}, {Backends: bs, OneToMany: true}} {
 		c := startProxy(t, route, proxy.Options{Budget: m})
-		_, err := c.Version(testContext(t), &emptypb.Empty{})
+		_, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "budget spent") {
 			t.Fatalf("call with the budget spent: %v, want the budget's ResourceExhausted", err)
 		}
@@ -132,7 +133,7 @@ func TestBudgetCountsWhatCallsHoldAndReleasesIt(t *testing.T) {
 		}},
 	} {
 		m.peak.Store(0)
-		if err := tc.call(testContext(t)); err != nil {
+		if err := tc.call(testkit.Context(t)); err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
 		m.settles(t, tc.name)

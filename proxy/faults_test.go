@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/proxy"
 )
@@ -24,7 +25,7 @@ func TestOneToManySlowNodeDoesNotHoldTheReply(t *testing.T) {
 	servers[2].Set(testbackend.Behaviour{Delay: 10 * time.Second})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 200 * time.Millisecond}, proxy.Options{})
 	start := time.Now()
-	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +69,7 @@ func TestOneToManyOversizedReplyIsThatNodesError(t *testing.T) {
 		bs = append(bs, target{name: s.Name, conn: cc})
 	}
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
-	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +128,7 @@ func TestStressMixedFaults(t *testing.T) {
 }
 
 func checkUnary(t *testing.T, c machine.MachineServiceClient, names []string, chosen []int, want map[int]codes.Code) {
-	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Errorf("unary call failed: %v", err)
 		return
@@ -148,7 +149,7 @@ func checkUnary(t *testing.T, c machine.MachineServiceClient, names []string, ch
 // it: a hanging node must not hold the others back, and the test waits on
 // outcomes, not on a deadline a loaded machine may miss.
 func checkStream(t *testing.T, c machine.MachineServiceClient, names []string, chosen []int, faults []testbackend.Behaviour) {
-	ctx, cancel := context.WithCancel(testContext(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
 	if err != nil {
@@ -213,7 +214,7 @@ func TestOneToManyFloodingNodeIsPausedNotBuffered(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{StreamMessages: total, Payload: size}, "flood", "quiet")
 	servers[1].Set(testbackend.Behaviour{StreamMessages: 1})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 8})
-	ctx, cancel := context.WithCancel(testContext(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
 	if err != nil {
@@ -254,7 +255,7 @@ func TestOneToManyOversizedMergeDropsTheLargestEntries(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{Payload: 300 << 10}, "a", "big", "b")
 	servers[1].Set(testbackend.Behaviour{Payload: 600 << 10})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 1 << 20})
-	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatalf("the merged call failed instead of leaving out the largest reply: %v", err)
 	}
@@ -271,7 +272,7 @@ func TestOneToManyDoesNotHoardRepliesThatCannotBeSent(t *testing.T) {
 	names := []string{"n0", "n1", "n2", "n3", "n4", "n5"}
 	_, bs := backends(t, testbackend.Behaviour{Payload: 200 << 10}, names...)
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 256 << 10})
-	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/proxy"
 )
@@ -82,7 +83,7 @@ func TestObserverHearsTheCodesTheClientSaw(t *testing.T) {
 		_, bs := backends(t, testbackend.Behaviour{Payload: 200 << 10}, names...)
 		o := &outcomes{}
 		c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 256 << 10, Observer: o})
-		resp, err := c.Version(testContext(t), &emptypb.Empty{})
+		resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -101,7 +102,7 @@ func TestObserverHearsTheCodesTheClientSaw(t *testing.T) {
 		bad := startRaw(t, []byte{0x08, 0x01}) // field 1 as a varint: not an entry
 		o := &outcomes{}
 		c := startProxy(t, proxy.Route{Backends: append(good, target{name: "bad", conn: dial(t, bad)}), OneToMany: true}, proxy.Options{Observer: o})
-		if _, err := c.Version(testContext(t), &emptypb.Empty{}); err != nil {
+		if _, err := c.Version(testkit.Context(t), &emptypb.Empty{}); err != nil {
 			t.Fatal(err)
 		}
 		if got := o.take(); !slices.Equal(got, []codes.Code{codes.OK, codes.Internal}) {
@@ -113,7 +114,7 @@ func TestObserverHearsTheCodesTheClientSaw(t *testing.T) {
 		_, bs := backends(t, testbackend.Behaviour{StreamMessages: 100000, Payload: 1 << 10}, "a", "b")
 		o := &outcomes{}
 		c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{Observer: o})
-		ctx, cancel := context.WithCancel(testContext(t))
+		ctx, cancel := context.WithCancel(testkit.Context(t))
 		s, err := c.Dmesg(ctx, &machine.DmesgRequest{})
 		if err != nil {
 			t.Fatal(err)

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/proxy"
 )
@@ -99,17 +100,12 @@ func deadAddress(t *testing.T) string {
 	return addr
 }
 
-func testContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 func TestOneToOneUnaryKeepsBytesHeadersAndTrailers(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{Entries: 2}, "n1")
 	c := startProxy(t, proxy.Route{Backends: bs}, proxy.Options{})
 	var header, trailer metadata.MD
-	resp, err := c.Version(testContext(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer))
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +123,7 @@ func TestOneToOneUnaryKeepsBytesHeadersAndTrailers(t *testing.T) {
 func TestOneToOneKeepsBackendStatus(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{Fail: codes.NotFound, FailMessage: "no such service"}, "n1")
 	c := startProxy(t, proxy.Route{Backends: bs}, proxy.Options{})
-	_, err := c.Version(testContext(t), &emptypb.Empty{})
+	_, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if st := status.Convert(err); st.Code() != codes.NotFound || st.Message() != "no such service" {
 		t.Fatalf("status = %v", st)
 	}
@@ -135,7 +131,7 @@ func TestOneToOneKeepsBackendStatus(t *testing.T) {
 
 func TestOneToOneUnreachableBackendIsUnavailable(t *testing.T) {
 	c := startProxy(t, proxy.Route{Backends: []proxy.Backend{target{name: "dead", conn: dial(t, deadAddress(t))}}}, proxy.Options{})
-	_, err := c.Version(testContext(t), &emptypb.Empty{})
+	_, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("err = %v, want Unavailable", err)
 	}
@@ -144,7 +140,7 @@ func TestOneToOneUnreachableBackendIsUnavailable(t *testing.T) {
 func TestOneToOneServerStream(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{StreamMessages: 50, Payload: 1000}, "n1")
 	c := startProxy(t, proxy.Route{Backends: bs}, proxy.Options{})
-	stream, err := c.Dmesg(testContext(t), &machine.DmesgRequest{})
+	stream, err := c.Dmesg(testkit.Context(t), &machine.DmesgRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,7 +164,7 @@ func TestOneToOneServerStream(t *testing.T) {
 func TestOneToOneClientStreamUpload(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{}, "n1")
 	c := startProxy(t, proxy.Route{Backends: bs, Kind: proxy.ClientStream}, proxy.Options{})
-	stream, err := c.EtcdRecover(testContext(t))
+	stream, err := c.EtcdRecover(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +191,7 @@ func TestOneToOneClientStreamUpload(t *testing.T) {
 func TestOneToOneOversizedRequestIsRefused(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{}, "n1")
 	c := startProxy(t, proxy.Route{Backends: bs}, proxy.Options{}, grpc.MaxRecvMsgSize(1024))
-	stream, err := c.EtcdRecover(testContext(t))
+	stream, err := c.EtcdRecover(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,7 +220,7 @@ func TestOneToManyUnaryStampsEveryEntryInRequestOrder(t *testing.T) {
 	servers[0].Set(testbackend.Behaviour{Entries: 2, Delay: 200 * time.Millisecond})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
 	var header, trailer metadata.MD
-	resp, err := c.Version(testContext(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer))
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -255,7 +251,7 @@ func TestOneToManyUnaryFailuresBecomeErrorEntries(t *testing.T) {
 	servers[2].Set(testbackend.Behaviour{Hang: true})
 	bs = append(bs, target{name: "dead", conn: dial(t, deadAddress(t))}, target{name: "refused", err: errors.New("no route")})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 300 * time.Millisecond}, proxy.Options{})
-	resp, err := c.Version(testContext(t), &emptypb.Empty{})
+	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +278,7 @@ func TestOneToManyUnaryFailuresBecomeErrorEntries(t *testing.T) {
 func TestOneToManyRefusesClientStreams(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{}, "n1", "n2")
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ClientStream}, proxy.Options{})
-	stream, err := c.EtcdRecover(testContext(t))
+	stream, err := c.EtcdRecover(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +314,7 @@ func TestOneToManyStreamInterleavesAndReportsDeadNodes(t *testing.T) {
 	servers[2].Set(testbackend.Behaviour{StreamMessages: 20, FailAfter: 5})
 	bs = append(bs, target{name: "dead", conn: dial(t, deadAddress(t))})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{})
-	stream, err := c.Dmesg(testContext(t), &machine.DmesgRequest{})
+	stream, err := c.Dmesg(testkit.Context(t), &machine.DmesgRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,7 +338,7 @@ func TestOneToManyStuckNodeDoesNotBlockOthersAndCancelReachesAll(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{StreamMessages: 10}, "n1", "n2", "stuck")
 	servers[2].Set(testbackend.Behaviour{Stuck: true})
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{})
-	ctx, cancel := context.WithCancel(testContext(t))
+	ctx, cancel := context.WithCancel(testkit.Context(t))
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -377,7 +373,7 @@ func TestOneToManyReplyKeysFiltered(t *testing.T) {
 	allow := func(k string) bool { return k == "x-backend" }
 	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{ReplyKey: allow})
 	var header, trailer metadata.MD
-	if _, err := c.Version(testContext(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
+	if _, err := c.Version(testkit.Context(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
 		t.Fatal(err)
 	}
 	if len(header.Get("x-backend")) != 2 || len(trailer.Get("x-backend-trailer")) != 0 {
@@ -385,7 +381,7 @@ func TestOneToManyReplyKeysFiltered(t *testing.T) {
 	}
 	one := startProxy(t, proxy.Route{Backends: bs[:1]}, proxy.Options{ReplyKey: allow})
 	header, trailer = nil, nil
-	if _, err := one.Version(testContext(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
+	if _, err := one.Version(testkit.Context(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
 		t.Fatal(err)
 	}
 	if len(trailer.Get("x-backend-trailer")) != 1 {

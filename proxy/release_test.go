@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/proxy"
 )
@@ -58,7 +59,7 @@ func TestConnectionsAreReleasedAfterTheCallReturns(t *testing.T) {
 	l := &lending{name: "slow", conn: dial(t, servers[0].Addr)}
 	c := startProxy(t, proxy.Route{Backends: []proxy.Backend{l}, OneToMany: true, NodeTimeout: 10 * time.Millisecond}, proxy.Options{})
 	for range 40 {
-		if _, err := c.Version(testContext(t), &emptypb.Empty{}); err != nil {
+		if _, err := c.Version(testkit.Context(t), &emptypb.Empty{}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/pki"
 )
 
@@ -89,7 +90,7 @@ func TestDemoClusterAPI(t *testing.T) {
 			// A name nobody knows is its own NOT_FOUND entry.
 			{[]string{"node-1", "node-9"}, "node-1,node-9: error"},
 		} {
-			resp, err := cl.MachineClient.Version(client.WithNodes(testContext(t), tc.nodes...), &emptypb.Empty{})
+			resp, err := cl.MachineClient.Version(client.WithNodes(testkit.Context(t), tc.nodes...), &emptypb.Empty{})
 			if err != nil {
 				t.Fatalf("%v: %v", tc.nodes, err)
 			}
@@ -97,11 +98,11 @@ func TestDemoClusterAPI(t *testing.T) {
 				t.Errorf("%v: entries %s, want %s", tc.nodes, got, tc.want)
 			}
 		}
-		resp, _ := cl.MachineClient.Version(client.WithNodes(testContext(t), "node-9"), &emptypb.Empty{})
+		resp, _ := cl.MachineClient.Version(client.WithNodes(testkit.Context(t), "node-9"), &emptypb.Empty{})
 		if e := resp.GetMessages()[0].GetMetadata().GetError(); !strings.Contains(e, `node "node-9" is not in the inventory`) {
 			t.Errorf("node-9 entry: %q", e)
 		}
-		_, err := cl.Version(client.WithNodes(testContext(t), "@controlplanes"))
+		_, err := cl.Version(client.WithNodes(testkit.Context(t), "@controlplanes"))
 		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "known groups are @all, @controlplane, @workers, @zone=zone-a, @zone=zone-b") {
 			t.Errorf("unknown group: %v", err)
 		}
@@ -110,16 +111,16 @@ func TestDemoClusterAPI(t *testing.T) {
 	t.Run("a worker serves only itself, as a Talos worker does", func(t *testing.T) {
 		w := c.client(t, c.endpoint(3))
 		for _, ctx := range []context.Context{
-			client.WithNode(testContext(t), c.nodes[0]),
-			client.WithNodes(testContext(t), c.nodes[0]),
-			client.WithNodes(testContext(t), "@controlplane"),
+			client.WithNode(testkit.Context(t), c.nodes[0]),
+			client.WithNodes(testkit.Context(t), c.nodes[0]),
+			client.WithNodes(testkit.Context(t), "@controlplane"),
 		} {
 			_, err := w.Version(ctx)
 			if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "no request forwarding") {
 				t.Errorf("worker asked to forward: %v, want PermissionDenied no request forwarding", err)
 			}
 		}
-		for _, ctx := range []context.Context{testContext(t), client.WithNode(testContext(t), c.nodes[3]), client.WithNodes(testContext(t), "node-4")} {
+		for _, ctx := range []context.Context{testkit.Context(t), client.WithNode(testkit.Context(t), c.nodes[3]), client.WithNodes(testkit.Context(t), "node-4")} {
 			resp, err := w.Version(ctx)
 			if err != nil || len(resp.GetMessages()) != 1 {
 				t.Errorf("worker naming itself: %v, %v", resp, err)
@@ -128,7 +129,7 @@ func TestDemoClusterAPI(t *testing.T) {
 	})
 
 	t.Run("config new issues a client with exactly the roles asked", func(t *testing.T) {
-		resp, err := cl.GenerateClientConfiguration(client.WithNodes(testContext(t), "node-1"), &machine.GenerateClientConfigurationRequest{
+		resp, err := cl.GenerateClientConfiguration(client.WithNodes(testkit.Context(t), "node-1"), &machine.GenerateClientConfigurationRequest{
 			Roles: []string{"os:reader"}, CrtTtl: durationpb.New(24 * time.Hour),
 		})
 		if err != nil {
@@ -160,14 +161,14 @@ func TestDemoClusterAPI(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer reader.Close()
-		if _, err := reader.Version(client.WithNodes(testContext(t), "@all")); err != nil {
+		if _, err := reader.Version(client.WithNodes(testkit.Context(t), "@all")); err != nil {
 			t.Errorf("reader Version: %v", err)
 		}
-		if err := reader.Reboot(client.WithNodes(testContext(t), "node-2")); status.Code(err) != codes.PermissionDenied {
+		if err := reader.Reboot(client.WithNodes(testkit.Context(t), "node-2")); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("reader Reboot: %v, want PermissionDenied", err)
 		}
 		// Admin-only: the reader cannot mint itself an admin.
-		if _, err := reader.GenerateClientConfiguration(client.WithNodes(testContext(t), "node-1"), &machine.GenerateClientConfigurationRequest{
+		if _, err := reader.GenerateClientConfiguration(client.WithNodes(testkit.Context(t), "node-1"), &machine.GenerateClientConfigurationRequest{
 			Roles: []string{"os:admin"}, CrtTtl: durationpb.New(time.Hour)}); status.Code(err) != codes.PermissionDenied {
 			t.Errorf("reader GenerateClientConfiguration: %v, want PermissionDenied", err)
 		}
@@ -184,7 +185,7 @@ func TestDemoClusterAPI(t *testing.T) {
 			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}}, codes.InvalidArgument, "crt_ttl should be positive"},
 			{"node-4", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}, CrtTtl: durationpb.New(time.Hour)}, codes.FailedPrecondition, "no client CA"},
 		} {
-			_, err := cl.GenerateClientConfiguration(client.WithNode(testContext(t), tc.node), tc.req)
+			_, err := cl.GenerateClientConfiguration(client.WithNode(testkit.Context(t), tc.node), tc.req)
 			if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.words) {
 				t.Errorf("%s %v: %v, want %s %q", tc.node, tc.req, err, tc.code, tc.words)
 			}
@@ -193,7 +194,7 @@ func TestDemoClusterAPI(t *testing.T) {
 
 	health := func(t *testing.T, wait time.Duration, info *clusterapi.ClusterInfo) (lines []string, failure string) {
 		t.Helper()
-		stream, err := cl.ClusterHealthCheck(client.WithNode(testContext(t), "node-2"), wait, info)
+		stream, err := cl.ClusterHealthCheck(client.WithNode(testkit.Context(t), "node-2"), wait, info)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -232,7 +233,7 @@ func TestDemoClusterAPI(t *testing.T) {
 
 	t.Run("health naming a node that routes nowhere is refused", func(t *testing.T) {
 		for node, want := range map[string]codes.Code{"node-9": codes.NotFound, "@nosuch": codes.InvalidArgument} {
-			stream, err := cl.ClusterHealthCheck(client.WithNode(testContext(t), node), time.Second, &clusterapi.ClusterInfo{})
+			stream, err := cl.ClusterHealthCheck(client.WithNode(testkit.Context(t), node), time.Second, &clusterapi.ClusterInfo{})
 			if err == nil {
 				_, err = stream.Recv()
 			}
@@ -244,7 +245,7 @@ func TestDemoClusterAPI(t *testing.T) {
 
 	t.Run("health as a caller without roles is refused", func(t *testing.T) {
 		nobody := c.clientWithRoles(t, "nobody", "os:nothing")
-		stream, err := nobody.ClusterHealthCheck(testContext(t), time.Second, &clusterapi.ClusterInfo{})
+		stream, err := nobody.ClusterHealthCheck(testkit.Context(t), time.Second, &clusterapi.ClusterInfo{})
 		if err == nil {
 			_, err = stream.Recv()
 		}
@@ -297,7 +298,7 @@ func TestDemoClusterAPI(t *testing.T) {
 			},
 		}
 		for name, call := range unary {
-			resp, err := call(client.WithNodes(testContext(t), nodes...))
+			resp, err := call(client.WithNodes(testkit.Context(t), nodes...))
 			if err != nil {
 				t.Errorf("%s: %v", name, err)
 				continue
@@ -324,7 +325,7 @@ func TestDemoClusterAPI(t *testing.T) {
 			},
 		}
 		for name, open := range streams {
-			ctx, cancel := context.WithTimeout(client.WithNodes(testContext(t), nodes...), 3*time.Second)
+			ctx, cancel := context.WithTimeout(client.WithNodes(testkit.Context(t), nodes...), 3*time.Second)
 			_, recv, err := open(ctx)
 			if err != nil {
 				cancel()
@@ -377,7 +378,7 @@ func TestDemoClusterAPI(t *testing.T) {
 			name, call := step.name, step.call
 			deadline := time.Now().Add(20 * time.Second)
 			for {
-				resp, err := call(client.WithNodes(testContext(t), nodes...))
+				resp, err := call(client.WithNodes(testkit.Context(t), nodes...))
 				if err != nil {
 					t.Fatalf("%s: %v", name, err)
 				}
@@ -444,15 +445,15 @@ func TestDemoClusterAPI(t *testing.T) {
 	t.Run("services apid does not know pass through untouched", func(t *testing.T) {
 		// The example agent serves no InspectService or StorageService:
 		// its own Unimplemented comes back, one-to-one and per node.
-		_, err := cl.InspectClient.ControllerRuntimeDependencies(client.WithNode(testContext(t), "node-2"), &emptypb.Empty{})
+		_, err := cl.InspectClient.ControllerRuntimeDependencies(client.WithNode(testkit.Context(t), "node-2"), &emptypb.Empty{})
 		if status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "inspect.InspectService") {
 			t.Errorf("Inspect one-to-one: %v", err)
 		}
-		resp, err := cl.InspectClient.ControllerRuntimeDependencies(client.WithNodes(testContext(t), "node-1", "node-2"), &emptypb.Empty{})
+		resp, err := cl.InspectClient.ControllerRuntimeDependencies(client.WithNodes(testkit.Context(t), "node-1", "node-2"), &emptypb.Empty{})
 		if got := strings.Join(entries(resp), ","); err != nil || got != "node-1: error,node-2: error" {
 			t.Errorf("Inspect fan-out: entries %s, %v", got, err)
 		}
-		if _, err := cl.Disks(client.WithNode(testContext(t), "node-3")); status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "storage.StorageService") {
+		if _, err := cl.Disks(client.WithNode(testkit.Context(t), "node-3")); status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "storage.StorageService") {
 			t.Errorf("Storage one-to-one: %v", err)
 		}
 	})

@@ -19,6 +19,8 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // TestIdleConnectionsAndSlowHandshakes holds 5,000 idle mutual-TLS
@@ -57,7 +59,7 @@ limits:
   connectionsPerIdentity: 10000
 `, p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock, adminAddr))
 	gw := startBin(t, bin, "", "serve", "-config", cfg)
-	if !waitFor(20*time.Second, func() bool { return listening(addr) }) {
+	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
 		t.Fatal("gateway not listening")
 	}
 	pid := gw.cmd.Process.Pid
@@ -214,17 +216,17 @@ func TestRapidReset(t *testing.T) {
 	cfg := writeConfig(t, dir, "apid.yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nlogLevel: warn\nmaxConcurrentStreams: 100\n",
 		p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock, adminAddr))
 	gw := startBin(t, bin, "", "serve", "-config", cfg)
-	if !waitFor(20*time.Second, func() bool { return readyz(adminAddr) == 200 }) {
+	if !testkit.Eventually(20*time.Second, func() bool { return readyz(adminAddr) == 200 }) {
 		t.Fatal("gateway not ready")
 	}
 	admin := p.load(t, "admin")
 	tlsCfg := &tls.Config{RootCAs: p.pool, Certificates: []tls.Certificate{admin}, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13}
 	// The agent's log counts the calls that reach it: one real call first,
 	// to see that it does.
-	if _, err := machine.NewMachineServiceClient(dialTLS(t, p, addr, admin)).Version(testContext(t), &emptypb.Empty{}); err != nil {
+	if _, err := machine.NewMachineServiceClient(dialTLS(t, p, addr, admin)).Version(testkit.Context(t), &emptypb.Empty{}); err != nil {
 		t.Fatal(err)
 	}
-	if !waitFor(5*time.Second, func() bool { return strings.Count(agent.log(), "method=Version") == 1 }) {
+	if !testkit.Eventually(5*time.Second, func() bool { return strings.Count(agent.log(), "method=Version") == 1 }) {
 		t.Fatalf("the agent's log does not count calls:\n%s", agent.log())
 	}
 	before := procStatus(t, gw.cmd.Process.Pid, "VmRSS")

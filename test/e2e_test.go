@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // nodeErrors returns the per-node errors the official client reports.
@@ -52,7 +54,7 @@ func TestDemoCluster(t *testing.T) {
 	cl := c.client(t, c.endpoint(0))
 
 	t.Run("fan-out Version is stamped by every node", func(t *testing.T) {
-		resp, err := cl.Version(client.WithNodes(testContext(t), c.nodes...))
+		resp, err := cl.Version(client.WithNodes(testkit.Context(t), c.nodes...))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -70,7 +72,7 @@ func TestDemoCluster(t *testing.T) {
 
 	t.Run("unreachable node is one node error, the rest arrive", func(t *testing.T) {
 		dead := "127.0.77.99"
-		resp, err := client.FilterMessages(cl.MachineClient.Hostname(client.WithNodes(testContext(t), append(slices.Clone(c.nodes), dead)...), &emptypb.Empty{}))
+		resp, err := client.FilterMessages(cl.MachineClient.Hostname(client.WithNodes(testkit.Context(t), append(slices.Clone(c.nodes), dead)...), &emptypb.Empty{}))
 		errs := nodeErrors(t, err)
 		if len(errs) != 1 || errs[0].Node != dead {
 			t.Fatalf("node errors %v, want one for %s", err, dead)
@@ -86,7 +88,7 @@ func TestDemoCluster(t *testing.T) {
 	})
 
 	t.Run("node header goes one-to-one, untouched", func(t *testing.T) {
-		resp, err := cl.MachineClient.Hostname(client.WithNode(testContext(t), c.nodes[1]), &emptypb.Empty{})
+		resp, err := cl.MachineClient.Hostname(client.WithNode(testkit.Context(t), c.nodes[1]), &emptypb.Empty{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -97,7 +99,7 @@ func TestDemoCluster(t *testing.T) {
 
 	t.Run("no routing metadata reaches the local node", func(t *testing.T) {
 		for i := range c.nodes {
-			resp, err := c.client(t, c.endpoint(i)).MachineClient.Hostname(testContext(t), &emptypb.Empty{})
+			resp, err := c.client(t, c.endpoint(i)).MachineClient.Hostname(testkit.Context(t), &emptypb.Empty{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -108,7 +110,7 @@ func TestDemoCluster(t *testing.T) {
 	})
 
 	t.Run("node with two values is InvalidArgument", func(t *testing.T) {
-		ctx := metadata.AppendToOutgoingContext(testContext(t), "node", c.nodes[0], "node", c.nodes[1])
+		ctx := metadata.AppendToOutgoingContext(testkit.Context(t), "node", c.nodes[0], "node", c.nodes[1])
 		_, err := cl.MachineClient.Hostname(ctx, &emptypb.Empty{})
 		if status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("err = %v, want InvalidArgument", err)
@@ -116,7 +118,7 @@ func TestDemoCluster(t *testing.T) {
 	})
 
 	t.Run("Dmesg fan-out streams every node's data", func(t *testing.T) {
-		stream, err := cl.Dmesg(client.WithNodes(testContext(t), c.nodes...), false, false)
+		stream, err := cl.Dmesg(client.WithNodes(testkit.Context(t), c.nodes...), false, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -149,7 +151,7 @@ func TestDemoCluster(t *testing.T) {
 
 	t.Run("dead node in a stream is an error message, not a failed stream", func(t *testing.T) {
 		dead := "127.0.77.98"
-		stream, err := cl.Dmesg(client.WithNodes(testContext(t), c.nodes[0], dead), false, false)
+		stream, err := cl.Dmesg(client.WithNodes(testkit.Context(t), c.nodes[0], dead), false, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -183,7 +185,7 @@ func TestDemoCluster(t *testing.T) {
 		upload := bytes.Repeat([]byte("snapshot "), 100_000)
 		sum := sha256.Sum256(upload)
 		var trailer metadata.MD
-		resp, err := cl.EtcdRecover(client.WithNode(testContext(t), c.nodes[2]), bytes.NewReader(upload), grpc.Trailer(&trailer))
+		resp, err := cl.EtcdRecover(client.WithNode(testkit.Context(t), c.nodes[2]), bytes.NewReader(upload), grpc.Trailer(&trailer))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -199,13 +201,13 @@ func TestDemoCluster(t *testing.T) {
 	})
 
 	t.Run("Reboot is simulated and reaches every node", func(t *testing.T) {
-		if err := cl.Reboot(client.WithNodes(testContext(t), c.nodes...)); err != nil {
+		if err := cl.Reboot(client.WithNodes(testkit.Context(t), c.nodes...)); err != nil {
 			t.Fatal(err)
 		}
 	})
 
 	t.Run("Read streams a file one-to-one", func(t *testing.T) {
-		r, err := cl.Read(client.WithNode(testContext(t), c.nodes[1]), "/proc/self/status")
+		r, err := cl.Read(client.WithNode(testkit.Context(t), c.nodes[1]), "/proc/self/status")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -220,7 +222,7 @@ func TestDemoCluster(t *testing.T) {
 	})
 
 	t.Run("Memory fan-out", func(t *testing.T) {
-		resp, err := cl.Memory(client.WithNodes(testContext(t), c.nodes...))
+		resp, err := cl.Memory(client.WithNodes(testkit.Context(t), c.nodes...))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -248,7 +250,7 @@ func TestServeExposesMetrics(t *testing.T) {
 		"-backend", "unix://"+c.dir+"/node-1.sock", "-remote-port", fmt.Sprint(c.port),
 		"-admin-listen", fmt.Sprintf("127.0.79.20:%d", metricsPort), "-drain-delay", "0")
 	cl := c.client(t, fmt.Sprintf("127.0.79.20:%d", port))
-	_, err := cl.Version(client.WithNodes(testContext(t), c.nodes[0], "127.0.79.99"))
+	_, err := cl.Version(client.WithNodes(testkit.Context(t), c.nodes[0], "127.0.79.99"))
 	if errs := nodeErrors(t, err); len(errs) != 1 || errs[0].Node != "127.0.79.99" {
 		t.Fatalf("err = %v, want one node error for the dead node", err)
 	}
@@ -290,7 +292,7 @@ func TestServeExposesMetrics(t *testing.T) {
 		"-ca", c.dir+"/ca.crt", "-cert", c.dir+"/extra.crt", "-key", c.dir+"/extra.key",
 		"-backend", "unix://"+c.dir+"/node-1.sock", "-remote-port", fmt.Sprint(c.port),
 		"-admin-listen", "", "-drain-delay", "0")
-	_, err = c.client(t, fmt.Sprintf("127.0.79.20:%d", noIdentity)).Version(client.WithNodes(testContext(t), c.nodes[0]))
+	_, err = c.client(t, fmt.Sprintf("127.0.79.20:%d", noIdentity)).Version(client.WithNodes(testkit.Context(t), c.nodes[0]))
 	if errs := nodeErrors(t, err); len(errs) != 1 || !strings.Contains(errs[0].Error(), "code = Unavailable") {
 		t.Fatalf("forwarding with a serving certificate: %v, want the node's entry refused", err)
 	}
@@ -324,12 +326,12 @@ func TestDemoRerunOnTheSameDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Contexts[cfg.Context].Endpoints = []string{fmt.Sprintf("%s:%d", nodes[1], port)}
-	cl, err := client.New(testContext(t), client.WithConfig(cfg))
+	cl, err := client.New(testkit.Context(t), client.WithConfig(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	resp, err := cl.Version(client.WithNodes(testContext(t), nodes...))
+	resp, err := cl.Version(client.WithNodes(testkit.Context(t), nodes...))
 	if err != nil || len(resp.Messages) != 2 {
 		t.Fatalf("second run with the first run's talosconfig: %v, %v", resp, err)
 	}

@@ -13,6 +13,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // blackHole accepts TCP connections on addr and never says a word: a node
@@ -73,7 +75,7 @@ func TestFanOutSurvivesANodeThatNeverAnswersTLS(t *testing.T) {
 	})
 
 	t.Run("apid-node-timeout shortens the wait", func(t *testing.T) {
-		ctx := metadata.AppendToOutgoingContext(client.WithNodes(testContext(t), nodes...), "apid-node-timeout", "1s")
+		ctx := metadata.AppendToOutgoingContext(client.WithNodes(testkit.Context(t), nodes...), "apid-node-timeout", "1s")
 		start := time.Now()
 		resp, err := cl.MachineClient.Version(ctx, &emptypb.Empty{})
 		if err != nil {

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // h2specEnv makes the test binary run h2spec against one target and print
@@ -112,7 +114,7 @@ func TestH2spec(t *testing.T) {
 	cfg := writeConfig(t, dir, "apid.yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: \"\"\ndrainDelay: 0s\nlogLevel: error\n",
 		p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock))
 	start(t, "", "serve", "-config", cfg)
-	if !waitFor(20*time.Second, func() bool { return listening(addr) }) {
+	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
 		t.Fatal("apid not listening")
 	}
 

@@ -270,12 +270,6 @@ func (c *cluster) client(t *testing.T, endpoint string) *client.Client {
 	return cl
 }
 
-func testContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 // waitOutput waits until the process has printed text at least n times in
 // all, for events a process reports only in its log (a reload that failed,
 // for example). It reports whether that happened within timeout.

@@ -17,6 +17,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // testZone is an authoritative DNS server on loopback, in this process,
@@ -125,7 +127,7 @@ func TestInventorySources(t *testing.T) {
 	waitNodes := func(want string, nodes ...string) {
 		t.Helper()
 		var got []string
-		if !waitFor(15*time.Second, func() bool {
+		if !testkit.Eventually(15*time.Second, func() bool {
 			got = version(nodes...)
 			return strings.Join(got, ",") == want
 		}) {
@@ -149,7 +151,7 @@ func TestInventorySources(t *testing.T) {
 	writeNodes(fmt.Sprintf("- {name: alpha, address: %s, identity: node-1, role: controlplane}\n"+
 		"- {name: liar, address: %s, identity: node-1, role: controlplane}\n", ips[0], ips[1]))
 	var got []string
-	if !waitFor(15*time.Second, func() bool {
+	if !testkit.Eventually(15*time.Second, func() bool {
 		got = version("@controlplane")
 		return len(got) == 2 && got[0] == "alpha" && strings.HasPrefix(got[1], "liar: ")
 	}) {
@@ -162,7 +164,7 @@ func TestInventorySources(t *testing.T) {
 	// DNS changes on the record's TTL (1 s): node-3 leaves the SRV set,
 	// and with it the only node labelled from=dns.
 	zone.set()
-	if !waitFor(15*time.Second, func() bool {
+	if !testkit.Eventually(15*time.Second, func() bool {
 		ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "nodes", "@from=dns"), 10*time.Second)
 		defer cancel()
 		_, err := mc.Version(ctx, &emptypb.Empty{})

@@ -16,6 +16,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // h2conn opens a TLS connection to addr with cert and speaks just enough
@@ -126,7 +128,7 @@ func TestConnectionLimits(t *testing.T) {
 	}
 	// A closed connection gives its place back.
 	readers[0].Close()
-	if !waitFor(10*time.Second, func() bool { _, err := open(reader); return err == nil }) {
+	if !testkit.Eventually(10*time.Second, func() bool { _, err := open(reader); return err == nil }) {
 		t.Fatal("a reader could not connect again after closing one of its connections")
 	}
 }
@@ -135,7 +137,7 @@ func TestBufferedBytesLimitRefusesNewCallsOnly(t *testing.T) {
 	c := startMemCluster(t, 99, 1, "limits:\n  bufferedBytes: 1MiB\n")
 	cc := c.dial(t, 0, c.admin)
 	mc := machine.NewMachineServiceClient(cc)
-	ctx := testContext(t)
+	ctx := testkit.Context(t)
 	// Unread streams of the big file, fanned out to the node itself: each
 	// holds what its node buffer and relay hold.
 	var streams []machine.MachineService_ReadClient
@@ -147,7 +149,7 @@ func TestBufferedBytesLimitRefusesNewCallsOnly(t *testing.T) {
 		streams = append(streams, s)
 	}
 	var refusal error
-	if !waitFor(20*time.Second, func() bool {
+	if !testkit.Eventually(20*time.Second, func() bool {
 		_, refusal = mc.Version(ctx, &emptypb.Empty{})
 		return status.Code(refusal) == codes.ResourceExhausted
 	}) {

@@ -21,6 +21,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // Memory tests run real apid and agent processes built without the race
@@ -294,7 +296,7 @@ func TestMemoryOfLargeFanOutRequests(t *testing.T) {
 	mc := machine.NewMachineServiceClient(cc)
 	req := &emptypb.Empty{}
 	req.ProtoReflect().SetUnknown(protowire.AppendBytes(protowire.AppendTag(nil, 1000, protowire.BytesType), make([]byte, size)))
-	ctx := metadata.AppendToOutgoingContext(testContext(t), "nodes", c.ips[0], "nodes", c.ips[1], "nodes", c.ips[2])
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t), "nodes", c.ips[0], "nodes", c.ips[1], "nodes", c.ips[2])
 	if _, err := mc.Version(ctx, &emptypb.Empty{}); err != nil { // connections up before measuring
 		t.Fatal(err)
 	}

@@ -29,6 +29,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // The fault harness gives every member (the client, the gateway, each
@@ -247,7 +249,7 @@ func startFaultCluster(t *testing.T, extraConfig string) *faultCluster {
 	c.gwAgent, _ = h.node(c.gateway, "gateway", root, extraConfig)
 	c.mc = h.client(c.client.ns, net.JoinHostPort(c.gateway.ip, "50000"))
 	// Every node answers through the gateway before any fault.
-	if !waitFor(30*time.Second, func() bool {
+	if !testkit.Eventually(30*time.Second, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		resp, err := c.mc.Version(c.nodesCtx(ctx), &emptypb.Empty{})
@@ -386,7 +388,7 @@ func TestNetnsPartitionEjectsAndRecovers(t *testing.T) {
 	c.h.partition(cut, false)
 	healed := time.Now()
 	var back time.Duration
-	if !waitFor(30*time.Second, func() bool {
+	if !testkit.Eventually(30*time.Second, func() bool {
 		_, failed := c.timedFanOut(t)
 		back = time.Since(healed)
 		return len(failed) == 0
@@ -483,7 +485,7 @@ func TestNetnsNodeKilledMidStream(t *testing.T) {
 	restarted := time.Now()
 	c.apids[victim] = c.h.serve(c.nodes[victim], fmt.Sprintf("node-%d", victim+1), filepath.Join(c.h.dir, fmt.Sprintf("node-%d.sock", victim+1)), "")
 	var back time.Duration
-	if !waitFor(40*time.Second, func() bool {
+	if !testkit.Eventually(40*time.Second, func() bool {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_, err := c.mc.Version(metadata.AppendToOutgoingContext(cctx, "node", vip), &emptypb.Empty{})
@@ -541,7 +543,7 @@ func TestNetnsPeerVanishesUnderStream(t *testing.T) {
 	// The idle node's pooled connection was found dead too: the gateway's
 	// /nodes no longer calls it READY.
 	var state string
-	if !waitFor(20*time.Second, func() bool {
+	if !testkit.Eventually(20*time.Second, func() bool {
 		state = c.nodeConnection(t, idle.ip)
 		return state != "READY"
 	}) {
@@ -550,7 +552,7 @@ func TestNetnsPeerVanishesUnderStream(t *testing.T) {
 	t.Logf("idle pooled connection to a node gone without FIN: %s after %s", state, time.Since(cut).Round(time.Second))
 	// The idle node heals; the next call to it works on a fresh connection.
 	c.h.partition(idle, false)
-	if !waitFor(30*time.Second, func() bool {
+	if !testkit.Eventually(30*time.Second, func() bool {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_, err := c.mc.Version(metadata.AppendToOutgoingContext(cctx, "node", idle.ip), &emptypb.Empty{})
@@ -560,7 +562,7 @@ func TestNetnsPeerVanishesUnderStream(t *testing.T) {
 	}
 	// Heal the streamed node too; once it answers, nothing is left over.
 	c.h.partition(streamed, false)
-	if !waitFor(30*time.Second, func() bool {
+	if !testkit.Eventually(30*time.Second, func() bool {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_, err := c.mc.Version(metadata.AppendToOutgoingContext(cctx, "node", streamed.ip), &emptypb.Empty{})
@@ -606,7 +608,7 @@ func TestNetnsLocalAgentRestart(t *testing.T) {
 	c.gwAgent = c.h.start(c.gateway, "example agent serving", "agent", "-listen", "unix://"+sock, "-hostname", "gateway", "-read-root", c.root)
 	restarted := time.Now()
 	var back time.Duration
-	if !waitFor(60*time.Second, func() bool {
+	if !testkit.Eventually(60*time.Second, func() bool {
 		back = time.Since(restarted)
 		return local() == nil
 	}) {
@@ -692,7 +694,7 @@ func (c *faultCluster) goroutines(t *testing.T) float64 {
 func (c *faultCluster) settled(t *testing.T, base float64) {
 	t.Helper()
 	var now float64
-	if !waitFor(30*time.Second, func() bool {
+	if !testkit.Eventually(30*time.Second, func() bool {
 		now = c.goroutines(t)
 		return now <= base+4
 	}) {
@@ -747,7 +749,7 @@ func TestNetnsFlappingAndOneWay(t *testing.T) {
 	run(t, "ip", "-n", node.ns, "route", "del", "blackhole", c.gateway.ip+"/32")
 	var back time.Duration
 	healed := time.Now()
-	if !waitFor(30*time.Second, func() bool {
+	if !testkit.Eventually(30*time.Second, func() bool {
 		_, failed := c.timedFanOut(t)
 		back = time.Since(healed)
 		return len(failed) == 0

@@ -17,6 +17,8 @@ import (
 
 	"github.com/siderolabs/talos/pkg/machinery/client"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // demoIPs are the addresses the demo uses by default.
@@ -46,12 +48,12 @@ func checkDemo(t *testing.T, wd string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl, err := client.New(testContext(t), client.WithConfig(cfg))
+	cl, err := client.New(testkit.Context(t), client.WithConfig(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	resp, err := cl.Version(client.WithNodes(testContext(t), demoIPs...))
+	resp, err := cl.Version(client.WithNodes(testkit.Context(t), demoIPs...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +62,7 @@ func checkDemo(t *testing.T, wd string) {
 	}
 	for _, ip := range demoIPs {
 		admin := net.JoinHostPort(ip, "50001")
-		if !waitFor(10*time.Second, func() bool { return readyz(admin) == 200 }) {
+		if !testkit.Eventually(10*time.Second, func() bool { return readyz(admin) == 200 }) {
 			t.Fatalf("demo node %s: /readyz not 200", admin)
 		}
 	}
@@ -115,7 +117,7 @@ func TestReadmeCommandsInAFreshCheckout(t *testing.T) {
 				_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
 				<-p.exited
 				// The demo itself may outlive the shell by a moment.
-				if !waitFor(15*time.Second, func() bool { return !listening(net.JoinHostPort(demoIPs[0], "50000")) }) {
+				if !testkit.Eventually(15*time.Second, func() bool { return !listening(net.JoinHostPort(demoIPs[0], "50000")) }) {
 					t.Errorf("%q still serving 15 s after SIGTERM", command)
 				}
 			})
@@ -164,11 +166,11 @@ func TestDemoAuditLineAndNodes(t *testing.T) {
 	c.proc = start(t, "nodes up", "demo", "-dir", c.dir, "-first-ip", c.nodes[0], "-port", fmt.Sprint(c.port),
 		"-log-level", "info", "-log-format", "json")
 	cl := c.client(t, c.endpoint(0))
-	if _, err := cl.Version(client.WithNodes(testContext(t), c.nodes...)); err != nil {
+	if _, err := cl.Version(client.WithNodes(testkit.Context(t), c.nodes...)); err != nil {
 		t.Fatal(err)
 	}
 	var line map[string]any
-	if !waitFor(10*time.Second, func() bool {
+	if !testkit.Eventually(10*time.Second, func() bool {
 		for _, l := range strings.Split(c.proc.log(), "\n") {
 			var m map[string]any
 			if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == "call" && m["mode"] == "fan-out" {

@@ -41,6 +41,7 @@ import (
 
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/pki"
 )
 
@@ -285,20 +286,6 @@ func handshake(addr string, cfg *tls.Config) (tls.ConnectionState, error) {
 		return tls.ConnectionState{}, err
 	}
 	return conn.ConnectionState(), nil
-}
-
-// waitFor retries cond for at most timeout: for changes a process makes on
-// its own schedule (a certificate file picked up on its next poll) and
-// announces nowhere the test can wait on.
-func waitFor(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	return true
 }
 
 func writeAtomic(t *testing.T, path string, data []byte, mode os.FileMode) {
@@ -1272,7 +1259,7 @@ func (c *secCluster) testCARotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeAtomic(t, c.caB, append(oldCA, next.ca.CertPEM...), 0o644)
-	if !waitFor(10*time.Second, func() bool { _, err := handshake(c.addr(ipB), cfg); return err == nil }) {
+	if !testkit.Eventually(10*time.Second, func() bool { _, err := handshake(c.addr(ipB), cfg); return err == nil }) {
 		t.Fatalf("B did not accept the new CA's clients within 10 s of the bundle change:\n%s", c.procB.log())
 	}
 
@@ -1357,7 +1344,7 @@ func (c *secCluster) testReload(t *testing.T) {
 	if err := c.procA.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	if !waitFor(10*time.Second, func() bool { s := served(); return s != nil && s.Cmp(renewed.SerialNumber) == 0 }) {
+	if !testkit.Eventually(10*time.Second, func() bool { s := served(); return s != nil && s.Cmp(renewed.SerialNumber) == 0 }) {
 		t.Fatalf("A did not serve the renewed certificate within 10 s of SIGHUP:\n%s", c.procA.log())
 	}
 	if err := call(callContext(t), c.dial(t, ipA, admin), methodVersion); err != nil {

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // notifySocket listens where a Type=notify service reports to systemd and
@@ -116,11 +118,11 @@ func TestServeLifecycle(t *testing.T) {
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	proc := startCmd(t, cmd, "apid serving")
 	expectNotify(t, msgs, "READY=1")
-	if !waitFor(10*time.Second, func() bool { return readyz(adminAddr) == 200 }) {
+	if !testkit.Eventually(10*time.Second, func() bool { return readyz(adminAddr) == 200 }) {
 		t.Fatalf("/readyz not 200 within 10 s:\n%s", proc.log())
 	}
 
-	ctx := testContext(t)
+	ctx := testkit.Context(t)
 	admin := machine.NewMachineServiceClient(dialTLS(t, p, addr, p.load(t, "admin")))
 	reader := machine.NewMachineServiceClient(dialTLS(t, p, addr, p.load(t, "reader")))
 	if _, err := reader.Version(ctx, &emptypb.Empty{}); err != nil {
@@ -169,7 +171,7 @@ func TestServeLifecycle(t *testing.T) {
 	sent := time.Now()
 	_ = proc.cmd.Process.Signal(syscall.SIGTERM)
 	expectNotify(t, msgs, "STOPPING=1")
-	if !waitFor(5*time.Second, func() bool { return readyz(adminAddr) == 503 }) {
+	if !testkit.Eventually(5*time.Second, func() bool { return readyz(adminAddr) == 503 }) {
 		t.Fatalf("/readyz not 503 within 5 s of SIGTERM:\n%s", proc.log())
 	}
 	to503 := time.Since(sent)
@@ -265,7 +267,7 @@ func TestHAProxyFailover(t *testing.T) {
 		_ = lbProc.cmd.Process.Signal(syscall.SIGTERM)
 		<-lbProc.exited
 	})
-	if !waitFor(20*time.Second, func() bool { return listening(lbAddr) }) {
+	if !testkit.Eventually(20*time.Second, func() bool { return listening(lbAddr) }) {
 		t.Fatalf("haproxy not listening on %s within 20 s:\n%s", lbAddr, lbProc.log())
 	}
 
@@ -282,7 +284,7 @@ func TestHAProxyFailover(t *testing.T) {
 	}
 	// Wait until calls reach both gateways through the balancer.
 	seen := map[string]bool{}
-	if !waitFor(20*time.Second, func() bool {
+	if !testkit.Eventually(20*time.Second, func() bool {
 		for _, c := range clients {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			r, err := c.Hostname(ctx, &emptypb.Empty{})
@@ -338,7 +340,7 @@ func TestHAProxyFailover(t *testing.T) {
 	sent := time.Now()
 	_ = gateways[0].cmd.Process.Signal(syscall.SIGTERM)
 	var to503 time.Duration
-	if waitFor(10*time.Second, func() bool { return readyz(admins[0]) != 200 }) {
+	if testkit.Eventually(10*time.Second, func() bool { return readyz(admins[0]) != 200 }) {
 		to503 = time.Since(sent)
 	}
 	select {

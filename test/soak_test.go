@@ -16,6 +16,8 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // TestSoak (make soak; not part of make test) keeps 1,000 streamed
@@ -45,7 +47,7 @@ func TestSoak(t *testing.T) {
 	}
 	// The baseline is taken with the client connections and the
 	// connections to the nodes open, and the fan-out workers gone.
-	warmCtx := metadata.AppendToOutgoingContext(testContext(t), "nodes", strings.Join(c.ips, ","))
+	warmCtx := metadata.AppendToOutgoingContext(testkit.Context(t), "nodes", strings.Join(c.ips, ","))
 	for _, mc := range clients {
 		if _, err := readStream(warmCtx, mc, small); err != nil {
 			t.Fatal(err)
@@ -88,7 +90,7 @@ func TestSoak(t *testing.T) {
 	// Idle fan-out workers exit after 5 s: goroutines settle within
 	// seconds.
 	var after float64
-	settled := waitFor(30*time.Second, func() bool {
+	settled := testkit.Eventually(30*time.Second, func() bool {
 		after = scrape(t, c.metrics[0], "go_goroutines")
 		return after <= baseGoroutines+2
 	})

@@ -17,6 +17,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // otlpReceiver is an OTLP/gRPC trace receiver: the collector's TraceService
@@ -90,7 +92,7 @@ func TestTraceOfAFanOut(t *testing.T) {
 	c := startMemCluster(t, 64, 3, fmt.Sprintf("tracing:\n  endpoint: %q\n  insecure: true\n", addr))
 
 	traceID := "4bf92f3577b34da6a3ce929d0e0e4736"
-	ctx := metadata.AppendToOutgoingContext(testContext(t),
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t),
 		"traceparent", "00-"+traceID+"-00f067aa0ba902b7-01", "nodes", strings.Join(c.ips, ","))
 	resp, err := machine.NewMachineServiceClient(c.dial(t, 0, c.admin)).Version(ctx, &emptypb.Empty{})
 	if err != nil || len(resp.Messages) != 3 {
@@ -136,7 +138,7 @@ func TestTraceOfAFanOut(t *testing.T) {
 		}
 		return len(nodeSpans) == 3 && len(remote) == 2
 	}
-	if !waitFor(20*time.Second, complete) {
+	if !testkit.Eventually(20*time.Second, complete) {
 		t.Fatalf("trace incomplete after 20 s: gateway span %v, node spans %d, remote apids %v\n%s",
 			gateway.Span != nil, len(nodeSpans), remote, tree(spans))
 	}

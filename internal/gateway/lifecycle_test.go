@@ -15,15 +15,11 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
 )
 
-func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 // TestHealthAndReadiness: the gRPC health service answers any
 // authenticated caller, roles or not, and /readyz follows the local agent.
@@ -39,7 +35,7 @@ func TestHealthAndReadiness(t *testing.T) {
 		t.Fatalf("/metrics: %d, %d bytes", code, len(body))
 	}
 
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	// A role no policy knows grants nothing.
 	noRoles := healthpb.NewHealthClient(tg.client("probe", "team:probes"))
 	for _, svc := range []string{"", "machine.MachineService"} {
@@ -87,7 +83,7 @@ func TestDrain(t *testing.T) {
 	const drainDelay, shutdownTimeout = 2 * time.Second, 800 * time.Millisecond
 	tg := startGateway(t, func(c *Config) { c.DrainDelay, c.ShutdownTimeout = drainDelay, shutdownTimeout })
 	tg.waitReady(200)
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	cc := tg.client("admin", certs.RoleAdmin)
 	mc := machine.NewMachineServiceClient(cc)
 	logs, err := mc.Logs(ctx, &machine.LogsRequest{Id: "agent", Follow: true})
@@ -145,7 +141,7 @@ func TestDrainEndsWhenCallsDo(t *testing.T) {
 	// Ready first: the local agent connects just after Serve starts, and a
 	// watch opened before then begins with NOT_SERVING.
 	tg.waitReady(200)
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	watch, err := healthpb.NewHealthClient(tg.client("probe", "team:probes")).Watch(ctx, &healthpb.HealthCheckRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -188,7 +184,7 @@ func TestHealthExemptionIsExact(t *testing.T) {
 	// never off the machine.
 	tg := startGateway(t, func(c *Config) { c.Nodes.Port = closedPort(t) })
 	cc := tg.client("nobody", "team:none")
-	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,127.0.0.9")
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t), "nodes", "127.0.0.1,127.0.0.9")
 	err := cc.Invoke(ctx, "/grpc.health.v1.Health/Nope", &emptypb.Empty{}, &emptypb.Empty{})
 	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("a made-up method under the health service, fanned out by a caller without roles: %v, want PermissionDenied", err)
@@ -199,7 +195,7 @@ func TestHealthExemptionIsExact(t *testing.T) {
 // an invalid configuration and a change of address are not applied.
 func TestReloadAppliesLiveKeys(t *testing.T) {
 	tg := startGateway(t, nil)
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	reader := machine.NewMachineServiceClient(tg.client("reader", certs.RoleReader))
 	if _, err := reader.Version(ctx, &emptypb.Empty{}); err != nil {
 		t.Fatalf("reader Version before the reload: %v", err)
@@ -245,7 +241,7 @@ func TestReloadAppliesLiveKeys(t *testing.T) {
 // once its stream ends.
 func TestConcurrentCallsPerIdentity(t *testing.T) {
 	tg := startGateway(t, func(c *Config) { c.Limits.ConcurrentCallsPerIdentity = 1 })
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	alice := machine.NewMachineServiceClient(tg.client("alice", certs.RoleAdmin))
 	sctx, stop := context.WithCancel(ctx)
 	logs, err := alice.Logs(sctx, &machine.LogsRequest{Id: "agent", Follow: true})
@@ -286,7 +282,7 @@ func TestConcurrentCallsPerIdentity(t *testing.T) {
 // bounded apart from its short calls and from other identities.
 func TestStreamsPerIdentityPerNode(t *testing.T) {
 	tg := startGateway(t, func(c *Config) { c.Limits.StreamsPerIdentityPerNode = 1 })
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	reader := machine.NewMachineServiceClient(tg.client("reader", certs.RoleReader))
 	for _, md := range []metadata.MD{{}, metadata.Pairs("node", "127.0.0.1")} {
 		sctx, stop := context.WithCancel(metadata.NewOutgoingContext(ctx, md))

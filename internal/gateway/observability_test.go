@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/director"
 )
@@ -48,7 +49,7 @@ func families(page string) map[string]bool {
 // queries, that made-up methods add one series, and /nodes.
 func TestObservability(t *testing.T) {
 	tg := startGateway(t, func(c *Config) { c.Nodes.Port = closedPort(t) })
-	ctx := testCtx(t)
+	ctx := testkit.Context(t)
 	cc := tg.client("admin", certs.RoleAdmin)
 	mc := machine.NewMachineServiceClient(cc)
 	resp, err := mc.Version(metadata.AppendToOutgoingContext(ctx, "nodes", "127.0.0.1,127.0.0.2"), &emptypb.Empty{})
@@ -234,7 +235,7 @@ func TestEjection(t *testing.T) {
 		c.Routing.Ejection = director.EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50}
 	})
 	mc := machine.NewMachineServiceClient(tg.client("admin", certs.RoleAdmin))
-	ctx := metadata.AppendToOutgoingContext(testCtx(t), "nodes", "127.0.0.1,127.0.0.3")
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t), "nodes", "127.0.0.1,127.0.0.3")
 	var last *machine.VersionResponse
 	for i := range 4 {
 		resp, err := mc.Version(ctx, &emptypb.Empty{})
@@ -267,7 +268,7 @@ func TestEjection(t *testing.T) {
 		}
 	}
 	// One-to-one to the ejected node fails at once too.
-	_, err := mc.Version(metadata.AppendToOutgoingContext(testCtx(t), "node", "127.0.0.3"), &emptypb.Empty{})
+	_, err := mc.Version(metadata.AppendToOutgoingContext(testkit.Context(t), "node", "127.0.0.3"), &emptypb.Empty{})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "ejected") {
 		t.Fatalf("one-to-one to an ejected node: %v", err)
 	}
