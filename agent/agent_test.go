@@ -31,8 +31,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/testkit"
 )
 
 func TestMain(m *testing.M) {
@@ -88,7 +88,6 @@ func serve(t *testing.T, cfg agent.Config, addr string) (*agent.Server, net.List
 	})
 	return srv, lis
 }
-
 
 // recvAll collects a server stream's payloads until it ends.
 func recvAll(stream grpc.ServerStreamingClient[common.Data]) ([][]byte, error) {

@@ -14,8 +14,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/pki"
 )
 

@@ -20,8 +20,8 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/testkit"
 )
 
 // fileTree is a small tree under an allowed root, with symlinks inside and

@@ -14,8 +14,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/testkit"
 )
 
 // lifecycleEvents describes the events of a simulated lifecycle operation.

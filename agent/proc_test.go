@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/testkit"
 )
 
 // officialClientFor serves an agent on a fresh unix socket and returns the

@@ -10,13 +10,12 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 )
 
 // The benchmarks only check counts on their hot path; these tests check
 // that every variant really delivers what the benchmark claims to measure.
-
 
 func TestOneToOneVariantsRelayTheBackendsReply(t *testing.T) {
 	backend := testbackend.Start(t, "node", testbackend.Behaviour{Payload: 100})

@@ -15,8 +15,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/proxy"
 )
 

@@ -24,8 +24,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/proxy"
 )
 
@@ -99,7 +99,6 @@ func deadAddress(t *testing.T) string {
 	lis.Close()
 	return addr
 }
-
 
 func TestOneToOneUnaryKeepsBytesHeadersAndTrailers(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{Entries: 2}, "n1")

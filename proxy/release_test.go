@@ -9,8 +9,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/proxy"
 )
 

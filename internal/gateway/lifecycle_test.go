@@ -15,11 +15,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testkit"
 )
-
 
 // TestHealthAndReadiness: the gRPC health service answers any
 // authenticated caller, roles or not, and /readyz follows the local agent.

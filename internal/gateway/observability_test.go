@@ -17,9 +17,9 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/internal/testkit"
 )
 
 // closedPort returns a port on 127.0.0.1 nothing listens on.
