@@ -20,8 +20,18 @@ type Config struct {
 	// get RESOURCE_EXHAUSTED and running ones go on. Default: an eighth of
 	// the memory of the machine or cgroup, at least 64 MiB.
 	BufferedBytes ByteSize `yaml:"bufferedBytes" reload:"live"`
-	// Connections bounds the client connections open at once. Default 4096.
+	// Connections bounds the authenticated client connections open at
+	// once. Default 4096.
 	Connections int `yaml:"connections" reload:"live"`
+	// Handshakes bounds the connections still in their TLS handshake, apart
+	// from the authenticated ones: when full, the oldest unfinished one is
+	// closed. HandshakesPerSource bounds those of one source address (the
+	// PROXY header's, behind a balancer), and ConnectionsPerSourcePerSecond
+	// the new connections one source opens a second (bursts of twice
+	// that). Defaults 1024, 64 and 100.
+	Handshakes                    int     `yaml:"handshakes" reload:"live"`
+	HandshakesPerSource           int     `yaml:"handshakesPerSource" reload:"live"`
+	ConnectionsPerSourcePerSecond float64 `yaml:"connectionsPerSourcePerSecond" reload:"live"`
 	// ConnectionsPerIdentity bounds the connections open at once with one
 	// client certificate subject. Default 256.
 	ConnectionsPerIdentity int `yaml:"connectionsPerIdentity" reload:"live"`
@@ -58,17 +68,20 @@ type Config struct {
 // DefaultConfig returns the limits with every default filled in.
 func DefaultConfig() Config {
 	return Config{
-		BufferedBytes:              ByteSize(DefaultMemory()),
-		Connections:                4096,
-		ConnectionsPerIdentity:     256,
-		StreamWindow:               256 << 10,
-		ConnectionWindow:           1 << 20,
-		NodeBuffer:                 64 << 10,
-		ConcurrentCallsPerIdentity: 1000,
-		CallsPerSecondPerIdentity:  500,
-		CallBurstPerIdentity:       1000,
-		CallsPerIdentityPerNode:    250,
-		StreamsPerIdentityPerNode:  125,
+		BufferedBytes:                 ByteSize(DefaultMemory()),
+		Connections:                   4096,
+		Handshakes:                    1024,
+		HandshakesPerSource:           64,
+		ConnectionsPerSourcePerSecond: 100,
+		ConnectionsPerIdentity:        256,
+		StreamWindow:                  256 << 10,
+		ConnectionWindow:              1 << 20,
+		NodeBuffer:                    64 << 10,
+		ConcurrentCallsPerIdentity:    1000,
+		CallsPerSecondPerIdentity:     500,
+		CallBurstPerIdentity:          1000,
+		CallsPerIdentityPerNode:       250,
+		StreamsPerIdentityPerNode:     125,
 	}
 }
 
@@ -85,6 +98,9 @@ func (c Config) Validate() error {
 	}
 	positive("connections", float64(c.Connections))
 	positive("connectionsPerIdentity", float64(c.ConnectionsPerIdentity))
+	positive("handshakes", float64(c.Handshakes))
+	positive("handshakesPerSource", float64(c.HandshakesPerSource))
+	positive("connectionsPerSourcePerSecond", c.ConnectionsPerSourcePerSecond)
 	for _, w := range []struct {
 		key  string
 		size ByteSize

@@ -1,6 +1,7 @@
 package limits
 
 import (
+	"container/list"
 	"errors"
 	"fmt"
 	"io"
@@ -10,18 +11,34 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc/credentials"
 )
 
-// Connections bounds the client connections open at once: Total in all
-// (counted from accept, so connections still in their handshake count) and
-// PerIdentity for one client certificate identity (its subject, counted
-// once the handshake has verified it). A connection over either limit is
-// closed at once and the reason logged, at most once a second.
+// Connections bounds the client connections open at once. Connections
+// still in their TLS handshake have a budget of their own, so that sockets
+// that never authenticate cannot crowd out clients that do: at most
+// Handshakes at once (when full, the oldest unfinished one is closed to make
+// room: a client finishes its handshake in milliseconds, a flood never
+// does), and at most HandshakesPerSource from one source address, which
+// may also open only so many connections a second. Authenticated
+// connections count against Total and, by client certificate subject,
+// PerIdentity. A connection over a limit is closed at once and the reason
+// logged, at most once a second per limit.
 type Connections struct {
 	total       atomic.Int64
 	perIdentity atomic.Int64
 	log         *slog.Logger
+
+	// Connections in their handshake: oldest first, and by source.
+	hsMu         sync.Mutex
+	handshakes   int
+	perSource    int
+	sourceRate   rate.Limit
+	pending      list.List // of *countedConn
+	sources      map[string]*source
+	sourcesSwept time.Time
+	authed       atomic.Int64
 
 	open     atomic.Int64
 	byRemote sync.Map // remote address -> *countedConn, for CloseRemote
@@ -29,9 +46,9 @@ type Connections struct {
 	identity map[string]int
 	// By limit (byTotal, byIdentity): refusals, when one was last logged
 	// (unix nanoseconds), and how many were not logged since.
-	refusals [3]atomic.Int64
-	lastLog  [3]atomic.Int64
-	quiet    [3]atomic.Int64
+	refusals [nLimits]atomic.Int64
+	lastLog  [nLimits]atomic.Int64
+	quiet    [nLimits]atomic.Int64
 }
 
 // The limits a connection can be refused by, and failed handshakes.
@@ -39,7 +56,17 @@ const (
 	byTotal = iota
 	byIdentity
 	byHandshake
+	byHandshakes
+	bySource
+	nLimits
 )
+
+// source is one source address's unfinished handshakes and its bucket of
+// new connections.
+type source struct {
+	pending int
+	bucket  *rate.Limiter
+}
 
 // NewConnections returns limits of total connections and perIdentity
 // connections per identity; zero or less means unlimited. log receives the
@@ -48,10 +75,45 @@ func NewConnections(total, perIdentity int, log *slog.Logger) *Connections {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &Connections{log: log, identity: map[string]int{}}
+	c := &Connections{log: log, identity: map[string]int{}, sources: map[string]*source{}, sourcesSwept: time.Now()}
 	c.SetLimits(total, perIdentity)
+	c.SetHandshakeLimits(1024, 64, 100)
 	return c
 }
+
+// SetHandshakeLimits bounds the connections still in their handshake: in
+// all, from one source address, and new connections a second from one
+// source (bursts of twice that). Zero or less turns a bound off.
+func (c *Connections) SetHandshakeLimits(total, perSource int, perSourcePerSecond float64) {
+	c.hsMu.Lock()
+	defer c.hsMu.Unlock()
+	c.handshakes, c.perSource = total, perSource
+	c.sourceRate = rate.Inf
+	if perSourcePerSecond > 0 {
+		c.sourceRate = rate.Limit(perSourcePerSecond)
+	}
+	for _, s := range c.sources {
+		s.bucket.SetLimit(c.sourceRate)
+		s.bucket.SetBurst(c.burst())
+	}
+}
+
+func (c *Connections) burst() int { return max(int(2*float64(c.sourceRate)), 1) }
+
+// Handshaking returns the connections in their handshake now.
+func (c *Connections) Handshaking() int {
+	c.hsMu.Lock()
+	defer c.hsMu.Unlock()
+	return c.pending.Len()
+}
+
+// RefusedHandshakes counts the unfinished handshakes closed to make room
+// for new ones.
+func (c *Connections) RefusedHandshakes() int64 { return c.refusals[byHandshakes].Load() }
+
+// RefusedPerSource counts the connections refused by the per-source
+// bounds.
+func (c *Connections) RefusedPerSource() int64 { return c.refusals[bySource].Load() }
 
 // SetLimits changes both limits for connections accepted from now on;
 // open connections are never closed by a lower limit.
@@ -89,23 +151,94 @@ func (l *listener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		n := l.c.open.Add(1)
-		if total := l.c.total.Load(); total > 0 && n > total {
-			l.c.open.Add(-1)
-			l.c.refused(byTotal, "connection refused: limits.connections reached",
-				"remote", conn.RemoteAddr().String(), "limit", total)
-			_ = conn.Close()
-			continue
-		}
-		remote := conn.RemoteAddr().String()
+		l.c.open.Add(1)
 		cc := &countedConn{Conn: conn}
 		cc.release = func() {
 			l.c.open.Add(-1)
-			l.c.byRemote.CompareAndDelete(remote, cc)
+			l.c.handshakeEnded(cc)
+			if cc.remote != "" {
+				l.c.byRemote.CompareAndDelete(cc.remote, cc)
+			}
 		}
-		l.c.byRemote.Store(remote, cc)
+		if oldest := l.c.handshakeStarted(cc); oldest != nil {
+			l.c.refused(byHandshakes, "unfinished TLS handshake closed to make room: limits.handshakes reached",
+				"limit", l.c.handshakes)
+			_ = oldest.Close()
+		}
 		return cc, nil
 	}
+}
+
+// handshakeStarted puts cc among the connections in their handshake and
+// returns the oldest one to close when that makes more than the bound.
+func (c *Connections) handshakeStarted(cc *countedConn) (oldest *countedConn) {
+	c.hsMu.Lock()
+	defer c.hsMu.Unlock()
+	cc.pending = c.pending.PushBack(cc)
+	if c.handshakes > 0 && c.pending.Len() > c.handshakes {
+		front := c.pending.Front()
+		oldest = front.Value.(*countedConn)
+		c.pending.Remove(front)
+		oldest.pending = nil
+		c.leaveSourceLocked(oldest)
+	}
+	return oldest
+}
+
+// handshakeEnded takes cc out of the connections in their handshake, if
+// it is still among them.
+func (c *Connections) handshakeEnded(cc *countedConn) {
+	c.hsMu.Lock()
+	defer c.hsMu.Unlock()
+	if cc.pending != nil {
+		c.pending.Remove(cc.pending)
+		cc.pending = nil
+	}
+	c.leaveSourceLocked(cc)
+}
+
+// enterSource counts cc's handshake against its source address, or says
+// why the source may not open it.
+func (c *Connections) enterSource(cc *countedConn, addr net.Addr) error {
+	host := addr.String()
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	now := time.Now()
+	c.hsMu.Lock()
+	defer c.hsMu.Unlock()
+	if now.Sub(c.sourcesSwept) > sweepEvery {
+		for k, s := range c.sources {
+			if s.pending == 0 && s.bucket.TokensAt(now) >= float64(s.bucket.Burst()) {
+				delete(c.sources, k)
+			}
+		}
+		c.sourcesSwept = now
+	}
+	s := c.sources[host]
+	if s == nil {
+		s = &source{bucket: rate.NewLimiter(c.sourceRate, c.burst())}
+		c.sources[host] = s
+	}
+	switch {
+	case c.perSource > 0 && s.pending >= c.perSource:
+		return fmt.Errorf("%s has %d connections in their TLS handshake (limits.handshakesPerSource)", host, s.pending)
+	case !s.bucket.AllowN(now, 1):
+		return fmt.Errorf("%s opens connections faster than %s a second (limits.connectionsPerSourcePerSecond)", host, formatRate(c.sourceRate))
+	}
+	s.pending++
+	cc.source = host
+	return nil
+}
+
+func (c *Connections) leaveSourceLocked(cc *countedConn) {
+	if cc.source == "" {
+		return
+	}
+	if s := c.sources[cc.source]; s != nil && s.pending > 0 {
+		s.pending--
+	}
+	cc.source = ""
 }
 
 // CloseRemote closes the client connection from remote (an address as
@@ -125,6 +258,12 @@ type countedConn struct {
 	net.Conn
 	once    sync.Once
 	release func()
+
+	// Guarded by Connections.hsMu: its place among the connections in
+	// their handshake, and the source its handshake counts against.
+	pending *list.Element
+	source  string
+	remote  string // for CloseRemote, once authenticated
 }
 
 func (c *countedConn) Close() error {
@@ -146,33 +285,61 @@ type limitedCreds struct {
 }
 
 func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	// The source address (behind a balancer, the one its PROXY header
+	// names: reading it may wait, which is why this is not done in the
+	// accept loop) may hold only so many unfinished handshakes.
+	cc, _ := raw.(*countedConn)
+	remote := raw.RemoteAddr()
+	if cc != nil {
+		if err := l.c.enterSource(cc, remote); err != nil {
+			l.c.refused(bySource, "connection refused before its handshake", "err", err.Error())
+			_ = raw.Close()
+			return nil, nil, err
+		}
+	}
 	conn, info, err := l.TransportCredentials.ServerHandshake(raw)
+	if cc != nil {
+		l.c.handshakeEnded(cc)
+	}
 	if err != nil && !errors.Is(err, io.EOF) {
 		// (A peer that closes before saying anything, such as a balancer's
 		// TCP check, is not a failed handshake.)
-		l.c.refused(byHandshake, "TLS handshake refused", "remote", raw.RemoteAddr().String(), "err", err.Error())
+		l.c.refused(byHandshake, "TLS handshake refused", "remote", remote.String(), "err", err.Error())
+	}
+	if err != nil {
+		return conn, info, err
+	}
+	// Authenticated connections have the total budget.
+	if total := l.c.total.Load(); total > 0 && l.c.authed.Add(1) > total {
+		l.c.authed.Add(-1)
+		l.c.refused(byTotal, "connection refused: limits.connections reached", "remote", remote.String(), "limit", total)
+		_ = conn.Close()
+		return nil, nil, fmt.Errorf("%d client connections are open (limits.connections)", total)
+	}
+	release := func() { l.c.authed.Add(-1) }
+	if cc != nil {
+		cc.remote = remote.String()
+		l.c.byRemote.Store(cc.remote, cc)
 	}
 	perIdentity := int(l.c.perIdentity.Load())
-	if err != nil || perIdentity <= 0 {
-		return conn, info, err
-	}
 	tlsInfo, ok := info.(credentials.TLSInfo)
-	if !ok || len(tlsInfo.State.PeerCertificates) == 0 {
-		return conn, info, err
+	if perIdentity <= 0 || !ok || len(tlsInfo.State.PeerCertificates) == 0 {
+		return &countedConn{Conn: conn, release: release}, info, nil
 	}
 	id := tlsInfo.State.PeerCertificates[0].Subject.String()
 	l.c.mu.Lock()
 	n := l.c.identity[id]
 	if n >= perIdentity {
 		l.c.mu.Unlock()
+		release()
 		l.c.refused(byIdentity, "connection refused: limits.connectionsPerIdentity reached",
-			"peer", id, "remote", raw.RemoteAddr().String(), "limit", perIdentity)
+			"peer", id, "remote", remote.String(), "limit", perIdentity)
 		_ = conn.Close()
 		return nil, nil, fmt.Errorf("%s already has %d connections (limits.connectionsPerIdentity)", id, n)
 	}
 	l.c.identity[id] = n + 1
 	l.c.mu.Unlock()
-	return &countedConn{Conn: conn, release: func() { l.c.forget(id) }}, info, nil
+	return &countedConn{Conn: conn, release: func() { release(); l.c.forget(id) }}, info, nil
 }
 
 func (l *limitedCreds) Clone() credentials.TransportCredentials {

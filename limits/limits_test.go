@@ -3,6 +3,7 @@ package limits
 import (
 	"bytes"
 	"errors"
+	"google.golang.org/grpc/credentials"
 	"log/slog"
 	"net"
 	"strings"
@@ -43,13 +44,18 @@ func TestDefaultMemoryIsAShareOfTheMachine(t *testing.T) {
 	}
 }
 
-func TestListenerClosesConnectionsOverTheTotalAtOnce(t *testing.T) {
+// TestUnfinishedHandshakesHaveTheirOwnBudget: connections that never
+// finish their handshake cannot hold more than the handshake budget (the
+// oldest goes first), one source cannot hold more than its share, and
+// authenticated connections count against the total alone.
+func TestUnfinishedHandshakesHaveTheirOwnBudget(t *testing.T) {
 	inner, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var logs bytes.Buffer
-	c := NewConnections(2, 0, slog.New(slog.NewTextHandler(&logs, nil)))
+	c := NewConnections(1, 0, slog.New(slog.NewTextHandler(&logs, nil)))
+	c.SetHandshakeLimits(2, 0, 0)
 	lis := c.Listener(inner)
 	defer lis.Close()
 	accepted := make(chan net.Conn, 10)
@@ -78,32 +84,71 @@ func TestListenerClosesConnectionsOverTheTotalAtOnce(t *testing.T) {
 		var ne net.Error
 		return err != nil && !(errors.As(err, &ne) && ne.Timeout())
 	}
-	dial()
-	dial()
-	first, second := <-accepted, <-accepted
-	for range 3 {
-		if !closedSoon(dial()) {
-			t.Fatal("a connection over the limit of 2 was not closed at once")
+	oldest := dial()
+	<-accepted
+	second := dial()
+	<-accepted
+	third := dial()
+	<-accepted
+	if !closedSoon(oldest) {
+		t.Fatal("a third unfinished handshake over the budget of 2 did not close the oldest")
+	}
+	if closedSoon(second) || closedSoon(third) || c.Handshaking() != 2 || c.RefusedHandshakes() != 1 {
+		t.Fatalf("handshaking %d, refused %d; want the two newest kept", c.Handshaking(), c.RefusedHandshakes())
+	}
+
+	// A handshake that completes leaves the handshake budget for the
+	// total one: with a total of 1, the second to complete is refused.
+	creds := c.Credentials(instant{})
+	for i, want := range []bool{true, false} {
+		conn := <-func() chan net.Conn { dial(); return accepted }()
+		_, _, err := creds.ServerHandshake(conn)
+		if (err == nil) != want {
+			t.Fatalf("authenticated connection %d: %v, want accepted %v", i+1, err, want)
 		}
 	}
-	if c.Open() != 2 || c.RefusedTotal() != 3 {
-		t.Fatalf("open %d, refused %d; want 2 and 3", c.Open(), c.RefusedTotal())
-	}
-	if n := strings.Count(logs.String(), "limits.connections reached"); n != 1 {
-		t.Fatalf("3 refusals within a second logged %d times, want once:\n%s", n, logs.String())
-	}
-	first.Close()
-	first.Close() // closing twice gives back one place
-	if c.Open() != 1 {
-		t.Fatalf("open %d after one close, want 1", c.Open())
-	}
-	third := dial()
-	if closedSoon(third) {
-		t.Fatal("a connection under the limit was closed")
-	}
-	second.Close()
-	(<-accepted).Close()
-	if c.Open() != 0 {
-		t.Fatalf("open %d after all closed, want 0", c.Open())
+	if c.RefusedTotal() != 1 {
+		t.Fatalf("refused by the total %d, want 1", c.RefusedTotal())
 	}
 }
+
+// TestSourcesBounded: one source address holds at most its share of the
+// unfinished handshakes and opens connections at a bounded rate.
+func TestSourcesBounded(t *testing.T) {
+	c := NewConnections(0, 0, nil)
+	c.SetHandshakeLimits(0, 2, 1000)
+	a := &net.TCPAddr{IP: net.ParseIP("198.18.0.1"), Port: 1}
+	b := &net.TCPAddr{IP: net.ParseIP("198.18.0.2"), Port: 1}
+	var held []*countedConn
+	for i, want := range []bool{true, true, false} {
+		cc := &countedConn{}
+		if err := c.enterSource(cc, a); (err == nil) != want {
+			t.Fatalf("handshake %d from a: %v", i+1, err)
+		}
+		held = append(held, cc)
+	}
+	if err := c.enterSource(&countedConn{}, b); err != nil {
+		t.Fatalf("another source: %v", err)
+	}
+	c.handshakeEnded(held[0])
+	if err := c.enterSource(&countedConn{}, a); err != nil {
+		t.Fatalf("a after one of its handshakes ended: %v", err)
+	}
+	c.SetHandshakeLimits(0, 0, 1) // one a second, bursts of 2
+	fresh := &net.TCPAddr{IP: net.ParseIP("198.18.0.3"), Port: 1}
+	for i, want := range []bool{true, true, false} {
+		if err := c.enterSource(&countedConn{}, fresh); (err == nil) != want {
+			t.Fatalf("connection %d within a second: %v", i+1, err)
+		}
+	}
+}
+
+// instant is transport credentials whose handshake succeeds at once.
+type instant struct {
+	credentials.TransportCredentials
+}
+
+func (instant) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return c, nil, nil
+}
+func (instant) Clone() credentials.TransportCredentials { return instant{} }

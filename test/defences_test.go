@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -57,6 +58,9 @@ handshakeTimeout: 1s
 limits:
   connections: 10000
   connectionsPerIdentity: 10000
+  handshakes: 10000
+  handshakesPerSource: 10000
+  connectionsPerSourcePerSecond: 100000
 `, p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock, adminAddr))
 	gw := startBin(t, bin, "", "serve", "-config", cfg)
 	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
@@ -273,4 +277,74 @@ func scrapeLabelled(t *testing.T, addr, series string) float64 {
 	}
 	t.Fatalf("no %s in /metrics", series)
 	return 0
+}
+
+// TestHandshakeFloodCannotCrowdOutClients is the first attack of the
+// fairness issue: sockets that never finish their TLS handshake, from one
+// source, opened faster than the handshake timeout closes them. Before,
+// they filled limits.connections and every valid client was refused.
+// Now unfinished handshakes have their own budget (the oldest go first)
+// and one source its own share: while the flood is held, every call of a
+// client from another source succeeds within 2 s.
+func TestHandshakeFloodCannotCrowdOutClients(t *testing.T) {
+	dir := t.TempDir()
+	p := newPKI(t, filepath.Join(dir, "pki"))
+	const ip, attacker = "127.0.72.1", "127.0.72.66"
+	port := freePort(t, ip)
+	addr := net.JoinHostPort(ip, strconv.Itoa(port))
+	genAll(t, [][]string{
+		{"node", "-name", "node-1", "-ip", ip, "-ca-dir", p.dir, "-out", p.dir},
+		{"client", "-name", "admin", "-roles", "os:admin", "-ca-dir", p.dir, "-out", p.dir},
+	})
+	sock := filepath.Join(dir, "agent.sock")
+	bin := plainBin(t)
+	startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock)
+	// Small budgets, so that a bounded flood (400 sockets) exceeds them all.
+	cfg := writeConfig(t, dir, "apid.yaml", p.nodeConfig("node-1")+fmt.Sprintf(`listen: %q
+backend: %q
+adminListen: ""
+drainDelay: 0s
+logLevel: warn
+handshakeTimeout: 10s
+limits:
+  connections: 100
+  handshakes: 64
+  handshakesPerSource: 16
+  connectionsPerSourcePerSecond: 1000
+`, addr, "unix://"+sock))
+	startBin(t, bin, "", "serve", "-config", cfg)
+	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
+		t.Fatal("gateway not listening")
+	}
+
+	// The flood: 400 connections from the attacker's address that send
+	// nothing, held until the test ends.
+	var flood []net.Conn
+	defer func() {
+		for _, c := range flood {
+			c.Close()
+		}
+	}()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(attacker)}, Timeout: 2 * time.Second}
+	for range 400 {
+		if c, err := d.Dial("tcp", addr); err == nil {
+			flood = append(flood, c)
+		}
+	}
+
+	admin := machine.NewMachineServiceClient(dialTLS(t, p, addr, p.load(t, "admin")))
+	for i := range 20 {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := admin.Version(ctx, &emptypb.Empty{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d while the flood is held: %v", i+1, err)
+		}
+		// Keep the flood coming while the client calls.
+		for range 10 {
+			if c, err := d.Dial("tcp", addr); err == nil {
+				flood = append(flood, c)
+			}
+		}
+	}
 }

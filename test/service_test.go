@@ -83,10 +83,10 @@ func readyz(addr string) int {
 
 // dialTLS connects to addr (verified against the test CA under the name in
 // addr) with cert.
-func dialTLS(t *testing.T, p *testPKI, addr string, cert tls.Certificate) *grpc.ClientConn {
+func dialTLS(t *testing.T, p *testPKI, addr string, cert tls.Certificate, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(
-		&tls.Config{RootCAs: p.pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})))
+	cc, err := grpc.NewClient(addr, append(opts, grpc.WithTransportCredentials(credentials.NewTLS(
+		&tls.Config{RootCAs: p.pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13})))...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -238,8 +238,10 @@ func TestHAProxyFailover(t *testing.T) {
 		sock := filepath.Join(dir, name+".sock")
 		startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock, "-hostname", name)
 		admins[i] = net.JoinHostPort(ip, fmt.Sprint(aport))
-		// Default drainDelay (5 s) and shutdownTimeout (30 s).
-		gateways[i] = startBin(t, bin, "apid serving", "serve", "-listen", net.JoinHostPort(ip, fmt.Sprint(port)),
+		// Default drainDelay (5 s) and shutdownTimeout (30 s); the
+		// balancer sends PROXY headers from this machine's loopback.
+		gwCfg := writeConfig(t, dir, name+".yaml", "proxyProtocol: [127.0.0.0/8]\n")
+		gateways[i] = startBin(t, bin, "apid serving", "serve", "-config", gwCfg, "-listen", net.JoinHostPort(ip, fmt.Sprint(port)),
 			"-admin-listen", admins[i], "-self", ip, "-ca", p.path("ca.crt"), "-cert", p.path(name+".crt"),
 			"-key", p.path(name+".key"), "-client-cert", p.path(name+"-client.crt"), "-client-key", p.path(name+"-client.key"),
 			"-backend", "unix://"+sock)
@@ -269,6 +271,26 @@ func TestHAProxyFailover(t *testing.T) {
 	})
 	if !testkit.Eventually(20*time.Second, func() bool { return listening(lbAddr) }) {
 		t.Fatalf("haproxy not listening on %s within 20 s:\n%s", lbAddr, lbProc.log())
+	}
+
+	// The gateways see the client's own address, from the balancer's
+	// PROXY header, not the balancer's.
+	const clientIP = "127.0.63.50"
+	from := grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(clientIP)}}
+		return d.DialContext(ctx, "tcp", addr)
+	})
+	if !testkit.Eventually(20*time.Second, func() bool {
+		c := machine.NewMachineServiceClient(dialTLS(t, p, lbAddr, p.load(t, "admin"), from))
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := c.Hostname(ctx, &emptypb.Empty{})
+		return err == nil
+	}) {
+		t.Fatalf("no call from %s through HAProxy:\n%s", clientIP, lbProc.log())
+	}
+	if !gateways[0].waitOutput(`"remote":"`+clientIP+`:`, 1, 5*time.Second) && !gateways[1].waitOutput(`"remote":"`+clientIP+`:`, 1, 5*time.Second) {
+		t.Fatalf("no gateway logged the client's own address %s:\n%s\n%s", clientIP, gateways[0].log(), gateways[1].log())
 	}
 
 	// Clients: several connections, so that leastconn spreads them over

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"reflect"
 	"strings"
 	"time"
@@ -43,6 +44,12 @@ type Config struct {
 	// Nodes are the connections to other nodes' apid: remotePort,
 	// idleTimeout, maxConnections, maxDials, tcpUserTimeout.
 	Nodes director.PoolConfig `yaml:",inline"`
+	// ProxyProtocol lists the balancers (CIDRs) whose connections begin
+	// with a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2
+	// sends it), naming the client's own address: per-source limits and
+	// the audit log then see clients, not the balancer. A header from any
+	// other address is refused. Empty: none expected.
+	ProxyProtocol []string `yaml:"proxyProtocol" reload:"restart"`
 	// MaxMessageSize bounds one gRPC message either way. Default 32 MiB.
 	MaxMessageSize int `yaml:"maxMessageSize" reload:"restart"`
 	// HandshakeTimeout closes connections whose TLS handshake has not
@@ -168,6 +175,11 @@ func (c Config) validate() (*auth.Policy, error) {
 	} else if !strings.HasPrefix(c.Backend, "unix://") {
 		if _, _, err := net.SplitHostPort(c.Backend); err != nil {
 			add(fmt.Errorf("backend %q: want unix:///path.sock or host:port", c.Backend))
+		}
+	}
+	for i, n := range c.ProxyProtocol {
+		if _, err := netip.ParsePrefix(n); err != nil {
+			add(fmt.Errorf("proxyProtocol[%d] %q: want the balancers' CIDR, such as 10.0.0.5/32", i, n))
 		}
 	}
 	add(c.TLS.Validate())

@@ -193,6 +193,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		log.Info("node restored", "node", e.Node, "ejected_since", e.Since.UTC().Format(time.RFC3339Nano))
 	})
 	g.router.UsePerNodeLimits(g.perNode)
+	g.conns.SetHandshakeLimits(cfg.Limits.Handshakes, cfg.Limits.HandshakesPerSource, cfg.Limits.ConnectionsPerSourcePerSecond)
 	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
 		calls: g.calls, perNode: g.perNode, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
@@ -371,6 +372,7 @@ func (g *Gateway) Reload(next Config) error {
 	g.conns.SetLimits(next.Limits.Connections, next.Limits.ConnectionsPerIdentity)
 	g.calls.SetLimits(next.Limits.ConcurrentCallsPerIdentity, next.Limits.CallsPerSecondPerIdentity, next.Limits.CallBurstPerIdentity)
 	g.perNode.SetLimits(next.Limits.CallsPerIdentityPerNode, next.Limits.StreamsPerIdentityPerNode)
+	g.conns.SetHandshakeLimits(next.Limits.Handshakes, next.Limits.HandshakesPerSource, next.Limits.ConnectionsPerSourcePerSecond)
 	g.setLogLevel(next.LogLevel)
 	g.cfg.Store(&next)
 	g.log.Info("configuration reloaded", "changed", live)
@@ -452,7 +454,7 @@ func (g *Gateway) Serve(ctx context.Context, lis net.Listener) error {
 		}()
 	}
 	done := make(chan error, 1)
-	go func() { done <- g.server.Serve(g.conns.Listener(lis)) }()
+	go func() { done <- g.server.Serve(g.conns.Listener(proxyProtocol(lis, cfg))) }()
 	g.ready.setListening()
 	close(g.serving)
 	select {

@@ -124,6 +124,8 @@ func newMetrics(s metricSources) *metrics {
 		refusals("concurrentCallsPerIdentity", s.calls.RefusedConcurrent),
 		refusals("callsPerSecondPerIdentity", s.calls.RefusedRate),
 		refusals("perIdentityPerNode", s.perNode.Refused),
+		refusals("handshakes", s.conns.RefusedHandshakes),
+		refusals("perSource", s.conns.RefusedPerSource),
 		refusals("rapidResets", s.resets),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "apid_build_info", Help: "Always 1; the labels say which apid this is.",
