@@ -1,11 +1,17 @@
 package director
 
 import (
+	"context"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // clock is a time the test moves by hand.
@@ -146,5 +152,47 @@ func TestEjectionForgetsAMovedNode(t *testing.T) {
 	e.report(moved, codes.Unavailable, "refused")
 	if e.peek(moved) {
 		t.Fatal("two failures at two destinations ejected the node")
+	}
+}
+
+// TestHungNodeEjectedWhateverCallersDeadlines: a node that accepts TCP and
+// never completes a connection costs every caller its whole deadline; once
+// its connections have stayed unestablished longer than an attempt may
+// take, across calls, the callers' deadlines count as its failures.
+func TestHungNodeEjectedWhateverCallersDeadlines(t *testing.T) {
+	hung, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hung.Close()
+	go func() {
+		for {
+			c, err := hung.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held, silent, until the test ends
+		}
+	}()
+	pool := testPool(t, PoolConfig{Port: port(t, hung.Addr().String())})
+	pool.connectTimeout = 300 * time.Millisecond
+	e := newEjector(nil)
+	e.setConfig(EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50})
+	dest := DestOf("127.0.0.1")
+	ejected := testkit.Eventually(10*time.Second, func() bool {
+		b := &backend{name: "127.0.0.1", dest: dest, pool: pool, ej: e}
+		_, cc, release, err := b.Connect(context.Background(), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond) // the caller's own
+		err = cc.Invoke(ctx, "/x.Y/Z", &emptypb.Empty{}, &emptypb.Empty{})
+		cancel()
+		b.Report(status.Code(err), err.Error())
+		release()
+		return e.peek(dest)
+	})
+	if !ejected {
+		t.Fatal("a node that never completes a connection was never ejected")
 	}
 }

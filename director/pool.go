@@ -33,6 +33,10 @@ type Pool struct {
 
 	dials    chan struct{}                  // semaphore of connection attempts
 	networks atomic.Pointer[[]netip.Prefix] // the router's nodeNetworks; nil or empty: any
+	// unready: since when each node's connections have been trying and
+	// never ready, across the connections closed with their last call.
+	unready        map[string]time.Time
+	connectTimeout time.Duration
 	stop     context.CancelFunc
 	stopped  chan struct{}
 }
@@ -53,11 +57,17 @@ type poolConn struct {
 func NewPool(cfg PoolConfig) *Pool {
 	cfg = cfg.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Pool{cfg: cfg, now: time.Now, live: map[string]*poolConn{}, dials: make(chan struct{}, cfg.MaxDials),
+	p := &Pool{cfg: cfg, now: time.Now, live: map[string]*poolConn{}, unready: map[string]time.Time{}, connectTimeout: ConnectTimeout, dials: make(chan struct{}, cfg.MaxDials),
 		stop: cancel, stopped: make(chan struct{})}
 	go p.janitor(ctx)
 	return p
 }
+
+// ConnectTimeout is how long a connection to a node may take to be
+// established (TCP, TLS and HTTP/2 settings) before the attempt fails; a
+// node whose connection has stayed unestablished longer than this, across
+// calls, is failing, whatever deadlines its callers chose.
+const ConnectTimeout = 20 * time.Second
 
 // ErrPoolFull is returned when every pooled connection is busy and the pool
 // may hold no more.
@@ -116,6 +126,12 @@ func (p *Pool) ConnTo(d Dest) (conn grpc.ClientConnInterface, release func(), er
 		ok = false
 	}
 	if !ok {
+		if _, trying := p.unready[key]; !trying {
+			if len(p.unready) >= maxUnready {
+				clear(p.unready) // bounded, whatever names callers make up
+			}
+			p.unready[key] = p.now()
+		}
 		if len(p.live) >= p.cfg.MaxConns && !p.evictOldestIdleLocked() {
 			return nil, nil, status.Error(codes.ResourceExhausted, ErrPoolFull.Error())
 		}
@@ -148,6 +164,9 @@ func (p *Pool) release(c *poolConn) {
 	c.active--
 	c.lastUsed = p.now()
 	c.ready = c.ready || ready
+	if c.ready {
+		delete(p.unready, c.key)
+	}
 	closing := false
 	if c.active == 0 {
 		switch {
@@ -162,6 +181,29 @@ func (p *Pool) release(c *poolConn) {
 	if closing {
 		_ = c.cc.Close()
 	}
+}
+
+// maxUnready bounds the nodes whose unestablished time is remembered.
+const maxUnready = 4096
+
+// Unestablished reports whether the connections to node have been trying,
+// across calls, for longer than a connection attempt may take without
+// ever being ready: the node does not complete connections.
+func (p *Pool) Unestablished(node string) (time.Duration, bool) {
+	if p == nil {
+		return 0, false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.live[node]; ok && (c.ready || c.cc.GetState() == connectivity.Ready) {
+		return 0, false
+	}
+	since, ok := p.unready[node]
+	if !ok {
+		return 0, false
+	}
+	d := p.now().Sub(since)
+	return d, d > p.connectTimeout
 }
 
 // setNetworks makes dials from now on refuse addresses outside networks

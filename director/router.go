@@ -446,7 +446,14 @@ func (b *backend) Report(code codes.Code, message string) {
 		return
 	}
 	if code == codes.DeadlineExceeded && !b.ownDeadline {
-		code = codes.Canceled // a deadline of the caller's: nothing learnt
+		// A deadline of the caller's says nothing of the node, unless the
+		// node has not completed a connection for longer than an attempt
+		// may take: then it is failing, whatever deadlines callers pick.
+		if d, stuck := b.pool.Unestablished(b.dest.Node); stuck {
+			code, message = codes.Unavailable, fmt.Sprintf("no connection established for %s: %s", d.Round(time.Second), message)
+		} else {
+			code = codes.Canceled
+		}
 	}
 	b.ej.report(b.dest, code, message)
 }

@@ -145,7 +145,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		grpc.WithIdleTimeout(0),
 		// A restarted agent is used again within 15 s, not the up to 2
 		// minutes of gRPC's default backoff.
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: 20 * time.Second}),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: director.ConnectTimeout}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxMessageSize), grpc.MaxCallSendMsgSize(cfg.MaxMessageSize)),
 		grpc.WithInitialWindowSize(int32(cfg.Limits.StreamWindow)), grpc.WithInitialConnWindowSize(int32(cfg.Limits.ConnectionWindow)),
 	)...)
@@ -316,7 +316,7 @@ func connectionAge(d time.Duration) time.Duration {
 // remoteDialOptions are the options of connections to other nodes' apid.
 func remoteDialOptions(cfg Config) []grpc.DialOption {
 	return []grpc.DialOption{
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: 20 * time.Second}),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: director.ConnectTimeout}),
 		// A node whose kernel still acknowledges TCP but whose apid answers
 		// nothing (stopped, hung) is dropped after 15 s + 5 s of silence;
 		// other apids accept pings every 10 s.
