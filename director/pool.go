@@ -37,8 +37,8 @@ type Pool struct {
 	// never ready, across the connections closed with their last call.
 	unready        map[string]time.Time
 	connectTimeout time.Duration
-	stop     context.CancelFunc
-	stopped  chan struct{}
+	stop           context.CancelFunc
+	stopped        chan struct{}
 }
 
 // poolConn is a pooled connection; every field but the connection is
