@@ -63,6 +63,10 @@ type Config struct {
 	// of the 1,000 streams an apid node allows one connection).
 	CallsPerIdentityPerNode   int `yaml:"callsPerIdentityPerNode" reload:"live"`
 	StreamsPerIdentityPerNode int `yaml:"streamsPerIdentityPerNode" reload:"live"`
+	// ClientCertificatesPerHour bounds the client certificates one
+	// subject may have issued an hour (GenerateClientConfiguration, talosctl
+	// config new): each has a subject, and so limits, of its own. Default 20.
+	ClientCertificatesPerHour int `yaml:"clientCertificatesPerHour" reload:"live"`
 }
 
 // DefaultConfig returns the limits with every default filled in.
@@ -82,6 +86,7 @@ func DefaultConfig() Config {
 		CallBurstPerIdentity:          1000,
 		CallsPerIdentityPerNode:       250,
 		StreamsPerIdentityPerNode:     125,
+		ClientCertificatesPerHour:     20,
 	}
 }
 
@@ -118,6 +123,7 @@ func (c Config) Validate() error {
 	positive("callBurstPerIdentity", float64(c.CallBurstPerIdentity))
 	positive("callsPerIdentityPerNode", float64(c.CallsPerIdentityPerNode))
 	positive("streamsPerIdentityPerNode", float64(c.StreamsPerIdentityPerNode))
+	positive("clientCertificatesPerHour", float64(c.ClientCertificatesPerHour))
 	return errors.Join(errs...)
 }
 

@@ -68,6 +68,7 @@ type Gateway struct {
 	conns   *limits.Connections
 	calls   *limits.Calls
 	perNode *limits.PerNode
+	issued  *limits.Issuance
 	server  *grpc.Server
 	metrics *metrics
 	ready   *readiness
@@ -169,6 +170,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		conns:     limits.NewConnections(cfg.Limits.Connections, cfg.Limits.ConnectionsPerIdentity, log),
 		calls:     limits.NewCalls(cfg.Limits.ConcurrentCallsPerIdentity, cfg.Limits.CallsPerSecondPerIdentity, cfg.Limits.CallBurstPerIdentity),
 		perNode:   limits.NewPerNode(cfg.Limits.CallsPerIdentityPerNode, cfg.Limits.StreamsPerIdentityPerNode),
+		issued:    limits.NewIssuance(cfg.Limits.ClientCertificatesPerHour),
 		ready:     newReadiness(src, cfg.Backend, policy.Services()),
 		nodes:     newNodeTable(cfg.Nodes.MaxConns),
 		tracing:   tr,
@@ -196,7 +198,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	g.conns.SetHandshakeLimits(cfg.Limits.Handshakes, cfg.Limits.HandshakesPerSource, cfg.Limits.ConnectionsPerSourcePerSecond)
 	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
-		calls: g.calls, perNode: g.perNode, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
+		calls: g.calls, perNode: g.perNode, issued: g.issued, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
 	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) })
 	if err != nil { // a file changed since validate read it
 		stop()
@@ -372,6 +374,7 @@ func (g *Gateway) Reload(next Config) error {
 	g.conns.SetLimits(next.Limits.Connections, next.Limits.ConnectionsPerIdentity)
 	g.calls.SetLimits(next.Limits.ConcurrentCallsPerIdentity, next.Limits.CallsPerSecondPerIdentity, next.Limits.CallBurstPerIdentity)
 	g.perNode.SetLimits(next.Limits.CallsPerIdentityPerNode, next.Limits.StreamsPerIdentityPerNode)
+	g.issued.SetLimit(next.Limits.ClientCertificatesPerHour)
 	g.conns.SetHandshakeLimits(next.Limits.Handshakes, next.Limits.HandshakesPerSource, next.Limits.ConnectionsPerSourcePerSecond)
 	g.setLogLevel(next.LogLevel)
 	g.cfg.Store(&next)
@@ -545,6 +548,11 @@ func (g *Gateway) admit() grpc.StreamServerInterceptor {
 				return err
 			}
 			defer release()
+			if info.FullMethod == methodIssueClient {
+				if err := g.issued.Allow(id.Subject); err != nil {
+					return err
+				}
+			}
 		}
 		g.inFlight.Add(1)
 		defer g.inFlight.Add(-1)
@@ -566,7 +574,11 @@ func (g *Gateway) admit() grpc.StreamServerInterceptor {
 	}
 }
 
-const healthWatch = "/grpc.health.v1.Health/Watch"
+const (
+	healthWatch = "/grpc.health.v1.Health/Watch"
+	// methodIssueClient issues a client certificate (talosctl config new).
+	methodIssueClient = "/machine.MachineService/GenerateClientConfiguration"
+)
 
 // contextStream is a server stream with a context of its own.
 type contextStream struct {

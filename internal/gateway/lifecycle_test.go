@@ -312,3 +312,28 @@ func TestStreamsPerIdentityPerNode(t *testing.T) {
 		stop()
 	}
 }
+
+// TestClientCertificatesPerHour: one subject may ask for so many client
+// certificates an hour, so that minting fresh subjects cannot shed its
+// limits.
+func TestClientCertificatesPerHour(t *testing.T) {
+	tg := startGateway(t, func(c *Config) { c.Limits.ClientCertificatesPerHour = 2 })
+	ctx := testkit.Context(t)
+	admin := machine.NewMachineServiceClient(tg.client("admin", certs.RoleAdmin))
+	req := &machine.GenerateClientConfigurationRequest{Roles: []string{certs.RoleReader}}
+	for i := range 2 {
+		// This agent holds no CA: it refuses, after the gateway counted.
+		if _, err := admin.GenerateClientConfiguration(ctx, req); status.Code(err) == codes.ResourceExhausted {
+			t.Fatalf("request %d: %v", i+1, err)
+		}
+	}
+	if _, err := admin.GenerateClientConfiguration(ctx, req); status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "limits.clientCertificatesPerHour") {
+		t.Fatalf("a third within the hour: %v", err)
+	}
+	if _, err := machine.NewMachineServiceClient(tg.client("other", certs.RoleAdmin)).GenerateClientConfiguration(ctx, req); status.Code(err) == codes.ResourceExhausted {
+		t.Fatalf("another subject: %v", err)
+	}
+	if _, err := admin.Version(ctx, &emptypb.Empty{}); err != nil {
+		t.Fatalf("other calls of the same subject: %v", err)
+	}
+}

@@ -69,6 +69,7 @@ type metricSources struct {
 	conns     *limits.Connections
 	calls     *limits.Calls
 	perNode   *limits.PerNode
+	issued    *limits.Issuance
 	nodes     *nodeTable
 	src       *certs.Source
 	inFlight  func() int64
@@ -124,6 +125,7 @@ func newMetrics(s metricSources) *metrics {
 		refusals("concurrentCallsPerIdentity", s.calls.RefusedConcurrent),
 		refusals("callsPerSecondPerIdentity", s.calls.RefusedRate),
 		refusals("perIdentityPerNode", s.perNode.Refused),
+		refusals("clientCertificatesPerHour", s.issued.Refused),
 		refusals("handshakes", s.conns.RefusedHandshakes),
 		refusals("perSource", s.conns.RefusedPerSource),
 		refusals("rapidResets", s.resets),
