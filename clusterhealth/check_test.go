@@ -105,6 +105,12 @@ func cert(notAfter time.Time) *x509.Certificate {
 // check on it over a real connection.
 func open(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (cluster.ClusterService_HealthCheckClient, error) {
 	t.Helper()
+	return openCtx(t, t.Context(), s, req)
+}
+
+// openCtx is open with the call's context.
+func openCtx(t *testing.T, ctx context.Context, s *Server, req *cluster.HealthCheckRequest) (cluster.ClusterService_HealthCheckClient, error) {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -118,7 +124,7 @@ func open(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (cluster.Clu
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return cluster.NewClusterServiceClient(cc).HealthCheck(t.Context(), req)
+	return cluster.NewClusterServiceClient(cc).HealthCheck(ctx, req)
 }
 
 // check runs one health check and returns its lines and the error of its
@@ -129,13 +135,23 @@ func check(t *testing.T, s *Server, req *cluster.HealthCheckRequest) (lines []st
 	if err != nil {
 		t.Fatal(err)
 	}
+	lines, failure, err = drain(stream)
+	if err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	return lines, failure
+}
+
+// drain reads a check to its end: its lines, the error of its last
+// message, and the status it ended with if not OK.
+func drain(stream cluster.ClusterService_HealthCheckClient) (lines []string, failure string, err error) {
 	for {
 		msg, err := stream.Recv()
 		if err == io.EOF {
-			return lines, failure
+			return lines, failure, nil
 		}
 		if err != nil {
-			t.Fatalf("Recv: %v", err)
+			return lines, failure, err
 		}
 		lines = append(lines, msg.GetMessage())
 		if e := msg.GetMetadata().GetError(); e != "" {
@@ -375,39 +391,15 @@ func checkErr(t *testing.T, s *Server) (*cluster.HealthCheckProgress, error) {
 }
 
 // checkAs runs a check as caller (its identity carried in x-who) and
-// returns its failure line, or the status it ended with before any.
+// returns its failure line, or the status it ended with.
 func checkAs(t *testing.T, s *Server, caller string, nodes []string) (string, error) {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	s.Register(g)
-	go func() { _ = g.Serve(lis) }()
-	defer g.Stop()
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
 	ctx := metadata.AppendToOutgoingContext(t.Context(), "x-who", caller)
-	stream, err := cluster.NewClusterServiceClient(cc).HealthCheck(ctx, &cluster.HealthCheckRequest{
+	stream, err := openCtx(t, ctx, s, &cluster.HealthCheckRequest{
 		WaitTimeout: durationpb.New(3 * time.Second), ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: nodes}})
 	if err != nil {
 		return "", err
 	}
-	failure := ""
-	for {
-		msg, err := stream.Recv()
-		if err == io.EOF {
-			return failure, nil
-		}
-		if err != nil {
-			return failure, err
-		}
-		if e := msg.GetMetadata().GetError(); e != "" {
-			failure = e
-		}
-	}
+	_, failure, err := drain(stream)
+	return failure, err
 }

@@ -33,27 +33,9 @@ func TestIdleConnectionsAndSlowHandshakes(t *testing.T) {
 		t.Skip("5,000 TLS handshakes")
 	}
 	const conns = 5000
-	dir := t.TempDir()
-	p := newPKI(t, filepath.Join(dir, "pki"))
 	const ip = "127.0.71.1"
-	port := freePort(t, ip)
-	addr := net.JoinHostPort(ip, strconv.Itoa(port))
 	adminAddr := net.JoinHostPort(ip, strconv.Itoa(freePort(t, ip)))
-	genAll(t, [][]string{
-		{"node", "-name", "node-1", "-ip", ip, "-ca-dir", p.dir, "-out", p.dir},
-		{"client", "-name", "admin", "-roles", "os:admin", "-ca-dir", p.dir, "-out", p.dir},
-	})
-	sock := filepath.Join(dir, "agent.sock")
-	bin := plainBin(t)
-	startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock)
-	cfg := writeConfig(t, dir, "apid.yaml", fmt.Sprintf(`ca: %q
-cert: %q
-key: %q
-listen: %q
-backend: %q
-adminListen: %q
-drainDelay: 0s
-logLevel: warn
+	p, addr, gw := soloGateway(t, ip, fmt.Sprintf(`adminListen: %q
 handshakeTimeout: 1s
 limits:
   connections: 10000
@@ -61,11 +43,7 @@ limits:
   handshakes: 10000
   handshakesPerSource: 10000
   connectionsPerSourcePerSecond: 100000
-`, p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock, adminAddr))
-	gw := startBin(t, bin, "", "serve", "-config", cfg)
-	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
-		t.Fatal("gateway not listening")
-	}
+`, adminAddr))
 	pid := gw.cmd.Process.Pid
 	before := procStatus(t, pid, "VmRSS")
 
@@ -287,35 +265,16 @@ func scrapeLabelled(t *testing.T, addr, series string) float64 {
 // and one source its own share: while the flood is held, every call of a
 // client from another source succeeds within 2 s.
 func TestHandshakeFloodCannotCrowdOutClients(t *testing.T) {
-	dir := t.TempDir()
-	p := newPKI(t, filepath.Join(dir, "pki"))
 	const ip, attacker = "127.0.72.1", "127.0.72.66"
-	port := freePort(t, ip)
-	addr := net.JoinHostPort(ip, strconv.Itoa(port))
-	genAll(t, [][]string{
-		{"node", "-name", "node-1", "-ip", ip, "-ca-dir", p.dir, "-out", p.dir},
-		{"client", "-name", "admin", "-roles", "os:admin", "-ca-dir", p.dir, "-out", p.dir},
-	})
-	sock := filepath.Join(dir, "agent.sock")
-	bin := plainBin(t)
-	startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock)
 	// Small budgets, so that a bounded flood (400 sockets) exceeds them all.
-	cfg := writeConfig(t, dir, "apid.yaml", p.nodeConfig("node-1")+fmt.Sprintf(`listen: %q
-backend: %q
-adminListen: ""
-drainDelay: 0s
-logLevel: warn
+	p, addr, _ := soloGateway(t, ip, `adminListen: ""
 handshakeTimeout: 10s
 limits:
   connections: 100
   handshakes: 64
   handshakesPerSource: 16
   connectionsPerSourcePerSecond: 1000
-`, addr, "unix://"+sock))
-	startBin(t, bin, "", "serve", "-config", cfg)
-	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
-		t.Fatal("gateway not listening")
-	}
+`)
 
 	// The flood: 400 connections from the attacker's address that send
 	// nothing, held until the test ends.
@@ -347,4 +306,27 @@ limits:
 			}
 		}
 	}
+}
+
+// soloGateway runs one apid serve (a plain build) on ip with its own PKI
+// (node-1 and an admin client) and an example agent, its configuration
+// the node's key material plus extra, and waits until it listens.
+func soloGateway(t *testing.T, ip, extra string) (*testPKI, string, *process) {
+	t.Helper()
+	dir := t.TempDir()
+	p := newPKI(t, filepath.Join(dir, "pki"))
+	addr := net.JoinHostPort(ip, strconv.Itoa(freePort(t, ip)))
+	genAll(t, [][]string{
+		{"node", "-name", "node-1", "-ip", ip, "-ca-dir", p.dir, "-out", p.dir},
+		{"client", "-name", "admin", "-roles", "os:admin", "-ca-dir", p.dir, "-out", p.dir},
+	})
+	sock := filepath.Join(dir, "agent.sock")
+	bin := plainBin(t)
+	startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock)
+	cfg := writeConfig(t, dir, "apid.yaml", p.nodeConfig("node-1")+fmt.Sprintf("listen: %q\nbackend: %q\ndrainDelay: 0s\nlogLevel: warn\n", addr, "unix://"+sock)+extra)
+	gw := startBin(t, bin, "", "serve", "-config", cfg)
+	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
+		t.Fatalf("gateway not listening:\n%s", gw.log())
+	}
+	return p, addr, gw
 }

@@ -33,7 +33,7 @@ replace (
 )
 MOD
 cp "$TALOS_SRC/go.sum" "${modfile%.mod}.sum"
-build() { (cd "$TALOS_SRC" && GOWORK=off GOFLAGS=-mod=mod go "$@" -modfile "$modfile"); }
+build() { (cd "$TALOS_SRC" && GOWORK=off GOFLAGS="-mod=mod -modfile=$modfile" go "$@"); }
 [ -x "$work/bin/talosctl" ] || build build -o "$work/bin/talosctl" \
 	-ldflags "-X github.com/siderolabs/talos/pkg/machinery/version.Tag=$TALOS_VERSION" ./cmd/talosctl
 [ -x "$work/bin/integration.test" ] || build test -c -o "$work/bin/integration.test" \
