@@ -146,32 +146,28 @@ type listener struct {
 }
 
 func (l *listener) Accept() (net.Conn, error) {
-	for {
-		conn, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		l.c.open.Add(1)
-		cc := &countedConn{Conn: conn}
-		cc.release = func() {
-			l.c.open.Add(-1)
-			l.c.handshakeEnded(cc)
-			if cc.remote != "" {
-				l.c.byRemote.CompareAndDelete(cc.remote, cc)
-			}
-		}
-		if oldest := l.c.handshakeStarted(cc); oldest != nil {
-			l.c.refused(byHandshakes, "unfinished TLS handshake closed to make room: limits.handshakes reached",
-				"limit", l.c.handshakes)
-			_ = oldest.Close()
-		}
-		return cc, nil
+	conn, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
 	}
+	l.c.open.Add(1)
+	cc := &countedConn{Conn: conn}
+	cc.release = func() {
+		l.c.open.Add(-1)
+		if remote := l.c.handshakeEnded(cc); remote != "" {
+			l.c.byRemote.CompareAndDelete(remote, cc)
+		}
+	}
+	if oldest, limit := l.c.handshakeStarted(cc); oldest != nil {
+		l.c.refused(byHandshakes, "unfinished TLS handshake closed to make room: limits.handshakes reached", "limit", limit)
+		_ = oldest.Close()
+	}
+	return cc, nil
 }
 
 // handshakeStarted puts cc among the connections in their handshake and
 // returns the oldest one to close when that makes more than the bound.
-func (c *Connections) handshakeStarted(cc *countedConn) (oldest *countedConn) {
+func (c *Connections) handshakeStarted(cc *countedConn) (oldest *countedConn, limit int) {
 	c.hsMu.Lock()
 	defer c.hsMu.Unlock()
 	cc.pending = c.pending.PushBack(cc)
@@ -182,12 +178,13 @@ func (c *Connections) handshakeStarted(cc *countedConn) (oldest *countedConn) {
 		oldest.pending = nil
 		c.leaveSourceLocked(oldest)
 	}
-	return oldest
+	return oldest, c.handshakes
 }
 
 // handshakeEnded takes cc out of the connections in their handshake, if
-// it is still among them.
-func (c *Connections) handshakeEnded(cc *countedConn) {
+// it is still among them, and returns its remote address once it has
+// authenticated.
+func (c *Connections) handshakeEnded(cc *countedConn) (remote string) {
 	c.hsMu.Lock()
 	defer c.hsMu.Unlock()
 	if cc.pending != nil {
@@ -195,6 +192,15 @@ func (c *Connections) handshakeEnded(cc *countedConn) {
 		cc.pending = nil
 	}
 	c.leaveSourceLocked(cc)
+	return cc.remote
+}
+
+// authenticated records cc's remote address, for CloseRemote.
+func (c *Connections) authenticated(cc *countedConn, remote string) {
+	c.hsMu.Lock()
+	cc.remote = remote
+	c.hsMu.Unlock()
+	c.byRemote.Store(remote, cc)
 }
 
 // enterSource counts cc's handshake against its source address, or says
@@ -318,8 +324,7 @@ func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 	}
 	release := func() { l.c.authed.Add(-1) }
 	if cc != nil {
-		cc.remote = remote.String()
-		l.c.byRemote.Store(cc.remote, cc)
+		l.c.authenticated(cc, remote.String())
 	}
 	perIdentity := int(l.c.perIdentity.Load())
 	tlsInfo, ok := info.(credentials.TLSInfo)
