@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The everyday talosctl commands (events, which follows until stopped, is
+# tried by hand), through `apid demo -nodes 5`, with a
+# talosctl built from a Talos tag (run.sh builds v1.13.9's; build v1.11.5's
+# the same way from its tag). Each command runs with one node, a list of
+# three and the group @controlplane; the results go to OUT, one a line:
+# ok|FAIL, the talosctl version, how the nodes were named, the command,
+# and the first line of its error.
+#
+#   TALOSCTL=/path/to/talosctl test/conformance/talosctl-matrix.sh [OUT]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+: "${TALOSCTL:?TALOSCTL: a talosctl binary}"
+out=${1:-test/conformance/talosctl-matrix.txt}
+work=$(mktemp -d)
+go build -o "$work/apid" ./cmd/apid || exit 1
+(cd "$work" && exec ./apid demo -nodes 5 > demo.log 2>&1) &
+demo=$!
+trap 'kill $demo 2>/dev/null; wait $demo 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 1 300); do grep -q "nodes up" "$work/demo.log" 2>/dev/null && break; sleep 0.1; done
+version=$("$TALOSCTL" version --client --short 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^v[0-9]+\./) {print $i; exit}}')
+tc=(--talosconfig "$work/apid-demo/talosconfig")
+read -r -d '' commands <<'CMDS'
+version
+memory
+processes
+service
+logs apid-agent --tail 3
+dmesg --tail
+ls /proc/self
+read /proc/loadavg
+cp /proc/self/status -
+usage /proc/sys/kernel --depth 1
+mounts
+netstat
+time
+stats
+containers
+config new CONFIG --roles os:reader
+CMDS
+: > "$out"
+for nodes in node-1 node-1,node-2,node-3 @controlplane; do
+	while IFS= read -r cmd; do
+		[ -n "$cmd" ] || continue
+		c=${cmd//CONFIG/$work/cfg-$RANDOM}
+		# shellcheck disable=SC2086
+		err=$(timeout 60 "$TALOSCTL" "${tc[@]}" -n "$nodes" $c 2>&1 >/dev/null)
+		status=$?
+		result=ok
+		[ $status -eq 0 ] || result=FAIL
+		printf '%s\t%s\t-n %s\t%s\t%s\n' "$result" "$version" "$nodes" "$cmd" "$(printf '%s' "$err" | head -1)" >> "$out"
+	done <<< "$commands"
+done
+echo "talosctl $version through apid demo: $(grep -c '^ok' "$out") ok, $(grep -c '^FAIL' "$out") failed; see $out"
