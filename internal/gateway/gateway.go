@@ -244,7 +244,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		}),
 		// Who the caller is comes first, so metrics and the call log can
 		// name it; the authorizer comes last, right before the proxy.
-		grpc.ChainStreamInterceptor(auth.IdentityInterceptor(), g.metrics.interceptor(), auditLog(log), g.admit(), g.authz.StreamInterceptor()),
+		grpc.ChainStreamInterceptor(auth.IdentityInterceptor(), g.metrics.interceptor(), auditLog(log), g.limitCalls(), g.endOnShutdown(), g.authz.StreamInterceptor()),
 		// Unary calls reach only the services apid serves itself (health).
 		grpc.ChainUnaryInterceptor(g.metrics.unaryInterceptor(), g.authz.UnaryInterceptor()),
 	)...)
@@ -534,26 +534,36 @@ func (g *Gateway) Close() {
 	}
 }
 
-// admit counts the call in flight, applies the caller identity's call
-// limits before any node is contacted, and ends the call with UNAVAILABLE
-// when shutdownTimeout is up.
-func (g *Gateway) admit() grpc.StreamServerInterceptor {
+// limitCalls applies the caller identity's call limits (calls in flight,
+// calls a second, certificates issued an hour) before any node is
+// contacted.
+func (g *Gateway) limitCalls() grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		id, ok := auth.IdentityFrom(ss.Context())
 		// A call another apid forwarded was counted against its caller
 		// there; counting it here against the node certificate would make
 		// every client's calls through that apid share one budget.
-		if id, ok := auth.IdentityFrom(ss.Context()); ok && !id.Forwarded {
-			release, err := g.calls.Acquire(id.Subject)
-			if err != nil {
+		if !ok || id.Forwarded {
+			return handler(srv, ss)
+		}
+		release, err := g.calls.Acquire(id.Subject)
+		if err != nil {
+			return err
+		}
+		defer release()
+		if info.FullMethod == methodIssueClient {
+			if err := g.issued.Allow(id.Subject); err != nil {
 				return err
 			}
-			defer release()
-			if info.FullMethod == methodIssueClient {
-				if err := g.issued.Allow(id.Subject); err != nil {
-					return err
-				}
-			}
 		}
+		return handler(srv, ss)
+	}
+}
+
+// endOnShutdown counts the call in flight and ends it with UNAVAILABLE
+// when shutdownTimeout is up.
+func (g *Gateway) endOnShutdown() grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		g.inFlight.Add(1)
 		defer g.inFlight.Add(-1)
 		ctx, cancel := context.WithCancelCause(ss.Context())
