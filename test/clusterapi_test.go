@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -483,4 +484,49 @@ func (c *cluster) clientWithRoles(t *testing.T, cn string, roles ...string) *cli
 	}
 	t.Cleanup(func() { cl.Close() })
 	return cl
+}
+
+// TestMultiplexingClient drives the demo as talosctl since v1.14 does: no
+// nodes header ever, one concurrent node call per -n value over one
+// connection. maxNodes (1,000) such calls at once from one identity fit
+// its limits; a group sent as node is served as the group's fan-out.
+func TestMultiplexingClient(t *testing.T) {
+	c := startDemo(t, 83, 5)
+	cl := c.client(t, c.endpoint(0))
+	const calls = 1000 // the default maxNodes: one -n list's worth
+	names := []string{"node-1", "node-2", "node-3", "node-4", "node-5"}
+	var wg sync.WaitGroup
+	errs := make(chan error, calls)
+	for i := range calls {
+		wg.Go(func() {
+			node := names[i%len(names)]
+			resp, err := cl.Version(client.WithNode(testkit.Context(t), node))
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("%s: %w", node, err)
+			case len(resp.GetMessages()) != 1 || resp.GetMessages()[0].GetVersion().GetTag() == "":
+				errs <- fmt.Errorf("%s: reply %v", node, resp)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	failed := 0
+	for err := range errs {
+		if failed++; failed <= 3 {
+			t.Errorf("%v", err)
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d multiplexed calls failed", failed, calls)
+	}
+
+	// -n @controlplane as a multiplexing client sends it.
+	resp, err := cl.Version(client.WithNode(testkit.Context(t), "@controlplane"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(entries(resp), ","); got != "node-1,node-2,node-3" {
+		t.Errorf("node: @controlplane gave %s, want the three control-plane nodes stamped", got)
+	}
 }
