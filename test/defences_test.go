@@ -89,8 +89,8 @@ limits:
 		conns, float64(before)/(1<<20), float64(after)/(1<<20), grew, float64(after-before)/1024/conns)
 	// Each idle connection cost about 57-63 KiB (three grpc-go goroutines,
 	// TLS record buffers, a 32 KiB HTTP/2 read buffer on top of the TLS
-	// connection's own); without that redundant read buffer and with the
-	// shared write buffer it costs about 40 KiB. This holds the gain, with
+	// connection's own); without that redundant read buffer it costs
+	// about 40 KiB. This holds the gain, with
 	// room for noise.
 	if per := float64(after-before) / 1024 / conns; per > 50 {
 		t.Errorf("%.1f KiB of gateway RSS per idle connection, want under 50", per)
