@@ -272,8 +272,10 @@ const (
 // anything but an attempt to make apid work for nothing.
 func (rs *rules) checkSizes(md metadata.MD) error {
 	n := 0
-	for _, v := range append(md[KeyNode], md[KeyNodes]...) {
-		n += len(v)
+	for _, k := range [...]string{KeyNode, KeyNodes} {
+		for _, v := range md[k] {
+			n += len(v)
+		}
 	}
 	if n > maxNodesBytes {
 		return status.Errorf(codes.InvalidArgument, "node and nodes metadata hold %d bytes, more than %d: name at most maxNodes nodes (groups such as @controlplane count as one value)", n, maxNodesBytes)
