@@ -39,6 +39,7 @@ type Connections struct {
 	sources      map[string]*source
 	sourcesSwept time.Time
 	authed       atomic.Int64
+	hsTimeout    time.Duration
 
 	open     atomic.Int64
 	byRemote sync.Map // remote address -> *countedConn, for CloseRemote
@@ -96,6 +97,41 @@ func (c *Connections) SetHandshakeLimits(total, perSource int, perSourcePerSecon
 		s.bucket.SetLimit(c.sourceRate)
 		s.bucket.SetBurst(c.burst())
 	}
+}
+
+// SetHandshakeTimeout tells the limits the listener's handshake timeout,
+// which they shorten under pressure: see handshakeDeadline.
+func (c *Connections) SetHandshakeTimeout(d time.Duration) {
+	c.hsMu.Lock()
+	c.hsTimeout = d
+	c.hsMu.Unlock()
+}
+
+// MinHandshakeDeadline is the shortest time a handshake is given however
+// full the budget: a client a few round trips away finishes well within it.
+const MinHandshakeDeadline = time.Second
+
+// handshakeDeadline is the time a handshake starting now is given, or 0
+// to leave the listener's timeout as it is. Until half of
+// limits.handshakes is taken, that is the handshake timeout; beyond, it
+// shrinks in proportion to the room left, to MinHandshakeDeadline when
+// the budget is full, so that a flood's sockets go sooner while a client
+// still has seconds, and a flood held at the budget churns through
+// faster than it can be refilled.
+func (c *Connections) handshakeDeadline() time.Duration {
+	c.hsMu.Lock()
+	n, limit, full := c.pending.Len(), c.handshakes, c.hsTimeout
+	c.hsMu.Unlock()
+	return shortened(n, limit, full)
+}
+
+func shortened(n, limit int, full time.Duration) time.Duration {
+	half := limit / 2
+	if limit <= 0 || full <= MinHandshakeDeadline || n <= half {
+		return 0
+	}
+	d := time.Duration(float64(full) * float64(limit-n) / float64(limit-half))
+	return min(max(d, MinHandshakeDeadline), full)
 }
 
 func (c *Connections) burst() int { return max(int(2*float64(c.sourceRate)), 1) }
@@ -301,6 +337,11 @@ func (l *limitedCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 			l.c.refused(bySource, "connection refused before its handshake", "err", err.Error())
 			_ = raw.Close()
 			return nil, nil, err
+		}
+		if d := l.c.handshakeDeadline(); d > 0 {
+			// (grpc-go set the listener's timeout just before, and clears
+			// the deadline once the connection is established.)
+			_ = raw.SetDeadline(time.Now().Add(d))
 		}
 	}
 	conn, info, err := l.TransportCredentials.ServerHandshake(raw)

@@ -152,3 +152,67 @@ func (instant) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, erro
 	return c, nil, nil
 }
 func (instant) Clone() credentials.TransportCredentials { return instant{} }
+
+// TestHandshakeDeadlineShortensUnderPressure: until half the handshake
+// budget is taken a handshake has the listener's whole timeout; beyond,
+// less in proportion to the room left, never under MinHandshakeDeadline.
+func TestHandshakeDeadlineShortensUnderPressure(t *testing.T) {
+	const full = 10 * time.Second
+	for _, tc := range []struct {
+		n, limit int
+		want     time.Duration
+	}{
+		{0, 100, 0}, {50, 100, 0}, {75, 100, 5 * time.Second}, {90, 100, 2 * time.Second},
+		{100, 100, MinHandshakeDeadline}, {101, 100, MinHandshakeDeadline},
+		{1000, 0, 0}, // no budget: nothing to protect
+	} {
+		if got := shortened(tc.n, tc.limit, full); got != tc.want {
+			t.Errorf("%d of %d handshakes: %s, want %s", tc.n, tc.limit, got, tc.want)
+		}
+	}
+	if got := shortened(100, 100, 500*time.Millisecond); got != 0 {
+		t.Errorf("a timeout below the floor was changed to %s", got)
+	}
+
+	// On a socket: with the budget of 4 full, a handshake that never ends
+	// is cut at the floor, not at the 10 s the listener gave it.
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewConnections(0, 0, nil)
+	c.SetHandshakeLimits(4, 0, 0)
+	c.SetHandshakeTimeout(full)
+	lis := c.Listener(inner)
+	defer lis.Close()
+	var last net.Conn
+	for range 4 {
+		conn, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if last, err = lis.Accept(); err != nil {
+			t.Fatal(err)
+		}
+		defer last.Close()
+	}
+	_ = last.SetDeadline(time.Now().Add(full)) // as grpc-go does
+	start := time.Now()
+	_, _, err = c.Credentials(silent{}).ServerHandshake(last)
+	if took := time.Since(start); err == nil || took > full/2 {
+		t.Fatalf("handshake with the budget full ended after %s (%v), want about %s", took, err, MinHandshakeDeadline)
+	}
+}
+
+// silent is transport credentials whose handshake waits for a byte that
+// never comes.
+type silent struct {
+	credentials.TransportCredentials
+}
+
+func (silent) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	_, err := c.Read(make([]byte, 1))
+	return nil, nil, err
+}
+func (silent) Clone() credentials.TransportCredentials { return silent{} }

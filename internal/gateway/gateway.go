@@ -196,6 +196,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	})
 	g.router.UsePerNodeLimits(g.perNode)
 	g.conns.SetHandshakeLimits(cfg.Limits.Handshakes, cfg.Limits.HandshakesPerSource, cfg.Limits.ConnectionsPerSourcePerSecond)
+	g.conns.SetHandshakeTimeout(cfg.HandshakeTimeout)
 	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
 		calls: g.calls, perNode: g.perNode, issued: g.issued, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
