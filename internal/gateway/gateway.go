@@ -55,26 +55,30 @@ var errShuttingDown = errors.New("apid is shutting down")
 // Gateway is one apid: the TLS material, the connections to the local
 // agent and to other nodes, and the gRPC server that proxies.
 type Gateway struct {
-	cfg     atomic.Pointer[Config]
-	reload  sync.Mutex // serialises Reload
-	log     *slog.Logger
-	level   *slog.LevelVar // nil: fixed by whoever made log
-	src     *certs.Source
-	local   *grpc.ClientConn
-	pool    *director.Pool
-	router  *director.Router
-	authz   *auth.Authorizer
-	budget  *limits.Memory
-	conns   *limits.Connections
-	calls   *limits.Calls
-	perNode *limits.PerNode
-	issued  *limits.Issuance
-	server  *grpc.Server
-	metrics *metrics
-	ready   *readiness
-	nodes   *nodeTable
-	inv     *inventory.Inventory
-	tracing *tracing // nil: off
+	// nodesBuild lets one /nodes request at a time build its page:
+	// building merges the whole inventory, so its cost is paid once
+	// however many clients ask at once.
+	nodesBuild sync.Mutex
+	cfg        atomic.Pointer[Config]
+	reload     sync.Mutex // serialises Reload
+	log        *slog.Logger
+	level      *slog.LevelVar // nil: fixed by whoever made log
+	src        *certs.Source
+	local      *grpc.ClientConn
+	pool       *director.Pool
+	router     *director.Router
+	authz      *auth.Authorizer
+	budget     *limits.Memory
+	conns      *limits.Connections
+	calls      *limits.Calls
+	perNode    *limits.PerNode
+	issued     *limits.Issuance
+	server     *grpc.Server
+	metrics    *metrics
+	ready      *readiness
+	nodes      *nodeTable
+	inv        *inventory.Inventory
+	tracing    *tracing // nil: off
 
 	ejections *ejectionCounts
 	resets    *resetGuard

@@ -3,6 +3,7 @@ package gateway
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"slices"
@@ -99,6 +100,7 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
+	g.nodesBuild.Lock()
 	all := g.nodeStatuses()
 	start, _ := slices.BinarySearchFunc(all, q.Get("after"), func(n NodeStatus, after string) int {
 		if n.Node <= after {
@@ -113,11 +115,11 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 	if end < len(all) {
 		page.Next = all[end-1].Node
 	}
+	all = nil
+	g.nodesBuild.Unlock()
 	if r.URL.Query().Get("format") == "json" || r.Header.Get("Accept") == "application/json" {
 		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(page)
+		_ = page.writeJSON(w)
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -160,4 +162,42 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(tw, "… %d of %d nodes shown: next page ?after=%s\n", len(page.Nodes), page.Total, url.QueryEscape(page.Next))
 	}
 	_ = tw.Flush()
+}
+
+// writeJSON writes the page as indented JSON a node at a time, so that a
+// client that reads slowly holds the page's nodes, not also their
+// encoding.
+func (p *nodesPage) writeJSON(w io.Writer) error {
+	field := func(v any) []byte {
+		b, _ := json.Marshal(v)
+		return b
+	}
+	if _, err := fmt.Fprintf(w, "{\n  \"time\": %s,\n  \"total\": %d,\n  \"nodes\": [", field(p.Time), p.Total); err != nil {
+		return err
+	}
+	for i := range p.Nodes {
+		b, err := json.MarshalIndent(&p.Nodes[i], "    ", "  ")
+		if err != nil {
+			return err
+		}
+		sep := ",\n    "
+		if i == 0 {
+			sep = "\n    "
+		}
+		if _, err := io.WriteString(w, sep); err != nil {
+			return err
+		}
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+	}
+	end := "\n  ]\n}\n"
+	if len(p.Nodes) == 0 {
+		end = "]\n}\n"
+	}
+	if p.Next != "" {
+		end = end[:len(end)-3] + fmt.Sprintf(",\n  \"next\": %s\n}\n", field(p.Next))
+	}
+	_, err := io.WriteString(w, end)
+	return err
 }
