@@ -142,6 +142,8 @@ type Server struct {
 	o       Options
 	now     func() time.Time
 	running atomic.Int64
+	// Checks refused by MaxRunning and by MaxRunningPerIdentity.
+	refusedRunning, refusedPerIdentity atomic.Int64
 
 	mu    sync.Mutex
 	perID map[string]int // checks running per identity
@@ -152,11 +154,20 @@ func New(o Options) *Server {
 	return &Server{o: o, now: time.Now, perID: map[string]int{}}
 }
 
+// RefusedRunning counts the checks refused because health.maxRunning
+// were running.
+func (s *Server) RefusedRunning() int64 { return s.refusedRunning.Load() }
+
+// RefusedPerIdentity counts the checks refused because their caller ran
+// health.maxRunningPerIdentity already.
+func (s *Server) RefusedPerIdentity() int64 { return s.refusedPerIdentity.Load() }
+
 // admitCheck counts a check in, globally and for its caller, or says why
 // not.
 func (s *Server) admitCheck(ctx context.Context, cfg Config) (release func(), err error) {
 	if n := s.running.Add(1); cfg.MaxRunning > 0 && n > int64(cfg.MaxRunning) {
 		s.running.Add(-1)
+		s.refusedRunning.Add(1)
 		return nil, status.Errorf(codes.ResourceExhausted, "%d cluster health checks are running on this apid already: try again later", cfg.MaxRunning)
 	}
 	id := ""
@@ -167,6 +178,7 @@ func (s *Server) admitCheck(ctx context.Context, cfg Config) (release func(), er
 	if cfg.MaxRunningPerIdentity > 0 && s.perID[id] >= cfg.MaxRunningPerIdentity {
 		s.mu.Unlock()
 		s.running.Add(-1)
+		s.refusedPerIdentity.Add(1)
 		return nil, status.Errorf(codes.ResourceExhausted, "%q runs %d cluster health checks already (health.maxRunningPerIdentity): wait for one to end", id, cfg.MaxRunningPerIdentity)
 	}
 	s.perID[id]++

@@ -58,6 +58,8 @@ type Router struct {
 	pool  *Pool
 	rules atomic.Pointer[rules]
 	ej    *ejector
+	// Calls refused for the size of their metadata (checkSizes).
+	oversized atomic.Int64
 }
 
 // rules are a Config made ready for routing; SetConfig swaps them whole,
@@ -137,6 +139,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	md, _ := metadata.FromIncomingContext(ctx)
 	rs := r.rules.Load()
 	if err := rs.checkSizes(md); err != nil {
+		r.oversized.Add(1)
 		return proxy.Route{}, err
 	}
 	out := rs.outgoing(md, caller.Roles)
@@ -267,6 +270,10 @@ const (
 	maxNodesBytes   = 64 << 10 // all node and nodes values together
 	maxForwardBytes = 8 << 10  // the values of one forwarded key
 )
+
+// RefusedMetadata counts the calls refused because their node, nodes or
+// forwarded metadata was too large.
+func (r *Router) RefusedMetadata() int64 { return r.oversized.Load() }
 
 // checkSizes refuses routing metadata or forwarded values too large to be
 // anything but an attempt to make apid work for nothing.

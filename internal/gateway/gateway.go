@@ -55,6 +55,8 @@ var errShuttingDown = errors.New("apid is shutting down")
 // Gateway is one apid: the TLS material, the connections to the local
 // agent and to other nodes, and the gRPC server that proxies.
 type Gateway struct {
+	health    *clusterhealth.Server
+	adminOpen atomic.Int64 // admin endpoint connections open
 	// nodesBuild lets one /nodes request at a time build its page:
 	// building merges the whole inventory, so its cost is paid once
 	// however many clients ask at once.
@@ -203,7 +205,14 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 	g.conns.SetHandshakeTimeout(cfg.HandshakeTimeout)
 	g.resets = &resetGuard{conns: g.conns, log: log, now: time.Now}
 	g.metrics = newMetrics(metricSources{authz: g.authz, router: g.router, pool: pool, budget: g.budget, conns: g.conns,
-		calls: g.calls, perNode: g.perNode, issued: g.issued, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load})
+		calls: g.calls, perNode: g.perNode, issued: g.issued, nodes: g.nodes, src: src, inFlight: g.inFlight.Load, ejections: g.ejections, resets: g.resets.closed.Load,
+		healthRefused: func() (running, perIdentity int64) {
+			if h := g.health; h != nil {
+				return h.RefusedRunning(), h.RefusedPerIdentity()
+			}
+			return 0, 0
+		},
+		adminOpen: g.adminOpen.Load})
 	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) })
 	if err != nil { // a file changed since validate read it
 		stop()
@@ -260,7 +269,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		grpc.ChainUnaryInterceptor(g.metrics.unaryInterceptor(), g.authz.UnaryInterceptor()),
 	)...)
 	healthpb.RegisterHealthServer(g.server, g.ready.grpc)
-	clusterhealth.New(clusterhealth.Options{
+	g.health = clusterhealth.New(clusterhealth.Options{
 		Dialer: g.router,
 		Config: func() clusterhealth.Config {
 			c := g.cfg.Load()
@@ -287,7 +296,8 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 			return id.Subject
 		},
 		Checking: checking,
-	}).Register(g.server)
+	})
+	g.health.Register(g.server)
 
 	go src.Watch(ctx, cfg.TLS.ReloadInterval, func() {
 		g.metrics.reloaded("certificates", nil)

@@ -171,7 +171,15 @@ func (g *Gateway) admin(ctx context.Context, lis net.Listener) error {
 	// phase, so that idle or slow clients cannot hold the process's file
 	// descriptors or the pages' memory.
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 16 << 10}
+		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 16 << 10,
+		ConnState: func(_ net.Conn, state http.ConnState) {
+			switch state {
+			case http.StateNew:
+				g.adminOpen.Add(1)
+			case http.StateClosed, http.StateHijacked:
+				g.adminOpen.Add(-1)
+			}
+		}}
 	lis = netutil.LimitListener(lis, adminConnections)
 	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
 	defer stop()

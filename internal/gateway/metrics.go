@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -75,6 +76,10 @@ type metricSources struct {
 	inFlight  func() int64
 	ejections *ejectionCounts
 	resets    func() int64
+	// healthRefused reads the cluster health checks refused, by
+	// health.maxRunning and health.maxRunningPerIdentity.
+	healthRefused func() (running, perIdentity int64)
+	adminOpen     func() int64
 }
 
 func newMetrics(s metricSources) *metrics {
@@ -129,6 +134,10 @@ func newMetrics(s metricSources) *metrics {
 		refusals("handshakes", s.conns.RefusedHandshakes),
 		refusals("perSource", s.conns.RefusedPerSource),
 		refusals("rapidResets", s.resets),
+		refusals("metadataBytes", s.router.RefusedMetadata),
+		refusals("health.maxRunning", func() int64 { n, _ := s.healthRefused(); return n }),
+		refusals("health.maxRunningPerIdentity", func() int64 { _, n := s.healthRefused(); return n }),
+		gauge("apid_admin_connections", fmt.Sprintf("Connections open to the admin endpoint (at most %d; more wait in the listen queue).", adminConnections), s.adminOpen),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "apid_build_info", Help: "Always 1; the labels say which apid this is.",
 			ConstLabels: prometheus.Labels{"version": v.Version, "commit": v.Commit, "goversion": v.Go},

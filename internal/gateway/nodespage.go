@@ -29,8 +29,12 @@ type nodesPage struct {
 // not the inventory's, bounds what one request holds.
 const (
 	defaultNodesPage = 500
-	maxNodesPage     = 5000
+	maxNodesPage     = 1000
 )
+
+// noCalls is the Calls of every node apid has not called: shared, and
+// never written.
+var noCalls = map[string]uint64{}
 
 // nodeStatuses merges the node table with the inventory and the pool:
 // every node the inventory lists, apid has a connection for, or has
@@ -46,7 +50,7 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 		key := director.Canonical(n.Name)
 		i, ok := byName[key]
 		if !ok {
-			nodes = append(nodes, NodeStatus{Node: key, Connection: "none", Calls: map[string]uint64{}})
+			nodes = append(nodes, NodeStatus{Node: key, Connection: "none", Calls: noCalls})
 			i = len(nodes) - 1
 			byName[key] = i
 		}
