@@ -140,13 +140,30 @@ func (c *attackCluster) rss(t *testing.T) (now, peak int64) {
 	return procStatus(t, pid, "VmRSS"), procStatus(t, pid, "VmHWM")
 }
 
+// cpu returns the CPU time the entry gateway has used.
+func (c *attackCluster) cpu(t *testing.T) time.Duration {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.procs[0].cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// After the command name in parentheses: state is field 3, utime 14
+	// and stime 15, in clock ticks (100 a second on Linux).
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	user, _ := strconv.ParseInt(f[11], 10, 64)
+	sys, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(user+sys) * 10 * time.Millisecond
+}
+
 // victim is the second identity's calls.
 type victim struct {
 	c        *attackCluster
 	mc       machine.MachineServiceClient
+	fresh    func() (machine.MachineServiceClient, func()) // if set, a new connection for each round
 	mu       sync.Mutex
 	took     []time.Duration
 	failures []string
+	cpuShare float64 // of a core, the gateway's while during ran
 }
 
 func (c *attackCluster) victim(t *testing.T) *victim {
@@ -158,13 +175,19 @@ func (c *attackCluster) victim(t *testing.T) *victim {
 // must be a success.
 func (v *victim) round() {
 	other, both := v.c.ips[1], v.c.ips[0]+","+v.c.ips[1]
+	mc := v.mc
+	if v.fresh != nil {
+		var done func()
+		mc, done = v.fresh()
+		defer done()
+	}
 	for _, md := range [][]string{nil, {"node", other}, {"nodes", both}} {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		if md != nil {
 			ctx = metadata.AppendToOutgoingContext(ctx, md...)
 		}
 		start := time.Now()
-		resp, err := v.mc.Version(ctx, &emptypb.Empty{})
+		resp, err := mc.Version(ctx, &emptypb.Empty{})
 		took := time.Since(start)
 		cancel()
 		what := "local"
@@ -194,9 +217,16 @@ func (v *victim) round() {
 // for any that did not succeed.
 func (v *victim) during(t *testing.T, rounds int) {
 	t.Helper()
+	// A round every 50 ms, so that the calls sample the attack over a
+	// while (a second by default) rather than squeeze between its steps.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	cpu0, start := v.c.cpu(t), time.Now()
 	for range rounds {
 		v.round()
+		<-tick.C
 	}
+	v.cpuShare = (v.c.cpu(t) - cpu0).Seconds() / time.Since(start).Seconds()
 	if len(v.failures) > 0 {
 		t.Errorf("%d of %d calls of a second identity failed under the attack; first: %s", len(v.failures), len(v.took), v.failures[0])
 	}
@@ -215,8 +245,8 @@ func (v *victim) report(t *testing.T, attack string) {
 		return d[min(len(d)-1, int(p*float64(len(d))))]
 	}
 	now, peak := v.c.rss(t)
-	t.Logf("figures: %s: second identity %d calls, %d failed, p50 %s, p99 %s; gateway RSS %.0f MiB (peak %.0f MiB)",
-		attack, len(d), len(v.failures), pct(0.5).Round(100*time.Microsecond), pct(0.99).Round(100*time.Microsecond), mib(now), mib(peak))
+	t.Logf("figures: %s: second identity %d calls, %d failed, p50 %s, p99 %s; gateway RSS %.0f MiB (peak %.0f MiB), CPU %.0f%% of a core",
+		attack, len(d), len(v.failures), pct(0.5).Round(100*time.Microsecond), pct(0.99).Round(100*time.Microsecond), mib(now), mib(peak), 100*v.cpuShare)
 }
 
 // boundedMemory fails the test if the gateway's resident memory reached
@@ -226,6 +256,74 @@ func (c *attackCluster) boundedMemory(t *testing.T) {
 	if _, peak := c.rss(t); peak >= 512<<20 {
 		t.Errorf("gateway peak RSS %.0f MiB, want under 512 MiB", mib(peak))
 	}
+}
+
+// TestAttackUnfinishedHandshakes is row 1 with the default limits:
+// connections that never send a byte, 64 from each of 72 source
+// addresses (4,608, more than limits.connections), renewed as the
+// gateway closes them, while the second identity opens a new connection
+// for each round of calls. Before, they filled limits.connections and
+// every new client was refused. Now unfinished handshakes have their own
+// budget (limits.handshakes, the oldest closed first, the deadline
+// shortened past half of it) and each source its own share.
+func TestAttackUnfinishedHandshakes(t *testing.T) {
+	c := startAttackCluster(t, []string{"127.0.81.51", "127.0.81.52"}, attackEnv{})
+	v := c.victim(t)
+	v.fresh = func() (machine.MachineServiceClient, func()) {
+		cc, err := grpc.NewClient(net.JoinHostPort(c.ips[0], strconv.Itoa(c.port)),
+			grpc.WithTransportCredentials(credentials.NewTLS(clientTLS(c.pki.pool, &c.admin))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return machine.NewMachineServiceClient(cc), func() { cc.Close() }
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	var opened atomic.Int64
+	target := net.JoinHostPort(c.ips[0], strconv.Itoa(c.port))
+	for src := range 72 {
+		wg.Go(func() {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(fmt.Sprintf("127.0.86.%d", src+1))}, Timeout: time.Second}
+			var held []net.Conn
+			defer func() {
+				for _, conn := range held {
+					conn.Close()
+				}
+			}()
+			// Keep 64 open: when the gateway closes one, open another,
+			// once a second, until the test ends.
+			for ctx.Err() == nil {
+				held = slices.DeleteFunc(held, func(conn net.Conn) bool {
+					_ = conn.SetReadDeadline(time.Now().Add(time.Microsecond))
+					_, err := conn.Read(make([]byte, 1))
+					var ne net.Error
+					if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+						conn.Close()
+						return true
+					}
+					return false
+				})
+				for len(held) < 64 && ctx.Err() == nil {
+					conn, err := d.DialContext(ctx, "tcp", target)
+					if err != nil {
+						break
+					}
+					opened.Add(1)
+					held = append(held, conn)
+				}
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
+		})
+	}
+	time.Sleep(2 * time.Second)
+	v.during(t, attackRounds())
+	v.report(t, "72 sources holding 64 unfinished handshakes each")
+	c.boundedMemory(t)
+	t.Logf("attacker opened %d connections", opened.Load())
 }
 
 // TestAttackStreamsToOneNode is row 2: a reader opens 1,000 Events streams
@@ -353,6 +451,9 @@ func TestAttackHealthChecks(t *testing.T) {
 	v.during(t, attackRounds())
 	v.report(t, "8 health checks of 1,000 dead nodes")
 	c.boundedMemory(t)
+	if got := scrapeLabelled(t, c.admins[0], `apid_limit_refusals_total{limit="health.maxRunningPerIdentity"}`); got != float64(refused.Load()) || got == 0 {
+		t.Errorf("apid_limit_refusals_total{limit=\"health.maxRunningPerIdentity\"} %v, want the %d refused", got, refused.Load())
+	}
 }
 
 // TestAttackHugeNodesHeader is row 4: a reader sends 40 calls a second,
@@ -364,11 +465,13 @@ func TestAttackHugeNodesHeader(t *testing.T) {
 	c := startAttackCluster(t, []string{"127.0.81.21", "127.0.81.22"}, attackEnv{})
 	v := c.victim(t)
 	attacker := machine.NewMachineServiceClient(c.dial(t, c.reader))
-	var b strings.Builder
-	for b.Len() < 900<<10 {
-		b.WriteString(c.ips[1] + ",")
+	// 2,000 nodes values of 36 names each: 900 KiB, within grpc-go's
+	// 1 MiB header list (which counts 32 bytes more a field).
+	one := strings.TrimSuffix(strings.Repeat(c.ips[1]+",", 36), ",")
+	var huge []string
+	for range 2000 {
+		huge = append(huge, "nodes", one)
 	}
-	huge := b.String()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -385,7 +488,7 @@ func TestAttackHugeNodesHeader(t *testing.T) {
 			case <-tick.C:
 			}
 			wg.Go(func() {
-				cctx, ccancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, "nodes", huge), 10*time.Second)
+				cctx, ccancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, huge...), 10*time.Second)
 				defer ccancel()
 				_, err := attacker.Version(cctx, &emptypb.Empty{})
 				if ctx.Err() != nil {
@@ -411,6 +514,9 @@ func TestAttackHugeNodesHeader(t *testing.T) {
 	t.Logf("attacker: %d calls, %d refused as InvalidArgument; first answer: %.200s", sent.Load(), invalid.Load(), msg)
 	if sent.Load() == 0 || invalid.Load() != sent.Load() || !strings.Contains(msg, "nodes metadata") {
 		t.Errorf("%d of the attacker's %d calls refused as InvalidArgument, the first answer %.300q; want all, naming the nodes metadata", invalid.Load(), sent.Load(), msg)
+	}
+	if got := scrapeLabelled(t, c.admins[0], `apid_limit_refusals_total{limit="metadataBytes"}`); got < float64(invalid.Load()) {
+		t.Errorf("apid_limit_refusals_total{limit=\"metadataBytes\"} %v, want at least the %d refused", got, invalid.Load())
 	}
 }
 
@@ -461,7 +567,7 @@ func TestAttackAdminConnections(t *testing.T) {
 // TestAttackSlowNodesPages is row 6: 50 clients ask /nodes?format=json of
 // a 10,000-node inventory and never read. Before, the admin server built
 // the whole page for each and held it, without a write timeout (7.39 GiB
-// with 100,000 nodes). Now a page is bounded (limit, 5,000 at most) and
+// with 100,000 nodes). Now a page is bounded (limit, 1,000 at most) and
 // writes time out.
 func TestAttackSlowNodesPages(t *testing.T) {
 	n := 10000
@@ -492,7 +598,7 @@ func TestAttackSlowNodesPages(t *testing.T) {
 		})
 		return serr
 	}}
-	for _, q := range []string{"format=json", "format=json&limit=5000"} {
+	for _, q := range []string{"format=json", "format=json&limit=1000"} {
 		for range 25 {
 			conn, err := d.Dial("tcp", c.admins[0])
 			if err != nil {
@@ -507,6 +613,9 @@ func TestAttackSlowNodesPages(t *testing.T) {
 	v.report(t, fmt.Sprintf("50 unread /nodes?format=json of %d nodes", n))
 	c.boundedMemory(t)
 
+	if got := scrapeLabelled(t, c.admins[0], "apid_admin_connections"); got < 50 || got > 64 {
+		t.Errorf("apid_admin_connections %v with 50 held, want 50 to 64", got)
+	}
 	// The admin port still answers someone who reads.
 	resp, err := http.Get("http://" + c.admins[0] + "/nodes?format=json&limit=2")
 	if err != nil {
