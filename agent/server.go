@@ -63,6 +63,7 @@ type Server struct {
 	bootTime time.Time // zero when unknown; used to date kernel records
 
 	events *eventLog
+	images imageStore
 
 	mu            sync.Mutex
 	reboots       []*machine.RebootRequest
@@ -111,10 +112,13 @@ func (s *Server) boot() {
 	s.publish("", machineStatus(machine.MachineStatusEvent_RUNNING, true))
 }
 
-// Register adds the agent's MachineService and TimeService, and gRPC server
+// Register adds the agent's MachineService, ImageService, LifecycleService
+// and TimeService, and gRPC server
 // reflection, to g, so that tools such as grpcurl work without proto files.
 func (s *Server) Register(g *grpc.Server) {
 	machine.RegisterMachineServiceServer(g, s)
+	machine.RegisterImageServiceServer(g, imageServer{s: s})
+	machine.RegisterLifecycleServiceServer(g, lifecycleServer{s: s})
 	timeapi.RegisterTimeServiceServer(g, timeServer{s: s})
 	reflection.Register(g)
 }
