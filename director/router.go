@@ -205,26 +205,50 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 // (Talos's words first), and a group of several nodes for a method
 // talosctl sends to one node only.
 func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) error {
+	group := groupIn(md)
 	if !rs.kinds.method(fullMethod).Stamped {
-		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: its replies carry no common.Metadata to stamp and merge (the Talos API fans out machine.MachineService, cluster.ClusterService, inspect.InspectService, storage.StorageService and time.TimeService); name one node with node, or call each node", fullMethod)
+		way := "name one node with node, or call each node"
+		if group != "" && len(md[KeyNode]) > 0 {
+			// A multiplexing client (talosctl v1.13's image and upgrade,
+			// every command since v1.14) sent the group as one node: it
+			// labels the replies of one call as one node, so the group's
+			// nodes must be listed for it to call each.
+			way = fmt.Sprintf("%s names %d nodes (%s), whose replies one call could not tell apart: list them, as in talosctl -n %s",
+				group, len(nodes), stampList(nodes, ", ", 10), stampList(nodes, ",", 10))
+		}
+		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: its replies carry no common.Metadata to stamp and merge (the Talos API fans out machine.MachineService, cluster.ClusterService, inspect.InspectService, storage.StorageService and time.TimeService); %s", fullMethod, way)
 	}
 	command, single := singleNodeMethods[fullMethod]
-	if !single || len(nodes) < 2 {
+	if !single || len(nodes) < 2 || group == "" {
 		return nil
 	}
+	return status.Errorf(codes.InvalidArgument, "talosctl %s works on one node, and %s names %d (%s): name one, as in talosctl -n %s %s",
+		command, group, len(nodes), stampList(nodes, ", ", 10), nodes[0].stamp, command)
+}
+
+// groupIn returns the first group the routing metadata names, if any.
+func groupIn(md metadata.MD) string {
 	for _, v := range append(slices.Clone(md[KeyNode]), md[KeyNodes]...) {
 		for _, item := range strings.Split(v, ",") {
 			if g := strings.TrimSpace(item); inventory.IsGroup(g) {
-				names := make([]string, len(nodes))
-				for i, n := range nodes {
-					names[i] = n.stamp
-				}
-				return status.Errorf(codes.InvalidArgument, "talosctl %s works on one node, and %s names %d (%s): name one, as in talosctl -n %s %s",
-					command, g, len(nodes), strings.Join(names, ", "), names[0], command)
+				return g
 			}
 		}
 	}
-	return nil
+	return ""
+}
+
+// stampList joins the names of at most max nodes with sep, an ellipsis
+// standing for the rest.
+func stampList(nodes []node, sep string, max int) string {
+	names := make([]string, 0, min(len(nodes), max)+1)
+	for _, n := range nodes[:min(len(nodes), max)] {
+		names = append(names, n.stamp)
+	}
+	if len(nodes) > max {
+		names = append(names, "…")
+	}
+	return strings.Join(names, sep)
 }
 
 // errNoForwarding refuses, in Talos's words, a call a local-only node

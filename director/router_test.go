@@ -668,6 +668,14 @@ func TestGroupsRefusedForSingleNodeCommands(t *testing.T) {
 			t.Errorf("%v: %v", md, err)
 		}
 	}
+
+	// A method whose replies cannot be merged, asked of a group as one node
+	// (a multiplexing client): Talos's words, then the list to type.
+	_, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "@controlplane")), "/machine.ImageService/Pull")
+	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "one-2-many proxying is not supported for method /machine.ImageService/Pull") ||
+		!strings.HasSuffix(err.Error(), "@controlplane names 3 nodes (cp-1, cp-2, cp-3), whose replies one call could not tell apart: list them, as in talosctl -n cp-1,cp-2,cp-3") {
+		t.Errorf("image pull of a group: %v", err)
+	}
 }
 
 // TestMetadataSizesBounded: routing and forwarded metadata past apid's
