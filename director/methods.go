@@ -136,8 +136,7 @@ func Describe(fullMethod string) Method { return methodKinds(apiMethods).method(
 
 // singleNodeMethods are the methods talosctl never sends to several nodes
 // (it refuses -n a,b for them: read, cp, kubeconfig, pcap, config new,
-// inspect dependencies, etcd snapshot, defrag, leave and downgrade, and
-// the server-side health check, as
+// inspect dependencies, etcd snapshot, defrag, leave and downgrade, as
 // its FailIfMultiNodes guard in v1.13 lists them). A group reaches the
 // gateway as one -n value that talosctl cannot see through, so the
 // gateway keeps the guard for groups: an etcd leave must never reach every
@@ -155,5 +154,4 @@ var singleNodeMethods = map[string]string{
 	"/machine.MachineService/EtcdDowngradeValidate":         "etcd downgrade validate",
 	"/machine.MachineService/EtcdDowngradeEnable":           "etcd downgrade enable",
 	"/machine.MachineService/EtcdDowngradeCancel":           "etcd downgrade cancel",
-	"/cluster.ClusterService/HealthCheck":                   "health",
 }
