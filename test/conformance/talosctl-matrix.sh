@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The everyday talosctl commands (events, which follows until stopped, is
-# tried by hand), through `apid demo -nodes 5`, with a
+# The everyday talosctl commands through `apid demo -nodes 5`, with a
 # talosctl built from a Talos tag (run.sh builds v1.13.9's; build v1.11.5's
 # the same way from its tag). Each command runs with one node, a list of
 # three and the group @controlplane; the results go to OUT, one a line:
 # ok|FAIL, the talosctl version, how the nodes were named, the command,
-# and the first line of its error.
+# and the first line of its error. A command marked FOLLOW streams until
+# stopped: it passes if it printed something before 5 s and was still
+# running. upgrade, shutdown and reboot run last, in that order (the
+# reboot brings the shut-down services back), each given 4 s to finish its
+# simulation, and without --wait (which tracks the node through resources
+# the demo node does not serve yet); upgrade also with --drain=false where
+# talosctl has it (draining needs Kubernetes).
 #
 #   TALOSCTL=/path/to/talosctl test/conformance/talosctl-matrix.sh [OUT]
 set -uo pipefail
@@ -20,6 +25,11 @@ trap 'kill $demo 2>/dev/null; wait $demo 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 300); do grep -q "nodes up" "$work/demo.log" 2>/dev/null && break; sleep 0.1; done
 version=$("$TALOSCTL" version --client --short 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^v[0-9]+\./) {print $i; exit}}')
 tc=(--talosconfig "$work/apid-demo/talosconfig")
+# talosctl v1.13 drains the Kubernetes node before an upgrade's reboot by
+# default; older versions have no such flag.
+drain=""
+"$TALOSCTL" upgrade --help 2>&1 | grep -q -- '--drain ' && drain="--drain=false "
+
 read -r -d '' commands <<'CMDS'
 version
 memory
@@ -37,18 +47,34 @@ time
 stats
 containers
 config new CONFIG --roles os:reader
+FOLLOW events --tail 2
+FOLLOW logs apid-agent -f --tail 1
+health --wait-timeout 30s
+upgrade DRAIN--wait=false
+shutdown --wait=false
+reboot --wait=false
 CMDS
 : > "$out"
 for nodes in node-1 node-1,node-2,node-3 @controlplane; do
 	while IFS= read -r cmd; do
 		[ -n "$cmd" ] || continue
 		c=${cmd//CONFIG/$work/cfg-$RANDOM}
+		c=${c//DRAIN/$drain}
+		limit=60
+		case $c in FOLLOW\ *) c=${c#FOLLOW }; limit=5 ;; esac
 		# shellcheck disable=SC2086
-		err=$(timeout 60 "$TALOSCTL" "${tc[@]}" -n "$nodes" $c 2>&1 >/dev/null)
+		err=$(timeout "$limit" "$TALOSCTL" "${tc[@]}" -n "$nodes" $c 2>&1 >"$work/stdout")
 		status=$?
 		result=ok
-		[ $status -eq 0 ] || result=FAIL
-		printf '%s\t%s\t-n %s\t%s\t%s\n' "$result" "$version" "$nodes" "$cmd" "$(printf '%s' "$err" | head -1)" >> "$out"
+		if [ "$limit" = 5 ]; then
+			# Following: still running at the timeout, having printed.
+			{ [ $status -eq 124 ] && [ -s "$work/stdout" ]; } || result=FAIL
+			[ $status -eq 124 ] && [ -z "$err" ] && [ ! -s "$work/stdout" ] && err="nothing printed in 5 s"
+		else
+			[ $status -eq 0 ] || result=FAIL
+		fi
+		case $c in upgrade* | shutdown* | reboot*) sleep 4 ;; esac
+		printf '%s\t%s\t-n %s\t%s\t%s\n' "$result" "$version" "$nodes" "${cmd//DRAIN/$drain}" "$(printf '%s' "$err" | head -1)" >> "$out"
 	done <<< "$commands"
 done
 echo "talosctl $version through apid demo: $(grep -c '^ok' "$out") ok, $(grep -c '^FAIL' "$out") failed; see $out"
