@@ -75,6 +75,7 @@ func TestImagePullAndUpgrade(t *testing.T) {
 	if err != nil || len(listed) != 1 || listed[0].GetName() != "ghcr.io/siderolabs/installer:v1.13.9" || listed[0].GetDigest() == "" {
 		t.Fatalf("list: %v, %v", listed, err)
 	}
+	//lint:ignore SA1019 talosctl v1.11 still calls it, and so the agent serves it.
 	ol, err := mc.ImageList(ctx, &machine.ImageListRequest{Namespace: common.ContainerdNamespace_NS_SYSTEM})
 	old, err := drain(t, ol, err)
 	if err != nil || len(old) != 1 || old[0].GetDigest() != listed[0].GetDigest() {
@@ -88,6 +89,7 @@ func TestImagePullAndUpgrade(t *testing.T) {
 
 	// The legacy unary pull, a bare name normalized as containerd does,
 	// and removal.
+	//lint:ignore SA1019 talosctl falls back to it for an older node.
 	if _, err := mc.ImagePull(ctx, &machine.ImagePullRequest{Reference: "alpine"}); err != nil {
 		t.Fatal(err)
 	}
