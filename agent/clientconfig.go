@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc/codes"
@@ -23,7 +24,8 @@ import (
 // default); the agent checks what is asked: known roles only (never
 // os:impersonator, which is for apid nodes), roles the caller holds itself
 // unless it is os:admin (so a policy that lets operators call this cannot
-// make admins), and a validity that is positive and within MaxClientTTL.
+// make admins), and a validity that is positive, within the client CA's
+// and, if set, within MaxClientTTL.
 // The caller's roles are those apid forwards (talos-role): the agent
 // trusts its socket's peer as machined trusts apid's, which is why the
 // command line serves a client CA only on a unix socket.
@@ -32,11 +34,20 @@ func (s *Server) GenerateClientConfiguration(ctx context.Context, req *machine.G
 		return nil, status.Error(codes.FailedPrecondition, "this agent holds no client CA: ask a control-plane node")
 	}
 	ttl := req.GetCrtTtl().AsDuration()
-	switch {
-	case ttl <= 0:
+	if ttl <= 0 {
 		return nil, status.Error(codes.InvalidArgument, "crt_ttl should be positive")
-	case ttl > s.cfg.MaxClientTTL:
-		return nil, status.Errorf(codes.InvalidArgument, "crt_ttl %s is longer than the %s this agent grants", ttl, s.cfg.MaxClientTTL)
+	}
+	ca, err := pki.LoadCA(s.cfg.ClientCA.Cert, s.cfg.ClientCA.Key)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "client CA: %v", err)
+	}
+	// Talos grants any positive validity; a certificate cannot outlive
+	// its issuer, and an operator may bound it further.
+	if left := time.Until(ca.Cert.NotAfter).Truncate(time.Hour); ttl > left {
+		return nil, status.Errorf(codes.InvalidArgument, "crt_ttl %s is longer than the client CA's remaining validity (%s, until %s)", ttl, left, ca.Cert.NotAfter.UTC().Format(time.DateOnly))
+	}
+	if s.cfg.MaxClientTTL > 0 && ttl > s.cfg.MaxClientTTL {
+		return nil, status.Errorf(codes.InvalidArgument, "crt_ttl %s is longer than the %s this agent grants (-max-client-ttl)", ttl, s.cfg.MaxClientTTL)
 	}
 	roles, err := clientRoles(req.GetRoles())
 	if err != nil {
@@ -44,10 +55,6 @@ func (s *Server) GenerateClientConfiguration(ctx context.Context, req *machine.G
 	}
 	if err := mayIssue(ctx, roles); err != nil {
 		return nil, err
-	}
-	ca, err := pki.LoadCA(s.cfg.ClientCA.Cert, s.cfg.ClientCA.Key)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "client CA: %v", err)
 	}
 	// Limits, the audit log and revocation lists tell clients apart by
 	// their subject: each issued client gets its own.

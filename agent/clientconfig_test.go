@@ -73,6 +73,20 @@ func TestGenerateClientConfiguration(t *testing.T) {
 		t.Errorf("talosconfig:\n%s", a.GetTalosconfig())
 	}
 
+	// Any validity within the CA's, as Talos grants; an operator's bound,
+	// when set, on top.
+	if _, err := call([]string{"os:admin"}, []string{"os:reader"}, 390*24*time.Hour); err != nil {
+		t.Errorf("390 days from a CA valid 400: %v", err)
+	}
+	bounded := cfg
+	bounded.MaxClientTTL = 24 * time.Hour
+	bmc, _, _ := start(t, bounded, "unix")
+	_, err = bmc.GenerateClientConfiguration(metadata.AppendToOutgoingContext(testkit.Context(t), "talos-role", "os:admin"),
+		&machine.GenerateClientConfigurationRequest{Roles: []string{"os:reader"}, CrtTtl: durationpb.New(48 * time.Hour)})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "longer than the 24h0m0s this agent grants (-max-client-ttl)") {
+		t.Errorf("48h from an agent bounded at 24h: %v", err)
+	}
+
 	// An operator (were a policy to let it call this) issues operators or
 	// readers, never admins.
 	if _, err := call([]string{"os:operator", "os:reader"}, []string{"os:operator"}, time.Hour); err != nil {
@@ -90,7 +104,9 @@ func TestGenerateClientConfiguration(t *testing.T) {
 		{[]string{"os:admin"}, []string{"os:raeder"}, time.Hour, codes.InvalidArgument, `unknown role "os:raeder"`},
 		{[]string{"os:admin"}, nil, time.Hour, codes.InvalidArgument, "no roles"},
 		{[]string{"os:admin"}, []string{"os:reader"}, 0, codes.InvalidArgument, "crt_ttl should be positive"},
-		{[]string{"os:admin"}, []string{"os:reader"}, 366 * 24 * time.Hour, codes.InvalidArgument, "longer than the 8760h0m0s"},
+		// The CA is valid 400 days: 2 years (Talos's own test asks that
+		// much of a real cluster's CA) cannot be granted here.
+		{[]string{"os:admin"}, []string{"os:reader"}, 2 * 365 * 24 * time.Hour, codes.InvalidArgument, "longer than the client CA's remaining validity"},
 	} {
 		_, err := call(tc.held, tc.roles, tc.ttl)
 		if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.words) {

@@ -16,9 +16,6 @@ const (
 	DefaultMeminfoPath = "/proc/meminfo"
 	// DefaultLogCapacity is how many lines of its own log the agent keeps for Logs.
 	DefaultLogCapacity = 1000
-	// DefaultMaxClientTTL bounds the certificates GenerateClientConfiguration
-	// issues: the validity Talos documents for client certificates.
-	DefaultMaxClientTTL = 365 * 24 * time.Hour
 	// DefaultClusterName names the contexts of generated talosconfigs.
 	DefaultClusterName = "apid"
 )
@@ -66,8 +63,9 @@ type Config struct {
 	// Endpoints are the gateway addresses written into the talosconfigs
 	// GenerateClientConfiguration returns.
 	Endpoints []string
-	// MaxClientTTL bounds the validity GenerateClientConfiguration grants.
-	// Default: DefaultMaxClientTTL.
+	// MaxClientTTL, if positive, bounds the validity
+	// GenerateClientConfiguration grants; it is always bounded by the
+	// client CA's own (Talos sets no other bound).
 	MaxClientTTL time.Duration
 	// ClusterName names generated talosconfig contexts (admin@NAME).
 	// Default: DefaultClusterName.
@@ -95,9 +93,6 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LogCapacity <= 0 {
 		c.LogCapacity = DefaultLogCapacity
-	}
-	if c.MaxClientTTL <= 0 {
-		c.MaxClientTTL = DefaultMaxClientTTL
 	}
 	if c.ClusterName == "" {
 		c.ClusterName = DefaultClusterName

@@ -182,7 +182,7 @@ func TestDemoClusterAPI(t *testing.T) {
 		}{
 			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:raeder"}, CrtTtl: durationpb.New(time.Hour)}, codes.InvalidArgument, `unknown role "os:raeder"`},
 			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:impersonator"}, CrtTtl: durationpb.New(time.Hour)}, codes.InvalidArgument, "for apid nodes"},
-			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}, CrtTtl: durationpb.New(400 * 24 * time.Hour)}, codes.InvalidArgument, "longer than the 8760h0m0s"},
+			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}, CrtTtl: durationpb.New(20 * 365 * 24 * time.Hour)}, codes.InvalidArgument, "longer than the client CA's remaining validity"},
 			{"node-1", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}}, codes.InvalidArgument, "crt_ttl should be positive"},
 			{"node-4", &machine.GenerateClientConfigurationRequest{Roles: []string{"os:admin"}, CrtTtl: durationpb.New(time.Hour)}, codes.FailedPrecondition, "no client CA"},
 		} {

@@ -31,7 +31,7 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	caCert := fs.String("client-ca-cert", "", "PEM `file` of the CA that signs client certificates: with -client-ca-key, GenerateClientConfiguration (talosctl config new) issues clients")
 	caKey := fs.String("client-ca-key", "", "PEM `file` of that CA's private key")
 	endpoints := fs.String("endpoints", "", "comma-separated gateway `addresses` written into generated talosconfigs")
-	maxTTL := fs.Duration("max-client-ttl", agent.DefaultMaxClientTTL, "longest validity GenerateClientConfiguration grants")
+	maxTTL := fs.Duration("max-client-ttl", 0, "longest validity GenerateClientConfiguration grants (0: until the client CA expires, as Talos)")
 	cluster := fs.String("cluster-name", agent.DefaultClusterName, "`name` in generated talosconfig contexts (admin@NAME)")
 	if err := fs.Parse(args); err != nil {
 		return err
