@@ -335,7 +335,16 @@ func TestReadDefaultRoots(t *testing.T) {
 	if err != nil || !bytes.Contains(bytes.Join(chunks, nil), []byte("Name:")) {
 		t.Fatalf("read /proc/self/status: %q, %v", chunks, err)
 	}
-	stream, err = c.Read(testkit.Context(t), &machine.ReadRequest{Path: "/etc/hostname"})
+	if fi, err := os.Lstat("/etc/passwd"); err == nil && fi.Mode().IsRegular() {
+		stream, err = c.Read(testkit.Context(t), &machine.ReadRequest{Path: "/etc/passwd"})
+		if err == nil {
+			chunks, err = recvAll(stream)
+		}
+		if err != nil || !bytes.Contains(bytes.Join(chunks, nil), []byte("root:")) {
+			t.Fatalf("read /etc/passwd: %v", err)
+		}
+	}
+	stream, err = c.Read(testkit.Context(t), &machine.ReadRequest{Path: "/var/log/nosuch"})
 	if err == nil {
 		_, err = recvAll(stream)
 	}
@@ -527,6 +536,50 @@ func TestLogs(t *testing.T) {
 	t.Run("unknown id", func(t *testing.T) {
 		_, err := logs(t, &machine.LogsRequest{Id: "kubelet"})
 		wantCode(t, err, codes.NotFound)
+		if !strings.HasSuffix(status.Convert(err).Message(), `log "kubelet" was not registered`) {
+			t.Errorf("not machined's words: %v", err)
+		}
+	})
+	t.Run("machined is the agent's own", func(t *testing.T) {
+		lines, err := logs(t, &machine.LogsRequest{Id: "machined", TailLines: -1})
+		if err != nil || len(lines) < 3 || !bytes.Contains(lines[0], []byte("example agent ready")) {
+			t.Fatalf("lines = %q, %v", lines, err)
+		}
+	})
+	t.Run("a simulated service's", func(t *testing.T) {
+		if _, err := c.ServiceRestart(testkit.Context(t), &machine.ServiceRestartRequest{Id: agent.SimulatedServices[0]}); err != nil {
+			t.Fatal(err)
+		}
+		lines, err := logs(t, &machine.LogsRequest{Id: agent.SimulatedServices[0], TailLines: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		text := string(bytes.Join(lines, nil))
+		for _, want := range []string{"service[" + agent.SimulatedServices[0] + "](Preparing): Simulated start (agent start)", "(Running)", "(Stopping): Simulated stop (restart requested through the API)"} {
+			if !strings.Contains(text, want) {
+				t.Errorf("no %q in\n%s", want, text)
+			}
+		}
+		last, err := logs(t, &machine.LogsRequest{Id: agent.SimulatedServices[0], TailLines: 1})
+		if err != nil || len(last) != 1 || !bytes.Contains(last[0], []byte("Health check successful")) {
+			t.Errorf("tail 1: %q, %v", last, err)
+		}
+	})
+	t.Run("kernel", func(t *testing.T) {
+		lines, err := logs(t, &machine.LogsRequest{Id: "kernel", TailLines: 2})
+		if err != nil || len(lines) == 0 || len(lines) > 2 {
+			t.Fatalf("kernel tail 2: %d lines, %v", len(lines), err)
+		}
+		// (Not compared line for line: other tests' network namespaces
+		// make the kernel log as this runs.)
+		all, err := logs(t, &machine.LogsRequest{Id: "kernel", TailLines: -1})
+		if err != nil || len(all) < len(lines) {
+			t.Fatalf("kernel: %d lines, %v; its tail of 2 had %d", len(all), err, len(lines))
+		}
+	})
+	t.Run("containers", func(t *testing.T) {
+		_, err := logs(t, &machine.LogsRequest{Id: "kube-apiserver", Driver: common.ContainerDriver_CRI})
+		wantCode(t, err, codes.NotFound)
 	})
 	t.Run("follow", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(testkit.Context(t))
@@ -697,5 +750,26 @@ func mustSymlink(t *testing.T, target, link string) {
 	t.Helper()
 	if err := os.Symlink(target, link); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCPUFreqStats: one message, one entry per CPU the kernel's cpufreq
+// driver shows (none on many virtual machines), each with its limits in
+// order.
+func TestCPUFreqStats(t *testing.T) {
+	c, _, _ := start(t, agent.Config{}, "unix")
+	resp, err := c.CPUFreqStats(testkit.Context(t), &emptypb.Empty{})
+	if err != nil || len(resp.GetMessages()) != 1 {
+		t.Fatalf("%v, %v", resp, err)
+	}
+	dirs, _ := filepath.Glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq")
+	stats := resp.GetMessages()[0].GetCpuFreqStats()
+	if len(stats) != len(dirs) {
+		t.Fatalf("%d entries for %d cpufreq directories", len(stats), len(dirs))
+	}
+	for i, s := range stats {
+		if s.GetMaximumFrequency() < s.GetMinimumFrequency() {
+			t.Errorf("cpu %d: max %d below min %d", i, s.GetMaximumFrequency(), s.GetMinimumFrequency())
+		}
 	}
 }

@@ -21,8 +21,11 @@ const (
 )
 
 // DefaultReadRoots are the directories Read may serve files from when
-// [Config.ReadRoots] is empty.
-var DefaultReadRoots = []string{"/proc", "/sys"}
+// [Config.ReadRoots] is empty: what a Talos node's users read most (its
+// /etc holds the machine's own configuration files). Everything is served
+// read-only, and Read and Copy are os:admin's alone in the policy, as in
+// Talos.
+var DefaultReadRoots = []string{"/proc", "/sys", "/etc"}
 
 // Config describes an agent. The zero value is usable: every empty field gets
 // the default documented on it.

@@ -125,13 +125,16 @@ func servicesRunning() []string {
 }
 
 // bootEvents are the events a new agent starts its log with.
+// More than 20, as a booted Talos node has and Talos's own EventsWatch
+// test asks of one.
 func bootEvents() []string {
-	var out []string
-	out = append(out, "sequence boot START")
+	out := []string{"machine BOOTING ready=false", "sequence boot START", "phase startEverything START"}
 	for _, svc := range agent.SimulatedServices {
-		out = append(out, "service "+svc+" PREPARING", "service "+svc+" RUNNING", "service "+svc+" RUNNING healthy")
+		out = append(out, "task startService("+svc+") START",
+			"service "+svc+" PREPARING", "service "+svc+" RUNNING", "service "+svc+" RUNNING healthy",
+			"task startService("+svc+") STOP")
 	}
-	return append(out, "sequence boot STOP", "machine RUNNING ready=true")
+	return append(out, "phase startEverything STOP", "sequence boot STOP", "machine RUNNING ready=true")
 }
 
 var eventID = regexp.MustCompile(`^[0-9a-v]{20}$`)

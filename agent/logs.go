@@ -13,29 +13,58 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// logIDs are the service IDs under which Logs serves the agent's own log.
-var logIDs = []string{"agent", "apid-agent"}
+// ownLogIDs are the service IDs under which Logs serves the agent's own
+// log: it stands in for machined.
+var ownLogIDs = []string{"agent", "apid-agent", "machined"}
 
-// Logs streams the agent's own log, one line per message, for the service ID
-// "agent" (or "apid-agent"); any other ID, or the CRI driver, is NotFound. TailLines follows
-// Talos: a negative value sends every kept line, n >= 0 the last n. With
-// Follow the stream then waits for new lines until the client goes away.
+// kernelLogID is the kernel log, as Talos names it.
+const kernelLogID = "kernel"
+
+// logIDs are every log Logs serves: the agent's own, each simulated
+// service's and the kernel's.
+func logIDs() []string {
+	return slices.Concat(ownLogIDs, SimulatedServices, []string{kernelLogID})
+}
+
+// Logs streams a log, one line per message: the agent's own for "agent",
+// "apid-agent" or "machined"; a simulated service's (what its simulated
+// runner did) for its ID; the kernel's for "kernel" (as Dmesg serves it).
+// Any other ID, or the CRI driver, is NotFound in machined's words.
+// TailLines follows Talos: a negative value sends every kept line, n >= 0
+// the last n. With Follow the stream then waits for new lines until the
+// client goes away.
 func (s *Server) Logs(req *machine.LogsRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
-	ctx := stream.Context()
-
-	if !slices.Contains(logIDs, req.GetId()) || req.GetDriver() == common.ContainerDriver_CRI {
-		// machined's words last (Talos's tests match the end), what is served first.
-		return status.Errorf(codes.NotFound, "this agent serves the logs %q: log %q was not registered", logIDs, req.GetId())
+	id := req.GetId()
+	if req.GetDriver() == common.ContainerDriver_CRI {
+		return status.Errorf(codes.NotFound, "the example agent runs no containers: log %q was not registered", id)
 	}
+	switch {
+	case slices.Contains(ownLogIDs, id):
+		return streamLog(stream, s.ring, req)
+	case id == kernelLogID:
+		return s.kernelLog(req, stream)
+	}
+	s.mu.Lock()
+	svc := s.service(id)
+	s.mu.Unlock()
+	if svc == nil {
+		// machined's words last (Talos's tests match the end), what is served first.
+		return status.Errorf(codes.NotFound, "this agent serves the logs %q: log %q was not registered", logIDs(), id)
+	}
+	return streamLog(stream, svc.log, req)
+}
 
-	from := s.ring.tailStart(req.GetTailLines())
+// streamLog sends the lines of r that req asks for.
+func streamLog(stream grpc.ServerStreamingServer[common.Data], r logRing, req *machine.LogsRequest) error {
+	ctx := stream.Context()
+	from := r.tailStart(req.GetTailLines())
 	// Headers mark the point from which a follower sees every new line; a
 	// client may wait for them before causing the lines it expects.
 	if err := stream.SendHeader(metadata.MD{}); err != nil {
 		return err
 	}
 	for {
-		lines, next, dropped, changed := s.ring.since(from)
+		lines, next, dropped, changed := r.since(from)
 		if dropped > 0 {
 			msg := fmt.Sprintf("[apid example agent: %d log lines dropped: reader too slow]\n", dropped)
 			if err := stream.Send(&common.Data{Bytes: []byte(msg)}); err != nil {
@@ -81,4 +110,43 @@ func (r logRing) tailStart(n int32) uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.tailStartLocked(n)
+}
+
+// kernelLog serves the kernel log as Logs: Dmesg's records, all of them
+// (or, with TailLines, the last ones), then, with Follow, new ones.
+func (s *Server) kernelLog(req *machine.LogsRequest, stream grpc.ServerStreamingServer[common.Data]) error {
+	n := req.GetTailLines()
+	if req.GetFollow() || n < 0 {
+		// Following, or everything: Dmesg's own stream (with Tail when no
+		// past line is wanted).
+		return s.Dmesg(&machine.DmesgRequest{Follow: req.GetFollow(), Tail: n == 0}, stream)
+	}
+	last := &lastLines{ServerStreamingServer: stream, n: int(n)}
+	if err := s.Dmesg(&machine.DmesgRequest{}, last); err != nil {
+		return err
+	}
+	for _, d := range last.kept {
+		if err := stream.Send(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// lastLines keeps the last n messages sent to it instead of sending them.
+type lastLines struct {
+	grpc.ServerStreamingServer[common.Data]
+	n    int
+	kept []*common.Data
+}
+
+func (l *lastLines) Send(d *common.Data) error {
+	if l.n == 0 {
+		return nil
+	}
+	if len(l.kept) == l.n {
+		l.kept = append(l.kept[:0], l.kept[1:]...)
+	}
+	l.kept = append(l.kept, d)
+	return nil
 }

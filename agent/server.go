@@ -102,12 +102,18 @@ func New(cfg Config) *Server {
 // publishes the events of that boot (with no actor): services running and
 // healthy, the machine running and ready.
 func (s *Server) boot() {
+	s.publish("", machineStatus(machine.MachineStatusEvent_BOOTING, false))
 	s.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_START})
+	s.publish("", &machine.PhaseEvent{Phase: "startEverything", Action: machine.PhaseEvent_START})
 	s.mu.Lock()
 	for _, svc := range s.services {
+		task := "startService(" + svc.id + ")"
+		s.publish("", &machine.TaskEvent{Task: task, Action: machine.TaskEvent_START})
 		s.startService(svc, "", "agent start")
+		s.publish("", &machine.TaskEvent{Task: task, Action: machine.TaskEvent_STOP})
 	}
 	s.mu.Unlock()
+	s.publish("", &machine.PhaseEvent{Phase: "startEverything", Action: machine.PhaseEvent_STOP})
 	s.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_STOP})
 	s.publish("", machineStatus(machine.MachineStatusEvent_RUNNING, true))
 }

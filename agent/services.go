@@ -24,9 +24,13 @@ var SimulatedServices = []string{"cri-sim", "etcd-sim", "kubelet-sim"}
 // maxServiceHistory bounds each service's event history, as Talos does.
 const maxServiceHistory = 64
 
+// serviceLogLines bounds each simulated service's log.
+const serviceLogLines = 256
+
 // simService is the state of one simulated service; Server.mu guards it.
 type simService struct {
 	id      string
+	log     logRing // what its simulated runner did, served by Logs
 	state   machine.ServiceStateEvent_Action
 	health  *machine.ServiceHealth
 	history []*machine.ServiceEvent // oldest first
@@ -35,7 +39,7 @@ type simService struct {
 func newSimServices(ids []string) []*simService {
 	out := make([]*simService, len(ids))
 	for i, id := range ids {
-		out[i] = &simService{id: id, state: machine.ServiceStateEvent_INITIALIZED, health: unknownHealth(time.Now())}
+		out[i] = &simService{id: id, log: newLogRing(serviceLogLines), state: machine.ServiceStateEvent_INITIALIZED, health: unknownHealth(time.Now())}
 	}
 	return out
 }
@@ -181,6 +185,7 @@ func (s *Server) recordServiceEvent(svc *simService, actor, msg string, at time.
 		svc.history = slices.Delete(svc.history, 0, 1)
 	}
 	svc.history = append(svc.history, &machine.ServiceEvent{Msg: msg, State: stateName(svc.state), Ts: timestamppb.New(at)})
+	fmt.Fprintf(svc.log, "%s [talos] service[%s](%s): %s\n", at.UTC().Format(time.RFC3339Nano), svc.id, stateName(svc.state), msg)
 	s.publish(actor, &machine.ServiceStateEvent{
 		Service: svc.id,
 		Action:  svc.state,

@@ -24,7 +24,7 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	hostname := fs.String("hostname", "", "hostname to report (default: this machine's)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	var roots []string
-	fs.Func("read-root", "a `directory` Read, List and Copy may serve files from (repeatable; default /proc and /sys)", func(s string) error {
+	fs.Func("read-root", "a `directory` Read, List and Copy may serve files from (repeatable; default /proc, /sys and /etc)", func(s string) error {
 		roots = append(roots, s)
 		return nil
 	})
