@@ -70,6 +70,10 @@ type Config struct {
 	// GenerateClientConfiguration grants; it is always bounded by the
 	// client CA's own (Talos sets no other bound).
 	MaxClientTTL time.Duration
+	// BesideServices are services that run beside the agent on the node
+	// (the demo's apid): ServiceList shows them running, as a Talos node
+	// lists its apid, but the agent does not manage them.
+	BesideServices []string
 	// ClusterName names generated talosconfig contexts (admin@NAME).
 	// Default: DefaultClusterName.
 	ClusterName string

@@ -71,6 +71,8 @@ type Server struct {
 	sequence      string        // the simulated lifecycle operation in progress, if any
 	sequenceActor string        // and its actor ID
 
+	started time.Time // when New made the agent
+
 	closed chan struct{}  // closed by Close
 	sims   sync.WaitGroup // lifecycle simulations in progress
 }
@@ -85,6 +87,7 @@ func New(cfg Config) *Server {
 		events:   newEventLog(eventCapacity),
 		services: newSimServices(SimulatedServices),
 		closed:   make(chan struct{}),
+		started:  time.Now(),
 	}
 	s.allowed, s.resolved = resolveRoots(cfg.ReadRoots)
 	s.log = slog.New(slog.NewMultiHandler(

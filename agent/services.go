@@ -45,11 +45,22 @@ func newSimServices(ids []string) []*simService {
 }
 
 // ServiceList reports the simulated services, sorted by ID, with their state,
-// health and latest events.
+// health and latest events, and the services that run beside the agent
+// (Config.BesideServices) as running, their health unknown.
 func (s *Server) ServiceList(ctx context.Context, _ *emptypb.Empty) (_ *machine.ServiceListResponse, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	list := &machine.ServiceList{}
+	for _, id := range s.cfg.BesideServices {
+		list.Services = append(list.Services, &machine.ServiceInfo{
+			Id:    id,
+			State: stateName(machine.ServiceStateEvent_RUNNING),
+			Events: &machine.ServiceEvents{Events: []*machine.ServiceEvent{{
+				Msg: "Runs beside the example agent, which does not manage it", State: stateName(machine.ServiceStateEvent_RUNNING), Ts: timestamppb.New(s.started),
+			}}},
+			Health: &machine.ServiceHealth{Unknown: true},
+		})
+	}
 	for _, svc := range s.services {
 		list.Services = append(list.Services, &machine.ServiceInfo{
 			Id:     svc.id,
@@ -58,6 +69,7 @@ func (s *Server) ServiceList(ctx context.Context, _ *emptypb.Empty) (_ *machine.
 			Health: proto.CloneOf(svc.health),
 		})
 	}
+	slices.SortFunc(list.Services, func(a, b *machine.ServiceInfo) int { return strings.Compare(a.GetId(), b.GetId()) })
 	return &machine.ServiceListResponse{Messages: []*machine.ServiceList{list}}, nil
 }
 
@@ -98,6 +110,10 @@ func (s *Server) ServiceRestart(ctx context.Context, req *machine.ServiceRestart
 func (s *Server) changeService(id, action string) (string, error) {
 	if id == "" {
 		return "", status.Error(codes.InvalidArgument, "service id is required")
+	}
+	if slices.Contains(s.cfg.BesideServices, id) {
+		return "", status.Errorf(codes.FailedPrecondition, "cannot %s service %q: it runs beside the example agent, which manages only %s",
+			action, id, strings.Join(SimulatedServices, ", "))
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -9,6 +9,7 @@ import (
 	talosclient "github.com/siderolabs/talos/pkg/machinery/client"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/agent"
 	"github.com/apid/apid/internal/testkit"
@@ -122,4 +123,30 @@ func TestServices(t *testing.T) {
 	}
 	_, err = c.MachineClient.ServiceStop(ctx, &machine.ServiceStopRequest{})
 	wantCode(t, err, codes.InvalidArgument)
+}
+
+// TestBesideServices: a service that runs beside the agent (the demo's
+// apid) is listed running, its health unknown, in ID order among the
+// simulated ones, and cannot be started, stopped or restarted.
+func TestBesideServices(t *testing.T) {
+	mc, _, _ := start(t, agent.Config{BesideServices: []string{"apid"}}, "unix")
+	resp, err := mc.ServiceList(testkit.Context(t), &emptypb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, svc := range resp.GetMessages()[0].GetServices() {
+		ids = append(ids, svc.GetId())
+		if svc.GetId() == "apid" && (svc.GetState() != "Running" || !svc.GetHealth().GetUnknown() || len(svc.GetEvents().GetEvents()) != 1) {
+			t.Errorf("apid: %v", svc)
+		}
+	}
+	if want := append([]string{"apid"}, agent.SimulatedServices...); !slices.Equal(ids, want) {
+		t.Errorf("services %q, want %q", ids, want)
+	}
+	_, err = mc.ServiceRestart(testkit.Context(t), &machine.ServiceRestartRequest{Id: "apid"})
+	wantCode(t, err, codes.FailedPrecondition)
+	if !strings.Contains(err.Error(), `cannot restart service "apid": it runs beside the example agent`) {
+		t.Errorf("restart apid: %v", err)
+	}
 }

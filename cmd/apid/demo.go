@@ -114,7 +114,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
-		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo"}
+		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}}
 		if n.controlPlane {
 			// Control-plane nodes hold the CA and issue client
 			// configurations (talosctl config new), as in Talos.
