@@ -74,6 +74,9 @@ type Config struct {
 	// (the demo's apid): ServiceList shows them running, as a Talos node
 	// lists its apid, but the agent does not manage them.
 	BesideServices []string
+	// Members are the cluster's nodes, as the resource API's cluster
+	// members (talosctl get members): the demo names its nodes.
+	Members []Member
 	// ClusterName names generated talosconfig contexts (admin@NAME).
 	// Default: DefaultClusterName.
 	ClusterName string

@@ -98,6 +98,9 @@ func (s *Server) publish(actor string, payload proto.Message) {
 		return
 	}
 	s.events.append(actor, &anypb.Any{TypeUrl: eventTypeURL(payload), Value: value})
+	if s.res != nil {
+		s.res.reflect(payload)
+	}
 }
 
 // loggedEvent is one entry of the event log; msg is never changed after it

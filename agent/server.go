@@ -63,6 +63,7 @@ type Server struct {
 	bootTime time.Time // zero when unknown; used to date kernel records
 
 	events *eventLog
+	res    *resources // the resource API; nil if it could not be made
 	images imageStore
 
 	mu            sync.Mutex
@@ -97,6 +98,10 @@ func New(cfg Config) *Server {
 	s.log.Info("example agent ready", "hostname", cfg.Hostname, "read_roots", s.resolved,
 		"kernel_log", cfg.KernelLogPath, "go", runtime.Version())
 	s.startup, _, _, _ = s.ring.since(0)
+	var err error
+	if s.res, err = newResources(cfg); err != nil {
+		s.log.Error("resource API not served", "error", err)
+	}
 	s.boot()
 	return s
 }
@@ -128,6 +133,9 @@ func (s *Server) Register(g *grpc.Server) {
 	machine.RegisterMachineServiceServer(g, s)
 	machine.RegisterImageServiceServer(g, imageServer{s: s})
 	machine.RegisterLifecycleServiceServer(g, lifecycleServer{s: s})
+	if s.res != nil {
+		s.res.register(g)
+	}
 	timeapi.RegisterTimeServiceServer(g, timeServer{s: s})
 	reflection.Register(g)
 }
@@ -190,8 +198,8 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		}),
 	}
 	return []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(logging.UnaryServerInterceptor(logger, opts...)),
-		grpc.ChainStreamInterceptor(logging.StreamServerInterceptor(logger, opts...)),
+		grpc.ChainUnaryInterceptor(logging.UnaryServerInterceptor(logger, opts...), s.unaryAccess),
+		grpc.ChainStreamInterceptor(logging.StreamServerInterceptor(logger, opts...), s.streamAccess),
 	}
 }
 

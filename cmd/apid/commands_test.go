@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -127,26 +128,22 @@ func writeFile(t *testing.T, path, content string) {
 	}
 }
 
-// TestAgentClientCAOnlyOnUnixSockets: the agent does not authenticate its
-// callers, so it refuses to hold a client CA behind a TCP port, and checks
-// the pair before serving.
-func TestAgentClientCAOnlyOnUnixSockets(t *testing.T) {
-	dir := t.TempDir()
-	if _, _, err := runCmd(t, "gen", "ca", "-out", dir); err != nil {
-		t.Fatal(err)
+// TestGatewayBuildLinksNoDemo: a build with -tags nodemo (make build, the
+// deployment's) links neither the example agent nor the resource runtime
+// its demo node serves; only the COSI API's descriptors, for the method
+// table.
+func TestGatewayBuildLinksNoDemo(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "-tags", "nodemo", "github.com/apid/apid/cmd/apid").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
 	}
-	crt, key := filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key")
-	for _, tc := range []struct {
-		args []string
-		want string
-	}{
-		{[]string{"-listen", "127.0.0.1:0", "-client-ca-cert", crt, "-client-ca-key", key}, "only on a unix socket"},
-		{[]string{"-listen", "unix://" + filepath.Join(dir, "a.sock"), "-client-ca-cert", crt}, "go together"},
-		{[]string{"-listen", "unix://" + filepath.Join(dir, "a.sock"), "-client-ca-cert", crt, "-client-ca-key", crt}, "-client-ca-cert/-client-ca-key"},
-	} {
-		_, _, err := runCmd(t, append([]string{"agent"}, tc.args...)...)
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("agent %v: %v, want %q", tc.args, err, tc.want)
+	for _, pkg := range strings.Fields(string(out)) {
+		switch {
+		case pkg == "github.com/apid/apid/agent",
+			strings.HasPrefix(pkg, "github.com/cosi-project/runtime/") && pkg != "github.com/cosi-project/runtime/api/v1alpha1",
+			strings.HasPrefix(pkg, "go.etcd.io/etcd/server"),
+			strings.HasPrefix(pkg, "github.com/siderolabs/talos/pkg/machinery/resources"):
+			t.Errorf("the gateway build links %s", pkg)
 		}
 	}
 }

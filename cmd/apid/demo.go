@@ -1,3 +1,5 @@
+//go:build !nodemo
+
 package main
 
 import (
@@ -105,6 +107,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	inv := demoInventory(nodes)
+	// Every node knows the others, as a Talos cluster's discovery does.
+	members := make([]agent.Member, len(nodes))
+	for i, n := range nodes {
+		members[i] = agent.Member{Hostname: n.name, Addresses: []string{n.ip}, ControlPlane: n.controlPlane}
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -114,7 +121,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
-		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}}
+		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}, Members: members}
 		if n.controlPlane {
 			// Control-plane nodes hold the CA and issue client
 			// configurations (talosctl config new), as in Talos.

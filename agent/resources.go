@@ -1,0 +1,286 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base32"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+
+	cosiapi "github.com/cosi-project/runtime/api/v1alpha1"
+	"github.com/cosi-project/runtime/pkg/resource"
+	"github.com/cosi-project/runtime/pkg/resource/meta"
+	"github.com/cosi-project/runtime/pkg/safe"
+	"github.com/cosi-project/runtime/pkg/state"
+	"github.com/cosi-project/runtime/pkg/state/impl/inmem"
+	"github.com/cosi-project/runtime/pkg/state/impl/namespaced"
+	cosiserver "github.com/cosi-project/runtime/pkg/state/protobuf/server"
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	configmachine "github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"github.com/siderolabs/talos/pkg/machinery/resources/cluster"
+	"github.com/siderolabs/talos/pkg/machinery/resources/config"
+	"github.com/siderolabs/talos/pkg/machinery/resources/hardware"
+	"github.com/siderolabs/talos/pkg/machinery/resources/network"
+	"github.com/siderolabs/talos/pkg/machinery/resources/runtime"
+	"github.com/siderolabs/talos/pkg/machinery/resources/v1alpha1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// The resource API (cosi.resource.State, what `talosctl get` reads) on the
+// public COSI runtime's in-memory state, with Talos's resource types from
+// the machinery module. The agent keeps the resources true as it changes
+// what they describe: a service's state, the machine's stage.
+
+// Member is a node of the cluster as the resource API's cluster members
+// show it (`talosctl get members`).
+type Member struct {
+	Hostname     string
+	Addresses    []string
+	ControlPlane bool
+}
+
+// resources is the agent's resource state.
+type resources struct {
+	st state.State
+}
+
+// newResources makes the state with its namespaces, the definitions of
+// the types it holds, and the resources the configuration describes.
+func newResources(cfg Config) (*resources, error) {
+	r := &resources{st: state.WrapCore(namespaced.NewState(inmem.Build))}
+	ctx := context.Background()
+	for _, ns := range []struct {
+		id   resource.Namespace
+		desc string
+	}{
+		{meta.NamespaceName, "Metadata namespace which contains resource and namespace definitions."},
+		{v1alpha1.NamespaceName, "Talos v1alpha1 subsystems glue resources."},
+		{cluster.NamespaceName, "Cluster configuration and discovery resources."},
+		{network.NamespaceName, "Networking resources."},
+		{config.NamespaceName, "Talos node configuration."},
+		{hardware.NamespaceName, "Hardware resources."},
+	} {
+		if err := r.st.Create(ctx, meta.NewNamespace(ns.id, meta.NamespaceSpec{Description: ns.desc})); err != nil {
+			return nil, err
+		}
+	}
+	for _, res := range []meta.ResourceDefinitionProvider{
+		&meta.ResourceDefinition{}, &meta.Namespace{},
+		&cluster.Member{}, &cluster.Info{}, &network.HostnameStatus{}, &network.NodeAddress{}, &network.ResolverStatus{},
+		&network.TimeServerStatus{}, &network.Status{}, &v1alpha1.Service{}, &runtime.MachineStatus{}, &runtime.Version{},
+		config.NewMachineType(), &hardware.SystemInformation{},
+	} {
+		rd, err := meta.NewResourceDefinition(res.ResourceDefinition())
+		if err != nil {
+			return nil, err
+		}
+		if err := r.st.Create(ctx, rd); err != nil {
+			return nil, err
+		}
+	}
+
+	host := network.NewHostnameStatus(network.NamespaceName, network.HostnameID)
+	name, domain, _ := strings.Cut(cfg.Hostname, ".")
+	host.TypedSpec().Hostname, host.TypedSpec().Domainname = name, domain
+	if err := r.st.Create(ctx, host); err != nil {
+		return nil, err
+	}
+	for _, res := range r.node(cfg) {
+		if err := r.st.Create(ctx, res); err != nil {
+			return nil, err
+		}
+	}
+	for _, m := range cfg.Members {
+		res := cluster.NewMember(cluster.NamespaceName, m.Hostname)
+		spec := res.TypedSpec()
+		spec.NodeID, spec.Hostname, spec.OperatingSystem = nodeID(m.Hostname), m.Hostname, "Talos (apid example agent)"
+		spec.MachineType = configmachine.TypeWorker
+		if m.ControlPlane {
+			spec.MachineType = configmachine.TypeControlPlane
+		}
+		for _, a := range m.Addresses {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				spec.Addresses = append(spec.Addresses, ip)
+			}
+		}
+		if err := r.st.Create(ctx, res); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// node returns the resources that describe this node, as the dashboard's
+// summary reads them: its role and address (from its entry among the
+// members), version, cluster, resolvers, time servers (none: the agent
+// keeps no time), machine identity and network status.
+func (r *resources) node(cfg Config) []resource.Resource {
+	var self *Member
+	for i, m := range cfg.Members {
+		if m.Hostname == cfg.Hostname {
+			self = &cfg.Members[i]
+		}
+	}
+	mt := config.NewMachineType()
+	mt.SetMachineType(configmachine.TypeWorker)
+	if self != nil && self.ControlPlane {
+		mt.SetMachineType(configmachine.TypeControlPlane)
+	}
+	var prefixes []netip.Prefix
+	if self != nil {
+		for _, a := range self.Addresses {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				prefixes = append(prefixes, netip.PrefixFrom(ip, ip.BitLen()))
+			}
+		}
+	}
+	var out []resource.Resource
+	// The node's addresses as Talos sorts them: all of them, the current
+	// ones, those routed (what the dashboard shows as IP).
+	for _, id := range []resource.ID{network.NodeAddressDefaultID, network.NodeAddressCurrentID, network.NodeAddressRoutedID, network.NodeAddressAccumulativeID} {
+		addrs := network.NewNodeAddress(network.NamespaceName, id)
+		addrs.TypedSpec().Addresses = slices.Clone(prefixes)
+		out = append(out, addrs)
+	}
+	ver := runtime.NewVersion()
+	ver.TypedSpec().Version, ver.TypedSpec().Name = VersionTag, "Talos (apid example agent)"
+	info := cluster.NewInfo()
+	info.TypedSpec().ClusterName, info.TypedSpec().ClusterID = cfg.ClusterName, nodeID("cluster "+cfg.ClusterName)
+	resolvers := network.NewResolverStatus(network.NamespaceName, network.ResolverID)
+	resolvers.TypedSpec().DNSServers, resolvers.TypedSpec().SearchDomains = resolvConf("/etc/resolv.conf")
+	sys := hardware.NewSystemInformation(hardware.SystemInformationID)
+	sys.TypedSpec().UUID = readLine("/sys/class/dmi/id/product_uuid")
+	if sys.TypedSpec().UUID == "" {
+		sys.TypedSpec().UUID = nodeID("uuid " + cfg.Hostname)
+	}
+	sys.TypedSpec().Manufacturer, sys.TypedSpec().ProductName = readLine("/sys/class/dmi/id/sys_vendor"), readLine("/sys/class/dmi/id/product_name")
+	netStatus := network.NewStatus(network.NamespaceName, network.StatusID)
+	*netStatus.TypedSpec() = network.StatusSpec{AddressReady: true, ConnectivityReady: true, HostnameReady: true, EtcFilesReady: true}
+	return append(out, mt, ver, info, resolvers, network.NewTimeServerStatus(network.NamespaceName, network.TimeServerID), sys, netStatus)
+}
+
+// resolvConf returns the name servers and search domains of a
+// resolv.conf.
+func resolvConf(path string) (servers []netip.Addr, search []string) {
+	b, _ := os.ReadFile(path)
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 2 && f[0] == "nameserver":
+			if ip, err := netip.ParseAddr(f[1]); err == nil {
+				servers = append(servers, ip)
+			}
+		case len(f) >= 2 && f[0] == "search":
+			search = append(search, f[1:]...)
+		}
+	}
+	return servers, search
+}
+
+// nodeID derives a stable node ID from a hostname (Talos makes a random
+// one per machine; the demo's nodes are known by name).
+func nodeID(hostname string) string {
+	sum := sha256.Sum256([]byte("apid example agent node " + hostname))
+	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:20]))
+}
+
+// reflect updates the resources an event describes.
+func (r *resources) reflect(payload proto.Message) {
+	ctx := context.Background()
+	switch p := payload.(type) {
+	case *machine.ServiceStateEvent:
+		_ = safe.StateModify(ctx, r.st, v1alpha1.NewService(p.GetService()), func(s *v1alpha1.Service) error {
+			spec := s.TypedSpec()
+			spec.Running = p.GetAction() == machine.ServiceStateEvent_RUNNING
+			spec.Healthy = p.GetHealth().GetHealthy()
+			spec.Unknown = p.GetHealth().GetUnknown()
+			return nil
+		})
+	case *machine.MachineStatusEvent:
+		_ = safe.StateModify(ctx, r.st, runtime.NewMachineStatus(), func(m *runtime.MachineStatus) error {
+			spec := m.TypedSpec()
+			spec.Stage = runtime.MachineStage(p.GetStage())
+			spec.Status.Ready = p.GetStatus().GetReady()
+			spec.Status.UnmetConditions = nil
+			for _, u := range p.GetStatus().GetUnmetConditions() {
+				spec.Status.UnmetConditions = append(spec.Status.UnmetConditions, runtime.UnmetCondition{Name: u.GetName(), Reason: u.GetReason()})
+			}
+			return nil
+		})
+	}
+}
+
+// register serves the state as cosi.resource.State.
+func (r *resources) register(g *grpc.Server) {
+	cosiapi.RegisterStateServer(g, cosiserver.NewState(r.st))
+}
+
+// cosiWrites are the resource API's methods that change state: refused,
+// as Talos refuses them to API clients.
+var cosiWrites = []string{"Create", "Update", "Destroy", "Teardown", "AddFinalizer", "RemoveFinalizer"}
+
+const cosiService = "/cosi.resource.State/"
+
+// cosiAccess refuses what Talos's access rules refuse through the API:
+// writes, and reads of a sensitive type (its definition says so) by a
+// caller whose forwarded roles (talos-role) lack os:admin. A caller with no
+// forwarded roles is this socket's peer, trusted as machined trusts apid.
+func (r *resources) cosiAccess(ctx context.Context, fullMethod string, req any) error {
+	method, ok := strings.CutPrefix(fullMethod, cosiService)
+	if !ok {
+		return nil
+	}
+	if slices.Contains(cosiWrites, method) {
+		return status.Errorf(codes.PermissionDenied, "not authorized: %s: resources are read-only through the API", fullMethod)
+	}
+	typed, ok := req.(interface{ GetType() string })
+	if !ok {
+		return nil
+	}
+	roles := metadata.ValueFromIncomingContext(ctx, roleKey)
+	if len(roles) == 0 || slices.Contains(roles, "os:admin") {
+		return nil
+	}
+	rd, err := safe.StateGetByID[*meta.ResourceDefinition](ctx, r.st, strings.ToLower(typed.GetType()))
+	if err == nil && rd.TypedSpec().Sensitivity == meta.Sensitive {
+		return status.Errorf(codes.PermissionDenied, "not authorized: %s is sensitive: os:admin only", typed.GetType())
+	}
+	return nil
+}
+
+// unaryAccess applies the resource API's access rules to unary calls.
+func (s *Server) unaryAccess(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if s.res != nil {
+		if err := s.res.cosiAccess(ctx, info.FullMethod, req); err != nil {
+			return nil, err
+		}
+	}
+	return handler(ctx, req)
+}
+
+// streamAccess applies them to streams, on the request as it is read.
+func (s *Server) streamAccess(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if s.res == nil || !strings.HasPrefix(info.FullMethod, cosiService) {
+		return handler(srv, ss)
+	}
+	return handler(srv, &checkedStream{ServerStream: ss, check: func(m any) error { return s.res.cosiAccess(ss.Context(), info.FullMethod, m) }})
+}
+
+// checkedStream checks each message it receives.
+type checkedStream struct {
+	grpc.ServerStream
+	check func(m any) error
+}
+
+func (c *checkedStream) RecvMsg(m any) error {
+	if err := c.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	return c.check(m)
+}
