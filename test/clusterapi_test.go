@@ -14,11 +14,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cosi-project/runtime/pkg/safe"
+	"github.com/cosi-project/runtime/pkg/state"
 	clusterapi "github.com/siderolabs/talos/pkg/machinery/api/cluster"
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"github.com/siderolabs/talos/pkg/machinery/client"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
+	clusterres "github.com/siderolabs/talos/pkg/machinery/resources/cluster"
+	"github.com/siderolabs/talos/pkg/machinery/resources/network"
+	v1alpha1res "github.com/siderolabs/talos/pkg/machinery/resources/v1alpha1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -75,6 +80,54 @@ func TestDemoClusterAPI(t *testing.T) {
 	c := startDemo(t, 81, 4)
 	cl := c.client(t, c.endpoint(0))
 	dead := "127.0.81.99"
+
+	t.Run("resources through the gateway", func(t *testing.T) {
+		// talosctl get members -n node-2: every node knows the cluster.
+		ctx := client.WithNode(testkit.Context(t), "node-2")
+		members, err := safe.StateListAll[*clusterres.Member](ctx, cl.COSI)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for m := range members.All() {
+			got = append(got, m.Metadata().ID()+"="+m.TypedSpec().MachineType.String())
+		}
+		if want := "node-1=controlplane,node-2=controlplane,node-3=controlplane,node-4=worker"; strings.Join(got, ",") != want {
+			t.Errorf("members through node-2: %s, want %s", strings.Join(got, ","), want)
+		}
+		// A reader reads them; writes are refused, whoever asks.
+		reader := c.clientWithRoles(t, "res-reader", "os:reader")
+		if _, err := safe.StateGetByID[*network.HostnameStatus](client.WithNode(testkit.Context(t), "node-4"), reader.COSI, network.HostnameID); err != nil {
+			t.Errorf("reader get hostname: %v", err)
+		}
+		if err := cl.COSI.Create(ctx, clusterres.NewMember(clusterres.NamespaceName, "intruder")); err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
+			t.Errorf("create a member: %v, want PermissionDenied", err)
+		}
+		// A group of several cannot be one call of a method whose replies
+		// carry no node: the refusal says what to type.
+		_, err = safe.StateListAll[*clusterres.Member](client.WithNode(testkit.Context(t), "@controlplane"), cl.COSI)
+		if err == nil || !strings.Contains(err.Error(), "list them, as in talosctl -n node-1,node-2,node-3") {
+			t.Errorf("members of @controlplane: %v", err)
+		}
+		// talosctl get services -w: a restart shows through the watch.
+		wctx, cancel := context.WithCancel(client.WithNode(testkit.Context(t), "node-3"))
+		defer cancel()
+		events := make(chan state.Event, 64)
+		if err := cl.COSI.WatchKind(wctx, v1alpha1res.NewService("").Metadata(), events); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cl.ServiceRestart(client.WithNode(testkit.Context(t), "node-3"), "etcd-sim"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case ev := <-events:
+			if ev.Type != state.Updated || ev.Resource.Metadata().ID() != "etcd-sim" {
+				t.Errorf("first event after the restart: %v %v", ev.Type, ev.Resource)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("no service event within 10 s of a restart")
+		}
+	})
 
 	t.Run("groups expand to inventory names", func(t *testing.T) {
 		for _, tc := range []struct {
