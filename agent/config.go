@@ -74,6 +74,10 @@ type Config struct {
 	// (the demo's apid): ServiceList shows them running, as a Talos node
 	// lists its apid, but the agent does not manage them.
 	BesideServices []string
+	// MachineConfig is the node's machine configuration at start (a Talos
+	// configuration document, as talosctl gen config writes it); without
+	// one the node is as in maintenance mode until one is applied.
+	MachineConfig []byte
 	// Members are the cluster's nodes, as the resource API's cluster
 	// members (talosctl get members): the demo names its nodes.
 	Members []Member

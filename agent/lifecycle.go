@@ -168,6 +168,7 @@ func (s *Server) simulate(seq sequence, actor string) {
 		return
 	}
 	s.publish(actor, &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_START})
+	s.applyStaged()
 	s.publish(actor, machineStatus(machine.MachineStatusEvent_BOOTING, false,
 		&machine.MachineStatusEvent_MachineStatus_UnmetCondition{Name: "services", Reason: "simulated services are starting"}))
 	why = "Simulated start (boot after " + seq.name + "): nothing is executed"

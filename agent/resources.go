@@ -74,7 +74,7 @@ func newResources(cfg Config) (*resources, error) {
 		&meta.ResourceDefinition{}, &meta.Namespace{},
 		&cluster.Member{}, &cluster.Info{}, &network.HostnameStatus{}, &network.NodeAddress{}, &network.ResolverStatus{},
 		&network.TimeServerStatus{}, &network.Status{}, &v1alpha1.Service{}, &runtime.MachineStatus{}, &runtime.Version{},
-		config.NewMachineType(), &hardware.SystemInformation{},
+		config.NewMachineType(), &hardware.SystemInformation{}, &config.MachineConfig{},
 	} {
 		rd, err := meta.NewResourceDefinition(res.ResourceDefinition())
 		if err != nil {

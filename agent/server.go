@@ -62,9 +62,10 @@ type Server struct {
 	startup  []string  // the agent's first log lines, replayed by the Dmesg fallback
 	bootTime time.Time // zero when unknown; used to date kernel records
 
-	events *eventLog
-	res    *resources // the resource API; nil if it could not be made
-	images imageStore
+	events  *eventLog
+	res     *resources // the resource API; nil if it could not be made
+	configs machineConfigs
+	images  imageStore
 
 	mu            sync.Mutex
 	reboots       []*machine.RebootRequest
@@ -101,6 +102,9 @@ func New(cfg Config) *Server {
 	var err error
 	if s.res, err = newResources(cfg); err != nil {
 		s.log.Error("resource API not served", "error", err)
+	}
+	if err := s.loadInitialConfig(cfg.MachineConfig); err != nil {
+		s.log.Error("machine configuration not loaded", "error", err)
 	}
 	s.boot()
 	return s

@@ -17,6 +17,12 @@ import (
 	"strings"
 	"time"
 
+	talosconfig "github.com/siderolabs/talos/pkg/machinery/config"
+	"github.com/siderolabs/talos/pkg/machinery/config/encoder"
+	"github.com/siderolabs/talos/pkg/machinery/config/generate"
+	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
+	"github.com/siderolabs/talos/pkg/machinery/config/machine"
+	"github.com/siderolabs/talos/pkg/machinery/constants"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
@@ -107,6 +113,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	inv := demoInventory(nodes)
+	// Each node starts with a machine configuration, as talosctl gen config
+	// would write it for this cluster (one set of cluster secrets).
+	cpConfig, workerConfig, err := demoMachineConfigs(nodes)
+	if err != nil {
+		return fmt.Errorf("machine configurations: %w", err)
+	}
 	// Every node knows the others, as a Talos cluster's discovery does.
 	members := make([]agent.Member, len(nodes))
 	for i, n := range nodes {
@@ -122,6 +134,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
 		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}, Members: members}
+		acfg.MachineConfig = workerConfig
+		if n.controlPlane {
+			acfg.MachineConfig = cpConfig
+		}
 		if n.controlPlane {
 			// Control-plane nodes hold the CA and issue client
 			// configurations (talosctl config new), as in Talos.
@@ -342,4 +358,33 @@ Press Ctrl-C to stop.
 		dir, nodes[0].name, nodes[0].name, nodes[0].name, dir,
 		dir, dir, dir, strings.Join(ips, ","), first,
 		dir, dir, dir, first, net.JoinHostPort(nodes[0].ip, strconv.Itoa(o.port+1)))
+}
+
+// demoMachineConfigs generates the control-plane and worker machine
+// configurations of the demo cluster, sharing one set of secrets, with the
+// first node's address as the Kubernetes endpoint (there is no Kubernetes:
+// the documents are what a user would apply, and what get machineconfig
+// shows).
+func demoMachineConfigs(nodes []demoNode) (controlPlane, worker []byte, err error) {
+	bundle, err := secrets.NewBundle(secrets.NewClock(), talosconfig.TalosVersionCurrent)
+	if err != nil {
+		return nil, nil, err
+	}
+	in, err := generate.NewInput("apid-demo", "https://"+net.JoinHostPort(nodes[0].ip, "6443"), constants.DefaultKubernetesVersion,
+		generate.WithSecretsBundle(bundle), generate.WithVersionContract(talosconfig.TalosVersionCurrent))
+	if err != nil {
+		return nil, nil, err
+	}
+	encode := func(t machine.Type) ([]byte, error) {
+		cfg, err := in.Config(t)
+		if err != nil {
+			return nil, err
+		}
+		return cfg.EncodeBytes(encoder.WithComments(encoder.CommentsDisabled))
+	}
+	if controlPlane, err = encode(machine.TypeControlPlane); err != nil {
+		return nil, nil, err
+	}
+	worker, err = encode(machine.TypeWorker)
+	return controlPlane, worker, err
 }
