@@ -22,6 +22,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/client"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 	clusterres "github.com/siderolabs/talos/pkg/machinery/resources/cluster"
+	configres "github.com/siderolabs/talos/pkg/machinery/resources/config"
 	"github.com/siderolabs/talos/pkg/machinery/resources/network"
 	v1alpha1res "github.com/siderolabs/talos/pkg/machinery/resources/v1alpha1"
 	"google.golang.org/grpc"
@@ -126,6 +127,55 @@ func TestDemoClusterAPI(t *testing.T) {
 			}
 		case <-time.After(10 * time.Second):
 			t.Error("no service event within 10 s of a restart")
+		}
+	})
+
+	t.Run("apply-config to a group, and the kernel's log", func(t *testing.T) {
+		// The configuration node-1 holds, applied to @controlplane: one
+		// entry per node, as talosctl -n @controlplane apply-config prints.
+		mc, err := safe.StateGetByID[*configres.MachineConfig](client.WithNode(testkit.Context(t), "node-1"), cl.COSI, configres.ActiveID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		doc, err := mc.Provider().EncodeBytes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := cl.ApplyConfiguration(client.WithNodes(testkit.Context(t), "@controlplane"),
+			&machine.ApplyConfigurationRequest{Data: doc, Mode: machine.ApplyConfigurationRequest_NO_REBOOT})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range resp.GetMessages() {
+			got = append(got, m.GetMetadata().GetHostname()+": "+m.GetModeDetails()+m.GetMetadata().GetError())
+		}
+		if want := "node-1: Applied configuration without a reboot,node-2: Applied configuration without a reboot,node-3: Applied configuration without a reboot"; strings.Join(got, ",") != want {
+			t.Errorf("apply-config to @controlplane: %q", got)
+		}
+		// A document that does not load: each node's InvalidArgument entry
+		// (the official client turns entries with errors into its error).
+		_, err = cl.ApplyConfiguration(client.WithNodes(testkit.Context(t), "node-1", "node-4"), &machine.ApplyConfigurationRequest{Data: []byte("bad: x\n")})
+		if err == nil || strings.Count(err.Error(), "code = InvalidArgument desc = error decoding document") != 2 || !strings.Contains(err.Error(), "node-4") {
+			t.Errorf("a bad document: %v", err)
+		}
+
+		stream, err := cl.Logs(client.WithNode(testkit.Context(t), "node-4"), "system", common.ContainerDriver_CONTAINERD, "kernel", false, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := 0
+		for {
+			if _, err := stream.Recv(); err != nil {
+				if err != io.EOF {
+					t.Fatalf("logs kernel: %v", err)
+				}
+				break
+			}
+			lines++
+		}
+		if lines == 0 || lines > 3 {
+			t.Errorf("logs kernel --tail 3: %d messages", lines)
 		}
 	})
 
