@@ -78,6 +78,10 @@ type Config struct {
 	// configuration document, as talosctl gen config writes it); without
 	// one the node is as in maintenance mode until one is applied.
 	MachineConfig []byte
+	// Etcd is the etcd member this node runs (a control-plane node), which
+	// the etcd API serves; nil on a worker, whose etcd calls are
+	// Unimplemented in Talos's words.
+	Etcd *Etcd
 	// Members are the cluster's nodes, as the resource API's cluster
 	// members (talosctl get members): the demo names its nodes.
 	Members []Member

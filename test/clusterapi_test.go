@@ -179,6 +179,40 @@ func TestDemoClusterAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("etcd through the gateway", func(t *testing.T) {
+		// talosctl -n @controlplane etcd members: one real cluster of
+		// three, seen from each member.
+		list, err := cl.EtcdMemberList(client.WithNodes(testkit.Context(t), "@controlplane"), &machine.EtcdMemberListRequest{})
+		if err != nil || len(list.GetMessages()) != 3 {
+			t.Fatalf("etcd members of @controlplane: %v, %v", list, err)
+		}
+		for _, m := range list.GetMessages() {
+			var names []string
+			for _, member := range m.GetMembers() {
+				names = append(names, member.GetHostname())
+			}
+			slices.Sort(names)
+			if strings.Join(names, ",") != "node-1,node-2,node-3" {
+				t.Errorf("%s sees members %v", m.GetMetadata().GetHostname(), names)
+			}
+		}
+		// A worker runs none: its entry says so in Talos's words.
+		_, err = cl.EtcdStatus(client.WithNodes(testkit.Context(t), "node-2", "node-4"))
+		if err == nil || !strings.Contains(err.Error(), "etcd status is only available on control plane nodes") {
+			t.Errorf("etcd status of node-2 and the worker: %v", err)
+		}
+		// talosctl -n node-2 etcd snapshot: one-to-one, streamed.
+		rd, err := cl.EtcdSnapshot(client.WithNode(testkit.Context(t), "node-2"), &machine.EtcdSnapshotRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, rd)
+		rd.Close()
+		if err != nil || n < 16<<10 {
+			t.Errorf("snapshot through the gateway: %d bytes, %v", n, err)
+		}
+	})
+
 	t.Run("groups expand to inventory names", func(t *testing.T) {
 		for _, tc := range []struct {
 			nodes []string

@@ -125,6 +125,16 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		members[i] = agent.Member{Hostname: n.name, Addresses: []string{n.ip}, ControlPlane: n.controlPlane}
 	}
 
+	etcds, err := startDemoEtcd(ctx, o, nodes)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, e := range etcds {
+			e.Stop()
+		}
+	}()
+
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
@@ -138,6 +148,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if n.controlPlane {
 			acfg.MachineConfig = cpConfig
 		}
+		acfg.Etcd = etcds[n.name]
 		if n.controlPlane {
 			// Control-plane nodes hold the CA and issue client
 			// configurations (talosctl config new), as in Talos.
@@ -387,4 +398,56 @@ func demoMachineConfigs(nodes []demoNode) (controlPlane, worker []byte, err erro
 	}
 	worker, err = encode(machine.TypeWorker)
 	return controlPlane, worker, err
+}
+
+// Where a demo node's etcd member listens, on its address: Talos's ports.
+const (
+	etcdClientPort = "2379"
+	etcdPeerPort   = "2380"
+)
+
+// startDemoEtcd starts one etcd cluster across the control-plane nodes,
+// each member on its node's address with its data under the demo's
+// directory, and waits until they serve. Each run starts a new cluster (a
+// member that left the last one would not be let back in).
+func startDemoEtcd(ctx context.Context, o demoOptions, nodes []demoNode) (map[string]*agent.Etcd, error) {
+	if err := os.RemoveAll(filepath.Join(o.dir, "etcd")); err != nil {
+		return nil, err
+	}
+	var initial []string
+	for _, n := range nodes {
+		if n.controlPlane {
+			initial = append(initial, n.name+"=http://"+net.JoinHostPort(n.ip, etcdPeerPort))
+		}
+	}
+	etcds := map[string]*agent.Etcd{}
+	stopAll := func() {
+		for _, e := range etcds {
+			e.Stop()
+		}
+	}
+	for _, n := range nodes {
+		if !n.controlPlane {
+			continue
+		}
+		e, err := agent.StartEtcd(agent.EtcdMember{
+			Name: n.name, DataDir: filepath.Join(o.dir, "etcd", n.name),
+			ClientURL: "http://" + net.JoinHostPort(n.ip, etcdClientPort), PeerURL: "http://" + net.JoinHostPort(n.ip, etcdPeerPort),
+			InitialCluster: strings.Join(initial, ","),
+		})
+		if err != nil {
+			stopAll()
+			return nil, fmt.Errorf("%s: %w", n.name, err)
+		}
+		etcds[n.name] = e
+	}
+	ready, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	for _, e := range etcds {
+		if err := e.Ready(ready); err != nil {
+			stopAll()
+			return nil, err
+		}
+	}
+	return etcds, nil
 }
