@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base32"
+	"errors"
 	"net/netip"
 	"os"
 	"slices"
@@ -96,24 +97,59 @@ func newResources(cfg Config) (*resources, error) {
 			return nil, err
 		}
 	}
-	for _, m := range cfg.Members {
-		res := cluster.NewMember(cluster.NamespaceName, m.Hostname)
-		spec := res.TypedSpec()
-		spec.NodeID, spec.Hostname, spec.OperatingSystem = nodeID(m.Hostname), m.Hostname, "Talos (apid example agent)"
-		spec.MachineType = configmachine.TypeWorker
-		if m.ControlPlane {
-			spec.MachineType = configmachine.TypeControlPlane
-		}
-		for _, a := range m.Addresses {
-			if ip, err := netip.ParseAddr(a); err == nil {
-				spec.Addresses = append(spec.Addresses, ip)
-			}
-		}
-		if err := r.st.Create(ctx, res); err != nil {
-			return nil, err
-		}
+	if err := r.setMembers(cfg.Members); err != nil {
+		return nil, err
 	}
 	return r, nil
+}
+
+// setMembers makes the cluster's members those of ms: new ones created,
+// changed ones updated, gone ones destroyed, so that a watch sees members
+// join and leave.
+func (r *resources) setMembers(ms []Member) error {
+	ctx := context.Background()
+	keep := map[resource.ID]bool{}
+	for _, m := range ms {
+		keep[m.Hostname] = true
+		if err := safe.StateModify(ctx, r.st, cluster.NewMember(cluster.NamespaceName, m.Hostname), func(res *cluster.Member) error {
+			spec := res.TypedSpec()
+			spec.NodeID, spec.Hostname, spec.OperatingSystem = nodeID(m.Hostname), m.Hostname, "Talos (apid example agent)"
+			spec.MachineType = configmachine.TypeWorker
+			if m.ControlPlane {
+				spec.MachineType = configmachine.TypeControlPlane
+			}
+			spec.Addresses = nil
+			for _, a := range m.Addresses {
+				if ip, err := netip.ParseAddr(a); err == nil {
+					spec.Addresses = append(spec.Addresses, ip)
+				}
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
+	current, err := safe.StateListAll[*cluster.Member](ctx, r.st)
+	if err != nil {
+		return err
+	}
+	for m := range current.All() {
+		if !keep[m.Metadata().ID()] {
+			if err := r.st.Destroy(ctx, m.Metadata()); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// SetMembers changes the cluster's members the resource API shows (as a
+// Talos node's discovery sees nodes join and leave).
+func (s *Server) SetMembers(ms []Member) error {
+	if s.res == nil {
+		return errors.New("the resource API is not served")
+	}
+	return s.res.setMembers(ms)
 }
 
 // node returns the resources that describe this node, as the dashboard's

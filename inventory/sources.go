@@ -21,7 +21,8 @@ import (
 )
 
 // Config says where the nodes come from. Sources are merged in the order
-// static, files, DNS; a name already taken by an earlier one is skipped.
+// static, files, DNS, cluster; a name already taken by an earlier one is
+// skipped.
 type Config struct {
 	// Nodes are listed in apid's own configuration (and reloaded with it).
 	Nodes []Node `yaml:"nodes"`
@@ -34,6 +35,10 @@ type Config struct {
 	// DNSServer is the server (host:port) asked for DNS sources. Default:
 	// the first nameserver of /etc/resolv.conf.
 	DNSServer string `yaml:"dnsServer"`
+	// Cluster, when set, learns the nodes from the cluster's members,
+	// through the local node agent's resource API (as Talos nodes know
+	// them from their discovery): no list to write by hand.
+	Cluster *ClusterSource `yaml:"cluster"`
 	// ResolveUnknown lets a caller name a node that is neither in the
 	// inventory nor an IP address, which apid then looks up in DNS and
 	// dials. Off by default once any source is set: a name the inventory
@@ -43,7 +48,7 @@ type Config struct {
 
 // Configured reports whether any source is set.
 func (c Config) Configured() bool {
-	return len(c.Nodes) > 0 || len(c.Files) > 0 || len(c.DNS) > 0
+	return len(c.Nodes) > 0 || len(c.Files) > 0 || len(c.DNS) > 0 || c.Cluster != nil
 }
 
 // Validate reports every problem of the sources as written. It does not
@@ -165,13 +170,14 @@ type Inventory struct {
 	order   []string          // sources in merge order
 	stop    context.CancelFunc
 	running sync.WaitGroup
+	members Members // the cluster source's watch, if the gateway has one
 }
 
 // New starts an Inventory: files are read now (an unreadable one is an
 // error), DNS names are asked now with a short wait and then refreshed in
 // the background, and files are watched, until Close. notify, if not nil,
 // hears about every change.
-func New(cfg Config, log *slog.Logger, notify func(Event)) (*Inventory, error) {
+func New(cfg Config, log *slog.Logger, notify func(Event), opts ...Option) (*Inventory, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -182,6 +188,9 @@ func New(cfg Config, log *slog.Logger, notify func(Event)) (*Inventory, error) {
 		return nil, err
 	}
 	inv := &Inventory{log: log, notify: notify}
+	for _, o := range opts {
+		o(inv)
+	}
 	inv.cur.Store(&Set{})
 	if err := inv.Configure(cfg); err != nil {
 		return nil, err
@@ -252,6 +261,10 @@ func (inv *Inventory) Configure(cfg Config) error {
 		inv.parts[id] = old[id] // kept until the first answer
 		inv.order = append(inv.order, id)
 	}
+	if cfg.Cluster != nil {
+		inv.parts["cluster"] = old["cluster"] // kept until the first answer
+		inv.order = append(inv.order, "cluster")
+	}
 	inv.publishLocked()
 	inv.stop = cancel
 	inv.mu.Unlock()
@@ -281,6 +294,10 @@ func (inv *Inventory) Configure(cfg Config) error {
 		inv.running.Add(1)
 		first.Add(1)
 		go inv.refresh(ctx, r, first.Done)
+	}
+	if cfg.Cluster != nil {
+		inv.running.Add(1)
+		go inv.watchMembers(ctx, *cfg.Cluster)
 	}
 	// The first DNS answers usually come in milliseconds; serving without
 	// them for a moment is better than not starting when DNS is down.

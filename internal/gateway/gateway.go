@@ -213,7 +213,8 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 			return 0, 0
 		},
 		adminOpen: g.adminOpen.Load})
-	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) })
+	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) },
+		inventory.WithMembers(watchMembers(local)))
 	if err != nil { // a file changed since validate read it
 		stop()
 		_ = pool.Close()

@@ -39,6 +39,7 @@ type testGateway struct {
 	agentSrv *grpc.Server
 	cancel   context.CancelFunc
 	served   chan error
+	agent    *agent.Server
 }
 
 // startGateway starts an agent and a gateway whose configuration edit may
@@ -59,7 +60,8 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := agent.New(agent.Config{Hostname: "node-1"})
+	a := agent.New(agent.Config{Hostname: "node-1", Members: []agent.Member{{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true}}})
+	tg.agent = a
 	tg.agentSrv = grpc.NewServer(a.ServerOptions()...)
 	a.Register(tg.agentSrv)
 	go func() { _ = tg.agentSrv.Serve(agentLis) }()

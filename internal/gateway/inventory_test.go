@@ -16,8 +16,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/inventory"
 )
 
@@ -134,5 +136,44 @@ func TestNodePageIsBounded(t *testing.T) {
 	}
 	if code, _ := tg.get("/nodes?limit=100000"); code != http.StatusBadRequest {
 		t.Errorf("a page over the bound: %d", code)
+	}
+}
+
+// TestClusterInventorySource: with inventory.cluster the gateway learns the
+// nodes from the members its local node knows (the agent's real resource
+// API, over its socket): the first member at once, one that joins and one
+// that leaves as the watch reports them, each with its role and address,
+// and the source's labels.
+func TestClusterInventorySource(t *testing.T) {
+	tg := startGateway(t, func(c *Config) {
+		c.Inventory.Cluster = &inventory.ClusterSource{Labels: map[string]string{"from": "cluster"}}
+	})
+	nodes := func() string {
+		var out []string
+		for _, n := range tg.gw.inv.Set().Nodes() {
+			out = append(out, fmt.Sprintf("%s=%s/%s/%s", n.Name, n.Address, n.Role, n.Labels["from"]))
+		}
+		return strings.Join(out, ",")
+	}
+	want := "node-1=127.0.0.1/controlplane/cluster"
+	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
+		t.Fatalf("inventory %q, want %q", nodes(), want)
+	}
+	if err := tg.agent.SetMembers([]agent.Member{
+		{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true},
+		{Hostname: "node-7", Addresses: []string{"127.0.0.7"}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	want = "node-1=127.0.0.1/controlplane/cluster,node-7=127.0.0.7/worker/cluster"
+	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
+		t.Fatalf("after a join: %q, want %q", nodes(), want)
+	}
+	if err := tg.agent.SetMembers([]agent.Member{{Hostname: "node-7", Addresses: []string{"127.0.0.7"}}}); err != nil {
+		t.Fatal(err)
+	}
+	want = "node-7=127.0.0.7/worker/cluster"
+	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
+		t.Fatalf("after a leave: %q, want %q", nodes(), want)
 	}
 }

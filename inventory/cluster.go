@@ -1,0 +1,81 @@
+package inventory
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"time"
+)
+
+// ClusterSource learns the nodes from the cluster itself: the members
+// (cluster.Member resources) a Talos node knows from its discovery, read
+// through the node agent's resource API by the Members function the
+// gateway gives New.
+type ClusterSource struct {
+	// Labels are added to every node from this source, for groups such as
+	// @from=cluster.
+	Labels map[string]string `yaml:"labels"`
+}
+
+// Members watches the cluster's members: it calls set with every member
+// once it has them all, and again after each change, until ctx ends or the
+// watch fails (its error is the source's failure; it is called again after
+// a backoff).
+type Members func(ctx context.Context, set func([]Node)) error
+
+// Option configures New.
+type Option func(*Inventory)
+
+// WithMembers gives the cluster source its watch.
+func WithMembers(m Members) Option { return func(inv *Inventory) { inv.members = m } }
+
+// errNoMembers is the cluster source's failure when nothing can watch the
+// members.
+var errNoMembers = errors.New("inventory.cluster: this apid has no way to read the cluster's members")
+
+// watchMembers runs the cluster source: the watch, restarted with backoff
+// (1 s to 30 s) whenever it fails, its nodes kept meanwhile.
+func (inv *Inventory) watchMembers(ctx context.Context, src ClusterSource) {
+	defer inv.running.Done()
+	const id = "cluster"
+	backoff := time.Second
+	for ctx.Err() == nil {
+		err := errNoMembers
+		if inv.members != nil {
+			err = inv.members(ctx, func(nodes []Node) {
+				for i := range nodes {
+					nodes[i].Labels = mergeLabels(nodes[i].Labels, src.Labels)
+				}
+				inv.update(ctx, id, nodes, nil)
+				backoff = time.Second
+			})
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			err = errors.New("the members watch ended")
+		}
+		inv.update(ctx, id, nil, err)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(backoff*2, 30*time.Second)
+	}
+}
+
+func mergeLabels(own, extra map[string]string) map[string]string {
+	if len(extra) == 0 {
+		return own
+	}
+	out := maps.Clone(own)
+	if out == nil {
+		out = map[string]string{}
+	}
+	maps.Copy(out, extra)
+	return out
+}
