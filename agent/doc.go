@@ -56,5 +56,5 @@
 //	err = g.Serve(lis)
 //	...
 //	g.Stop()
-//	a.Close() // ends a simulation in progress
+//	a.Close() // ends a simulation in progress and the controllers
 package agent

@@ -34,7 +34,7 @@ func Example() {
 	a.Register(g)
 	served := make(chan error, 1)
 	go func() { served <- g.Serve(lis) }()
-	defer func() { g.Stop(); <-served }()
+	defer func() { g.Stop(); <-served; a.Close() }()
 
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

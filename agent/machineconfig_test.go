@@ -12,6 +12,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/config/generate"
 	"github.com/siderolabs/talos/pkg/machinery/config/generate/secrets"
 	configmachine "github.com/siderolabs/talos/pkg/machinery/config/machine"
+	clusterres "github.com/siderolabs/talos/pkg/machinery/resources/cluster"
 	configres "github.com/siderolabs/talos/pkg/machinery/resources/config"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -97,6 +98,13 @@ func TestApplyConfiguration(t *testing.T) {
 	got, err := apply(&machine.ApplyConfigurationRequest{Data: second, Mode: machine.ApplyConfigurationRequest_AUTO})
 	if err != nil || got.GetMode() != machine.ApplyConfigurationRequest_NO_REBOOT || clusterName() != "second" {
 		t.Fatalf("auto: %v, %v, cluster %s", got, err, clusterName())
+	}
+	// The cluster's identity follows the configuration (its controller).
+	if !testkit.Eventually(5*time.Second, func() bool {
+		info, err := safe.StateGetByID[*clusterres.Info](admin, c.COSI, clusterres.InfoID)
+		return err == nil && info.TypedSpec().ClusterName == "second"
+	}) {
+		t.Error("cluster info did not follow the applied configuration")
 	}
 
 	// Try: applied, then rolled back after its timeout.

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	cosiapi "github.com/cosi-project/runtime/api/v1alpha1"
+	cosiruntime "github.com/cosi-project/runtime/pkg/controller/runtime"
 	"github.com/cosi-project/runtime/pkg/resource"
 	"github.com/cosi-project/runtime/pkg/resource/meta"
 	"github.com/cosi-project/runtime/pkg/safe"
@@ -46,9 +47,11 @@ type Member struct {
 	ControlPlane bool
 }
 
-// resources is the agent's resource state.
+// resources is the agent's resource state and the controllers that
+// keep part of it.
 type resources struct {
 	st state.State
+	rt *cosiruntime.Runtime // nil until startControllers
 }
 
 // newResources makes the state with its namespaces, the definitions of
@@ -153,21 +156,12 @@ func (s *Server) SetMembers(ms []Member) error {
 }
 
 // node returns the resources that describe this node, as the dashboard's
-// summary reads them: its role and address (from its entry among the
-// members), version, cluster, resolvers, time servers (none: the agent
-// keeps no time), machine identity and network status.
+// summary reads them: its addresses (from its entry among the members),
+// version, resolvers, time servers (none: the agent keeps no time),
+// machine identity and network status. Its role and the cluster's
+// identity are the controllers' (controllers.go).
 func (r *resources) node(cfg Config) []resource.Resource {
-	var self *Member
-	for i, m := range cfg.Members {
-		if m.Hostname == cfg.Hostname {
-			self = &cfg.Members[i]
-		}
-	}
-	mt := config.NewMachineType()
-	mt.SetMachineType(configmachine.TypeWorker)
-	if self != nil && self.ControlPlane {
-		mt.SetMachineType(configmachine.TypeControlPlane)
-	}
+	self := selfMember(cfg)
 	var prefixes []netip.Prefix
 	if self != nil {
 		for _, a := range self.Addresses {
@@ -186,8 +180,6 @@ func (r *resources) node(cfg Config) []resource.Resource {
 	}
 	ver := runtime.NewVersion()
 	ver.TypedSpec().Version, ver.TypedSpec().Name = VersionTag, "Talos (apid example agent)"
-	info := cluster.NewInfo()
-	info.TypedSpec().ClusterName, info.TypedSpec().ClusterID = cfg.ClusterName, nodeID("cluster "+cfg.ClusterName)
 	resolvers := network.NewResolverStatus(network.NamespaceName, network.ResolverID)
 	resolvers.TypedSpec().DNSServers, resolvers.TypedSpec().SearchDomains = resolvConf("/etc/resolv.conf")
 	sys := hardware.NewSystemInformation(hardware.SystemInformationID)
@@ -198,7 +190,17 @@ func (r *resources) node(cfg Config) []resource.Resource {
 	sys.TypedSpec().Manufacturer, sys.TypedSpec().ProductName = readLine("/sys/class/dmi/id/sys_vendor"), readLine("/sys/class/dmi/id/product_name")
 	netStatus := network.NewStatus(network.NamespaceName, network.StatusID)
 	*netStatus.TypedSpec() = network.StatusSpec{AddressReady: true, ConnectivityReady: true, HostnameReady: true, EtcFilesReady: true}
-	return append(out, mt, ver, info, resolvers, network.NewTimeServerStatus(network.NamespaceName, network.TimeServerID), sys, netStatus)
+	return append(out, ver, resolvers, network.NewTimeServerStatus(network.NamespaceName, network.TimeServerID), sys, netStatus)
+}
+
+// selfMember is the node's own entry among the members, if any.
+func selfMember(cfg Config) *Member {
+	for i, m := range cfg.Members {
+		if m.Hostname == cfg.Hostname {
+			return &cfg.Members[i]
+		}
+	}
+	return nil
 }
 
 // resolvConf returns the name servers and search domains of a
@@ -255,6 +257,7 @@ func (r *resources) reflect(payload proto.Message) {
 // register serves the state as cosi.resource.State.
 func (r *resources) register(g *grpc.Server) {
 	cosiapi.RegisterStateServer(g, cosiserver.NewState(r.st))
+	inspectServer{r: r}.register(g)
 }
 
 // cosiWrites are the resource API's methods that change state: refused,

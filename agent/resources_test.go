@@ -10,6 +10,7 @@ import (
 	"github.com/cosi-project/runtime/pkg/resource/meta"
 	"github.com/cosi-project/runtime/pkg/safe"
 	"github.com/cosi-project/runtime/pkg/state"
+	"github.com/siderolabs/talos/pkg/machinery/api/inspect"
 	configmachine "github.com/siderolabs/talos/pkg/machinery/config/machine"
 	"github.com/siderolabs/talos/pkg/machinery/resources/cluster"
 	"github.com/siderolabs/talos/pkg/machinery/resources/config"
@@ -18,6 +19,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/resources/runtime"
 	"github.com/siderolabs/talos/pkg/machinery/resources/v1alpha1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/agent"
 	"github.com/apid/apid/internal/testkit"
@@ -51,9 +53,13 @@ func TestResources(t *testing.T) {
 	}
 
 	// What the dashboard's summary reads of the node itself.
-	mt, err := safe.StateGetByID[*config.MachineType](ctx, c.COSI, config.MachineTypeID)
-	if err != nil || mt.MachineType() != configmachine.TypeControlPlane {
-		t.Errorf("machine type: %v, %v", mt, err)
+	// (The machine type and the cluster's identity are the controllers':
+	// they appear as soon as the runtime has run them.)
+	if !testkit.Eventually(5*time.Second, func() bool {
+		mt, err := safe.StateGetByID[*config.MachineType](ctx, c.COSI, config.MachineTypeID)
+		return err == nil && mt.MachineType() == configmachine.TypeControlPlane
+	}) {
+		t.Errorf("no machine type controlplane")
 	}
 	addrs, err := safe.StateGetByID[*network.NodeAddress](ctx, c.COSI, network.NodeAddressCurrentID)
 	if err != nil || len(addrs.TypedSpec().Addresses) != 1 || addrs.TypedSpec().Addresses[0].String() != "127.0.0.11/32" {
@@ -63,9 +69,31 @@ func TestResources(t *testing.T) {
 	if err != nil || ver.TypedSpec().Version != agent.VersionTag {
 		t.Errorf("version: %v, %v", ver, err)
 	}
-	info, err := safe.StateGetByID[*cluster.Info](ctx, c.COSI, cluster.InfoID)
-	if err != nil || info.TypedSpec().ClusterName != agent.DefaultClusterName || info.TypedSpec().ClusterID == "" {
-		t.Errorf("cluster info: %v, %v", info, err)
+	if !testkit.Eventually(5*time.Second, func() bool {
+		info, err := safe.StateGetByID[*cluster.Info](ctx, c.COSI, cluster.InfoID)
+		return err == nil && info.TypedSpec().ClusterName == agent.DefaultClusterName && info.TypedSpec().ClusterID != ""
+	}) {
+		t.Errorf("no cluster info of %s", agent.DefaultClusterName)
+	}
+
+	// talosctl inspect dependencies: the controllers, their inputs and
+	// outputs, from the controller runtime.
+	deps, err := inspect.NewInspectServiceClient(c.Conn()).ControllerRuntimeDependencies(ctx, &emptypb.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var edges []string
+	for _, e := range deps.GetMessages()[0].GetEdges() {
+		edges = append(edges, e.GetControllerName()+" "+e.GetEdgeType().String()+" "+e.GetResourceType())
+	}
+	for _, want := range []string{
+		"config.MachineTypeController INPUT_WEAK " + config.MachineConfigType,
+		"config.MachineTypeController OUTPUT_EXCLUSIVE " + config.MachineTypeType,
+		"cluster.InfoController OUTPUT_EXCLUSIVE " + cluster.InfoType,
+	} {
+		if !slices.Contains(edges, want) {
+			t.Errorf("no edge %q in %q", want, edges)
+		}
 	}
 	if sys, err := safe.StateGetByID[*hardware.SystemInformation](ctx, c.COSI, hardware.SystemInformationID); err != nil || sys.TypedSpec().UUID == "" {
 		t.Errorf("system information: %v, %v", sys, err)

@@ -73,7 +73,9 @@ type Server struct {
 	sequence      string        // the simulated lifecycle operation in progress, if any
 	sequenceActor string        // and its actor ID
 
-	started time.Time // when New made the agent
+	started         time.Time // when New made the agent
+	stopControllers func()    // stops the controller runtime; nil if none
+	closeOnce       sync.Once
 
 	closed chan struct{}  // closed by Close
 	sims   sync.WaitGroup // lifecycle simulations in progress
@@ -105,6 +107,15 @@ func New(cfg Config) *Server {
 	}
 	if err := s.loadInitialConfig(cfg.MachineConfig); err != nil {
 		s.log.Error("machine configuration not loaded", "error", err)
+	}
+	if s.res != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		if done, err := s.res.startControllers(ctx, cfg, selfMember(cfg)); err != nil {
+			cancel()
+			s.log.Error("controllers not started", "error", err)
+		} else {
+			s.stopControllers = func() { cancel(); <-done }
+		}
 	}
 	s.boot()
 	return s
@@ -158,6 +169,11 @@ func (s *Server) Close() {
 	}
 	s.mu.Unlock()
 	s.sims.Wait()
+	s.closeOnce.Do(func() {
+		if s.stopControllers != nil {
+			s.stopControllers()
+		}
+	})
 }
 
 // Version reports the agent's build.

@@ -142,7 +142,7 @@ func (f *gatewayFleet) agent(tb testing.TB, name string) string {
 	srv := grpc.NewServer(a.ServerOptions()...)
 	a.Register(srv)
 	go func() { _ = srv.Serve(lis) }()
-	tb.Cleanup(srv.Stop)
+	tb.Cleanup(func() { srv.Stop(); a.Close() })
 	return "unix://" + sock
 }
 

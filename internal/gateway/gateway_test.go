@@ -65,7 +65,7 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	tg.agentSrv = grpc.NewServer(a.ServerOptions()...)
 	a.Register(tg.agentSrv)
 	go func() { _ = tg.agentSrv.Serve(agentLis) }()
-	t.Cleanup(tg.agentSrv.Stop)
+	t.Cleanup(func() { tg.agentSrv.Stop(); a.Close() })
 
 	cfg := Default()
 	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
