@@ -77,7 +77,7 @@ func newResources(cfg Config) (*resources, error) {
 	for _, res := range []meta.ResourceDefinitionProvider{
 		&meta.ResourceDefinition{}, &meta.Namespace{},
 		&cluster.Member{}, &cluster.Info{}, &network.HostnameStatus{}, &network.NodeAddress{}, &network.ResolverStatus{},
-		&network.TimeServerStatus{}, &network.Status{}, &v1alpha1.Service{}, &runtime.MachineStatus{}, &runtime.Version{},
+		&network.TimeServerStatus{}, &network.Status{}, &v1alpha1.Service{}, &runtime.MachineStatus{}, &runtime.Version{}, &runtime.SecurityState{},
 		config.NewMachineType(), &hardware.SystemInformation{}, &config.MachineConfig{},
 	} {
 		rd, err := meta.NewResourceDefinition(res.ResourceDefinition())
@@ -190,7 +190,9 @@ func (r *resources) node(cfg Config) []resource.Resource {
 	sys.TypedSpec().Manufacturer, sys.TypedSpec().ProductName = readLine("/sys/class/dmi/id/sys_vendor"), readLine("/sys/class/dmi/id/product_name")
 	netStatus := network.NewStatus(network.NamespaceName, network.StatusID)
 	*netStatus.TypedSpec() = network.StatusSpec{AddressReady: true, ConnectivityReady: true, HostnameReady: true, EtcFilesReady: true}
-	return append(out, ver, resolvers, network.NewTimeServerStatus(network.NamespaceName, network.TimeServerID), sys, netStatus)
+	// No secure boot, no UKI, no SELinux: the simulated machine boots
+	// nothing. (Talos's own tests wait for this resource before any other.)
+	return append(out, runtime.NewSecurityStateSpec(runtime.NamespaceName), ver, resolvers, network.NewTimeServerStatus(network.NamespaceName, network.TimeServerID), sys, netStatus)
 }
 
 // selfMember is the node's own entry among the members, if any.

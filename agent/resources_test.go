@@ -95,6 +95,9 @@ func TestResources(t *testing.T) {
 			t.Errorf("no edge %q in %q", want, edges)
 		}
 	}
+	if sec, err := safe.StateGetByID[*runtime.SecurityState](ctx, c.COSI, runtime.SecurityStateID); err != nil || sec.TypedSpec().SecureBoot {
+		t.Errorf("security state: %v, %v", sec, err)
+	}
 	if sys, err := safe.StateGetByID[*hardware.SystemInformation](ctx, c.COSI, hardware.SystemInformationID); err != nil || sys.TypedSpec().UUID == "" {
 		t.Errorf("system information: %v, %v", sys, err)
 	}

@@ -28,6 +28,8 @@ tc=(--talosconfig "$work/apid-demo/talosconfig")
 # talosctl v1.13 drains the Kubernetes node before an upgrade's reboot by
 # default; older versions have no such flag.
 drain=""
+# apply-config applies what talosctl gen config writes for the demo.
+"$TALOSCTL" gen config apid-demo https://127.0.0.11:6443 --output-types controlplane -o "$work/cp.yaml" >/dev/null 2>&1
 "$TALOSCTL" upgrade --help 2>&1 | grep -q -- '--drain ' && drain="--drain=false "
 
 read -r -d '' commands <<'CMDS'
@@ -47,6 +49,14 @@ time
 stats
 containers
 config new CONFIG --roles os:reader
+get members
+get services
+get rd
+etcd members
+etcd status
+inspect dependencies
+logs kernel --tail 3
+apply-config --file CPFILE --mode no-reboot
 FOLLOW events --tail 2
 FOLLOW logs apid-agent -f --tail 1
 health --wait-timeout 30s
@@ -60,6 +70,7 @@ for nodes in node-1 node-1,node-2,node-3 @controlplane; do
 		[ -n "$cmd" ] || continue
 		c=${cmd//CONFIG/$work/cfg-$RANDOM}
 		c=${c//DRAIN/$drain}
+		c=${c//CPFILE/$work/cp.yaml}
 		limit=60
 		case $c in FOLLOW\ *) c=${c#FOLLOW }; limit=5 ;; esac
 		# shellcheck disable=SC2086
