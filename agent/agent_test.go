@@ -646,10 +646,36 @@ func TestEtcdRecover(t *testing.T) {
 	}
 }
 
+// TestUnimplemented: what the agent does not simulate says why, in a
+// status a client can act on, never gRPC's bare "not implemented".
 func TestUnimplemented(t *testing.T) {
 	c, _, _ := start(t, agent.Config{}, "unix")
-	_, err := c.EtcdMemberList(testkit.Context(t), &machine.EtcdMemberListRequest{})
+	ctx := testkit.Context(t)
+	_, err := c.EtcdMemberList(ctx, &machine.EtcdMemberListRequest{})
 	wantCode(t, err, codes.Unimplemented)
+	for name, call := range map[string]func() error{
+		"Bootstrap": func() error { _, err := c.Bootstrap(ctx, &machine.BootstrapRequest{}); return err },
+		"Rollback":  func() error { _, err := c.Rollback(ctx, &machine.RollbackRequest{}); return err },
+		"Reset":     func() error { _, err := c.Reset(ctx, &machine.ResetRequest{}); return err },
+		"Restart":   func() error { _, err := c.Restart(ctx, &machine.RestartRequest{Id: "trustd"}); return err },
+		"MetaWrite": func() error { _, err := c.MetaWrite(ctx, &machine.MetaWriteRequest{}); return err },
+		"Kubeconfig": func() error {
+			s, err := c.Kubeconfig(ctx, &emptypb.Empty{})
+			if err == nil {
+				_, err = s.Recv()
+			}
+			return err
+		},
+		"EtcdDowngradeCancel": func() error { _, err := c.EtcdDowngradeCancel(ctx, &emptypb.Empty{}); return err },
+	} {
+		err := call()
+		if code := status.Code(err); (code != codes.Unimplemented && code != codes.FailedPrecondition) || strings.Contains(err.Error(), "not implemented") {
+			t.Errorf("%s: %v, want a reason", name, err)
+		}
+	}
+	if resp, err := c.LogsContainers(ctx, &emptypb.Empty{}); err != nil || len(resp.GetMessages()) != 1 {
+		t.Errorf("LogsContainers: %v, %v", resp, err)
+	}
 }
 
 func TestReflection(t *testing.T) {
