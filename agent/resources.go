@@ -116,7 +116,8 @@ func (r *resources) setMembers(ms []Member) error {
 		keep[m.Hostname] = true
 		if err := safe.StateModify(ctx, r.st, cluster.NewMember(cluster.NamespaceName, m.Hostname), func(res *cluster.Member) error {
 			spec := res.TypedSpec()
-			spec.NodeID, spec.Hostname, spec.OperatingSystem = nodeID(m.Hostname), m.Hostname, "Talos (apid example agent)"
+			// As a Talos node reports its OS: the version of the API it follows.
+			spec.NodeID, spec.Hostname, spec.OperatingSystem = nodeID(m.Hostname), m.Hostname, "Talos ("+machineryVersion()+")"
 			spec.MachineType = configmachine.TypeWorker
 			if m.ControlPlane {
 				spec.MachineType = configmachine.TypeControlPlane

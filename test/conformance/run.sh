@@ -69,9 +69,11 @@ mkdir -p "$state/apid-demo"
 # (TalosconfigSuite/TestMerge), image cache-create (it pulls images from
 # registries, which this machine cannot reach), and client-side health
 # checks, which wait talosctl's 20 minutes for resources (COSI,
-# Kubernetes) the demo node does not serve yet. ListSuite/TestDepth panics the binary when it fails: it
-# runs alone.
-skip='^TestIntegration$/^cli\.ImageSuite$/^TestCacheCreate|^TestIntegration$/^cli\.TalosconfigSuite$/^TestMerge$|^TestIntegration$/^cli\.HealthSuite$/^TestClientSide|^TestIntegration$/^cli\.ListSuite$/^TestDepth$'
+# Kubernetes) the demo node does not serve yet, and the network
+# configuration suite (each test patches the machine configuration, then
+# waits minutes for the links and routes a Talos OS would make of it).
+# ListSuite/TestDepth panics the binary when it fails: it runs alone.
+skip='^TestIntegration$/^cli\.ImageSuite$/^TestCacheCreate|^TestIntegration$/^cli\.TalosconfigSuite$/^TestMerge$|^TestIntegration$/^cli\.HealthSuite$/^TestClientSide|^TestIntegration$/^cli\.ListSuite$/^TestDepth$|^TestIntegration$/^api\.NetworkConfigSuite$'
 run() {
 	"$work/bin/integration.test" -test.v -test.timeout 30m "$@" \
 		-talos.config "$demo/apid-demo/talosconfig" -talos.talosctlpath "$work/bin/talosctl" \
