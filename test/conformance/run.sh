@@ -71,9 +71,11 @@ mkdir -p "$state/apid-demo"
 # checks, which wait talosctl's 20 minutes for resources (COSI,
 # Kubernetes) the demo node does not serve yet, and the network
 # configuration suite (each test patches the machine configuration, then
-# waits minutes for the links and routes a Talos OS would make of it).
+# waits minutes for the links and routes a Talos OS would make of it), and
+# cli.RebootSuite (after each reboot it runs talosctl's client-side health
+# check, which waits its 20 minutes for Kubernetes).
 # ListSuite/TestDepth panics the binary when it fails: it runs alone.
-skip='^TestIntegration$/^cli\.ImageSuite$/^TestCacheCreate|^TestIntegration$/^cli\.TalosconfigSuite$/^TestMerge$|^TestIntegration$/^cli\.HealthSuite$/^TestClientSide|^TestIntegration$/^cli\.ListSuite$/^TestDepth$|^TestIntegration$/^api\.NetworkConfigSuite$'
+skip='^TestIntegration$/^cli\.ImageSuite$/^TestCacheCreate|^TestIntegration$/^cli\.TalosconfigSuite$/^TestMerge$|^TestIntegration$/^cli\.HealthSuite$/^TestClientSide|^TestIntegration$/^cli\.ListSuite$/^TestDepth$|^TestIntegration$/^api\.NetworkConfigSuite$|^TestIntegration$/^cli\.RebootSuite$'
 run() {
 	"$work/bin/integration.test" -test.v -test.timeout 30m "$@" \
 		-talos.config "$demo/apid-demo/talosconfig" -talos.talosctlpath "$work/bin/talosctl" \
