@@ -14,6 +14,7 @@ import (
 	configmachine "github.com/siderolabs/talos/pkg/machinery/config/machine"
 	clusterres "github.com/siderolabs/talos/pkg/machinery/resources/cluster"
 	configres "github.com/siderolabs/talos/pkg/machinery/resources/config"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -125,5 +126,19 @@ func TestApplyConfiguration(t *testing.T) {
 	}
 	if !testkit.Eventually(10*time.Second, func() bool { return clusterName() == "first" }) {
 		t.Fatal("the staged configuration was not applied by the reboot")
+	}
+}
+
+// TestApplyLargeConfiguration: a configuration of 11 MB, as Talos's own
+// TestBigPayload applies, within machined's 32 MiB message bound.
+func TestApplyLargeConfiguration(t *testing.T) {
+	doc := machineConfig(t, "big")
+	c, _ := officialClient(t, agent.Config{MachineConfig: doc})
+	// Pad the document with a YAML comment to 11 MB.
+	big := append([]byte("# "+strings.Repeat("x", 11<<20)+"\n"), doc...)
+	resp, err := c.ApplyConfiguration(testkit.Context(t), &machine.ApplyConfigurationRequest{Data: big, Mode: machine.ApplyConfigurationRequest_NO_REBOOT},
+		grpc.MaxCallSendMsgSize(32<<20))
+	if err != nil || !strings.Contains(resp.GetMessages()[0].GetModeDetails(), "without a reboot") {
+		t.Fatalf("an 11 MB configuration: %v, %v", resp, err)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	timeapi "github.com/siderolabs/talos/pkg/machinery/api/time"
+	"github.com/siderolabs/talos/pkg/machinery/constants"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/reflection"
@@ -218,6 +219,10 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		}),
 	}
 	return []grpc.ServerOption{
+		// Machined's bounds, not grpc-go's 4 MiB: a machine configuration
+		// may be large (Talos's TestBigPayload applies one of 11 MB).
+		grpc.MaxRecvMsgSize(constants.GRPCMaxMessageSize),
+		grpc.MaxSendMsgSize(constants.GRPCMaxMessageSize),
 		grpc.ChainUnaryInterceptor(logging.UnaryServerInterceptor(logger, opts...), s.unaryAccess),
 		grpc.ChainStreamInterceptor(logging.StreamServerInterceptor(logger, opts...), s.streamAccess),
 	}
