@@ -205,10 +205,9 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 // (Talos's words first), and a group of several nodes for a method
 // talosctl sends to one node only.
 func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) error {
-	group := groupIn(md)
 	if !rs.kinds.method(fullMethod).Stamped {
 		way := "name one node with node, or call each node"
-		if group != "" && len(md[KeyNode]) > 0 {
+		if group := groupIn(md); group != "" && len(md[KeyNode]) > 0 {
 			// A multiplexing client (talosctl v1.13's image and upgrade,
 			// every command since v1.14) sent the group as one node: it
 			// labels the replies of one call as one node, so the group's
@@ -219,19 +218,26 @@ func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) erro
 		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: its replies carry no common.Metadata to stamp and merge (the Talos API fans out machine.MachineService, cluster.ClusterService, inspect.InspectService, storage.StorageService and time.TimeService); %s", fullMethod, way)
 	}
 	command, single := singleNodeMethods[fullMethod]
-	if !single || len(nodes) < 2 || group == "" {
+	if !single || len(nodes) < 2 {
+		return nil
+	}
+	group := groupIn(md)
+	if group == "" {
 		return nil
 	}
 	return status.Errorf(codes.InvalidArgument, "talosctl %s works on one node, and %s names %d (%s): name one, as in talosctl -n %s %s",
 		command, group, len(nodes), stampList(nodes, ", ", 10), nodes[0].stamp, command)
 }
 
-// groupIn returns the first group the routing metadata names, if any.
+// groupIn returns the first group the routing metadata names, if any. It
+// runs only when a call is about to be refused, and allocates nothing.
 func groupIn(md metadata.MD) string {
-	for _, v := range append(slices.Clone(md[KeyNode]), md[KeyNodes]...) {
-		for _, item := range strings.Split(v, ",") {
-			if g := strings.TrimSpace(item); inventory.IsGroup(g) {
-				return g
+	for _, key := range [...]string{KeyNode, KeyNodes} {
+		for _, v := range md[key] {
+			for item := range strings.SplitSeq(v, ",") {
+				if g := strings.TrimSpace(item); inventory.IsGroup(g) {
+					return g
+				}
 			}
 		}
 	}
