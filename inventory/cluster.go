@@ -15,13 +15,19 @@ type ClusterSource struct {
 	// Labels are added to every node from this source, for groups such as
 	// @from=cluster.
 	Labels map[string]string `yaml:"labels"`
+	// Through, when set, is the node whose members are watched (its
+	// address or DNS name, dialled at remotePort with the forwarding
+	// identity), for an apid that fronts a cluster it is not part of.
+	// Empty: the local node.
+	Through string `yaml:"through"`
 }
 
-// Members watches the cluster's members: it calls set with every member
-// once it has them all, and again after each change, until ctx ends or the
+// Members watches the cluster's members as src says (through the local
+// node, or the one src.Through names): it calls set with every member once
+// it has them all, and again after each change, until ctx ends or the
 // watch fails (its error is the source's failure; it is called again after
 // a backoff).
-type Members func(ctx context.Context, set func([]Node)) error
+type Members func(ctx context.Context, src ClusterSource, set func([]Node)) error
 
 // Option configures New.
 type Option func(*Inventory)
@@ -42,7 +48,7 @@ func (inv *Inventory) watchMembers(ctx context.Context, src ClusterSource) {
 	for ctx.Err() == nil {
 		err := errNoMembers
 		if inv.members != nil {
-			err = inv.members(ctx, func(nodes []Node) {
+			err = inv.members(ctx, src, func(nodes []Node) {
 				for i := range nodes {
 					nodes[i].Labels = mergeLabels(nodes[i].Labels, src.Labels)
 				}

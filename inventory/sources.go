@@ -89,6 +89,9 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("inventory.dnsServer: none set and %w", err))
 		}
 	}
+	if c.Cluster != nil && c.Cluster.Through != "" && !validHost(c.Cluster.Through) {
+		errs = append(errs, fmt.Errorf("inventory.cluster.through %q: want a node's address or DNS name (dialled at remotePort), such as 10.0.0.2", c.Cluster.Through))
+	}
 	return errors.Join(errs...)
 }
 

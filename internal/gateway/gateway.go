@@ -214,7 +214,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Gateway, error) {
 		},
 		adminOpen: g.adminOpen.Load})
 	g.inv, err = inventory.New(cfg.Inventory, log, func(e inventory.Event) { g.metrics.reloaded("inventory", e.Err) },
-		inventory.WithMembers(watchMembers(local)))
+		inventory.WithMembers(watchMembers(local, pool)))
 	if err != nil { // a file changed since validate read it
 		stop()
 		_ = pool.Close()

@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"github.com/apid/apid/director"
 	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/pki"
 )
 
 // TestStaticInventoryReloads: the inventory of the config file is applied
@@ -175,5 +178,64 @@ func TestClusterInventorySource(t *testing.T) {
 	want = "node-7=127.0.0.7/worker/cluster"
 	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
 		t.Fatalf("after a leave: %q, want %q", nodes(), want)
+	}
+}
+
+// TestClusterInventoryThroughANode: an apid that fronts a cluster it is not
+// part of (inventory.cluster.through) learns the members from the node the
+// config names, over that node's apid with the forwarding identity and the
+// reader's role, and follows a join there.
+func TestClusterInventoryThroughANode(t *testing.T) {
+	member := startGateway(t, nil) // node-1 at 127.0.0.1, its agent knows the members
+	_, port, err := net.SplitHostPort(member.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	front := startGateway(t, func(c *Config) {
+		// One cluster: the front apid's certificates from the member's CA.
+		crt, key, err := member.ca.IssueNode("front", []string{"front", "node-1"}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour, pki.KeyECDSA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fwdCrt, fwdKey, err := member.ca.IssueForwarding("front", time.Hour, pki.KeyECDSA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.TLS.CA, c.TLS.Cert, c.TLS.Key = member.write("ca.crt", member.ca.CertPEM), member.write("front.crt", crt), member.write("front.key", key)
+		c.TLS.ClientCert, c.TLS.ClientKey = member.write("front-client.crt", fwdCrt), member.write("front-client.key", fwdKey)
+		c.Nodes.Port, _ = strconv.Atoi(port)
+		c.Inventory.Cluster = &inventory.ClusterSource{Through: "127.0.0.1"}
+	})
+	// The front gateway's own agent never learns node-7: only the member's does.
+	if err := member.agent.SetMembers([]agent.Member{
+		{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true},
+		{Hostname: "node-7", Addresses: []string{"127.0.0.7"}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	nodes := func() string {
+		var out []string
+		for _, n := range front.gw.inv.Set().Nodes() {
+			out = append(out, n.Name+"="+n.Address+"/"+n.Role)
+		}
+		return strings.Join(out, ",")
+	}
+	want := "node-1=127.0.0.1/controlplane,node-7=127.0.0.7/worker"
+	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
+		t.Fatalf("inventory through 127.0.0.1: %q, want %q\n%s", nodes(), want, front.logs.String())
+	}
+}
+
+// TestClusterSourceThroughIsChecked: a port or a URL where a node is wanted
+// is refused at load, naming the key.
+func TestClusterSourceThroughIsChecked(t *testing.T) {
+	for _, bad := range []string{"10.0.0.2:50000", "https://node-2", "node 2"} {
+		err := inventory.Config{Cluster: &inventory.ClusterSource{Through: bad}}.Validate()
+		if err == nil || !strings.Contains(err.Error(), "inventory.cluster.through") {
+			t.Errorf("through %q: %v", bad, err)
+		}
+	}
+	if err := (inventory.Config{Cluster: &inventory.ClusterSource{Through: "cp-1.example.org"}}).Validate(); err != nil {
+		t.Errorf("a DNS name: %v", err)
 	}
 }

@@ -15,12 +15,13 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/apid/apid/auth"
+	"github.com/apid/apid/director"
 	"github.com/apid/apid/inventory"
 )
 
-// The cluster inventory source: the members the local node knows
-// (cluster.Member resources of Talos's resource API), watched through the
-// local node agent as a reader. Only the API's descriptors and the
+// The cluster inventory source: the members a node knows (cluster.Member
+// resources of Talos's resource API), watched as a reader through the local
+// node agent or through the apid of the node the source names. Only the API's descriptors and the
 // resources' YAML are used: the gateway links no resource runtime.
 
 // Where Talos keeps its members.
@@ -37,9 +38,21 @@ type memberSpec struct {
 	MachineType string   `yaml:"machineType"`
 }
 
-// watchMembers is the inventory's Members for the local node at conn.
-func watchMembers(conn grpc.ClientConnInterface) inventory.Members {
-	return func(ctx context.Context, set func([]inventory.Node)) error {
+// watchMembers is the inventory's Members: through the local node at local,
+// or, when the source names a node, through that node's apid from the
+// pool (the forwarding identity, asserting the reader's role as Talos's
+// apid does when it forwards).
+func watchMembers(local grpc.ClientConnInterface, pool *director.Pool) inventory.Members {
+	return func(ctx context.Context, src inventory.ClusterSource, set func([]inventory.Node)) error {
+		conn := local
+		if src.Through != "" {
+			c, release, err := pool.Conn(src.Through)
+			if err != nil {
+				return fmt.Errorf("members through %s: %w", src.Through, err)
+			}
+			defer release()
+			conn = c
+		}
 		// As Talos's apid calls machined: the roles the caller has, here
 		// a reader's, which is all this needs.
 		ctx = metadata.AppendToOutgoingContext(ctx, auth.KeyRole, "os:reader")
