@@ -12,7 +12,10 @@ import (
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	talosclient "github.com/siderolabs/talos/pkg/machinery/client"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/agent"
@@ -93,6 +96,18 @@ func TestEtcd(t *testing.T) {
 		t.Errorf("defragment: %v", err)
 	}
 
+	// Something to find in a snapshot.
+	ec, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://127.0.95.1:2379"}, DialTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if _, err := ec.Put(ctx, fmt.Sprintf("/demo/key-%d", i), "value"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ec.Close()
+
 	// A snapshot is a bbolt database of the member.
 	rd, err := nodes[0].EtcdSnapshot(ctx, &machine.EtcdSnapshotRequest{})
 	if err != nil {
@@ -105,6 +120,24 @@ func TestEtcd(t *testing.T) {
 	rd.Close()
 	if snap.Len() < 16<<10 {
 		t.Errorf("snapshot of %d bytes", snap.Len())
+	}
+
+	// Recovering from it: the member keeps it and finds etcd's database in
+	// it; bytes that are not a snapshot are kept too, as Talos keeps them,
+	// and the trailer says why they would not restore.
+	var trailer metadata.MD
+	if _, err := nodes[1].EtcdRecover(ctx, bytes.NewReader(snap.Bytes()), grpc.Trailer(&trailer)); err != nil {
+		t.Fatalf("recover: %v", err)
+	}
+	if keys, rev := trailer.Get(agent.TrailerSnapshotKeys), trailer.Get(agent.TrailerSnapshotRevision); len(keys) != 1 || keys[0] != "3" || len(rev) != 1 || rev[0] != "4" {
+		t.Errorf("recover from a real snapshot: trailer %q", fmt.Sprint(map[string][]string(trailer)))
+	}
+	trailer = nil
+	if _, err := nodes[1].EtcdRecover(ctx, bytes.NewReader(snap.Bytes()[:snap.Len()-100]), grpc.Trailer(&trailer)); err != nil {
+		t.Fatalf("recover: %v", err)
+	}
+	if why := trailer.Get(agent.TrailerSnapshotInvalid); len(why) != 1 || !strings.Contains(why[0], "not a snapshot") {
+		t.Errorf("recover from a cut snapshot: trailer %v", trailer)
 	}
 
 	// The leader forfeits: another member leads.

@@ -37,6 +37,10 @@ type Etcd struct {
 	done chan struct{}
 }
 
+// RecoveryPath is where a snapshot uploaded to recover etcd from is kept:
+// beside the member's data directory.
+func (e *Etcd) RecoveryPath() string { return filepath.Clean(e.cfg.DataDir) + ".recovery.snapshot" }
+
 // StartEtcd starts the member. The members of a new cluster must start
 // together: each waits for the others (for a quorum) until ctx ends; use
 // Ready to wait for that.
