@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
-	bolt "go.etcd.io/bbolt"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 )
