@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -499,7 +500,7 @@ func TestDmesgFollowKernel(t *testing.T) {
 }
 
 func TestLogs(t *testing.T) {
-	c, _, _ := start(t, agent.Config{Hostname: "logs-node"}, "unix")
+	c, _, srv := start(t, agent.Config{Hostname: "logs-node", BesideServices: []string{"apid"}}, "unix")
 	logs := func(t *testing.T, req *machine.LogsRequest) ([][]byte, error) {
 		stream, err := c.Logs(testkit.Context(t), req)
 		if err != nil {
@@ -581,6 +582,31 @@ func TestLogs(t *testing.T) {
 		all, err := logs(t, &machine.LogsRequest{Id: "kernel", TailLines: -1})
 		if err != nil || len(all) < len(lines) {
 			t.Fatalf("kernel: %d lines, %v; its tail of 2 had %d", len(all), err, len(lines))
+		}
+	})
+	t.Run("controller-runtime", func(t *testing.T) {
+		// The runtime logs each controller it starts.
+		var text string
+		testkit.Eventually(5*time.Second, func() bool {
+			lines, err := logs(t, &machine.LogsRequest{Id: "controller-runtime", TailLines: -1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			text = string(bytes.Join(lines, nil))
+			return strings.Contains(text, "MachineTypeController")
+		})
+		if !strings.Contains(text, "MachineTypeController") {
+			t.Errorf("controller-runtime log:\n%s", text)
+		}
+	})
+	t.Run("a service beside the agent", func(t *testing.T) {
+		if srv.BesideLog("kubelet") != nil {
+			t.Error("a log for a service not beside the agent")
+		}
+		fmt.Fprintln(srv.BesideLog("apid"), "apid: serving on 127.0.0.11:50000")
+		lines, err := logs(t, &machine.LogsRequest{Id: "apid", TailLines: 1})
+		if err != nil || len(lines) != 1 || !bytes.Contains(lines[0], []byte("serving on")) {
+			t.Errorf("apid tail 1: %q, %v", lines, err)
 		}
 	})
 	t.Run("containers", func(t *testing.T) {

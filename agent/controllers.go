@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"io"
 
 	"github.com/cosi-project/runtime/pkg/controller"
 	cosiruntime "github.com/cosi-project/runtime/pkg/controller/runtime"
@@ -14,6 +15,7 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/resources/cluster"
 	"github.com/siderolabs/talos/pkg/machinery/resources/config"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/emptypb"
 )
@@ -97,8 +99,12 @@ func (c clusterInfoController) Run(ctx context.Context, r controller.Runtime, _ 
 
 // startControllers runs the controllers on the resource state until ctx
 // ends; done is closed when the runtime has stopped.
-func (r *resources) startControllers(ctx context.Context, cfg Config, self *Member) (done <-chan struct{}, err error) {
-	rt, err := cosiruntime.NewRuntime(r.st, zap.NewNop())
+func (r *resources) startControllers(ctx context.Context, cfg Config, self *Member, log io.Writer) (done <-chan struct{}, err error) {
+	// The runtime's log, as Talos serves it (talosctl logs controller-runtime).
+	enc := zap.NewDevelopmentEncoderConfig()
+	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	logger := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.AddSync(log), zap.DebugLevel))
+	rt, err := cosiruntime.NewRuntime(r.st, logger)
 	if err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"slices"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
@@ -17,18 +18,35 @@ import (
 // log: it stands in for machined.
 var ownLogIDs = []string{"agent", "apid-agent", "machined"}
 
-// kernelLogID is the kernel log, as Talos names it.
-const kernelLogID = "kernel"
+// kernelLogID is the kernel log, as Talos names it; controllerRuntimeLogID
+// the resource controllers' runtime's.
+const (
+	kernelLogID            = "kernel"
+	controllerRuntimeLogID = "controller-runtime"
+)
 
 // logIDs are every log Logs serves: the agent's own, each simulated
-// service's and the kernel's.
-func logIDs() []string {
-	return slices.Concat(ownLogIDs, SimulatedServices, []string{kernelLogID})
+// service's, the kernel's, the controller runtime's and those of the
+// services beside the agent.
+func (s *Server) logIDs() []string {
+	return slices.Concat(ownLogIDs, SimulatedServices, []string{kernelLogID, controllerRuntimeLogID}, s.cfg.BesideServices)
+}
+
+// BesideLog is where a service that runs beside the agent (one of
+// Config.BesideServices, such as the demo's apid) writes its log, for Logs
+// to serve under its ID; nil for any other ID.
+func (s *Server) BesideLog(id string) io.Writer {
+	if !slices.Contains(s.cfg.BesideServices, id) {
+		return nil
+	}
+	return s.logs[id]
 }
 
 // Logs streams a log, one line per message: the agent's own for "agent",
 // "apid-agent" or "machined"; a simulated service's (what its simulated
-// runner did) for its ID; the kernel's for "kernel" (as Dmesg serves it).
+// runner did) for its ID; the kernel's for "kernel" (as Dmesg serves it);
+// the controller runtime's for "controller-runtime"; a service's beside
+// the agent (BesideLog) for its ID.
 // Any other ID, or the CRI driver, is NotFound in machined's words.
 // TailLines follows Talos: a negative value sends every kept line, n >= 0
 // the last n. With Follow the stream then waits for new lines until the
@@ -44,12 +62,15 @@ func (s *Server) Logs(req *machine.LogsRequest, stream grpc.ServerStreamingServe
 	case id == kernelLogID:
 		return s.kernelLog(req, stream)
 	}
+	if r, ok := s.logs[id]; ok {
+		return streamLog(stream, r, req)
+	}
 	s.mu.Lock()
 	svc := s.service(id)
 	s.mu.Unlock()
 	if svc == nil {
 		// machined's words last (Talos's tests match the end), what is served first.
-		return status.Errorf(codes.NotFound, "this agent serves the logs %q: log %q was not registered", logIDs(), id)
+		return status.Errorf(codes.NotFound, "this agent serves the logs %q: log %q was not registered", s.logIDs(), id)
 	}
 	return streamLog(stream, svc.log, req)
 }

@@ -60,8 +60,9 @@ type Server struct {
 	resolved []string // read roots, symlink-resolved
 	log      *slog.Logger
 	ring     logRing
-	startup  []string  // the agent's first log lines, replayed by the Dmesg fallback
-	bootTime time.Time // zero when unknown; used to date kernel records
+	logs     map[string]logRing // the logs of controller-runtime and the services beside the agent
+	startup  []string           // the agent's first log lines, replayed by the Dmesg fallback
+	bootTime time.Time          // zero when unknown; used to date kernel records
 
 	events  *eventLog
 	res     *resources // the resource API; nil if it could not be made
@@ -88,11 +89,15 @@ func New(cfg Config) *Server {
 	s := &Server{
 		cfg:      cfg,
 		ring:     newLogRing(cfg.LogCapacity),
+		logs:     map[string]logRing{controllerRuntimeLogID: newLogRing(cfg.LogCapacity)},
 		bootTime: bootTime(),
 		events:   newEventLog(eventCapacity),
 		services: newSimServices(SimulatedServices),
 		closed:   make(chan struct{}),
 		started:  time.Now(),
+	}
+	for _, id := range cfg.BesideServices {
+		s.logs[id] = newLogRing(cfg.LogCapacity)
 	}
 	s.allowed, s.resolved = resolveRoots(cfg.ReadRoots)
 	s.log = slog.New(slog.NewMultiHandler(
@@ -111,7 +116,7 @@ func New(cfg Config) *Server {
 	}
 	if s.res != nil {
 		ctx, cancel := context.WithCancel(context.Background())
-		if done, err := s.res.startControllers(ctx, cfg, selfMember(cfg)); err != nil {
+		if done, err := s.res.startControllers(ctx, cfg, selfMember(cfg), s.logs[controllerRuntimeLogID]); err != nil {
 			cancel()
 			s.log.Error("controllers not started", "error", err)
 		} else {

@@ -208,6 +208,27 @@ func TestDemoClusterAPI(t *testing.T) {
 		if lines == 0 || lines > 3 {
 			t.Errorf("logs kernel --tail 3: %d messages", lines)
 		}
+
+		// talosctl logs apid: the node's apid's own log, which has just
+		// served the calls above.
+		stream, err = cl.Logs(client.WithNode(testkit.Context(t), "node-2"), "system", common.ContainerDriver_CONTAINERD, "apid", false, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var apidLog strings.Builder
+		for {
+			d, err := stream.Recv()
+			if err != nil {
+				if err != io.EOF {
+					t.Fatalf("logs apid: %v", err)
+				}
+				break
+			}
+			apidLog.Write(d.GetBytes())
+		}
+		if !strings.Contains(apidLog.String(), "serving") {
+			t.Errorf("logs apid:\n%s", apidLog.String())
+		}
 	})
 
 	t.Run("etcd through the gateway", func(t *testing.T) {

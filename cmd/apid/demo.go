@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -185,7 +186,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		// giving running streams (logs -f) a moment to end cleanly.
 		cfg.DrainDelay = 0
 		cfg.ShutdownTimeout = 2 * time.Second
-		gw, err := gateway.New(cfg, log.With("node", n.name))
+		// The node's apid logs to the demo's output and, as on a Talos
+		// node, to the log its node serves (talosctl logs apid).
+		gwLog := slog.New(slog.NewMultiHandler(log.With("node", n.name).Handler(),
+			slog.NewTextHandler(a.BesideLog("apid"), &slog.HandlerOptions{Level: slog.LevelInfo})))
+		gw, err := gateway.New(cfg, gwLog)
 		if err != nil {
 			return err
 		}
