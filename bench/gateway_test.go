@@ -259,3 +259,27 @@ func BenchmarkGatewayFanOut(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkGatewayOneToOne measures whole gateways on the path talosctl
+// v1.14 takes: Version with node set, from one client connection through
+// the first gateway to the second, 32 callers at once. For profiles of
+// apid's share of a one-to-one call (the node's apid is in the profile too:
+// it answers as the local route).
+func BenchmarkGatewayOneToOne(b *testing.B) {
+	c, ips, _ := startGateways(b, 2, false)
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "node", ips[1])
+	if _, err := c.Version(ctx, &emptypb.Empty{}); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.SetParallelism(16) // 32 callers on 2 cores
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := c.Version(ctx, &emptypb.Empty{}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}

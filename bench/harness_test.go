@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"runtime"
 	"runtime/metrics"
 	"sync"
@@ -27,6 +28,13 @@ import (
 // Every benchmark stops what it started; a goroutine left behind by a
 // server, a connection or one of the proxies fails the run.
 func TestMain(m *testing.M) {
+	if cfg := os.Getenv(talosGatewayEnv); cfg != "" { // this process is the Talos-wired gateway
+		if err := runTalosGateway(cfg); err != nil {
+			fmt.Fprintln(os.Stderr, "talos gateway:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	// Idle fan-out workers exit on their own after a few seconds.
 	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/apid/apid/proxy.(*workers).loop"))
 }
