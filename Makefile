@@ -2,7 +2,7 @@
 GO ?= go
 PKGS := ./...
 
-.PHONY: build test test-short stress test-busy conformance bench bench-cluster soak lint fuzz demo clean
+.PHONY: build test test-short stress test-busy conformance bench bench-cluster bench-one bench-fanout soak lint fuzz demo clean
 
 # The gateway alone: without the demo and the example agent, which link the
 # resource runtime of the demo node (go run ./cmd/apid demo keeps them).
@@ -83,6 +83,18 @@ bench-cluster:
 	APID_BENCH_CLUSTER=1 APID_BENCH_ROUNDS=$(ROUNDS) APID_BENCH_OUT=$(CURDIR)/bench-cluster.md \
 	  $(GO) test -run '^TestClusterWideCalls$$' -count 1 -v -timeout 30m ./bench/
 
+# Whole gateways against siderolabs/grpc-proxy wired as Talos v1.13's apid
+# wires it, each a process of its own, gateway CPU per call from /proc:
+# concurrent node calls on one connection (bench-one.md), and Version
+# fanned out to 20, 100 and 1,000 nodes (bench-fanout.md; SIZES to choose).
+bench-one:
+	APID_BENCH_ONE=1 APID_BENCH_ROUNDS=$(or $(BENCH_ROUNDS),7) APID_BENCH_OUT=$(CURDIR)/bench-one.md \
+	  $(GO) test -run '^TestOneToOneCalls$$' -count 1 -v -timeout 30m ./bench/
+SIZES ?= 20,100,1000
+bench-fanout:
+	APID_BENCH_FANOUT=1 APID_BENCH_ROUNDS=$(or $(BENCH_ROUNDS),7) APID_BENCH_SIZES=$(SIZES) APID_BENCH_OUT=$(CURDIR)/bench-fanout.md \
+	  $(GO) test -run '^TestFanOutCalls$$' -count 1 -v -timeout 30m ./bench/
+
 # 1,000 concurrent streamed fan-outs through one gateway for SOAK (10m):
 # its RSS must stay flat and its goroutines return to where they were.
 SOAK ?= 10m
@@ -105,4 +117,4 @@ demo:
 	$(GO) run ./cmd/apid demo
 
 clean:
-	rm -rf bin bench.txt bench-cluster.md apid-demo
+	rm -rf bin bench.txt bench-cluster.md bench-one.md bench-fanout.md apid-demo

@@ -2,6 +2,8 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"os"
@@ -21,6 +23,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/pki"
 )
 
 // Whole-gateway comparisons with Talos's wiring (minutes each): `make
@@ -219,4 +222,115 @@ func comparisonTable(res [][]concurrentSample, names []string) string {
 		fmt.Fprintf(&b, "| apid ÷ direct | %.2f× | %.2f× | %.2f× | |\n", m[0][0]/m[2][0], m[0][1]/m[2][1], m[0][2]/m[2][2])
 	}
 	return b.String()
+}
+
+// startNodeFleet runs n plain nodes: each a test MachineService behind
+// mutual TLS on its own loopback address (127.0.73.1 and up, 250 to a
+// /24), one port for all, as a Talos node's apid answers a forwarded
+// call. Lighter than whole gateways, so that a fleet of 1,000 fits.
+func startNodeFleet(t *testing.T, n int) *gatewayFleet {
+	t.Helper()
+	f := &gatewayFleet{dir: t.TempDir()}
+	var err error
+	if f.ca, err = pki.NewCA("bench", time.Hour, pki.KeyECDSA); err != nil {
+		t.Fatal(err)
+	}
+	f.write(t, "ca.crt", f.ca.CertPEM)
+	for i := range n {
+		f.ips = append(f.ips, fmt.Sprintf("127.0.%d.%d", 73+i/250, 1+i%250))
+	}
+	f.port = sharedPort(t, f.ips)
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(f.ca.CertPEM)
+	for i, ip := range f.ips {
+		crt, key, err := f.ca.IssueNode(fmt.Sprintf("node-%d", i+1), nil, []net.IP{net.ParseIP(ip)}, time.Hour, pki.KeyECDSA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair, err := tls.X509KeyPair(crt, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lis, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(f.port)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := testbackend.New(fmt.Sprintf("node-%d", i+1), testbackend.Behaviour{})
+		go func() {
+			_ = s.Serve(tls.NewListener(lis, &tls.Config{Certificates: []tls.Certificate{pair}, ClientCAs: roots,
+				ClientAuth: tls.RequireAndVerifyClientCert, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13}))
+		}()
+		t.Cleanup(s.Stop)
+	}
+	return f
+}
+
+// TestFanOutCalls: Version fanned out to every node of 20 and 100 (and,
+// with APID_BENCH_SIZES=1000, 1,000) through apid and through the
+// Talos-wired gateway, rounds interleaved, gateway CPU per call from /proc.
+func TestFanOutCalls(t *testing.T) {
+	if os.Getenv(fanOutEnv) == "" {
+		t.Skipf("set %s=1 (make bench-fanout) to run the fan-out comparison", fanOutEnv)
+	}
+	sizes := []int{20, 100}
+	if v := os.Getenv("APID_BENCH_SIZES"); v != "" {
+		sizes = nil
+		for _, s := range strings.Split(v, ",") {
+			if n, err := strconv.Atoi(s); err == nil && n > 1 && n <= 1000 {
+				sizes = append(sizes, n)
+			}
+		}
+	}
+	callers := 2
+	if v, err := strconv.Atoi(os.Getenv("APID_BENCH_CALLERS")); err == nil && v > 0 {
+		callers = v
+	}
+	rounds, window := benchRounds()
+	var report strings.Builder
+	bin := gatewayBinary(t)
+	for _, n := range sizes {
+		f := startNodeFleet(t, n)
+		apid := startGatewayProcess(t, f, bin)
+		talosGw := startTalosGatewayProcess(t, f, testbackend.Start(t, "talos-gateway", testbackend.Behaviour{}).Addr)
+		var clients []*talos.Client
+		for _, addr := range []string{apid.addr, talosGw.addr} {
+			c, err := talos.New(context.Background(), talos.WithEndpoints(addr), talos.WithTLSConfig(f.clientTLS(t)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			clients = append(clients, c)
+		}
+		fan := func(c *talos.Client) func(ctx context.Context, _, _ int) error {
+			return func(ctx context.Context, _, _ int) error {
+				resp, err := c.MachineClient.Version(talos.WithNodes(ctx, f.ips...), &emptypb.Empty{})
+				if err != nil {
+					return err
+				}
+				if len(resp.GetMessages()) != n {
+					return fmt.Errorf("%d replies of %d nodes", len(resp.GetMessages()), n)
+				}
+				for _, m := range resp.GetMessages() {
+					if m.GetMetadata().GetError() != "" {
+						return fmt.Errorf("node %s: %s", m.GetMetadata().GetHostname(), m.GetMetadata().GetError())
+					}
+				}
+				return nil
+			}
+		}
+		res := interleaved(rounds, []func() concurrentSample{
+			func() concurrentSample { return measureConcurrent(t, apid, callers, window, fan(clients[0])) },
+			func() concurrentSample { return measureConcurrent(t, talosGw, callers, window, fan(clients[1])) },
+		})
+		fmt.Fprintf(&report, "\n%d nodes, Version with nodes: all, %d callers:\n\n%s", n, callers,
+			comparisonTable(res, []string{"apid", "Talos wiring (siderolabs/grpc-proxy)"}))
+		for _, c := range clients {
+			c.Close()
+		}
+	}
+	t.Logf("%d interleaved windows of %s per gateway, medians:\n%s", rounds, window, report.String())
+	if out := os.Getenv("APID_BENCH_OUT"); out != "" {
+		if err := os.WriteFile(out, []byte(report.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
