@@ -28,6 +28,13 @@ import (
 // Every benchmark stops what it started; a goroutine left behind by a
 // server, a connection or one of the proxies fails the run.
 func TestMain(m *testing.M) {
+	if cfg := os.Getenv(nodeEnv); cfg != "" { // this process is a node of BenchmarkNodeTransport
+		if err := runNode(cfg); err != nil {
+			fmt.Fprintln(os.Stderr, "node:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if cfg := os.Getenv(talosGatewayEnv); cfg != "" { // this process is the Talos-wired gateway
 		if err := runTalosGateway(cfg); err != nil {
 			fmt.Fprintln(os.Stderr, "talos gateway:", err)
