@@ -5,7 +5,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"runtime"
+	"slices"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -82,5 +85,44 @@ func TestInterceptorsPutTheCallerInTheContext(t *testing.T) {
 	}
 	if _, _, err = call(fromPeer("root", certs.RoleAdmin), "//machine.MachineService/Version"); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("malformed path: %v, want InvalidArgument", err)
+	}
+}
+
+// TestIdentifyRemembersACertificate: a connection's calls share what is read
+// of its certificate, and one call's roles cannot change the next one's;
+// the entry goes with the certificate.
+func TestIdentifyRemembersACertificate(t *testing.T) {
+	ss := fromPeer("alice", "os:reader", "os:operator")
+	first, err := Identify(ss.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Roles = append(first.Roles, "os:admin") // must not reach the cache
+	second, err := Identify(ss.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.Subject != "CN=alice,O=os:reader+O=os:operator" || !slices.Equal(second.Roles, []string{"os:reader", "os:operator"}) {
+		t.Fatalf("second call: %+v", second)
+	}
+	if n := testing.AllocsPerRun(100, func() { _, _ = Identify(ss.Context()) }); n > 2 {
+		t.Errorf("%.0f allocations to identify a known certificate", n)
+	}
+	// Cleanups run after a GC finds the certificate unreachable.
+	countFacts := func() (n int) {
+		certFacts.Range(func(any, any) bool { n++; return true })
+		return n
+	}
+	before := countFacts()
+	for range 50 {
+		_, _ = Identify(fromPeer("once", "os:reader").Context())
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for countFacts() > before && time.Now().Before(deadline) {
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := countFacts(); n > before {
+		t.Errorf("%d entries of certificates gone, %d before", n, before)
 	}
 }

@@ -2,7 +2,11 @@ package auth
 
 import (
 	"context"
+	"crypto/x509"
+	"runtime"
 	"slices"
+	"sync"
+	"weak"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -47,7 +51,8 @@ func Identify(ctx context.Context) (Caller, error) {
 	if !ok {
 		return Caller{}, status.Error(codes.Unauthenticated, "no verified client certificate")
 	}
-	c := Caller{Roles: certs.Roles(cert), Subject: cert.Subject.String(), CommonName: cert.Subject.CommonName}
+	f := factsOf(cert)
+	c := Caller{Roles: f.roles, Subject: f.subject, CommonName: cert.Subject.CommonName}
 	if !slices.Contains(c.Roles, certs.RoleImpersonator) {
 		return c, nil
 	}
@@ -60,6 +65,29 @@ func Identify(ctx context.Context) (Caller, error) {
 		c.Roles = slices.Clone(roles)
 	}
 	return c, nil
+}
+
+// certFacts caches what Identify reads of each peer certificate: a
+// connection's calls all present the same one, and formatting its subject
+// cost more than the rest of identifying a call. An entry goes when its
+// certificate does (the connection closed).
+var certFacts sync.Map // weak.Pointer[x509.Certificate] -> *certFact
+
+type certFact struct {
+	subject string
+	roles   []string // clipped: an append never writes into it
+}
+
+func factsOf(cert *x509.Certificate) *certFact {
+	key := weak.Make(cert)
+	if f, ok := certFacts.Load(key); ok {
+		return f.(*certFact)
+	}
+	f := &certFact{subject: cert.Subject.String(), roles: slices.Clip(certs.Roles(cert))}
+	if _, loaded := certFacts.LoadOrStore(key, f); !loaded {
+		runtime.AddCleanup(cert, func(k weak.Pointer[x509.Certificate]) { certFacts.Delete(k) }, key)
+	}
+	return f
 }
 
 type (
