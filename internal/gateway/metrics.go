@@ -1,11 +1,9 @@
 package gateway
 
 import (
-	"context"
 	"fmt"
 	"time"
 
-	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
@@ -53,7 +51,7 @@ var knownMethods = func() map[string]bool {
 // of go-grpc-middleware, and apid's own.
 type metrics struct {
 	registry  *prometheus.Registry
-	grpc      *grpcprom.ServerMetrics
+	grpc      *callMetrics
 	authz     *auth.Authorizer
 	router    *director.Router
 	nodeCalls *prometheus.CounterVec
@@ -85,8 +83,7 @@ type metricSources struct {
 func newMetrics(s metricSources) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
-		grpc: grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram(
-			grpcprom.WithHistogramBuckets(prometheus.ExponentialBuckets(0.0005, 4, 10)))),
+		grpc:     newCallMetrics(prometheus.ExponentialBuckets(0.0005, 4, 10)),
 		authz:  s.authz,
 		router: s.router,
 		nodeCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -171,35 +168,29 @@ func (m *metrics) label(method string) string {
 
 // interceptor feeds the standard gRPC server metrics with a bounded
 // method name and the method's real shape: the proxy serves every method
-// as a bidirectional stream, so a unary method is reported through the
-// library's unary interceptor (one message each way) and a streaming one
-// through its stream interceptor with the shape set.
+// as a bidirectional stream, so a unary method is counted as unary (one
+// message each way) and a streaming one with its shape.
 func (m *metrics) interceptor() grpc.StreamServerInterceptor {
-	stream := m.grpc.StreamServerInterceptor()
-	unary := m.grpc.UnaryServerInterceptor()
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		if auth.HealthMethods[info.FullMethod] { // registered: its info is true
-			return stream(srv, ss, info, handler)
+			return m.grpc.of(info.FullMethod, streamType(info)).stream(srv, ss, handler)
 		}
 		method := m.label(info.FullMethod)
-		kind := m.router.Kind(info.FullMethod)
-		if kind == proxy.Unary {
-			_, err := unary(ss.Context(), nil, &grpc.UnaryServerInfo{FullMethod: method}, func(context.Context, any) (any, error) {
-				return nil, handler(srv, ss)
-			})
-			return err
+		switch m.router.Kind(info.FullMethod) {
+		case proxy.Unary:
+			return m.grpc.of(method, typeUnary).unary(func() error { return handler(srv, ss) })
+		case proxy.ClientStream:
+			return m.grpc.of(method, typeClientStream).stream(srv, ss, handler)
+		case proxy.ServerStream:
+			return m.grpc.of(method, typeServerStream).stream(srv, ss, handler)
 		}
-		return stream(srv, ss, &grpc.StreamServerInfo{
-			FullMethod:     method,
-			IsClientStream: kind == proxy.ClientStream || kind == proxy.BidiStream,
-			IsServerStream: kind == proxy.ServerStream || kind == proxy.BidiStream,
-		}, handler)
+		return m.grpc.of(method, typeBidiStream).stream(srv, ss, handler)
 	}
 }
 
 // unaryInterceptor feeds them for the unary methods apid serves itself.
 func (m *metrics) unaryInterceptor() grpc.UnaryServerInterceptor {
-	return m.grpc.UnaryServerInterceptor()
+	return m.grpc.unaryInterceptor(m.label)
 }
 
 // nodeDone counts one node's part of a one-to-many call.
