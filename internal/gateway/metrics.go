@@ -84,8 +84,8 @@ func newMetrics(s metricSources) *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
 		grpc:     newCallMetrics(prometheus.ExponentialBuckets(0.0005, 4, 10)),
-		authz:  s.authz,
-		router: s.router,
+		authz:    s.authz,
+		router:   s.router,
 		nodeCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "apid_fanout_node_results_total", Help: "Outcome of each node's part of one-to-many calls, by method kind and status code.",
 		}, []string{"kind", "code"}),
