@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -302,6 +303,20 @@ func runTalosGateway(cfgJSON string) error {
 		<-sig
 		srv.Stop()
 	}()
+	if path := os.Getenv("APID_BENCH_TALOS_CPUPROFILE"); path != "" { // for comparing profiles
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		go func() {
+			time.Sleep(10 * time.Second)
+			pprof.StopCPUProfile()
+			_ = f.Close()
+		}()
+	}
 	fmt.Fprintln(os.Stderr, "talos gateway serving on", lis.Addr())
 	return srv.Serve(lis)
 }
