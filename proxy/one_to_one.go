@@ -38,6 +38,17 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind 
 		return backendStatus(err).Err()
 	}
 
+	if kind == Unary || kind == ServerStream {
+		// The client sends one request and is done: relayed here, before
+		// the replies, with no goroutine of its own.
+		if err := h.relayOne(ss, cs); err != nil {
+			return err
+		}
+		err = h.relayReplies(cs, ss)
+		ss.SetTrailer(cs.Trailer())
+		return err
+	}
+
 	requests := make(chan error, 1)
 	go func() {
 		err := h.relayRequests(ss, cs)
@@ -57,6 +68,29 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind 
 		}
 	}
 	return err
+}
+
+// relayOne relays the one request of a unary or server-streaming method
+// and half-closes the backend's side. An error is the client's side
+// failing (gone, or a message refused); a backend that stopped listening
+// is not one (its status arrives through relayReplies).
+func (h *Handler) relayOne(ss grpc.ServerStream, cs grpc.ClientStream) error {
+	var f frame
+	if err := ss.RecvMsg(&f); err != nil {
+		if err == io.EOF { // no request at all: the backend says what that means
+			return cs.CloseSend()
+		}
+		return err
+	}
+	n := f.len()
+	h.hold(n)
+	err := cs.SendMsg(&f)
+	f.release()
+	h.hold(-n)
+	if err != nil {
+		return nil
+	}
+	return cs.CloseSend()
 }
 
 // relayRequests copies the client's messages to the backend until the client
