@@ -122,12 +122,11 @@ type leanConn struct {
 }
 
 type leanCall struct {
-	data          []byte
-	status        codes.Code
-	msg           string
-	gotStatus     bool
-	done          chan struct{}
-	headersClosed bool
+	data      []byte
+	status    codes.Code
+	msg       string
+	gotStatus bool
+	done      chan struct{}
 }
 
 func dialLean(addr string, cfg *tls.Config) (*leanConn, error) {
