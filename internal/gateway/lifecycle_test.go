@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
@@ -335,5 +336,27 @@ func TestClientCertificatesPerHour(t *testing.T) {
 	}
 	if _, err := admin.Version(ctx, &emptypb.Empty{}); err != nil {
 		t.Fatalf("other calls of the same subject: %v", err)
+	}
+}
+
+// TestShutdownConnsEndCallsWithTheirConnection: a connection's context ends
+// with errShuttingDown at the hard stop, and once the connection has ended
+// it is released from the hard stop (no registration per connection left).
+func TestShutdownConnsEndCallsWithTheirConnection(t *testing.T) {
+	hardStop, stopAll := context.WithCancelCause(context.Background())
+	sc := shutdownConns{hardStop: hardStop}
+	open := sc.TagConn(context.Background(), &stats.ConnTagInfo{})
+	ended := sc.TagConn(context.Background(), &stats.ConnTagInfo{})
+	sc.HandleConn(ended, &stats.ConnEnd{})
+	if ended.Err() == nil || errors.Is(context.Cause(ended), errShuttingDown) {
+		t.Fatalf("an ended connection: %v, cause %v", ended.Err(), context.Cause(ended))
+	}
+	if open.Err() != nil {
+		t.Fatal("an open connection ended before the hard stop")
+	}
+	stopAll(errShuttingDown)
+	<-open.Done()
+	if !errors.Is(context.Cause(open), errShuttingDown) {
+		t.Fatalf("cause at the hard stop: %v", context.Cause(open))
 	}
 }
