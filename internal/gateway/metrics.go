@@ -48,7 +48,7 @@ var knownMethods = func() map[string]bool {
 }()
 
 // metrics are apid's Prometheus metrics: the standard gRPC server metrics
-// of go-grpc-middleware, and apid's own.
+// (as go-grpc-middleware names them; see callMetrics), and apid's own.
 type metrics struct {
 	registry  *prometheus.Registry
 	grpc      *callMetrics
