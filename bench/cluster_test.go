@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -69,40 +68,7 @@ limits:
   callBurstPerIdentity: 1000000
 `, filepath.Join(f.dir, "ca.crt"), files.Cert, files.Key, files.ClientCert, files.ClientKey,
 		net.JoinHostPort(ip, strconv.Itoa(port)), admin, backend.Addr, f.port)))
-	cmd := exec.Command(bin, "serve", "-config", cfg)
-	out, err := cmd.StderrPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		sent := false
-		for sc.Scan() {
-			if !sent && strings.Contains(sc.Text(), "apid serving") {
-				ready <- true
-				sent = true
-			}
-		}
-		if !sent {
-			ready <- false
-		}
-	}()
-	select {
-	case ok := <-ready:
-		if !ok {
-			tb.Fatal("gateway exited before serving")
-		}
-	case <-time.After(30 * time.Second):
-		tb.Fatal("gateway not serving after 30 s")
-	}
+	cmd := startProcess(tb, exec.Command(bin, "serve", "-config", cfg), "apid serving")
 	// The admin endpoint starts with Serve, just after that line.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		resp, err := http.Get("http://" + admin + "/readyz")

@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -11,8 +10,6 @@ import (
 	"log"
 	"net"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"regexp"
 	"runtime/pprof"
@@ -20,7 +17,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -222,13 +218,7 @@ func runTalosGateway(cfgJSON string) error {
 	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
 		return err
 	}
-	caPEM, err := os.ReadFile(cfg.CA)
-	if err != nil {
-		return err
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	serving, err := tls.LoadX509KeyPair(cfg.Cert, cfg.Key)
+	pool, serving, err := loadIdentity(cfg.CA, cfg.Cert, cfg.Key)
 	if err != nil {
 		return err
 	}
@@ -297,12 +287,6 @@ func runTalosGateway(cfgJSON string) error {
 	if err != nil {
 		return err
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, os.Interrupt)
-	go func() {
-		<-sig
-		srv.Stop()
-	}()
 	if path := os.Getenv("APID_BENCH_TALOS_CPUPROFILE"); path != "" { // for comparing profiles
 		f, err := os.Create(path)
 		if err != nil {
@@ -317,8 +301,7 @@ func runTalosGateway(cfgJSON string) error {
 			_ = f.Close()
 		}()
 	}
-	fmt.Fprintln(os.Stderr, "talos gateway serving on", lis.Addr())
-	return srv.Serve(lis)
+	return serveUntilSignal(srv, lis, "talos gateway serving")
 }
 
 // startTalosGatewayProcess runs the Talos-wired gateway in front of the
@@ -331,47 +314,6 @@ func startTalosGatewayProcess(tb testing.TB, f *gatewayFleet, local string) *gat
 	addr := net.JoinHostPort(ip, strconv.Itoa(sharedPort(tb, []string{ip})))
 	cfg, _ := json.Marshal(talosGatewayConfig{CA: filepath.Join(f.dir, "ca.crt"), Cert: files.Cert, Key: files.Key,
 		ClientCert: files.ClientCert, ClientKey: files.ClientKey, Listen: addr, Local: local, RemotePort: f.port})
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), talosGatewayEnv+"="+string(cfg))
-	out, err := cmd.StderrPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-	})
-	ready := make(chan bool, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		sent := false
-		for sc.Scan() {
-			if !sent && strings.Contains(sc.Text(), "talos gateway serving") {
-				ready <- true
-				sent = true
-			}
-		}
-		if !sent {
-			ready <- false
-		}
-	}()
-	select {
-	case ok := <-ready:
-		if !ok {
-			tb.Fatal("the Talos-wired gateway exited before serving")
-		}
-	case <-time.After(30 * time.Second):
-		tb.Fatal("the Talos-wired gateway not serving after 30 s")
-	}
+	cmd := startHelper(tb, talosGatewayEnv, string(cfg), "talos gateway serving")
 	return &gatewayProcess{cmd: cmd, addr: addr}
 }

@@ -21,13 +21,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"os"
-	"os/exec"
-	"os/signal"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -61,13 +56,7 @@ func runNode(cfgJSON string) error {
 	if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
 		return err
 	}
-	caPEM, err := os.ReadFile(cfg.CA)
-	if err != nil {
-		return err
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
-	pair, err := tls.LoadX509KeyPair(cfg.Cert, cfg.Key)
+	roots, pair, err := loadIdentity(cfg.CA, cfg.Cert, cfg.Key)
 	if err != nil {
 		return err
 	}
@@ -78,11 +67,7 @@ func runNode(cfgJSON string) error {
 	if err != nil {
 		return err
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGTERM, os.Interrupt)
-	go func() { <-sig; s.Stop() }()
-	fmt.Fprintln(os.Stderr, "node serving")
-	return s.Serve(lis)
+	return serveUntilSignal(s, lis, "node serving")
 }
 
 // rawBytes passes a message's bytes through grpc-go unchanged.
@@ -322,24 +307,7 @@ func startNodeProcess(tb testing.TB, ca *pki.CA, dir string) string {
 	f := &gatewayFleet{dir: dir}
 	addr := net.JoinHostPort(ip, strconv.Itoa(sharedPort(tb, []string{ip})))
 	cfg, _ := json.Marshal(nodeConfig{Listen: addr, CA: f.write(tb, "ca.crt", ca.CertPEM), Cert: f.write(tb, "node.crt", crt), Key: f.write(tb, "node.key", key)})
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), nodeEnv+"="+string(cfg))
-	out, err := cmd.StderrPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		_ = cmd.Wait()
-	})
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	if !strings.Contains(line, "node serving") {
-		tb.Fatalf("node: %q", line)
-	}
-	go func() { _, _ = io.Copy(io.Discard, out) }()
+	startHelper(tb, nodeEnv, string(cfg), "node serving")
 	return addr
 }
 
