@@ -78,7 +78,8 @@ func (h *Handler) relayOne(ss grpc.ServerStream, cs grpc.ClientStream) error {
 	var f frame
 	if err := ss.RecvMsg(&f); err != nil {
 		if err == io.EOF { // no request at all: the backend says what that means
-			return cs.CloseSend()
+			_ = cs.CloseSend() // its failure would be the stream's: relayReplies reads it
+			return nil
 		}
 		return err
 	}
@@ -87,10 +88,10 @@ func (h *Handler) relayOne(ss grpc.ServerStream, cs grpc.ClientStream) error {
 	err := cs.SendMsg(&f)
 	f.release()
 	h.hold(-n)
-	if err != nil {
-		return nil
+	if err == nil {
+		_ = cs.CloseSend()
 	}
-	return cs.CloseSend()
+	return nil // a send that failed: the backend's status arrives through relayReplies
 }
 
 // relayRequests copies the client's messages to the backend until the client
