@@ -41,7 +41,7 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind 
 	if kind == Unary || kind == ServerStream {
 		// The client sends one request and is done: relayed here, before
 		// the replies, with no goroutine of its own.
-		if err := h.relayOne(ss, cs); err != nil {
+		if err := h.relayRequests(ss, cs, true); err != nil {
 			return err
 		}
 		err = h.relayReplies(cs, ss)
@@ -51,7 +51,7 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind 
 
 	requests := make(chan error, 1)
 	go func() {
-		err := h.relayRequests(ss, cs)
+		err := h.relayRequests(ss, cs, false)
 		if err != nil {
 			cancel() // the client is gone or sent something refused: stop the backend
 		}
@@ -70,34 +70,13 @@ func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind 
 	return err
 }
 
-// relayOne relays the one request of a unary or server-streaming method
-// and half-closes the backend's side. An error is the client's side
-// failing (gone, or a message refused); a backend that stopped listening
-// is not one (its status arrives through relayReplies).
-func (h *Handler) relayOne(ss grpc.ServerStream, cs grpc.ClientStream) error {
-	var f frame
-	if err := ss.RecvMsg(&f); err != nil {
-		if err == io.EOF { // no request at all: the backend says what that means
-			_ = cs.CloseSend() // its failure would be the stream's: relayReplies reads it
-			return nil
-		}
-		return err
-	}
-	n := f.len()
-	h.hold(n)
-	err := cs.SendMsg(&f)
-	f.release()
-	h.hold(-n)
-	if err == nil {
-		_ = cs.CloseSend()
-	}
-	return nil // a send that failed: the backend's status arrives through relayReplies
-}
-
 // relayRequests copies the client's messages to the backend until the client
-// half-closes. It returns nil when the client is done or the backend stopped
-// listening (the backend's status then arrives through relayReplies).
-func (h *Handler) relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) error {
+// half-closes, or, with one (a unary or server-streaming method), after the
+// first, half-closing the backend's side itself. It returns nil when the
+// client is done or the backend stopped listening (the backend's status
+// then arrives through relayReplies); an error is the client's side
+// failing (gone, or a message refused).
+func (h *Handler) relayRequests(ss grpc.ServerStream, cs grpc.ClientStream, one bool) error {
 	var f frame // one variable for the loop: the stream calls make it escape
 	for {
 		if err := ss.RecvMsg(&f); err != nil {
@@ -113,6 +92,9 @@ func (h *Handler) relayRequests(ss grpc.ServerStream, cs grpc.ClientStream) erro
 		h.hold(-n)
 		if err != nil {
 			return nil // io.EOF or the stream broke: the status is read by relayReplies
+		}
+		if one {
+			return cs.CloseSend()
 		}
 	}
 }

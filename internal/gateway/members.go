@@ -21,8 +21,9 @@ import (
 
 // The cluster inventory source: the members a node knows (cluster.Member
 // resources of Talos's resource API), watched as a reader through the local
-// node agent or through the apid of the node the source names. Only the API's descriptors and the
-// resources' YAML are used: the gateway links no resource runtime.
+// node agent or through the apid of the node the source names. Only the
+// API's descriptors and the resources' YAML are used: the gateway links no
+// resource runtime.
 
 // Where Talos keeps its members.
 const (
