@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/apid/apid/internal/gateway"
+	"github.com/apid/apid/internal/logbuf"
 	"github.com/apid/apid/internal/version"
 )
 
@@ -42,6 +43,11 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// The log (a line per call) goes out in batches: see logbuf. What is
+	// held is written before apid exits, error or not.
+	logOut := logbuf.New(stderr, logbuf.DefaultInterval, 64<<10)
+	defer logOut.Close()
+	stderr = logOut
 	level := new(slog.LevelVar)
 	log := gateway.NewLogger(stderr, level, cfg.LogFormat)
 	gw, err := gateway.New(cfg, log, gateway.WithLogLevel(level))
