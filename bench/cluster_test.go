@@ -114,6 +114,24 @@ func (g *gatewayProcess) cpu(tb testing.TB) time.Duration {
 	return time.Duration(utime+stime) * time.Second / ticksPerSecond
 }
 
+// writes is how many write system calls the process has made so far
+// (syscw of /proc/PID/io): sockets, pipes and files alike.
+func (g *gatewayProcess) writes(tb testing.TB) float64 {
+	tb.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", g.cmd.Process.Pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "syscw: "); ok {
+			n, _ := strconv.ParseFloat(v, 64)
+			return n
+		}
+	}
+	tb.Fatalf("no syscw in /proc/%d/io", g.cmd.Process.Pid)
+	return 0
+}
+
 // allocated is the bytes the process's Go heap has allocated so far.
 func (g *gatewayProcess) allocated(tb testing.TB) float64 {
 	tb.Helper()

@@ -64,6 +64,7 @@ func startGatewayPair(t *testing.T, nodes int, firstIP [4]byte) *gatewayPair {
 // concurrentSample is one window of callers calling back to back.
 type concurrentSample struct {
 	callsPerSec, p50, p99, cpuPerCall float64 // ms for latencies, µs of gateway CPU
+	writesPerCall                     float64 // the gateway's write system calls
 }
 
 // measureConcurrent runs callers goroutines calling call back to back for
@@ -73,8 +74,9 @@ func measureConcurrent(tb testing.TB, g *gatewayProcess, callers int, window tim
 	ctx, cancel := context.WithTimeout(context.Background(), window+time.Minute)
 	defer cancel()
 	var cpu0 time.Duration
+	var writes0 float64
 	if g != nil {
-		cpu0 = g.cpu(tb)
+		cpu0, writes0 = g.cpu(tb), g.writes(tb)
 	}
 	var (
 		mu     sync.Mutex
@@ -112,6 +114,7 @@ func measureConcurrent(tb testing.TB, g *gatewayProcess, callers int, window tim
 	s.p99 = float64(lat[min(len(lat)-1, len(lat)*99/100)].Microseconds()) / 1000
 	if g != nil {
 		s.cpuPerCall = float64((g.cpu(tb) - cpu0).Microseconds()) / float64(len(lat))
+		s.writesPerCall = (g.writes(tb) - writes0) / float64(len(lat))
 	}
 	return s
 }
@@ -201,25 +204,26 @@ func TestOneToOneCalls(t *testing.T) {
 // first two variants).
 func comparisonTable(res [][]concurrentSample, names []string) string {
 	var b strings.Builder
-	b.WriteString("| via | calls/s | p50 ms | p99 ms | gateway CPU µs/call |\n|---|---|---|---|---|\n")
-	var m [][4]float64
+	b.WriteString("| via | calls/s | p50 ms | p99 ms | gateway CPU µs/call | gateway writes/call |\n|---|---|---|---|---|---|\n")
+	var m [][5]float64
 	for i, ss := range res {
-		row := [4]float64{
+		row := [5]float64{
 			medianOf(ss, func(s concurrentSample) float64 { return s.callsPerSec }),
 			medianOf(ss, func(s concurrentSample) float64 { return s.p50 }),
 			medianOf(ss, func(s concurrentSample) float64 { return s.p99 }),
 			medianOf(ss, func(s concurrentSample) float64 { return s.cpuPerCall }),
+			medianOf(ss, func(s concurrentSample) float64 { return s.writesPerCall }),
 		}
 		m = append(m, row)
-		cpu := fmt.Sprintf("%.0f", row[3])
+		cpu, writes := fmt.Sprintf("%.0f", row[3]), fmt.Sprintf("%.2f", row[4])
 		if row[3] == 0 {
-			cpu = "—"
+			cpu, writes = "—", "—"
 		}
-		fmt.Fprintf(&b, "| %s | %.0f | %.2f | %.2f | %s |\n", names[i], row[0], row[1], row[2], cpu)
+		fmt.Fprintf(&b, "| %s | %.0f | %.2f | %.2f | %s | %s |\n", names[i], row[0], row[1], row[2], cpu, writes)
 	}
-	fmt.Fprintf(&b, "| **apid ÷ Talos** | **%.2f×** | %.2f× | %.2f× | **%.2f×** |\n", m[0][0]/m[1][0], m[0][1]/m[1][1], m[0][2]/m[1][2], m[0][3]/m[1][3])
+	fmt.Fprintf(&b, "| **apid ÷ Talos** | **%.2f×** | %.2f× | %.2f× | **%.2f×** | %.2f× |\n", m[0][0]/m[1][0], m[0][1]/m[1][1], m[0][2]/m[1][2], m[0][3]/m[1][3], m[0][4]/m[1][4])
 	if len(m) > 2 {
-		fmt.Fprintf(&b, "| apid ÷ direct | %.2f× | %.2f× | %.2f× | |\n", m[0][0]/m[2][0], m[0][1]/m[2][1], m[0][2]/m[2][2])
+		fmt.Fprintf(&b, "| apid ÷ direct | %.2f× | %.2f× | %.2f× | | |\n", m[0][0]/m[2][0], m[0][1]/m[2][1], m[0][2]/m[2][2])
 	}
 	return b.String()
 }
