@@ -116,12 +116,20 @@ func (a *Authorizer) UnaryInterceptor() grpc.UnaryServerInterceptor {
 // refuses it.
 func IdentityInterceptor() grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		c, err := Identify(ss.Context())
-		if err != nil {
-			return handler(srv, ss)
-		}
-		return handler(srv, &contextStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), identityKey{}, c)})
+		return handler(srv, Identified(ss))
 	}
+}
+
+// Identified returns ss with its caller identified in its context, as
+// IdentityInterceptor does, for an interceptor that names the caller of
+// every call (call logs, metrics); a call without a verified certificate
+// is returned as it is, and the Authorizer refuses it.
+func Identified(ss grpc.ServerStream) grpc.ServerStream {
+	c, err := Identify(ss.Context())
+	if err != nil {
+		return ss
+	}
+	return &contextStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), identityKey{}, c)}
 }
 
 // contextStream is a server stream with a context of its own.

@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/siderolabs/talos/pkg/machinery/api/cluster"
 	"github.com/siderolabs/talos/pkg/machinery/api/common"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -109,12 +110,10 @@ const (
 )
 
 // Options is what a Server needs of the gateway that assembles it. Only
-// Dialer and Config are required.
+// Dialer is required.
 type Options struct {
 	// Dialer reaches the nodes (the router).
 	Dialer Dialer
-	// Config is read at the start of each check (it follows reloads).
-	Config func() Config
 	// Nodes lists the control-plane and worker nodes to check when the
 	// request names none (the inventory).
 	Nodes func() (controlPlane, workers []string)
@@ -125,72 +124,78 @@ type Options struct {
 	// (other nodes' apid apply their own), so the check asks first. Nil:
 	// every call allowed (tests).
 	Authorize func(ctx context.Context, fullMethod string) error
-	// Admit counts one call the check makes to a node against its
-	// caller's call limits, as if the caller had made it; nil: none.
-	Admit func(ctx context.Context) (release func(), err error)
-	// Identity names the caller in ctx, for MaxRunningPerIdentity.
-	Identity func(ctx context.Context) string
+	// Admission decides whether a check may start and whether each call
+	// it makes may, as the caller's own; nil: always.
+	Admission Admission
 	// Checking is told the nodes a check covers (for the call's audit
 	// line).
 	Checking func(ctx context.Context, nodes []string)
 }
 
-// Server serves cluster.ClusterService.
+// Admission is what the check asks of the limits before it spends.
+type Admission interface {
+	// AdmitCheck admits a check of the caller in ctx, at most maxRunning
+	// on this apid and perIdentity of one caller (this section's keys).
+	AdmitCheck(ctx context.Context, maxRunning, perIdentity int) (release func(), err error)
+	// AdmitCall counts one call the check makes to a node against its
+	// caller's call limits, as if the caller had made it.
+	AdmitCall(ctx context.Context) (release func(), err error)
+}
+
+// Server serves cluster.ClusterService. It is the health section: built
+// from its Config, given the next one on a reload (Apply).
 type Server struct {
 	cluster.UnimplementedClusterServiceServer
 
 	o       Options
+	cfg     atomic.Pointer[Config]
 	now     func() time.Time
-	running atomic.Int64
-	// Checks refused by MaxRunning and by MaxRunningPerIdentity.
-	refusedRunning, refusedPerIdentity atomic.Int64
-
-	mu    sync.Mutex
-	perID map[string]int // checks running per identity
+	running atomic.Int64 // checks running now
 }
 
-// New returns a Server.
-func New(o Options) *Server {
-	return &Server{o: o, now: time.Now, perID: map[string]int{}}
+// New returns a Server checking by cfg (already validated).
+func New(cfg Config, o Options) *Server {
+	s := &Server{o: o, now: time.Now}
+	s.cfg.Store(&cfg)
+	return s
 }
 
-// RefusedRunning counts the checks refused because health.maxRunning
-// were running.
-func (s *Server) RefusedRunning() int64 { return s.refusedRunning.Load() }
+// Apply makes checks that start from now on run by cfg.
+func (s *Server) Apply(cfg Config) error {
+	s.cfg.Store(&cfg)
+	return nil
+}
 
-// RefusedPerIdentity counts the checks refused because their caller ran
-// health.maxRunningPerIdentity already.
-func (s *Server) RefusedPerIdentity() int64 { return s.refusedPerIdentity.Load() }
+// Applied returns the configuration checks start with now.
+func (s *Server) Applied() Config { return *s.cfg.Load() }
 
-// admitCheck counts a check in, globally and for its caller, or says why
-// not.
+// Loosens lists nothing: what a check may cost is bounded by the limits
+// section, which reports its own loosening.
+func (s *Server) Loosens(Config) []string { return nil }
+
+// Running returns the checks running now.
+func (s *Server) Running() int64 { return s.running.Load() }
+
+// Describe implements prometheus.Collector: the checks refused are the
+// limits section's series.
+func (s *Server) Describe(chan<- *prometheus.Desc) {}
+
+// Collect implements prometheus.Collector.
+func (s *Server) Collect(chan<- prometheus.Metric) {}
+
+// Close ends nothing: running checks end with their calls.
+func (s *Server) Close() error { return nil }
+
+// admitCheck asks the limits whether a check may start.
 func (s *Server) admitCheck(ctx context.Context, cfg Config) (release func(), err error) {
-	if n := s.running.Add(1); cfg.MaxRunning > 0 && n > int64(cfg.MaxRunning) {
-		s.running.Add(-1)
-		s.refusedRunning.Add(1)
-		return nil, status.Errorf(codes.ResourceExhausted, "%d cluster health checks are running on this apid already: try again later", cfg.MaxRunning)
-	}
-	id := ""
-	if s.o.Identity != nil {
-		id = s.o.Identity(ctx)
-	}
-	s.mu.Lock()
-	if cfg.MaxRunningPerIdentity > 0 && s.perID[id] >= cfg.MaxRunningPerIdentity {
-		s.mu.Unlock()
-		s.running.Add(-1)
-		s.refusedPerIdentity.Add(1)
-		return nil, status.Errorf(codes.ResourceExhausted, "%q runs %d cluster health checks already (health.maxRunningPerIdentity): wait for one to end", id, cfg.MaxRunningPerIdentity)
-	}
-	s.perID[id]++
-	s.mu.Unlock()
-	return func() {
-		s.mu.Lock()
-		if s.perID[id]--; s.perID[id] == 0 {
-			delete(s.perID, id)
+	admitted := func() {}
+	if s.o.Admission != nil {
+		if admitted, err = s.o.Admission.AdmitCheck(ctx, cfg.MaxRunning, cfg.MaxRunningPerIdentity); err != nil {
+			return nil, err
 		}
-		s.mu.Unlock()
-		s.running.Add(-1)
-	}, nil
+	}
+	s.running.Add(1)
+	return func() { s.running.Add(-1); admitted() }, nil
 }
 
 // Methods the check calls on every node.
@@ -211,7 +216,7 @@ type answer struct {
 
 // HealthCheck implements cluster.ClusterServiceServer.
 func (s *Server) HealthCheck(req *cluster.HealthCheckRequest, stream cluster.ClusterService_HealthCheckServer) error {
-	cfg := s.o.Config()
+	cfg := s.Applied()
 	done, err := s.admitCheck(stream.Context(), cfg)
 	if err != nil {
 		return err
@@ -486,8 +491,8 @@ func (r *run) call(node, method string, fn func(ctx context.Context, cc grpc.Cli
 			return err
 		}
 	}
-	if r.s.o.Admit != nil {
-		done, err := r.s.o.Admit(r.ctx)
+	if r.s.o.Admission != nil {
+		done, err := r.s.o.Admission.AdmitCall(r.ctx)
 		if err != nil {
 			return err
 		}

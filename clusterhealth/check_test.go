@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
-	"google.golang.org/grpc/metadata"
 	"io"
 	"net"
 	"strings"
@@ -20,12 +19,14 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/apid/apid/internal/testkit"
+	"github.com/apid/apid/limits"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -161,7 +162,7 @@ func drain(stream cluster.ClusterService_HealthCheckClient) (lines []string, fai
 }
 
 func newServer(addrs map[string]string, nodes func() ([]string, []string), self *x509.Certificate) *Server {
-	return New(Options{Dialer: dialer{addrs: addrs}, Nodes: nodes, Config: func() Config { return testConfig }, Self: func() *x509.Certificate { return self }})
+	return New(testConfig, Options{Dialer: dialer{addrs: addrs}, Nodes: nodes, Self: func() *x509.Certificate { return self }})
 }
 
 var testConfig = Config{MaxClockSkew: 2 * time.Second, CertificateDays: 30, MaxWait: time.Minute, MaxNodes: 10, MaxRunning: 2, MaxRunningPerIdentity: 2}
@@ -290,8 +291,8 @@ func TestCheckBounds(t *testing.T) {
 	year := cert(time.Now().Add(365 * 24 * time.Hour))
 	cfg := testConfig
 	cfg.MaxWait = time.Second
-	s := New(Options{Dialer: dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, Config: func() Config { return cfg },
-		Self: func() *x509.Certificate { return year }})
+	s := New(cfg, Options{Dialer: dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, Self: func() *x509.Certificate { return year },
+		Admission: byHeader{l: limits.New(limits.DefaultConfig(), time.Second, nil), admitted: new(atomic.Int64)}})
 
 	start := time.Now()
 	lines, failure := check(t, s, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(time.Hour),
@@ -314,6 +315,7 @@ func TestCheckBounds(t *testing.T) {
 	// Two checks waiting on a dead node fill MaxRunning (2): a third is
 	// refused.
 	cfg.MaxWait = 3 * time.Second
+	_ = s.Apply(cfg)
 	done := make(chan struct{}, 2)
 	for range 2 {
 		go func() {
@@ -336,13 +338,8 @@ func TestCheckBounds(t *testing.T) {
 	// runs; and each node call is admitted as the caller's own.
 	cfg.MaxRunning, cfg.MaxRunningPerIdentity = 4, 1
 	var admitted atomic.Int64
-	perID := New(Options{Dialer: dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, Config: func() Config { return cfg },
-		Self: func() *x509.Certificate { return year },
-		Identity: func(ctx context.Context) string {
-			md, _ := metadata.FromIncomingContext(ctx)
-			return strings.Join(md.Get("x-who"), "")
-		},
-		Admit: func(context.Context) (func(), error) { admitted.Add(1); return func() {}, nil },
+	perID := New(cfg, Options{Dialer: dialer{addrs: map[string]string{"cp-1": good, "cp-2": "127.0.0.1:1"}}, Self: func() *x509.Certificate { return year },
+		Admission: byHeader{l: limits.New(limits.DefaultConfig(), time.Second, nil), admitted: &admitted},
 	})
 	busy := make(chan struct{})
 	go func() {
@@ -364,13 +361,12 @@ func TestCheckBounds(t *testing.T) {
 	}
 
 	// A caller who may not read the time fails at the clock check, now.
-	denyTime := New(Options{Dialer: dialer{addrs: map[string]string{"cp-1": good}}, Config: func() Config { return testConfig },
-		Self: func() *x509.Certificate { return year }, Authorize: func(_ context.Context, m string) error {
-			if m == methodTime {
-				return status.Error(codes.PermissionDenied, m+" needs one of the roles os:reader")
-			}
-			return nil
-		}})
+	denyTime := New(testConfig, Options{Dialer: dialer{addrs: map[string]string{"cp-1": good}}, Self: func() *x509.Certificate { return year }, Authorize: func(_ context.Context, m string) error {
+		if m == methodTime {
+			return status.Error(codes.PermissionDenied, m+" needs one of the roles os:reader")
+		}
+		return nil
+	}})
 	start = time.Now()
 	_, failure = check(t, denyTime, &cluster.HealthCheckRequest{WaitTimeout: durationpb.New(30 * time.Second),
 		ClusterInfo: &cluster.ClusterInfo{ControlPlaneNodes: []string{"cp-1"}}})
@@ -402,4 +398,21 @@ func checkAs(t *testing.T, s *Server, caller string, nodes []string) (string, er
 	}
 	_, failure, err := drain(stream)
 	return failure, err
+}
+
+// byHeader admits checks through the limits section, naming the caller by
+// the x-who header, and counts the node calls admitted as the caller's.
+type byHeader struct {
+	l        *limits.Limits
+	admitted *atomic.Int64
+}
+
+func (b byHeader) AdmitCheck(ctx context.Context, maxRunning, perIdentity int) (func(), error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	return b.l.AdmitCheck(strings.Join(md.Get("x-who"), ""), maxRunning, perIdentity)
+}
+
+func (b byHeader) AdmitCall(context.Context) (func(), error) {
+	b.admitted.Add(1)
+	return func() {}, nil
 }

@@ -103,21 +103,21 @@ func TestEjectionLifecycle(t *testing.T) {
 func TestCallersDeadlinesEjectNobody(t *testing.T) {
 	e := newEjector(nil)
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50})
-	callers := &backend{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e}
+	callers := &Remote{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e}
 	for range 10 {
 		callers.Report(codes.DeadlineExceeded, "context deadline exceeded")
 	}
 	if e.peek(DestOf("10.0.0.9")) {
 		t.Fatal("a caller's deadlines ejected the node")
 	}
-	own := &backend{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e, ownDeadline: true}
+	own := &Remote{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e, ownDeadline: true}
 	for range 3 {
 		own.Report(codes.DeadlineExceeded, "context deadline exceeded")
 	}
 	if !e.peek(DestOf("10.0.0.9")) {
 		t.Fatal("three misses of apid's own node deadline did not eject the node")
 	}
-	refused := &backend{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e, refused: true}
+	refused := &Remote{name: "10.0.0.9", dest: DestOf("10.0.0.9"), ej: e, refused: true}
 	refused.Report(codes.OK, "")
 	if !e.peek(DestOf("10.0.0.9")) {
 		t.Fatal("a call refused without reaching the node restored it")
@@ -180,7 +180,7 @@ func TestHungNodeEjectedWhateverCallersDeadlines(t *testing.T) {
 	e.setConfig(EjectionConfig{ConsecutiveFailures: 3, BaseTime: time.Minute, MaxTime: time.Minute, MaxPercent: 50})
 	dest := DestOf("127.0.0.1")
 	ejected := testkit.Eventually(10*time.Second, func() bool {
-		b := &backend{name: "127.0.0.1", dest: dest, pool: pool, ej: e}
+		b := &Remote{name: "127.0.0.1", dest: dest, nodes: pool, ej: e}
 		_, cc, release, err := b.Connect(context.Background(), "")
 		if err != nil {
 			t.Fatal(err)

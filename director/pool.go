@@ -206,9 +206,9 @@ func (p *Pool) Unestablished(node string) (time.Duration, bool) {
 	return d, d > p.connectTimeout
 }
 
-// setNetworks makes dials from now on refuse addresses outside networks
+// SetNetworks makes dials from now on refuse addresses outside networks
 // (empty: none refused), whatever name resolved to them.
-func (p *Pool) setNetworks(networks []netip.Prefix) { p.networks.Store(&networks) }
+func (p *Pool) SetNetworks(networks []netip.Prefix) { p.networks.Store(&networks) }
 
 // dial connects to addr once a slot among MaxDials is free.
 func (p *Pool) dial(ctx context.Context, addr string) (net.Conn, error) {

@@ -358,7 +358,7 @@ func TestPoolReplacesAMovedNode(t *testing.T) {
 // resolves, at the dial.
 func TestPoolRefusesAddressesOutsideNodeNetworks(t *testing.T) {
 	p := testPool(t, PoolConfig{Port: 1})
-	p.setNetworks([]netip.Prefix{netip.MustParsePrefix("198.18.0.0/15")})
+	p.SetNetworks([]netip.Prefix{netip.MustParsePrefix("198.18.0.0/15")})
 	cc, release, err := p.ConnTo(Dest{Node: "localhost", Host: "localhost"})
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/proxy"
 )
 
 // Inventory is what routing asks of the node inventory: the nodes now, and
@@ -23,17 +24,11 @@ type Inventory interface {
 	ResolveUnknown() bool
 }
 
-// UseInventory makes calls that start from now on resolve node names and
-// groups through inv. Without one, names are dialled as written and
-// groups are unknown.
-func (r *Router) UseInventory(inv Inventory) { r.inv.Store(&inv) }
-
 func (r *Router) inventory() (*inventory.Set, bool) {
-	p := r.inv.Load()
-	if p == nil || *p == nil {
+	if r.d.Inventory == nil {
 		return nil, true
 	}
-	return (*p).Set(), (*p).ResolveUnknown()
+	return r.d.Inventory.Set(), r.d.Inventory.ResolveUnknown()
 }
 
 // node is one destination of a call, resolved.
@@ -122,17 +117,18 @@ func (v resolver) member(stamp string, m inventory.Node) node {
 	}
 }
 
-// backend is the proxy.Backend of node n.
-func (r *Router) backendOf(rs *rules, n node, local, remote metadata.MD) *backend {
+// backendOf is the proxy.Backend of node n: the local agent when n is
+// this node, else n's apid.
+func (r *Router) backendOf(rs *rules, n node, local, remote metadata.MD, s share) proxy.Backend {
 	if n.self {
-		// dest only names the node for statistics (Key); the call goes
-		// to the local agent.
-		return &backend{name: n.stamp, md: local, local: r.local, dest: Dest{Node: n.dest.Node}}
+		l := r.local(n.stamp, n.dest, local)
+		l.share = s
+		return l
 	}
 	if why := outside(rs.networks, n.dest.Host); why != "" && n.err == nil {
 		n.err = status.Errorf(codes.PermissionDenied, "node %s: %s", n.stamp, why)
 	}
-	return &backend{name: n.stamp, dest: n.dest, fail: n.err, md: remote, pool: r.pool, ej: r.ej}
+	return &Remote{name: n.stamp, dest: n.dest, fail: n.err, md: remote, nodes: r.d.Nodes, ej: r.ej, share: s}
 }
 
 // ErrNoCaller is returned by Dial for a context without an authorized
@@ -159,18 +155,22 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 		return nil, nil, nil, errNoForwarding
 	}
 	out := rs.outgoing(metadata.MD{}, caller.Roles)
-	b := r.backendOf(rs, n, out, forwarded(out, metadata.MD{}))
-	b.mayRefuse = true
-	// The caller's service sets each attempt's deadline itself: a node
-	// that misses it did not answer in time.
-	b.ownDeadline = true
+	b := r.backendOf(rs, n, out, forwarded(out, metadata.MD{}), share{})
+	if rb, ok := b.(*Remote); ok {
+		rb.mayRefuse = true
+		// The caller's service sets each attempt's deadline itself: a
+		// node that misses it did not answer in time.
+		rb.ownDeadline = true
+	}
 	callCtx, cc, release, err := b.Connect(ctx, "")
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	return callCtx, cc, func(callErr error) {
-		st := status.Convert(callErr)
-		b.Report(st.Code(), st.Message())
+		if rb, ok := b.(*Remote); ok {
+			st := status.Convert(callErr)
+			rb.Report(st.Code(), st.Message())
+		}
 		if release != nil {
 			release()
 		}

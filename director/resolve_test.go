@@ -13,18 +13,17 @@ import (
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/proxy"
 )
 
 func inventoryRouter(t *testing.T, cfg Config, inv inventory.Config) testRouter {
 	t.Helper()
-	r := newTestRouter(t, cfg)
 	i, err := inventory.New(inv, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(i.Close)
-	r.UseInventory(i)
-	return r
+	return newInventoryRouter(t, cfg, i)
 }
 
 var testInventory = inventory.Config{Nodes: []inventory.Node{
@@ -44,10 +43,12 @@ func dests(t *testing.T, r testRouter, md metadata.MD) []string {
 	}
 	var out []string
 	for _, b := range rt.Backends {
-		bb := b.(*backend)
+		if l, ok := b.(*Local); ok {
+			out = append(out, l.name+"=local")
+			continue
+		}
+		bb := b.(*Remote)
 		switch {
-		case bb.local != nil:
-			out = append(out, bb.name+"=local")
 		case bb.fail != nil:
 			out = append(out, bb.name+"="+status.Code(bb.fail).String())
 		default:
@@ -115,7 +116,7 @@ func TestGroupErrors(t *testing.T) {
 	// A multiplexing client sends each -n value as node: a group of
 	// several is their fan-out, stamped with their names.
 	rt, err := r.Route(callerContext([]string{certs.RoleAdmin}, metadata.Pairs(KeyNode, "@controlplane")), mVersion)
-	if err != nil || !rt.OneToMany || len(rt.Backends) != 3 || rt.Backends[0].Name() != "cp-1" {
+	if err != nil || rt.Mode != proxy.OneToMany || len(rt.Backends) != 3 || rt.Backends[0].Name() != "cp-1" {
 		t.Errorf("node @controlplane: %+v, %v; want the fan-out to cp-1, cp-2, cp-3", rt, err)
 	}
 	// Three control-plane nodes fit maxNodes exactly.
@@ -173,13 +174,12 @@ func BenchmarkRouteNodes(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	r := testRouter{Router: NewRouter(Config{}, unusedConn{t}, pool, nil), authz: auth.NewAuthorizer(policy, nil)}
 	inv, err := inventory.New(inventory.Config{Nodes: nodes}, nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer inv.Close()
-	r.UseInventory(inv)
+	r := testRouter{Router: NewRouter(Config{}, Deps{Local: unusedConn{t}, Nodes: pool, Inventory: inv}), authz: auth.NewAuthorizer(policy, nil)}
 	for _, tc := range []struct {
 		name  string
 		nodes []string

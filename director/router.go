@@ -3,6 +3,7 @@ package director
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
@@ -50,16 +51,50 @@ func ReservedKey(k string) bool {
 	return strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-")
 }
 
-// Router is the Director of apid: it implements proxy.Director.
+// Router is the Director of apid: it implements proxy.Director. It is the
+// routing section: built from its Config, given the next one on a reload
+// (Apply), with its metrics (ejections) and its end (Close).
 type Router struct {
-	inv   atomic.Pointer[Inventory]
-	share atomic.Pointer[limits.PerNode]
-	local grpc.ClientConnInterface
-	pool  *Pool
-	rules atomic.Pointer[rules]
-	ej    *ejector
-	// Calls refused for the size of their metadata (checkSizes).
-	oversized atomic.Int64
+	d       Deps
+	rules   atomic.Pointer[rules]
+	applied atomic.Pointer[Config]
+	ej      *ejector
+	// Nodes ejected and restored since start.
+	ejected, restored atomic.Int64
+}
+
+// Nodes is what routing needs of the connections to other nodes (the
+// Pool).
+type Nodes interface {
+	// ConnTo lends a connection to d until release.
+	ConnTo(d Dest) (conn grpc.ClientConnInterface, release func(), err error)
+	// Unestablished says how long node has had no connection established,
+	// when longer than an attempt may take.
+	Unestablished(node string) (time.Duration, bool)
+	// SetNetworks bounds the addresses dialled (nodeNetworks; nil: any).
+	SetNetworks(networks []netip.Prefix)
+}
+
+// Admission is what routing asks of the limits before it spends: a
+// caller's share of one node, and metadata worth parsing.
+type Admission interface {
+	AdmitNode(id, node string, stream bool) (release func(), err error)
+	AdmitMetadata(limits.MetadataSize) error
+}
+
+// Deps are what routing uses and does not own.
+type Deps struct {
+	// Local is the connection to the local node agent.
+	Local grpc.ClientConnInterface
+	// Nodes reaches other nodes' apid.
+	Nodes Nodes
+	// Inventory resolves names and groups; nil: names are dialled as
+	// written and groups are unknown.
+	Inventory Inventory
+	// Admission bounds callers' shares of nodes and metadata; nil: none.
+	Admission Admission
+	// Log hears of ejections and restorations; nil: discarded.
+	Log *slog.Logger
 }
 
 // rules are a Config made ready for routing; SetConfig swaps them whole,
@@ -76,17 +111,28 @@ type rules struct {
 	maxEjectedPercent int
 }
 
-// NewRouter returns a Router that sends local calls to local and calls for
-// other nodes through pool, and calls notify (if not nil) whenever a node
-// is ejected (ejected true) or restored (false).
-func NewRouter(cfg Config, local grpc.ClientConnInterface, pool *Pool, notify func(e Ejection, ejected bool)) *Router {
-	r := &Router{local: local, pool: pool, ej: newEjector(notify)}
+// NewRouter returns the routing section for cfg (already validated).
+func NewRouter(cfg Config, d Deps) *Router {
+	if d.Log == nil {
+		d.Log = slog.New(slog.DiscardHandler)
+	}
+	r := &Router{d: d}
+	r.ej = newEjector(r.ejection)
 	r.SetConfig(cfg)
 	return r
 }
 
-// UsePerNodeLimits bounds each caller's calls in flight to one node.
-func (r *Router) UsePerNodeLimits(p *limits.PerNode) { r.share.Store(p) }
+// ejection logs and counts a node ejected (ejected true) or restored.
+func (r *Router) ejection(e Ejection, ejected bool) {
+	if ejected {
+		r.ejected.Add(1)
+		r.d.Log.Warn("node ejected", "node", e.Node, "failures", e.Failures, "ejections_in_a_row", e.Ejections,
+			"until", e.Until.UTC().Format(time.RFC3339Nano), "last_error", e.LastError)
+		return
+	}
+	r.restored.Add(1)
+	r.d.Log.Info("node restored", "node", e.Node, "ejected_since", e.Since.UTC().Format(time.RFC3339Nano))
+}
 
 // Ejections lists the nodes ejected now.
 func (r *Router) Ejections() []Ejection { return r.ej.snapshot() }
@@ -119,13 +165,14 @@ func (r *Router) SetConfig(cfg Config) {
 			rs.networks = append(rs.networks, p.Masked())
 		}
 	}
-	r.pool.setNetworks(rs.networks)
+	r.d.Nodes.SetNetworks(rs.networks)
 	rs.reply = make(map[string]bool, len(cfg.ReplyKeys))
 	for _, k := range cfg.ReplyKeys {
 		rs.reply[strings.ToLower(k)] = true
 	}
 	r.ej.setConfig(cfg.Ejection)
 	r.rules.Store(rs)
+	r.applied.Store(&cfg)
 }
 
 // Route implements proxy.Director. It routes only calls that package auth
@@ -138,9 +185,10 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	rs := r.rules.Load()
-	if err := rs.checkSizes(md); err != nil {
-		r.oversized.Add(1)
-		return proxy.Route{}, err
+	if r.d.Admission != nil {
+		if err := r.d.Admission.AdmitMetadata(rs.sizes(md)); err != nil {
+			return proxy.Route{}, err
+		}
 	}
 	out := rs.outgoing(md, caller.Roles)
 	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
@@ -148,25 +196,26 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		// Reflection describes the API, which every node shares, and is a
 		// bidirectional stream that cannot fan out, so tools that send
 		// their nodes header with it still work.
-		return oneToOne(r.localBackend("", out), rs.kinds.kind(fullMethod)), nil
+		return oneToOne(r.local("", Dest{}, out), rs.kinds.kind(fullMethod)), nil
 	}
 
 	resolved, fanOut, err := r.destinations(rs, md)
 	kind := rs.kinds.kind(fullMethod)
-	share := func(b *backend) *backend {
-		b.share, b.caller, b.stream = r.share.Load(), caller.Subject, kind != proxy.Unary
-		return b
-	}
+	share := share{admit: r.d.Admission, caller: caller.Subject, stream: kind != proxy.Unary}
 	switch {
 	case err != nil:
 		return proxy.Route{}, err
 	case rs.localOnly && !allSelf(resolved):
 		return proxy.Route{}, errNoForwarding
 	case len(resolved) == 0:
-		return oneToOne(share(r.localBackend("", out)), kind), nil
+		l := r.local("", Dest{}, out)
+		l.share = share
+		return oneToOne(l, kind), nil
 	case !fanOut:
-		b := share(r.backendOf(rs, resolved[0], out, forwarded(out, md)))
-		b.mayRefuse = true // one node: fail fast while it is ejected
+		b := r.backendOf(rs, resolved[0], out, forwarded(out, md), share)
+		if rb, ok := b.(*Remote); ok {
+			rb.mayRefuse = true // one node: fail fast while it is ejected
+		}
 		return oneToOne(b, kind), nil
 	}
 	if err := rs.mayFanOut(fullMethod, md, resolved); err != nil {
@@ -186,19 +235,19 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		own = false
 	}
 	for i, n := range resolved {
-		b := share(r.backendOf(rs, n, out, remote))
-		if b.pool != nil {
-			b.ownDeadline = own
+		b := r.backendOf(rs, n, out, remote, share)
+		if rb, ok := b.(*Remote); ok {
+			rb.ownDeadline = own
 			if skippable > 0 && r.ej.peek(n.dest) {
 				// At most maxPercent of the nodes are skipped as
 				// ejected; the rest are tried whatever their record.
-				b.mayRefuse = true
+				rb.mayRefuse = true
 				skippable--
 			}
 		}
 		backends[i] = b
 	}
-	return proxy.Route{Backends: backends, OneToMany: true, Kind: kind, NodeTimeout: timeout}, nil
+	return proxy.Route{Backends: backends, Mode: proxy.OneToMany, Kind: kind, NodeTimeout: timeout}, nil
 }
 
 // mayFanOut refuses a fan-out of a method whose replies cannot be merged
@@ -293,40 +342,25 @@ func outside(networks []netip.Prefix, host string) string {
 // reaches the client of a fan-out (proxy.Options.ReplyKey).
 func (r *Router) ReplyKey(key string) bool { return r.rules.Load().reply[key] }
 
-// Bounds on what a caller's metadata may make apid parse and forward: far
-// below grpc-go's 1 MiB header list (past which the client sees only an
-// Internal reset), so that the answer names the key.
-const (
-	maxNodesBytes   = 64 << 10 // all node and nodes values together
-	maxForwardBytes = 8 << 10  // the values of one forwarded key
-)
-
-// RefusedMetadata counts the calls refused because their node, nodes or
-// forwarded metadata was too large.
-func (r *Router) RefusedMetadata() int64 { return r.oversized.Load() }
-
-// checkSizes refuses routing metadata or forwarded values too large to be
-// anything but an attempt to make apid work for nothing.
-func (rs *rules) checkSizes(md metadata.MD) error {
-	n := 0
+// sizes measures what the routing metadata and the forwarded keys of a
+// call would make apid parse and forward (the limits judge it).
+func (rs *rules) sizes(md metadata.MD) limits.MetadataSize {
+	var m limits.MetadataSize
 	for _, k := range [...]string{KeyNode, KeyNodes} {
 		for _, v := range md[k] {
-			n += len(v)
+			m.Nodes += len(v)
 		}
-	}
-	if n > maxNodesBytes {
-		return status.Errorf(codes.InvalidArgument, "node and nodes metadata hold %d bytes, more than %d: name at most maxNodes nodes (groups such as @controlplane count as one value)", n, maxNodesBytes)
 	}
 	for _, k := range rs.forward {
 		size := 0
 		for _, v := range md[k] {
 			size += len(v)
 		}
-		if size > maxForwardBytes {
-			return status.Errorf(codes.InvalidArgument, "%s metadata holds %d bytes, more than the %d apid forwards", k, size, maxForwardBytes)
+		if size > m.ForwardBytes {
+			m.ForwardKey, m.ForwardBytes = k, size
 		}
 	}
-	return nil
+	return m
 }
 
 // Kind returns the shape of a method as the router knows it now.
@@ -350,7 +384,7 @@ func (rs *rules) nodeTimeout(md metadata.MD) (time.Duration, error) {
 }
 
 func oneToOne(b proxy.Backend, kind proxy.Kind) proxy.Route {
-	return proxy.Route{Backends: []proxy.Backend{b}, Kind: kind}
+	return proxy.Route{Backends: []proxy.Backend{b}, Mode: proxy.OneToOne, Kind: kind}
 }
 
 // outgoing builds the metadata for the next hop from nothing: allowlisted
@@ -380,119 +414,4 @@ func forwarded(out, in metadata.MD) metadata.MD {
 	}
 	fwd[auth.KeyProxyFrom] = []string{from}
 	return fwd
-}
-
-func (r *Router) localBackend(name string, out metadata.MD) *backend {
-	return &backend{name: name, md: out, local: r.local}
-}
-
-// backend is one destination chosen for one call: the local node agent
-// (local set) or the apid of node name, reached through pool.
-type backend struct {
-	name  string // what replies are stamped with
-	md    metadata.MD
-	local grpc.ClientConnInterface
-	pool  *Pool
-	dest  Dest     // remote backends: where the node is reached
-	fail  error    // remote backends: why it cannot be (a name nobody knows)
-	ej    *ejector // remote backends: the record of failing nodes, keyed by dest.Node
-
-	// share bounds the caller's calls in flight to this node (nil: none);
-	// caller is its identity, stream whether this call is a stream.
-	share  *limits.PerNode
-	caller string
-	stream bool
-
-	mayRefuse bool // an ejected node is refused at once
-	refused   bool // it was, or the pool refused: the outcome says nothing about the node
-	// ownDeadline: the deadline this node's part runs under is apid's own
-	// nodeTimeout, so missing it says the node did not answer in time. A
-	// deadline the caller chose (its own, or a shortened node timeout)
-	// says nothing about the node.
-	ownDeadline bool
-}
-
-// The proxy finds Keyed and Reporter by type assertion: a signature that
-// drifted would silently turn statistics and ejection off, so the compiler
-// holds them here.
-var (
-	_ proxy.Backend  = (*backend)(nil)
-	_ proxy.Keyed    = (*backend)(nil)
-	_ proxy.Reporter = (*backend)(nil)
-	_ proxy.Director = (*Router)(nil)
-)
-
-func (b *backend) Name() string { return b.name }
-
-// UnknownNodeKey is the one key under which statistics count calls to
-// names nobody knows: names a caller makes up must not mint rows on the
-// node page or series in the metrics.
-const UnknownNodeKey = "(unknown)"
-
-// Key implements proxy.Keyed: statistics know a node by where it is
-// reached (its inventory name), whatever the caller called it.
-func (b *backend) Key() string {
-	if b.fail != nil {
-		return UnknownNodeKey
-	}
-	if b.dest.Node != "" {
-		return b.dest.Node
-	}
-	return canonical(b.name)
-}
-
-// Connect implements proxy.Backend. A pooled connection, and the caller's
-// share of the node, stay counted in use until the proxy releases them.
-func (b *backend) Connect(ctx context.Context, _ string) (context.Context, grpc.ClientConnInterface, func(), error) {
-	out := metadata.NewOutgoingContext(ctx, b.md)
-	if b.fail != nil {
-		b.refused = true
-		return nil, nil, nil, b.fail
-	}
-	if b.mayRefuse && b.local == nil {
-		if e, ok := b.ej.ejected(b.dest); ok {
-			b.refused = true
-			return nil, nil, nil, refusal(e, b.ej.now())
-		}
-	}
-	share := func() {}
-	if b.share != nil {
-		var err error
-		node := b.Key()
-		if node == "" {
-			node = "(local)"
-		}
-		if share, err = b.share.Acquire(b.caller, node, b.stream); err != nil {
-			b.refused = true // the caller's bound, not the node's doing
-			return nil, nil, nil, err
-		}
-	}
-	if b.local != nil {
-		return out, b.local, share, nil
-	}
-	cc, release, err := b.pool.ConnTo(b.dest)
-	if err != nil {
-		share()
-		b.refused = true // the pool's own refusal (full, a bad name)
-		return nil, nil, nil, err
-	}
-	return out, cc, func() { release(); share() }, nil
-}
-
-// Report implements proxy.Reporter: remote nodes' outcomes feed ejection.
-func (b *backend) Report(code codes.Code, message string) {
-	if b.ej == nil || b.refused {
-		return
-	}
-	if code == codes.DeadlineExceeded && !b.ownDeadline {
-		// A deadline of the caller's says nothing of the node, unless the
-		// node has not completed a connection for longer than an attempt
-		// may take: then it is failing, whatever deadlines callers pick.
-		if d, stuck := b.pool.Unestablished(b.dest.Node); stuck {
-			code, message = codes.Unavailable, fmt.Sprintf("no connection established for %s: %s", d.Round(time.Second), message)
-		} else {
-			code = codes.Canceled
-		}
-	}
-	b.ej.report(b.dest, code, message)
 }

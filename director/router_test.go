@@ -22,6 +22,7 @@ import (
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
 
@@ -62,13 +63,18 @@ type testRouter struct {
 
 func newTestRouter(t *testing.T, cfg Config) testRouter {
 	t.Helper()
+	return newInventoryRouter(t, cfg, nil)
+}
+
+func newInventoryRouter(t *testing.T, cfg Config, inv Inventory) testRouter {
+	t.Helper()
 	pool := NewPool(PoolConfig{Port: 50000, IdleTimeout: 200 * time.Millisecond})
 	t.Cleanup(func() { _ = pool.Close() })
 	policy, err := auth.NewPolicy(nil, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return testRouter{Router: NewRouter(cfg, unusedConn{t}, pool, nil), authz: auth.NewAuthorizer(policy, nil)}
+	return testRouter{Router: NewRouter(cfg, Deps{Local: unusedConn{t}, Nodes: pool, Inventory: inv, Admission: limits.New(limits.DefaultConfig(), time.Second, nil)}), authz: auth.NewAuthorizer(policy, nil)}
 }
 
 func (r testRouter) Route(ctx context.Context, method string) (proxy.Route, error) {
@@ -197,7 +203,7 @@ func TestRouteForgedMetadataFromReader(t *testing.T) {
 
 	t.Run("local", func(t *testing.T) {
 		rt, hs := route(t, r, mVersion, reader, forged())
-		if rt.OneToMany || len(hs) != 1 || !hs[0].local || hs[0].name != "" {
+		if rt.Mode == proxy.OneToMany || len(hs) != 1 || !hs[0].local || hs[0].name != "" {
 			t.Fatalf("route %+v, hops %+v: want the local agent alone", rt, hs)
 		}
 		expectMD(t, "local agent", hs[0].md, asReader)
@@ -205,7 +211,7 @@ func TestRouteForgedMetadataFromReader(t *testing.T) {
 
 	t.Run("node", func(t *testing.T) {
 		rt, hs := route(t, r, mVersion, reader, forged(KeyNode, "10.0.0.2"))
-		if rt.OneToMany || len(hs) != 1 || hs[0].local || hs[0].name != "10.0.0.2" {
+		if rt.Mode == proxy.OneToMany || len(hs) != 1 || hs[0].local || hs[0].name != "10.0.0.2" {
 			t.Fatalf("route %+v, hops %+v: want the apid of 10.0.0.2 alone", rt, hs)
 		}
 		// proxyfrom names this gateway as the caller reached it, never
@@ -215,7 +221,7 @@ func TestRouteForgedMetadataFromReader(t *testing.T) {
 
 	t.Run("nodes", func(t *testing.T) {
 		rt, hs := route(t, r, mDmesg, reader, forged(KeyNodes, "10.0.0.2", KeyNodes, "10.0.0.3,cp-1", KeyNodes, "10.0.0.2"))
-		if !rt.OneToMany || rt.Kind != proxy.ServerStream {
+		if rt.Mode != proxy.OneToMany || rt.Kind != proxy.ServerStream {
 			t.Fatalf("route %+v: want a server-streaming fan-out", rt)
 		}
 		var names []string
@@ -309,7 +315,7 @@ func TestRouteImpersonator(t *testing.T) {
 		md := with(allowlisted(), auth.KeyProxyFrom, "10.0.0.9:50000", auth.KeyRole, certs.RoleReader, auth.KeyRole, "os:wizard",
 			KeyNode, "10.0.0.2", "token", "secret")
 		rt, hs := route(t, r, mVersion, impersonator, md)
-		if rt.OneToMany || len(hs) != 1 || !hs[0].local {
+		if rt.Mode == proxy.OneToMany || len(hs) != 1 || !hs[0].local {
 			t.Fatalf("route %+v, hops %+v: a forwarded call must be served by the local agent", rt, hs)
 		}
 		// The unknown role is dropped, the impersonator's own role is not
@@ -430,14 +436,14 @@ func TestRouteTargets(t *testing.T) {
 			}
 		})
 	}
-	if n := r.pool.Len(); n != 0 {
+	if n := r.d.Nodes.(*Pool).Len(); n != 0 {
 		t.Errorf("refused routes left %d pooled connections", n)
 	}
 
 	t.Run("duplicates collapse and do not count against the limit", func(t *testing.T) {
 		md := metadata.Pairs(KeyNodes, "10.0.0.2, 10.0.0.2", KeyNodes, "10.0.0.3", KeyNodes, "10.0.0.1", KeyNodes, "10.0.0.3,10.0.0.1")
 		rt, hs := route(t, r, mVersion, admin, md)
-		if !rt.OneToMany || len(hs) != 3 {
+		if rt.Mode != proxy.OneToMany || len(hs) != 3 {
 			t.Fatalf("route %+v: want 3 distinct backends", rt)
 		}
 		for i, want := range []struct {
@@ -452,14 +458,14 @@ func TestRouteTargets(t *testing.T) {
 
 	t.Run("one node in nodes is still a fan-out", func(t *testing.T) {
 		rt, hs := route(t, r, mVersion, admin, metadata.Pairs(KeyNodes, "10.0.0.1,10.0.0.1"))
-		if !rt.OneToMany || len(hs) != 1 || !hs[0].local || hs[0].name != "10.0.0.1" {
+		if rt.Mode != proxy.OneToMany || len(hs) != 1 || !hs[0].local || hs[0].name != "10.0.0.1" {
 			t.Fatalf("route %+v, hops %+v: want a stamped fan-out to the local agent", rt, hs)
 		}
 	})
 
 	t.Run("reflection is served here", func(t *testing.T) {
 		rt, hs := route(t, r, mReflection, reader, metadata.Pairs(KeyNodes, "10.0.0.2,10.0.0.3"))
-		if rt.OneToMany || len(hs) != 1 || !hs[0].local {
+		if rt.Mode == proxy.OneToMany || len(hs) != 1 || !hs[0].local {
 			t.Fatalf("route %+v, hops %+v: reflection must go to the local agent alone", rt, hs)
 		}
 	})
@@ -540,7 +546,7 @@ func TestForwardKeysCannotCarryRoutingKeys(t *testing.T) {
 	r := newTestRouter(t, Config{ForwardKeys: reserved, SelfNames: []string{"10.0.0.1"}})
 	md := forged(KeyNodes, "10.0.0.2,10.0.0.1")
 	rt, hs := route(t, r, mVersion, reader, md)
-	if len(hs) != 2 || !rt.OneToMany {
+	if len(hs) != 2 || rt.Mode != proxy.OneToMany {
 		t.Fatalf("hops %+v", hs)
 	}
 	expectMD(t, "next apid", hs[0].md, with(allowlisted(), auth.KeyRole, certs.RoleReader, auth.KeyProxyFrom, gatewayAuthority))
@@ -577,7 +583,7 @@ func TestLocalOnlyRefusesForwarding(t *testing.T) {
 	}
 	for _, md := range []metadata.MD{{}, metadata.Pairs(KeyNode, "10.0.0.1"), metadata.Pairs(KeyNodes, "w-1")} {
 		rt, _ := route(t, r, "/machine.MachineService/Version", admin, md)
-		if len(rt.Backends) != 1 || rt.Backends[0].(*backend).local == nil {
+		if _, local := rt.Backends[0].(*Local); len(rt.Backends) != 1 || !local {
 			t.Errorf("%v: routed to %v, want the local agent", md, rt.Backends)
 		}
 	}
@@ -639,7 +645,7 @@ func TestFanOutFollowsTheDescriptors(t *testing.T) {
 	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "one-2-many proxying is not supported for method /cosi.resource.State/Get") {
 		t.Errorf("COSI with nodes: %v", err)
 	}
-	if rt, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "10.0.0.2")), "/cosi.resource.State/Get"); err != nil || rt.OneToMany {
+	if rt, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "10.0.0.2")), "/cosi.resource.State/Get"); err != nil || rt.Mode == proxy.OneToMany {
 		t.Errorf("COSI with node: %+v, %v; want one-to-one", rt, err)
 	}
 	// Policy and routing name the same methods: every method a built-in

@@ -67,6 +67,11 @@ type Config struct {
 	// subject may have issued an hour (GenerateClientConfiguration, talosctl
 	// config new): each has a subject, and so limits, of its own. Default 20.
 	ClientCertificatesPerHour int `yaml:"clientCertificatesPerHour" reload:"live"`
+	// RapidResets is how many calls one connection may cancel within
+	// 100 ms of starting them, in 10 s, before apid closes it (HTTP/2
+	// Rapid Reset: each reset call may already have reached a node).
+	// Default 500.
+	RapidResets int `yaml:"rapidResets" reload:"live"`
 }
 
 // DefaultConfig returns the limits with every default filled in.
@@ -87,6 +92,7 @@ func DefaultConfig() Config {
 		CallsPerIdentityPerNode:       250,
 		StreamsPerIdentityPerNode:     125,
 		ClientCertificatesPerHour:     20,
+		RapidResets:                   500,
 	}
 }
 
@@ -124,6 +130,7 @@ func (c Config) Validate() error {
 	positive("callsPerIdentityPerNode", float64(c.CallsPerIdentityPerNode))
 	positive("streamsPerIdentityPerNode", float64(c.StreamsPerIdentityPerNode))
 	positive("clientCertificatesPerHour", float64(c.ClientCertificatesPerHour))
+	positive("rapidResets", float64(c.RapidResets))
 	return errors.Join(errs...)
 }
 

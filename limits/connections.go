@@ -70,15 +70,16 @@ type source struct {
 }
 
 // NewConnections returns limits of total connections and perIdentity
-// connections per identity; zero or less means unlimited. log receives the
-// refusals (nil: discarded).
+// connections per identity; zero or less means unlimited. The handshake
+// bounds are off until SetHandshakeLimits (the section applies its keys).
+// log receives the refusals (nil: discarded).
 func NewConnections(total, perIdentity int, log *slog.Logger) *Connections {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	c := &Connections{log: log, identity: map[string]int{}, sources: map[string]*source{}, sourcesSwept: time.Now()}
 	c.SetLimits(total, perIdentity)
-	c.SetHandshakeLimits(1024, 64, 100)
+	c.SetHandshakeLimits(0, 0, 0)
 	return c
 }
 

@@ -57,7 +57,7 @@ func TestBudgetRefusesNewCallsBeforeAnyBackend(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{}, "a", "b")
 	m := &meter{}
 	m.full.Store(true)
-	for _, route := range []proxy.Route{{Backends: bs[:1]}, {Backends: bs, OneToMany: true}} {
+	for _, route := range []proxy.Route{{Backends: bs[:1]}, {Backends: bs, Mode: proxy.OneToMany}} {
 		c := startProxy(t, route, proxy.Options{Budget: m})
 		_, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "budget spent") {
@@ -78,8 +78,8 @@ func TestBudgetCountsWhatCallsHoldAndReleasesIt(t *testing.T) {
 	m := &meter{}
 	opts := proxy.Options{Budget: m, NodeBuffer: 64 << 10}
 	one := startProxy(t, proxy.Route{Backends: bs[:1]}, opts)
-	many := startProxy(t, proxy.Route{Backends: append(bs, dead...), OneToMany: true}, opts)
-	manyStream := startProxy(t, proxy.Route{Backends: append(bs, dead...), OneToMany: true, Kind: proxy.ServerStream}, opts)
+	many := startProxy(t, proxy.Route{Backends: append(bs, dead...), Mode: proxy.OneToMany}, opts)
+	manyStream := startProxy(t, proxy.Route{Backends: append(bs, dead...), Mode: proxy.OneToMany, Kind: proxy.ServerStream}, opts)
 
 	drain := func(s interface{ Recv() (*common.Data, error) }) int {
 		n := 0

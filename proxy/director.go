@@ -34,6 +34,27 @@ func (k Kind) String() string {
 	return "unknown"
 }
 
+// Mode says how a call is spread over its backends.
+type Mode uint8
+
+// The modes of a route.
+const (
+	// OneToOne relays every frame between the client and one backend,
+	// untouched.
+	OneToOne Mode = iota
+	// OneToMany sends the request to every backend and stamps and
+	// combines their replies.
+	OneToMany
+)
+
+// String returns the mode's name as apid's call log writes it.
+func (m Mode) String() string {
+	if m == OneToMany {
+		return "fan-out"
+	}
+	return "one-to-one"
+}
+
 // Backend is one destination of a proxied call.
 type Backend interface {
 	// Name labels this backend's entries in one-to-many replies.
@@ -54,13 +75,23 @@ type Keyed interface {
 	Key() string
 }
 
+// KeyOf is how statistics know backend b: by its Key if it is Keyed and
+// named, else by its Name (empty for an unnamed one).
+func KeyOf(b Backend) string {
+	name := b.Name()
+	if k, ok := b.(Keyed); ok && name != "" {
+		return k.Key()
+	}
+	return name
+}
+
 // Route is where one call goes.
 type Route struct {
 	// Backends receive the call; a one-to-one route has exactly one.
 	Backends []Backend
-	// OneToMany selects fan-out: the request goes to every backend and the
+	// Mode selects one-to-one (exactly one backend) or fan-out, where the
 	// replies are stamped with the backends' names and combined.
-	OneToMany bool
+	Mode Mode
 	// Kind is the method's shape; one-to-many needs it to merge unary
 	// replies and interleave streamed ones.
 	Kind Kind

@@ -23,7 +23,7 @@ import (
 func TestOneToManySlowNodeDoesNotHoldTheReply(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{}, "n1", "n2", "slow")
 	servers[2].Set(testbackend.Behaviour{Delay: 10 * time.Second})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 200 * time.Millisecond}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, NodeTimeout: 200 * time.Millisecond}, proxy.Options{})
 	start := time.Now()
 	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
@@ -42,7 +42,7 @@ func TestOneToManySlowNodeDoesNotHoldTheReply(t *testing.T) {
 func TestOneToManyCallDeadlineLeavesRoomForThePartialReply(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{}, "n1", "hangs")
 	servers[1].Set(testbackend.Behaviour{Hang: true})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	resp, err := c.Version(ctx, &emptypb.Empty{})
@@ -68,7 +68,7 @@ func TestOneToManyOversizedReplyIsThatNodesError(t *testing.T) {
 		t.Cleanup(func() { cc.Close() })
 		bs = append(bs, target{name: s.Name, conn: cc})
 	}
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{})
 	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
@@ -91,8 +91,8 @@ func TestStressMixedFaults(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{}, names...)
 	// The node timeout only has to cut off the hanging nodes: 1 s leaves a
 	// slow (20 ms) node a fiftyfold margin on a loaded machine.
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: time.Second}, proxy.Options{StreamBuffer: 4})
-	cs := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 4})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, NodeTimeout: time.Second}, proxy.Options{StreamBuffer: 4})
+	cs := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 4})
 	rng := rand.New(rand.NewPCG(1, 2))
 	faults := []testbackend.Behaviour{
 		{},
@@ -213,7 +213,7 @@ func TestOneToManyFloodingNodeIsPausedNotBuffered(t *testing.T) {
 	const total, size = 20000, 32 << 10 // 640 MiB if it were all buffered
 	servers, bs := backends(t, testbackend.Behaviour{StreamMessages: total, Payload: size}, "flood", "quiet")
 	servers[1].Set(testbackend.Behaviour{StreamMessages: 1})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 8})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, Kind: proxy.ServerStream}, proxy.Options{StreamBuffer: 8})
 	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
@@ -254,7 +254,7 @@ func TestOneToManyFloodingNodeIsPausedNotBuffered(t *testing.T) {
 func TestOneToManyOversizedMergeDropsTheLargestEntries(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{Payload: 300 << 10}, "a", "big", "b")
 	servers[1].Set(testbackend.Behaviour{Payload: 600 << 10})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 1 << 20})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{MaxReplySize: 1 << 20})
 	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatalf("the merged call failed instead of leaving out the largest reply: %v", err)
@@ -271,7 +271,7 @@ func TestOneToManyOversizedMergeDropsTheLargestEntries(t *testing.T) {
 func TestOneToManyDoesNotHoardRepliesThatCannotBeSent(t *testing.T) {
 	names := []string{"n0", "n1", "n2", "n3", "n4", "n5"}
 	_, bs := backends(t, testbackend.Behaviour{Payload: 200 << 10}, names...)
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 256 << 10})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{MaxReplySize: 256 << 10})
 	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)

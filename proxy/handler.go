@@ -60,14 +60,12 @@ type Observer interface {
 	// Routed is told the route of a call, before any backend is contacted.
 	// ctx is the call's.
 	Routed(ctx context.Context, method string, r Route)
-	// BackendStarted is told that the call reaches backend (by its Key if
-	// it is Keyed, else its Name)
-	// now. The context it returns is the one the backend is called with
+	// BackendStarted is told that the call reaches backend now. The context it returns is the one the backend is called with
 	// (derived from ctx: a span may start there); the function is called
 	// once, when that backend's part is settled, with the code and message
 	// the client saw for it and how long the backend took (a unary fan-out
 	// settles every part after the slowest, but times each on its own).
-	BackendStarted(ctx context.Context, backend string, kind Kind) (context.Context, func(codes.Code, string, time.Duration))
+	BackendStarted(ctx context.Context, backend Backend, kind Kind) (context.Context, func(codes.Code, string, time.Duration))
 }
 
 // Reporter is a Backend that wants to hear how its part of a call ended
@@ -89,11 +87,7 @@ type backendCall struct {
 func (h *Handler) started(ctx context.Context, b Backend, kind Kind) (context.Context, *backendCall) {
 	c := &backendCall{backend: b, start: time.Now(), observed: func(codes.Code, string, time.Duration) {}}
 	if h.opts.Observer != nil {
-		name := b.Name()
-		if k, ok := b.(Keyed); ok && name != "" {
-			name = k.Key()
-		}
-		ctx, c.observed = h.opts.Observer.BackendStarted(ctx, name, kind)
+		ctx, c.observed = h.opts.Observer.BackendStarted(ctx, b, kind)
 	}
 	return ctx, c
 }
@@ -161,9 +155,9 @@ func (h *Handler) handle(_ any, ss grpc.ServerStream) error {
 	switch {
 	case len(route.Backends) == 0:
 		return status.Errorf(codes.Unavailable, "no backend for %s", method)
-	case !route.OneToMany && len(route.Backends) != 1:
+	case route.Mode == OneToOne && len(route.Backends) != 1:
 		return status.Errorf(codes.Internal, "one-to-one route for %s has %d backends", method, len(route.Backends))
-	case !route.OneToMany:
+	case route.Mode == OneToOne:
 		return h.oneToOne(ss, method, route.Backends[0], route.Kind)
 	}
 	return h.oneToMany(ss, method, route)

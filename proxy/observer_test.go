@@ -33,7 +33,7 @@ func (o *outcomes) Routed(context.Context, string, proxy.Route) {
 	o.mu.Unlock()
 }
 
-func (o *outcomes) BackendStarted(ctx context.Context, _ string, _ proxy.Kind) (context.Context, func(codes.Code, string, time.Duration)) {
+func (o *outcomes) BackendStarted(ctx context.Context, _ proxy.Backend, _ proxy.Kind) (context.Context, func(codes.Code, string, time.Duration)) {
 	called := false
 	return ctx, func(c codes.Code, _ string, _ time.Duration) {
 		o.mu.Lock()
@@ -82,7 +82,7 @@ func TestObserverHearsTheCodesTheClientSaw(t *testing.T) {
 		names := []string{"n0", "n1", "n2", "n3", "n4", "n5"}
 		_, bs := backends(t, testbackend.Behaviour{Payload: 200 << 10}, names...)
 		o := &outcomes{}
-		c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{MaxReplySize: 256 << 10, Observer: o})
+		c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{MaxReplySize: 256 << 10, Observer: o})
 		resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 		if err != nil {
 			t.Fatal(err)
@@ -101,7 +101,7 @@ func TestObserverHearsTheCodesTheClientSaw(t *testing.T) {
 		_, good := backends(t, testbackend.Behaviour{}, "good")
 		bad := startRaw(t, []byte{0x08, 0x01}) // field 1 as a varint: not an entry
 		o := &outcomes{}
-		c := startProxy(t, proxy.Route{Backends: append(good, target{name: "bad", conn: dial(t, bad)}), OneToMany: true}, proxy.Options{Observer: o})
+		c := startProxy(t, proxy.Route{Backends: append(good, target{name: "bad", conn: dial(t, bad)}), Mode: proxy.OneToMany}, proxy.Options{Observer: o})
 		if _, err := c.Version(testkit.Context(t), &emptypb.Empty{}); err != nil {
 			t.Fatal(err)
 		}
@@ -113,7 +113,7 @@ func TestObserverHearsTheCodesTheClientSaw(t *testing.T) {
 	t.Run("stream cancelled by the client", func(t *testing.T) {
 		_, bs := backends(t, testbackend.Behaviour{StreamMessages: 100000, Payload: 1 << 10}, "a", "b")
 		o := &outcomes{}
-		c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{Observer: o})
+		c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, Kind: proxy.ServerStream}, proxy.Options{Observer: o})
 		ctx, cancel := context.WithCancel(testkit.Context(t))
 		s, err := c.Dmesg(ctx, &machine.DmesgRequest{})
 		if err != nil {

@@ -217,7 +217,7 @@ func TestOneToManyUnaryStampsEveryEntryInRequestOrder(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{Entries: 2}, "n1", "n2", "n3")
 	// The first node answers last: the reply order must still follow the request.
 	servers[0].Set(testbackend.Behaviour{Entries: 2, Delay: 200 * time.Millisecond})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{})
 	var header, trailer metadata.MD
 	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer))
 	if err != nil {
@@ -249,7 +249,7 @@ func TestOneToManyUnaryFailuresBecomeErrorEntries(t *testing.T) {
 	servers[1].Set(testbackend.Behaviour{Fail: codes.PermissionDenied, FailMessage: "not for you"})
 	servers[2].Set(testbackend.Behaviour{Hang: true})
 	bs = append(bs, target{name: "dead", conn: dial(t, deadAddress(t))}, target{name: "refused", err: errors.New("no route")})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, NodeTimeout: 300 * time.Millisecond}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, NodeTimeout: 300 * time.Millisecond}, proxy.Options{})
 	resp, err := c.Version(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
@@ -276,7 +276,7 @@ func TestOneToManyUnaryFailuresBecomeErrorEntries(t *testing.T) {
 
 func TestOneToManyRefusesClientStreams(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{}, "n1", "n2")
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ClientStream}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, Kind: proxy.ClientStream}, proxy.Options{})
 	stream, err := c.EtcdRecover(testkit.Context(t))
 	if err != nil {
 		t.Fatal(err)
@@ -312,7 +312,7 @@ func TestOneToManyStreamInterleavesAndReportsDeadNodes(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{StreamMessages: 20}, "n1", "n2", "dies")
 	servers[2].Set(testbackend.Behaviour{StreamMessages: 20, FailAfter: 5})
 	bs = append(bs, target{name: "dead", conn: dial(t, deadAddress(t))})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, Kind: proxy.ServerStream}, proxy.Options{})
 	stream, err := c.Dmesg(testkit.Context(t), &machine.DmesgRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -336,7 +336,7 @@ func TestOneToManyStreamInterleavesAndReportsDeadNodes(t *testing.T) {
 func TestOneToManyStuckNodeDoesNotBlockOthersAndCancelReachesAll(t *testing.T) {
 	servers, bs := backends(t, testbackend.Behaviour{StreamMessages: 10}, "n1", "n2", "stuck")
 	servers[2].Set(testbackend.Behaviour{Stuck: true})
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true, Kind: proxy.ServerStream}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany, Kind: proxy.ServerStream}, proxy.Options{})
 	ctx, cancel := context.WithCancel(testkit.Context(t))
 	stream, err := c.Dmesg(ctx, &machine.DmesgRequest{})
 	if err != nil {
@@ -370,7 +370,7 @@ func TestOneToManyStuckNodeDoesNotBlockOthersAndCancelReachesAll(t *testing.T) {
 func TestOneToManyReplyKeysFiltered(t *testing.T) {
 	_, bs := backends(t, testbackend.Behaviour{}, "n1", "n2")
 	allow := func(k string) bool { return k == "x-backend" }
-	c := startProxy(t, proxy.Route{Backends: bs, OneToMany: true}, proxy.Options{ReplyKey: allow})
+	c := startProxy(t, proxy.Route{Backends: bs, Mode: proxy.OneToMany}, proxy.Options{ReplyKey: allow})
 	var header, trailer metadata.MD
 	if _, err := c.Version(testkit.Context(t), &emptypb.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
 		t.Fatal(err)

@@ -57,7 +57,7 @@ func (w watched) NewStream(ctx context.Context, desc *grpc.StreamDesc, method st
 func TestConnectionsAreReleasedAfterTheCallReturns(t *testing.T) {
 	servers, _ := backends(t, testbackend.Behaviour{Hang: true}, "slow")
 	l := &lending{name: "slow", conn: dial(t, servers[0].Addr)}
-	c := startProxy(t, proxy.Route{Backends: []proxy.Backend{l}, OneToMany: true, NodeTimeout: 10 * time.Millisecond}, proxy.Options{})
+	c := startProxy(t, proxy.Route{Backends: []proxy.Backend{l}, Mode: proxy.OneToMany, NodeTimeout: 10 * time.Millisecond}, proxy.Options{})
 	for range 40 {
 		if _, err := c.Version(testkit.Context(t), &emptypb.Empty{}); err != nil {
 			t.Fatal(err)

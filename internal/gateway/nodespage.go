@@ -64,7 +64,7 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 			nodes[i].Connection = "local"
 		}
 	}
-	for _, e := range g.router.Ejections() {
+	for _, e := range g.routing.Ejections() {
 		i, ok := byName[e.Node]
 		if !ok {
 			nodes = append(nodes, NodeStatus{Node: e.Node, Connection: "none", Calls: map[string]uint64{}})

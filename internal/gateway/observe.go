@@ -31,11 +31,36 @@ type callRecord struct {
 	bytesIn, bytesOut atomic.Int64
 
 	mu          sync.Mutex
-	mode        string // local, one-to-one, fan-out; empty: not routed
+	mode        callMode
 	nodes       []string
 	nodeCount   int
 	failed      []slog.Attr // node = code, up to maxLoggedNodes
 	failedCount int
+}
+
+// callMode is where a call went, as its audit line says.
+type callMode uint8
+
+const (
+	modeNone        callMode = iota // refused before routing
+	modeLocal                       // the local agent, no node named
+	modeOneToOne                    // one node, untouched
+	modeFanOut                      // several nodes, merged
+	modeHealthCheck                 // apid's own cluster health check
+)
+
+func (m callMode) String() string {
+	switch m {
+	case modeLocal:
+		return "local"
+	case modeOneToOne:
+		return proxy.OneToOne.String()
+	case modeFanOut:
+		return proxy.OneToMany.String()
+	case modeHealthCheck:
+		return "health-check"
+	}
+	return "none"
 }
 
 type recordKey struct{}
@@ -91,7 +116,7 @@ func checking(ctx context.Context, nodes []string) {
 	}
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
-	rec.mode = "health-check"
+	rec.mode = modeHealthCheck
 	rec.nodeCount = len(nodes)
 	rec.nodes = append(rec.nodes[:0], nodes[:min(len(nodes), maxLoggedNodes)]...)
 }
@@ -105,12 +130,12 @@ func (o *observer) Routed(ctx context.Context, _ string, r proxy.Route) {
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
 	switch {
-	case r.OneToMany:
-		rec.mode = "fan-out"
-	case len(r.Backends) == 1 && r.Backends[0].Name() == "":
-		rec.mode = "local"
+	case r.Mode == proxy.OneToMany:
+		rec.mode = modeFanOut
+	case len(r.Backends) == 1 && localAgent(r.Backends[0]):
+		rec.mode = modeLocal
 	default:
-		rec.mode = "one-to-one"
+		rec.mode = modeOneToOne
 	}
 	rec.nodeCount = len(r.Backends)
 	for _, b := range r.Backends[:min(len(r.Backends), maxLoggedNodes)] {
@@ -120,14 +145,22 @@ func (o *observer) Routed(ctx context.Context, _ string, r proxy.Route) {
 	}
 }
 
+// localAgent reports whether b is the local agent reached with no node
+// named.
+func localAgent(b proxy.Backend) bool {
+	l, ok := b.(*director.Local)
+	return ok && l.Name() == ""
+}
+
 // BackendStarted implements proxy.Observer.
-func (o *observer) BackendStarted(ctx context.Context, backend string, kind proxy.Kind) (context.Context, func(codes.Code, string, time.Duration)) {
+func (o *observer) BackendStarted(ctx context.Context, b proxy.Backend, kind proxy.Kind) (context.Context, func(codes.Code, string, time.Duration)) {
 	start := time.Now()
+	backend := proxy.KeyOf(b)
 	rec := recordFrom(ctx)
 	fanOut := false
 	if rec != nil {
 		rec.mu.Lock()
-		fanOut = rec.mode == "fan-out"
+		fanOut = rec.mode == modeFanOut
 		rec.mu.Unlock()
 	}
 	var nodeDone func(codes.Code, string, time.Duration)
@@ -168,51 +201,53 @@ func (o *observer) BackendStarted(ctx context.Context, backend string, kind prox
 	}
 }
 
-// auditLog logs one line per call at info level, with stable keys. It never
+// observe names the caller of every call in its context, counts the call
+// in the standard gRPC server metrics and writes its audit line: every
+// call, refused or not, is recorded once.
+func (g *Gateway) observe(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ss = auth.Identified(ss)
+	start := time.Now()
+	err := g.count(srv, ss, info, handler)
+	g.audit(ss.Context(), info.FullMethod, err, start)
+	return err
+}
+
+// audit logs one line per call at info level, with stable keys. It never
 // logs metadata values, tokens, keys or certificates.
-func auditLog(log *slog.Logger) grpc.StreamServerInterceptor {
-	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		start := time.Now()
-		err := handler(srv, ss)
-		ctx := ss.Context()
-		if !log.Enabled(ctx, slog.LevelInfo) {
-			return err
-		}
-		attrs := make([]slog.Attr, 0, 12)
-		attrs = append(attrs, slog.String("method", info.FullMethod))
-		rec := recordFrom(ctx)
-		if rec != nil {
-			rec.mu.Lock()
-			mode := rec.mode
-			if mode == "" {
-				mode = "none" // refused before routing
-			}
-			attrs = append(attrs, slog.String("mode", mode))
-			attrs = append(attrs, slog.Group("nodes", "count", rec.nodeCount, "names", rec.nodes))
-			if rec.failedCount > 0 {
-				failed := append([]slog.Attr(nil), rec.failed...)
-				if more := rec.failedCount - len(rec.failed); more > 0 {
-					failed = append(failed, slog.Int("more", more))
-				}
-				attrs = append(attrs, slog.Attr{Key: "failed", Value: slog.GroupValue(failed...)})
-			}
-			rec.mu.Unlock()
-		}
-		if c, ok := auth.IdentityFrom(ctx); ok {
-			attrs = append(attrs, slog.String("peer", c.CommonName), slog.Any("roles", c.Roles))
-		} else {
-			attrs = append(attrs, slog.String("peer", ""), slog.Any("roles", []string{}))
-		}
-		if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
-			attrs = append(attrs, slog.String("remote", p.Addr.String()))
-		}
-		attrs = append(attrs,
-			slog.String("code", status.Code(err).String()),
-			slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000))
-		if rec != nil {
-			attrs = append(attrs, slog.Int64("bytes_in", rec.bytesIn.Load()), slog.Int64("bytes_out", rec.bytesOut.Load()))
-		}
-		log.LogAttrs(ctx, slog.LevelInfo, "call", attrs...)
-		return err
+func (g *Gateway) audit(ctx context.Context, method string, err error, start time.Time) {
+	log := g.log
+	if !log.Enabled(ctx, slog.LevelInfo) {
+		return
 	}
+	attrs := make([]slog.Attr, 0, 12)
+	attrs = append(attrs, slog.String("method", method))
+	rec := recordFrom(ctx)
+	if rec != nil {
+		rec.mu.Lock()
+		attrs = append(attrs, slog.String("mode", rec.mode.String()))
+		attrs = append(attrs, slog.Group("nodes", "count", rec.nodeCount, "names", rec.nodes))
+		if rec.failedCount > 0 {
+			failed := append([]slog.Attr(nil), rec.failed...)
+			if more := rec.failedCount - len(rec.failed); more > 0 {
+				failed = append(failed, slog.Int("more", more))
+			}
+			attrs = append(attrs, slog.Attr{Key: "failed", Value: slog.GroupValue(failed...)})
+		}
+		rec.mu.Unlock()
+	}
+	if c, ok := auth.IdentityFrom(ctx); ok {
+		attrs = append(attrs, slog.String("peer", c.CommonName), slog.Any("roles", c.Roles))
+	} else {
+		attrs = append(attrs, slog.String("peer", ""), slog.Any("roles", []string{}))
+	}
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		attrs = append(attrs, slog.String("remote", p.Addr.String()))
+	}
+	attrs = append(attrs,
+		slog.String("code", status.Code(err).String()),
+		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000))
+	if rec != nil {
+		attrs = append(attrs, slog.Int64("bytes_in", rec.bytesIn.Load()), slog.Int64("bytes_out", rec.bytesOut.Load()))
+	}
+	log.LogAttrs(ctx, slog.LevelInfo, "call", attrs...)
 }

@@ -7,10 +7,10 @@ import (
 
 // A key's reload rule is its field's reload tag, written beside the key in
 // the package that owns it: "live" keys apply, on a reload, to calls that
-// start after it; "restart" keys (addresses, files, windows, transport
-// settings) are read once at start. A struct field without the tag is a
-// section whose own fields carry it; a key with none needs a restart (a
-// test holds that every key has one).
+// start after it (the section's Apply); "restart" keys (addresses, files,
+// windows, transport settings) are read once at start. A struct field
+// without the tag is a section whose own fields carry it; a key with none
+// needs a restart (a test holds that every key has one).
 
 // reconcile compares next with cur key by key (by YAML name) and returns
 // the changed keys that apply live and those that need a restart; for the
