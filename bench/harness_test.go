@@ -124,7 +124,11 @@ func (d fixedDirector) Route(_ context.Context, method string) (proxy.Route, err
 	if method == dmesgMethod {
 		kind = proxy.ServerStream
 	}
-	return proxy.Route{Backends: d.backends, OneToMany: d.oneToMany, Kind: kind}, nil
+	mode := proxy.OneToOne
+	if d.oneToMany {
+		mode = proxy.OneToMany
+	}
+	return proxy.Route{Backends: d.backends, Mode: mode, Kind: kind}, nil
 }
 
 // startApid serves apid's proxy handler in front of backends and returns
