@@ -119,7 +119,7 @@ func (g *Gateway) Reload(next Config) error {
 		g.log.Warn("configuration changes that need a restart were not applied", "keys", restart)
 	}
 	if len(loosened) > 0 {
-		g.metrics.loosened(loosened)
+		g.metrics.loosened()
 		g.log.Warn("configuration reloaded with bounds or trust loosened", "keys", loosened)
 	}
 	g.log.Info("configuration reloaded", "changed", live)
