@@ -35,10 +35,13 @@ type Config struct {
 	// one node cannot fill every client's reply (one-to-one replies pass
 	// untouched).
 	ReplyKeys []string `yaml:"replyMetadata" reload:"live"`
-	// ServerStreaming, ClientStreaming and BidiStreaming name (as
-	// /package.Service/Method) methods outside the Talos API whose shape the
-	// fan-out must know; other unknown methods are treated as unary, or as
-	// server-streaming when their name ends in "Stream".
+	// Unary, ServerStreaming, ClientStreaming and BidiStreaming name (as
+	// /package.Service/Method) methods outside the Talos API apid was
+	// built with (a newer Talos's) whose replies carry common.Metadata, so
+	// that they may fan out. Any other unknown method is relayed
+	// one-to-one frame by frame both ways, whatever its shape, and never
+	// fans out.
+	Unary           []string `yaml:"unaryMethods" reload:"live"`
 	ServerStreaming []string `yaml:"serverStreamingMethods" reload:"live"`
 	ClientStreaming []string `yaml:"clientStreamingMethods" reload:"live"`
 	BidiStreaming   []string `yaml:"bidiStreamingMethods" reload:"live"`
@@ -100,7 +103,7 @@ func (c Config) Validate() error {
 	for _, list := range []struct {
 		key     string
 		methods []string
-	}{{"serverStreamingMethods", c.ServerStreaming}, {"clientStreamingMethods", c.ClientStreaming}, {"bidiStreamingMethods", c.BidiStreaming}} {
+	}{{"unaryMethods", c.Unary}, {"serverStreamingMethods", c.ServerStreaming}, {"clientStreamingMethods", c.ClientStreaming}, {"bidiStreamingMethods", c.BidiStreaming}} {
 		for _, m := range list.methods {
 			if !auth.ValidMethod(m) {
 				errs = append(errs, fmt.Errorf("%s %q: want /package.Service/Method", list.key, m))

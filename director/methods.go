@@ -2,7 +2,6 @@ package director
 
 import (
 	"fmt"
-	"strings"
 
 	// The APIs whose descriptors say what each method is: Talos's
 	// machinery services, the COSI resource state, gRPC health and reflection.
@@ -29,8 +28,10 @@ type Method struct {
 	Kind    proxy.Kind
 	Stamped bool
 	// Known: the method is in the compiled descriptors or the
-	// configuration; an unknown method is treated as unary (or
-	// server-streaming when its name ends in "Stream") and may fan out.
+	// configuration. An unknown method (a newer Talos's, say) has a shape
+	// apid cannot guess: one-to-one relays every frame both ways, as a
+	// bidirectional stream does whatever the method's real shape, and it
+	// never fans out.
 	Known bool
 }
 
@@ -97,11 +98,11 @@ func stamped(m protoreflect.MessageDescriptor, streamed bool) bool {
 // configuration's methods laid over them.
 type methodKinds map[string]Method
 
-func newMethodKinds(serverStreaming, clientStreaming, bidi []string) methodKinds {
-	if len(serverStreaming)+len(clientStreaming)+len(bidi) == 0 {
+func newMethodKinds(unary, serverStreaming, clientStreaming, bidi []string) methodKinds {
+	if len(unary)+len(serverStreaming)+len(clientStreaming)+len(bidi) == 0 {
 		return apiMethods
 	}
-	k := make(methodKinds, len(apiMethods)+len(serverStreaming)+len(clientStreaming)+len(bidi))
+	k := make(methodKinds, len(apiMethods)+len(unary)+len(serverStreaming)+len(clientStreaming)+len(bidi))
 	for m, info := range apiMethods {
 		k[m] = info
 	}
@@ -110,7 +111,7 @@ func newMethodKinds(serverStreaming, clientStreaming, bidi []string) methodKinds
 	for _, list := range []struct {
 		kind    proxy.Kind
 		methods []string
-	}{{proxy.ServerStream, serverStreaming}, {proxy.ClientStream, clientStreaming}, {proxy.BidiStream, bidi}} {
+	}{{proxy.Unary, unary}, {proxy.ServerStream, serverStreaming}, {proxy.ClientStream, clientStreaming}, {proxy.BidiStream, bidi}} {
 		for _, m := range list.methods {
 			k[m] = Method{Kind: list.kind, Stamped: true, Known: true}
 		}
@@ -122,10 +123,7 @@ func (k methodKinds) method(fullMethod string) Method {
 	if m, ok := k[fullMethod]; ok {
 		return m
 	}
-	if strings.HasSuffix(fullMethod, "Stream") {
-		return Method{Kind: proxy.ServerStream, Stamped: true}
-	}
-	return Method{Kind: proxy.Unary, Stamped: true}
+	return Method{Kind: proxy.BidiStream}
 }
 
 func (k methodKinds) kind(fullMethod string) proxy.Kind { return k.method(fullMethod).Kind }

@@ -143,7 +143,7 @@ func (r *Router) SetConfig(cfg Config) {
 	rs := &rules{
 		self:    make(map[string]bool, len(cfg.SelfNames)),
 		forward: append(slices.Clone(DefaultForwardKeys), cfg.ForwardKeys...),
-		kinds:   newMethodKinds(cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
+		kinds:   newMethodKinds(cfg.Unary, cfg.ServerStreaming, cfg.ClientStreaming, cfg.BidiStreaming),
 		max:     cfg.MaxNodes,
 		timeout: cfg.NodeTimeout,
 
@@ -254,6 +254,9 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 // (Talos's words first), and a group of several nodes for a method
 // talosctl sends to one node only.
 func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) error {
+	if !rs.kinds.method(fullMethod).Known {
+		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: apid does not know it (it is not in the Talos API apid was built with, nor in unaryMethods, serverStreamingMethods, clientStreamingMethods or bidiStreamingMethods), so it cannot tell how to stamp and merge its replies: call each node with node, or declare the method if its replies carry common.Metadata", fullMethod)
+	}
 	if !rs.kinds.method(fullMethod).Stamped {
 		way := "name one node with node, or call each node"
 		if group := groupIn(md); group != "" && len(md[KeyNode]) > 0 {

@@ -631,8 +631,9 @@ func TestFanOutFollowsTheDescriptors(t *testing.T) {
 		"/machine.MachineService/Logs":        proxy.ServerStream,
 		"/machine.MachineService/EtcdRecover": proxy.ClientStream,
 		"/machine.MachineService/Version":     proxy.Unary,
-		"/custom.Service/TailStream":          proxy.ServerStream,
-		"/custom.Service/Get":                 proxy.Unary,
+		// Unknown: relayed frame by frame both ways, whatever the name.
+		"/custom.Service/TailStream": proxy.BidiStream,
+		"/custom.Service/Get":        proxy.BidiStream,
 	} {
 		if got := Describe(method).Kind; got != want {
 			t.Errorf("%s: %v, want %v", method, got, want)
@@ -647,6 +648,20 @@ func TestFanOutFollowsTheDescriptors(t *testing.T) {
 	}
 	if rt, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "10.0.0.2")), "/cosi.resource.State/Get"); err != nil || rt.Mode == proxy.OneToMany {
 		t.Errorf("COSI with node: %+v, %v; want one-to-one", rt, err)
+	}
+	// A method apid does not know (a newer Talos's) goes one-to-one as a
+	// bidirectional stream and never fans out, unless declared.
+	const newer = "/machine.LVMService/Create"
+	if rt, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "10.0.0.2")), newer); err != nil || rt.Mode != proxy.OneToOne || rt.Kind != proxy.BidiStream {
+		t.Errorf("unknown method with node: %+v, %v; want one-to-one, bidi-streaming", rt, err)
+	}
+	_, err = r.Route(callerContext(admin, metadata.Pairs(KeyNodes, "10.0.0.2,10.0.0.3")), newer)
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "apid does not know it") {
+		t.Errorf("unknown method with nodes: %v", err)
+	}
+	declared := newTestRouter(t, Config{Unary: []string{newer}})
+	if rt, err := declared.Route(callerContext(admin, metadata.Pairs(KeyNodes, "10.0.0.2,10.0.0.3")), newer); err != nil || rt.Mode != proxy.OneToMany || rt.Kind != proxy.Unary {
+		t.Errorf("declared unary method with nodes: %+v, %v; want fan-out, unary", rt, err)
 	}
 	// Policy and routing name the same methods: every method a built-in
 	// rule names exists in the descriptors.

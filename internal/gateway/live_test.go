@@ -51,6 +51,16 @@ type liveGateway struct {
 
 func startLive(t *testing.T) *liveGateway {
 	t.Helper()
+	backend := testbackend.Start(t, "node-1", testbackend.Behaviour{})
+	lg := startLiveWith(t, backend.Addr, nil)
+	lg.backend = backend
+	return lg
+}
+
+// startLiveWith starts a gateway whose local agent is at backend, its
+// configuration changed by edit.
+func startLiveWith(t *testing.T, backend string, edit func(*Config)) *liveGateway {
+	t.Helper()
 	lg := &liveGateway{t: t, dir: t.TempDir(), logs: &syncBuffer{}}
 	var err error
 	if lg.ca, err = pki.NewCA("live", time.Hour, pki.KeyECDSA); err != nil {
@@ -64,14 +74,16 @@ func startLive(t *testing.T) *liveGateway {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lg.backend = testbackend.Start(t, "node-1", testbackend.Behaviour{})
 	cfg := Default()
 	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = lg.write("ca.crt", lg.ca.CertPEM), lg.write("node.crt", crt), lg.write("node.key", key)
 	cfg.TLS.ClientCert, cfg.TLS.ClientKey = lg.write("fwd.crt", fwdCrt), lg.write("fwd.key", fwdKey)
-	cfg.Backend = lg.backend.Addr
+	cfg.Backend = backend
 	cfg.Routing.SelfNames = []string{"127.0.0.1", "node-1"}
 	cfg.AdminListen = "127.0.0.1:0"
 	cfg.DrainDelay = 0
+	if edit != nil {
+		edit(&cfg)
+	}
 	lg.base = cfg
 	level := new(slog.LevelVar)
 	if lg.gw, err = New(cfg, NewLogger(lg.logs, level, "json"), WithLogLevel(level)); err != nil {
@@ -437,6 +449,10 @@ func TestEveryLiveKeyApplies(t *testing.T) {
 			if len(header["x-backend"]) == 0 {
 				t.Errorf("x-backend did not reach the fan-out's client: %v", header)
 			}
+		},
+		"unaryMethods": func(t *testing.T) {
+			lg.reload(func(c *Config) { c.Routing.Unary = []string{"/live.Test/Unary"} })
+			lg.kind(t, "/live.Test/Unary", "unary")
 		},
 		"serverStreamingMethods": func(t *testing.T) {
 			lg.reload(func(c *Config) { c.Routing.ServerStreaming = []string{"/live.Test/ServerStream"} })
