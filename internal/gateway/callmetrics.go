@@ -106,18 +106,14 @@ func (m *callMetrics) of(method, typ string) *methodSeries {
 
 // done counts a call's end.
 func (s *methodSeries) done(err error, start time.Time) {
-	code := status.Code(err)
-	if int(code) < len(s.handled) {
-		c := s.handled[code].Load()
-		if c == nil {
-			made := s.handledVec.WithLabelValues(s.labels[0], s.labels[1], s.labels[2], code.String())
-			c = &made
-			s.handled[code].Store(c)
-		}
-		(*c).Inc()
-	} else {
-		s.handledVec.WithLabelValues(s.labels[0], s.labels[1], s.labels[2], code.String()).Inc()
+	code := metricCode(status.Code(err)) // one of handled's
+	c := s.handled[code].Load()
+	if c == nil {
+		made := s.handledVec.WithLabelValues(s.labels[0], s.labels[1], s.labels[2], code.String())
+		c = &made
+		s.handled[code].Store(c)
 	}
+	(*c).Inc()
 	s.seconds.Observe(time.Since(start).Seconds())
 }
 

@@ -5,15 +5,21 @@ import (
 	"errors"
 	"io"
 	"net"
+	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testbackend"
 )
 
 // echoAgent answers every method it is called with by echoing each
@@ -86,5 +92,38 @@ func TestUnknownMethodRelaysEveryFrame(t *testing.T) {
 			t.Errorf("%v: %d replies, node read %v messages; want %d and %d", md, got, frames, sent, sent)
 		}
 		cancel()
+	}
+}
+
+// TestMadeUpStatusCodesMintNoSeries: a node that answers with codes
+// outside gRPC's 17 is counted under Unknown in every metric that labels
+// codes, not a new series per code.
+func TestMadeUpStatusCodesMintNoSeries(t *testing.T) {
+	lg := startLive(t)
+	c := lg.client("codes", certs.RoleReader)
+	ctx := context.Background()
+	for code := 100; code < 140; code++ {
+		lg.backend.Set(testbackend.Behaviour{Fail: codes.Code(code), FailMessage: "made up"})
+		if err := callVersion(ctx, c); status.Code(err) != codes.Code(code) {
+			t.Fatalf("one-to-one: %v, want the node's code %d untouched", err, code)
+		}
+		if _, err := c.Version(metadata.AppendToOutgoingContext(ctx, "nodes", "127.0.0.1,node-1"), &emptypb.Empty{}); err != nil {
+			t.Fatalf("fan-out: %v", err)
+		}
+	}
+	body := lg.metrics()
+	if n := strings.Count(body, `="Code(`); n != 0 {
+		t.Errorf("%d series labelled with a made-up code", n)
+	}
+	for _, series := range []string{
+		`grpc_server_handled_total{grpc_code="Unknown",grpc_method="Version",grpc_service="machine.MachineService",grpc_type="unary"} 40`, // the fan-outs succeed: their nodes are entries
+		`apid_fanout_node_results_total{code="Unknown",kind="unary"} 80`,
+	} {
+		if !strings.Contains(body, series) {
+			t.Errorf("no %s", series)
+		}
+	}
+	if !regexp.MustCompile(`apid_node_calls_total\{code="Unknown",node="[^"]+"\} [1-9]`).MatchString(body) {
+		t.Error("apid_node_calls_total has no Unknown series")
 	}
 }

@@ -151,8 +151,8 @@ func (lg *liveGateway) conn(cn string, roles ...string) *grpc.ClientConn {
 	return cc
 }
 
-// metric reads one series' value from /metrics (0 when absent).
-func (lg *liveGateway) metric(series string) float64 {
+// metrics reads /metrics.
+func (lg *liveGateway) metrics() string {
 	lg.t.Helper()
 	resp, err := http.Get("http://" + lg.gw.AdminAddr().String() + "/metrics")
 	if err != nil {
@@ -160,7 +160,13 @@ func (lg *liveGateway) metric(series string) float64 {
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
-	for line := range strings.Lines(string(body)) {
+	return string(body)
+}
+
+// metric reads one series' value from /metrics (0 when absent).
+func (lg *liveGateway) metric(series string) float64 {
+	lg.t.Helper()
+	for line := range strings.Lines(lg.metrics()) {
 		if v, ok := strings.CutPrefix(strings.TrimSpace(line), series+" "); ok {
 			f, _ := strconv.ParseFloat(v, 64)
 			return f

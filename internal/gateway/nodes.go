@@ -65,6 +65,7 @@ func (t *nodeTable) start(node string) (done func(code codes.Code, msg string, t
 	t.mu.Unlock()
 	var once sync.Once
 	return func(code codes.Code, msg string, d time.Duration) {
+		code = metricCode(code)
 		once.Do(func() {
 			now := t.now()
 			t.mu.Lock()
