@@ -48,3 +48,17 @@ func (g *Gateway) admit(srv any, ss grpc.ServerStream, info *grpc.StreamServerIn
 	defer release()
 	return handler(srv, ss)
 }
+
+// admitUnary applies the same call limits to the unary methods apid serves
+// itself (gRPC health): a probe is a call like any other, or an identity
+// could call them without bound.
+func (g *Gateway) admitUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if c, err := auth.Identify(ctx); err == nil && !c.Forwarded {
+		release, err := g.limits.AdmitCall(limits.Call{Identity: c.Subject})
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
+	return handler(ctx, req)
+}

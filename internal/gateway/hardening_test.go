@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -125,5 +126,24 @@ func TestMadeUpStatusCodesMintNoSeries(t *testing.T) {
 	}
 	if !regexp.MustCompile(`apid_node_calls_total\{code="Unknown",node="[^"]+"\} [1-9]`).MatchString(body) {
 		t.Error("apid_node_calls_total has no Unknown series")
+	}
+}
+
+// TestHealthChecksCountAgainstCallLimits: gRPC health checks are calls of
+// their caller like any other: past its bucket they are refused.
+func TestHealthChecksCountAgainstCallLimits(t *testing.T) {
+	lg := startLive(t)
+	lg.reload(func(c *Config) { c.Limits.CallsPerSecondPerIdentity, c.Limits.CallBurstPerIdentity = 0.001, 3 })
+	h := healthpb.NewHealthClient(lg.conn("prober", certs.RoleReader))
+	for i := range 3 {
+		if _, err := h.Check(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
+			t.Fatalf("check %d: %v", i, err)
+		}
+	}
+	_, err := h.Check(context.Background(), &healthpb.HealthCheckRequest{})
+	wantRefusal(t, err, codes.ResourceExhausted, "limits.callsPerSecondPerIdentity")
+	// Another identity has a bucket of its own.
+	if _, err := healthpb.NewHealthClient(lg.conn("other-prober", certs.RoleReader)).Check(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Errorf("another identity's check: %v", err)
 	}
 }

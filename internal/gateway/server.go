@@ -41,7 +41,7 @@ func (g *Gateway) newServer(cfg Config) *grpc.Server {
 		// authorizer comes last, right before the proxy.
 		grpc.ChainStreamInterceptor(g.observe, g.lifecycleInterceptor, g.admit, g.policy.StreamInterceptor()),
 		// Unary calls reach only the services apid serves itself (health).
-		grpc.ChainUnaryInterceptor(g.metrics.grpc.unaryInterceptor(g.label), g.policy.UnaryInterceptor()),
+		grpc.ChainUnaryInterceptor(g.metrics.grpc.unaryInterceptor(g.label), g.admitUnary, g.policy.UnaryInterceptor()),
 	)...)
 	healthpb.RegisterHealthServer(srv, g.ready.grpc)
 	g.health.Register(srv)
