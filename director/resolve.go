@@ -80,7 +80,7 @@ func (v resolver) expand(targets []string) ([]node, error) {
 			return nil, err
 		}
 		if len(members) == 0 {
-			return nil, fmt.Errorf("group %s has no nodes now (the inventory lists %d; groups: %s)", t, v.set.Len(), strings.Join(v.set.Groups(20), ", "))
+			return nil, fmt.Errorf("group %s has no nodes now (the inventory lists %d; groups: %s)", t, v.set.Len(), v.set.KnownGroups())
 		}
 		for _, m := range members {
 			if err := add(v.member(m.Name, m)); err != nil {

@@ -9,6 +9,7 @@ package inventory
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -152,7 +153,12 @@ type Set struct {
 	byName    map[string]int  // Key(name) -> index
 	byAddress map[string]int  // Key(address) -> index, IP addresses only
 	labels    map[string]bool // "key=value" of every label
+	selectors []string        // the keys of labels, sorted
+	known     string          // the groups an unknown group's error lists
 }
+
+// listedGroups is how many label selectors an unknown group's error lists.
+const listedGroups = 20
 
 // NewSet builds a Set from nodes, defaults filled. A node whose name was
 // already taken (by an earlier source) is left out, and so reported in
@@ -197,6 +203,11 @@ func NewSet(nodes []Node) (*Set, error) {
 	for addr, owner := range addrs {
 		s.byAddress[addr] = s.byName[Key(owner)]
 	}
+	// What an unknown group's refusal lists is built once per inventory:
+	// a caller naming made-up groups must not make apid sort every label
+	// on every call.
+	s.selectors = slices.Sorted(maps.Keys(s.labels))
+	s.known = strings.Join(s.Groups(listedGroups), ", ")
 	return s, errors.Join(errs...)
 }
 
@@ -255,7 +266,7 @@ func (s *Set) Expand(group string) ([]Node, error) {
 		k, v, _ := strings.Cut(g, "=")
 		match = func(n Node) bool { return n.Labels[k] == v }
 	default:
-		return nil, fmt.Errorf("%w %s%s: known groups are %s", ErrUnknownGroup, GroupPrefix, g, strings.Join(s.Groups(20), ", "))
+		return nil, fmt.Errorf("%w %s%s: known groups are %s", ErrUnknownGroup, GroupPrefix, g, s.KnownGroups())
 	}
 	var out []Node
 	if s != nil {
@@ -268,6 +279,15 @@ func (s *Set) Expand(group string) ([]Node, error) {
 	return out, nil
 }
 
+// KnownGroups lists, comma-separated, the groups callers may name: the
+// three fixed ones and the first label selectors (built with the Set).
+func (s *Set) KnownGroups() string {
+	if s == nil {
+		return strings.Join((*Set)(nil).Groups(0), ", ")
+	}
+	return s.known
+}
+
 // Groups lists the groups callers may name, @-prefixed: the three fixed
 // ones, then up to max label selectors in order (and how many more).
 func (s *Set) Groups(max int) []string {
@@ -275,14 +295,9 @@ func (s *Set) Groups(max int) []string {
 	if s == nil {
 		return out
 	}
-	sel := make([]string, 0, len(s.labels))
-	for l := range s.labels {
-		sel = append(sel, l)
-	}
-	slices.Sort(sel)
-	for i, l := range sel {
+	for i, l := range s.selectors {
 		if i == max {
-			out = append(out, fmt.Sprintf("and %d more label selectors", len(sel)-max))
+			out = append(out, fmt.Sprintf("and %d more label selectors", len(s.selectors)-max))
 			break
 		}
 		out = append(out, GroupPrefix+l)

@@ -2,6 +2,7 @@ package inventory
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -112,5 +113,44 @@ func TestInvalidNodes(t *testing.T) {
 	}
 	if n, _ := s.Lookup("10.0.0.2"); n.Name != "cp-1" || names(s.Nodes()) != "10.0.0.3,cp-1" {
 		t.Errorf("10.0.0.2 is %q; nodes %s", n.Name, names(s.Nodes()))
+	}
+}
+
+// manyLabels is an inventory of n nodes with two labels each.
+func manyLabels(tb testing.TB, n int) *Set {
+	tb.Helper()
+	nodes := make([]Node, n)
+	for i := range nodes {
+		nodes[i] = Node{Name: fmt.Sprintf("n-%d", i), Address: fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255),
+			Labels: map[string]string{"rack": fmt.Sprintf("r-%d", i), "slot": fmt.Sprintf("s-%d", i)}}
+	}
+	s, err := NewSet(nodes)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return s
+}
+
+// TestUnknownGroupCostsLittle: the groups an unknown group's refusal lists
+// are built once per inventory, so a caller naming made-up groups costs
+// the same few allocations whatever the inventory's size.
+func TestUnknownGroupCostsLittle(t *testing.T) {
+	s := manyLabels(t, 10000)
+	_, err := s.Expand("@nope")
+	if !errors.Is(err, ErrUnknownGroup) || !strings.Contains(err.Error(), "@all, @controlplane, @workers, @rack=r-0") || !strings.Contains(err.Error(), "and 19980 more label selectors") {
+		t.Fatalf("unknown group: %v", err)
+	}
+	if allocs := testing.AllocsPerRun(20, func() { _, _ = s.Expand("@nope") }); allocs > 8 {
+		t.Errorf("an unknown group costs %.0f allocations with 20,000 label selectors, want a few", allocs)
+	}
+}
+
+// BenchmarkUnknownGroup: the refusal of an unknown group, against an
+// inventory of 10,000 nodes with two labels each.
+func BenchmarkUnknownGroup(b *testing.B) {
+	s := manyLabels(b, 10000)
+	b.ReportAllocs()
+	for b.Loop() {
+		_, _ = s.Expand("@nope")
 	}
 }
