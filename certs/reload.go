@@ -1,6 +1,7 @@
 package certs
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -256,6 +257,17 @@ func (r rawFiles) digest() [sha256.Size]byte {
 }
 
 func (r rawFiles) parse(files Files) (*material, error) {
+	// A file cut short (a writer that died, a full disk) can still parse:
+	// its last block is then silently dropped, and with it a CA, or the
+	// intermediate a chain needs. Such a file is refused whole.
+	for _, f := range []struct {
+		path string
+		data []byte
+	}{{files.CA, r.ca}, {files.Cert, r.cert}, {files.Key, r.key}, {files.ClientCert, r.clientCert}, {files.ClientKey, r.clientKey}} {
+		if err := CheckPEMWhole(f.data); err != nil {
+			return nil, fmt.Errorf("%s: %w", f.path, err)
+		}
+	}
 	cert, err := tls.X509KeyPair(r.cert, r.key)
 	if err != nil {
 		return nil, fmt.Errorf("load key pair %s, %s: %w", files.Cert, files.Key, err)
@@ -295,6 +307,24 @@ func load(files Files) (*material, error) {
 	}
 
 	return raw.parse(files)
+}
+
+// CheckPEMWhole refuses PEM data with a block that begins and never ends:
+// a file cut inside its last block. Text between blocks (as openssl x509
+// -text writes it) is fine.
+func CheckPEMWhole(data []byte) error {
+	rest := data
+	for n := 1; ; n++ {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			break
+		}
+	}
+	if i := bytes.Index(rest, []byte("-----BEGIN ")); i >= 0 {
+		line, _, _ := bytes.Cut(rest[i:], []byte("\n"))
+		return fmt.Errorf("a PEM block is cut short (%q has no END line, or its content does not decode): the file was written partly; write the whole file again, then rename it into place", bytes.TrimSpace(line))
+	}
+	return nil
 }
 
 // ParseCAPool accepts only CERTIFICATE blocks of CA certificates: a stray

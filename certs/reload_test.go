@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -244,4 +245,51 @@ func TestNewSourceRejects(t *testing.T) {
 			t.Fatalf("NewSource error = %v, want fs.ErrNotExist", err)
 		}
 	})
+}
+
+// TestCutBundleRefused: a CA bundle (or certificate) cut inside its last
+// block, as a writer that dies leaves it, is refused and the running
+// material stays, whichever CA the cut one is; annotated bundles, with
+// text between blocks as openssl x509 -text writes it, load.
+func TestCutBundleRefused(t *testing.T) {
+	t.Parallel()
+
+	dir := t.TempDir()
+	ca1, ca2 := testpki.NewCA(t, "cluster"), testpki.NewCA(t, "other")
+	node := issueNode(t, ca1, pki.KeyECDSA)
+	annotated := slices.Concat([]byte("Certificate:\n    Data:\n        Version: 3 (0x2)\n"), ca1.CertPEM, []byte("# the other CA\n"), ca2.CertPEM)
+	files := writeFiles(t, dir, annotated, node)
+	src := testpki.Must[*certs.Source](t)(certs.NewSource(files))
+
+	if n := len(src.CAs()); n != 2 {
+		t.Fatalf("annotated bundle: %d CAs, want 2", n)
+	}
+
+	before := src.Generation()
+	for name, bundle := range map[string][]byte{
+		"the other CA cut":   slices.Concat(ca1.CertPEM, ca2.CertPEM[:len(ca2.CertPEM)-40]),
+		"the cluster CA cut": slices.Concat(ca2.CertPEM, ca1.CertPEM[:len(ca1.CertPEM)/2]),
+		"cut in its header":  slices.Concat(ca1.CertPEM, []byte("-----BEGIN CERT")),
+	} {
+		writeFiles(t, dir, bundle, node)
+
+		changed, err := src.Reload()
+		if changed || err == nil || !strings.Contains(err.Error(), "cut short") {
+			t.Errorf("%s: Reload = %v, %v; want refused as cut short", name, changed, err)
+		}
+
+		if src.Generation() != before || len(src.CAs()) != 2 {
+			t.Errorf("%s: the running material changed", name)
+		}
+	}
+
+	cutCert := pair{cert: node.cert[:len(node.cert)-30], key: node.key}
+	writeFiles(t, dir, ca1.CertPEM, cutCert)
+	if _, err := src.Reload(); err == nil || !strings.Contains(err.Error(), "cut short") {
+		t.Errorf("a cut certificate: %v", err)
+	}
+
+	if _, err := certs.NewSource(files); err == nil {
+		t.Error("NewSource accepted a cut certificate")
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/pki"
 )
 
 // echoAgent answers every method it is called with by echoing each
@@ -145,5 +147,30 @@ func TestHealthChecksCountAgainstCallLimits(t *testing.T) {
 	// Another identity has a bucket of its own.
 	if _, err := healthpb.NewHealthClient(lg.conn("other-prober", certs.RoleReader)).Check(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
 		t.Errorf("another identity's check: %v", err)
+	}
+}
+
+// TestCutCABundleKeepsTheRunningMaterial: a CA bundle cut inside a block
+// is refused on reload, counted and logged, and the gateway goes on
+// trusting what it trusted.
+func TestCutCABundleKeepsTheRunningMaterial(t *testing.T) {
+	lg := startLive(t)
+	c := lg.client("before", certs.RoleReader)
+	other, err := pki.NewCA("other", time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lg.write("ca.crt", append(append([]byte(nil), lg.ca.CertPEM...), other.CertPEM[:len(other.CertPEM)/2]...))
+	lg.reload(nil)
+	if v := lg.metric(`apid_reloads_total{result="failure",what="certificates"}`); v != 1 {
+		t.Errorf("certificate reload failures: %g, want 1", v)
+	}
+	if !strings.Contains(lg.logs.String(), "certificate reload failed; keeping the current ones") || !strings.Contains(lg.logs.String(), "cut short") {
+		t.Errorf("no log line says the bundle was cut:\n%s", lg.logs.String())
+	}
+	for _, c := range []machine.MachineServiceClient{c, lg.client("after", certs.RoleReader)} {
+		if err := callVersion(context.Background(), c); err != nil {
+			t.Errorf("a client of the running CA: %v", err)
+		}
 	}
 }
