@@ -185,10 +185,13 @@ func (lg *liveGateway) rise(series string, before float64) {
 	}
 }
 
-// rawConns opens n TCP connections that never start their handshake.
-func (lg *liveGateway) rawConns(n int) {
+// rawConns opens n TCP connections from source (a loopback address of
+// the check's own, so that its per-source buckets are no one else's) that
+// never start their handshake.
+func (lg *liveGateway) rawConns(source string, n int) {
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}}
 	for range n {
-		c, err := net.Dial("tcp", lg.addr)
+		c, err := d.Dial("tcp", lg.addr)
 		if err != nil {
 			lg.t.Fatal(err)
 		}
@@ -248,19 +251,19 @@ func TestEveryLiveKeyApplies(t *testing.T) {
 		"limits.handshakes": func(t *testing.T) {
 			before := lg.metric(refused("handshakes"))
 			lg.reload(func(c *Config) { c.Limits.Handshakes = 1 })
-			lg.rawConns(3)
+			lg.rawConns("127.0.0.2", 3)
 			lg.rise(refused("handshakes"), before)
 		},
 		"limits.handshakesPerSource": func(t *testing.T) {
 			before := lg.metric(refused("perSource"))
 			lg.reload(func(c *Config) { c.Limits.HandshakesPerSource = 1 })
-			lg.rawConns(3)
+			lg.rawConns("127.0.0.3", 3)
 			lg.rise(refused("perSource"), before)
 		},
 		"limits.connectionsPerSourcePerSecond": func(t *testing.T) {
 			before := lg.metric(refused("perSource"))
 			lg.reload(func(c *Config) { c.Limits.ConnectionsPerSourcePerSecond = 0.01 }) // bursts of 1
-			lg.rawConns(3)
+			lg.rawConns("127.0.0.4", 3)
 			lg.rise(refused("perSource"), before)
 		},
 		"limits.concurrentCallsPerIdentity": func(t *testing.T) {
