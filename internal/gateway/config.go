@@ -140,7 +140,8 @@ func Decode(data []byte, cfg *Config) error {
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return err
 	}
-	if errs := unknownKeys(&doc, reflect.TypeFor[Config](), ""); len(errs) > 0 {
+	errs := unknownKeys(&doc, reflect.TypeFor[Config](), "")
+	if errs = append(errs, emptyValues(&doc, "")...); len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))

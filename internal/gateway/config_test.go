@@ -159,3 +159,27 @@ func TestAdminListenStaysOnLoopback(t *testing.T) {
 		t.Errorf("adminPublic: %v", err)
 	}
 }
+
+// TestKeyWithoutValueRefused: a key written with no value (a file cut
+// inside a value, as a writer that dies leaves it) is an error naming it,
+// not its zero value: localOnly: would otherwise turn forwarding back on.
+func TestKeyWithoutValueRefused(t *testing.T) {
+	for doc, want := range map[string][]string{
+		"localOnly: true\nlogLevel: info\nlocalOnly2: 1\n":      {"localOnly2 is not a configuration key"},
+		"logLevel: info\nlocalOnly:\n":                          {"line 2: localOnly has no value"},
+		"nodeNetworks:\nlimits:\n  connections:\n":              {"line 1: nodeNetworks has no value", "line 3: limits.connections has no value"},
+		"inventory:\n  nodes:\n    - name: a\n      address:\n": {"line 4: inventory.nodes[0].address has no value"},
+	} {
+		cfg := Default()
+		err := Decode([]byte(doc), &cfg)
+		for _, w := range want {
+			if err == nil || !strings.Contains(err.Error(), w) {
+				t.Errorf("%q: %v, want %q", doc, err, w)
+			}
+		}
+	}
+	cfg := Default()
+	if err := Decode([]byte("localOnly: true\nnodeNetworks: []\n"), &cfg); err != nil || !cfg.Routing.LocalOnly {
+		t.Errorf("a complete file: %v", err)
+	}
+}

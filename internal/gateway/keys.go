@@ -133,3 +133,38 @@ func join(path, key string) string {
 	}
 	return path + "." + key
 }
+
+// emptyValues lists the keys of node written with no value (localOnly:
+// and nothing after it). YAML reads such a key as null, which the decoder
+// takes as the zero value: a file cut inside a value (a writer that died)
+// would then turn localOnly or nodeNetworks off without a word. A key is
+// written with a value, or left out for its default.
+func emptyValues(node *yaml.Node, path string) []error {
+	switch node.Kind {
+	case yaml.DocumentNode:
+		var errs []error
+		for _, c := range node.Content {
+			errs = append(errs, emptyValues(c, path)...)
+		}
+		return errs
+	case yaml.SequenceNode:
+		var errs []error
+		for i, item := range node.Content {
+			errs = append(errs, emptyValues(item, fmt.Sprintf("%s[%d]", path, i))...)
+		}
+		return errs
+	case yaml.MappingNode:
+		var errs []error
+		for i := 0; i+1 < len(node.Content); i += 2 {
+			k, v := node.Content[i], node.Content[i+1]
+			key := join(path, k.Value)
+			if v.Kind == yaml.ScalarNode && v.Tag == "!!null" {
+				errs = append(errs, fmt.Errorf("line %d: %s has no value: write one, or leave the key out for its default", k.Line, key))
+				continue
+			}
+			errs = append(errs, emptyValues(v, key)...)
+		}
+		return errs
+	}
+	return nil
+}
