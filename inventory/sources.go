@@ -391,6 +391,12 @@ func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Wa
 	// read and the watch.
 	timer := time.NewTimer(settle)
 	defer timer.Stop()
+	var last file
+	if info, err := os.Stat(path); err == nil {
+		inv.mu.Lock()
+		last = file{info: info, nodes: len(inv.parts["file:"+path])}
+		inv.mu.Unlock()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -407,10 +413,41 @@ func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Wa
 			inv.log.Warn("inventory file watch", "file", path, "err", err)
 			timer.Reset(settle) // events may have been lost: read again
 		case <-timer.C:
-			nodes, err := readFile(path)
+			next, nodes, err := readWatched(path, last)
+			if err == nil {
+				last = next
+			}
 			inv.update(ctx, "file:"+path, nodes, err)
 		}
 	}
+}
+
+// file is what a watch last read of an inventory file: which file it was
+// and how many nodes it listed.
+type file struct {
+	info  os.FileInfo // nil: not read yet
+	nodes int
+}
+
+// readWatched reads an inventory file the watch saw change. A file
+// rewritten in place (the same file, not a new one renamed over it) that
+// lists fewer nodes than before may be a writer caught half-way, or one
+// that died: a cut at a line boundary is still valid YAML. Such a shrink
+// is refused, and nodes are removed only by a file replaced whole.
+func readWatched(path string, last file) (file, []Node, error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return last, nil, err
+	}
+	nodes, err := readFile(path)
+	if err != nil {
+		return last, nil, err
+	}
+	if last.info != nil && os.SameFile(last.info, info) && len(nodes) < last.nodes {
+		return last, nil, fmt.Errorf("%s went from %d nodes to %d, rewritten in place: a file rewritten in place may be cut short, so nodes are removed only when the file is replaced whole (write a new file, then rename it over this one)",
+			path, last.nodes, len(nodes))
+	}
+	return file{info: info, nodes: len(nodes)}, nodes, nil
 }
 
 // refresh asks DNS for r's records, then again when their TTL runs out

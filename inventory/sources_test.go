@@ -302,3 +302,63 @@ func requireEventually(t *testing.T, what string, cond func() bool) {
 		t.Fatalf("timed out waiting for %s", what)
 	}
 }
+
+// TestFileShrunkInPlaceKeepsItsNodes: an inventory file rewritten in place
+// with fewer nodes (a writer that died after its first lines: still valid
+// YAML) keeps its nodes and is reported; the same file replaced whole
+// (written beside, renamed over) removes them. Growing in place is fine.
+func TestFileShrunkInPlaceKeepsItsNodes(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "nodes.yaml")
+	var full strings.Builder
+	full.WriteString("nodes:\n")
+	for i := 1; i <= 5; i++ {
+		full.WriteString("- {name: node-" + string(rune('0'+i)) + ", address: 127.0.70." + string(rune('0'+i)) + "}\n")
+	}
+	write(t, path, full.String())
+	events := make(chan Event, 16)
+	inv, err := New(Config{Files: []string{path}}, nil, func(e Event) { events <- e })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inv.Close()
+	if n := inv.Set().Len(); n != 5 {
+		t.Fatalf("%d nodes", n)
+	}
+	cut := strings.Join(strings.SplitAfter(full.String(), "\n")[:3], "") // nodes: and two nodes
+	if err := os.WriteFile(path, []byte(cut), 0o644); err != nil {    // in place: same inode
+		t.Fatal(err)
+	}
+	// The write may be read as an empty file first (its truncation), which
+	// is refused too; then the cut file.
+	timeout := time.After(10 * time.Second)
+	for refused := false; !refused; {
+		select {
+		case e := <-events:
+			if e.Err == nil {
+				t.Fatalf("in-place shrink accepted: %+v", e)
+			}
+			refused = strings.Contains(e.Err.Error(), "went from 5 nodes to 2, rewritten in place")
+		case <-timeout:
+			t.Fatal("no event for the in-place shrink")
+		}
+	}
+	if n := inv.Set().Len(); n != 5 {
+		t.Fatalf("after the in-place shrink: %d nodes, want 5", n)
+	}
+	if _, ok := inv.Set().Lookup("node-4"); !ok {
+		t.Fatal("node-4 went with the cut file")
+	}
+	write(t, path, cut) // replaced whole
+	requireEventually(t, "the renamed file's two nodes", func() bool { return inv.Set().Len() == 2 })
+	grown := cut + "- {name: node-9, address: 127.0.70.9}\n"
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(grown); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	requireEventually(t, "growth in place", func() bool { return inv.Set().Len() == 3 })
+}
