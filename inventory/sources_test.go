@@ -326,7 +326,7 @@ func TestFileShrunkInPlaceKeepsItsNodes(t *testing.T) {
 		t.Fatalf("%d nodes", n)
 	}
 	cut := strings.Join(strings.SplitAfter(full.String(), "\n")[:3], "") // nodes: and two nodes
-	if err := os.WriteFile(path, []byte(cut), 0o644); err != nil {    // in place: same inode
+	if err := os.WriteFile(path, []byte(cut), 0o644); err != nil {       // in place: same inode
 		t.Fatal(err)
 	}
 	// The write may be read as an empty file first (its truncation), which
