@@ -81,6 +81,11 @@ type Config struct {
 	// admin endpoint has no authentication, and its pages name every node
 	// and caller activity. Off by default.
 	AdminPublic bool `yaml:"adminPublic" reload:"restart"`
+	// AdminHosts are the names (besides IP addresses, localhost and a
+	// request with no Host) the admin endpoint answers to: a page served
+	// to any Host could be read by a web page through DNS rebinding from
+	// an operator's browser. Empty: none.
+	AdminHosts []string `yaml:"adminHosts" reload:"live"`
 	// DrainDelay is how long apid, told to stop, goes on accepting calls
 	// with readiness already failing, so that balancers notice before
 	// connections are refused. Default 5s.
@@ -214,6 +219,11 @@ func (c Config) validate() (*auth.Policy, error) {
 			add(fmt.Errorf("adminListen %q: the same address as listen", c.AdminListen))
 		} else if !c.AdminPublic && !loopback(c.AdminListen) {
 			add(fmt.Errorf("adminListen %q is not a loopback address: the admin endpoint has no authentication and names every node; keep it on 127.0.0.1, or set adminPublic: true on a network only operators reach", c.AdminListen))
+		}
+	}
+	for i, h := range c.AdminHosts {
+		if !inventory.ValidDNSName(h) || net.ParseIP(h) != nil {
+			add(fmt.Errorf("adminHosts[%d] %q: want a DNS name without a port, such as apid.example.internal (IP addresses and localhost are always accepted)", i, h))
 		}
 	}
 	switch c.LogLevel {

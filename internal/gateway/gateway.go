@@ -64,8 +64,9 @@ type Gateway struct {
 	nodes   *nodeTable
 	life    *lifecycle
 
-	adminOpen atomic.Int64 // admin endpoint connections open
-	adminAddr net.Addr     // set before serving is closed
+	adminOpen   atomic.Int64 // admin endpoint connections open
+	adminLogged atomic.Int64 // when a refused admin request was last logged (unix ns)
+	adminAddr   net.Addr     // set before serving is closed
 	// nodesBuild lets one /nodes request at a time build its page:
 	// building merges the whole inventory, so its cost is paid once
 	// however many clients ask at once.

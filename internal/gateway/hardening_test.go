@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"regexp"
 	"strconv"
 	"strings"
@@ -172,5 +173,56 @@ func TestCutCABundleKeepsTheRunningMaterial(t *testing.T) {
 		if err := callVersion(context.Background(), c); err != nil {
 			t.Errorf("a client of the running CA: %v", err)
 		}
+	}
+}
+
+// TestAdminAnswersOnlyItsHosts: the admin endpoint answers a request with
+// no Host, an IP address or localhost, and names in adminHosts (a reload
+// applies them); any other Host, as a DNS-rebinding page sends, is
+// refused and counted.
+func TestAdminAnswersOnlyItsHosts(t *testing.T) {
+	lg := startLive(t)
+	admin := lg.gw.AdminAddr().String()
+	get := func(host string) int {
+		t.Helper()
+		req, err := http.NewRequest("GET", "http://"+admin+"/nodes", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for host, want := range map[string]int{
+		admin: 200, "127.0.0.1": 200, "[::1]:50001": 200, "localhost:50001": 200, "LOCALHOST": 200,
+		"evil": 421, "evil.example:50001": 421, "ops.example": 421, "127.0.0.1.evil.example": 421,
+	} {
+		if got := get(host); got != want {
+			t.Errorf("Host %q: %d, want %d", host, got, want)
+		}
+	}
+	// HAProxy's check sends no Host (HTTP/1.0).
+	c, err := net.Dial("tcp", admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "GET /readyz HTTP/1.0\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	reply, _ := io.ReadAll(c)
+	if !strings.HasPrefix(string(reply), "HTTP/1.0 200") {
+		t.Errorf("a request with no Host: %q", reply)
+	}
+	if v := lg.metric("apid_admin_host_refusals_total"); v != 4 {
+		t.Errorf("apid_admin_host_refusals_total %g, want 4", v)
+	}
+	lg.reload(func(c *Config) { c.AdminHosts = []string{"ops.example"} })
+	if got := get("ops.example"); got != 200 {
+		t.Errorf("ops.example in adminHosts: %d", got)
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -170,7 +172,7 @@ func (g *Gateway) admin(ctx context.Context, lis net.Listener) error {
 	// A small, bounded server: a connection cap, and timeouts for every
 	// phase, so that idle or slow clients cannot hold the process's file
 	// descriptors or the pages' memory.
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+	srv := &http.Server{Handler: g.checkHost(mux), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 16 << 10,
 		ConnState: func(_ net.Conn, state http.ConnState) {
 			switch state {
@@ -188,4 +190,44 @@ func (g *Gateway) admin(ctx context.Context, lis net.Listener) error {
 		return err
 	}
 	return nil
+}
+
+// checkHost answers only requests whose Host is empty (HAProxy's check
+// sends none), an IP address, localhost, or one of adminHosts: a browser
+// page of another origin that rebinds its name to this address sends its
+// own name, and is refused. The list is read per request, so a reload
+// applies it.
+func (g *Gateway) checkHost(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hostAllowed(r.Host, g.Config().AdminHosts) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		g.metrics.adminRefused.Inc()
+		if now := time.Now().UnixNano(); now-g.adminLogged.Load() > int64(time.Second) {
+			g.adminLogged.Store(now)
+			g.log.Warn("admin endpoint: request for a host it does not answer to refused (adminHosts)", "host", r.Host, "remote", r.RemoteAddr)
+		}
+		http.Error(w, fmt.Sprintf("this admin endpoint does not answer to host %q: add it to adminHosts, or use an IP address", r.Host), http.StatusMisdirectedRequest)
+	})
+}
+
+func hostAllowed(host string, allowed []string) bool {
+	if host == "" {
+		return true
+	}
+	h := host
+	if name, _, err := net.SplitHostPort(host); err == nil {
+		h = name
+	}
+	h = strings.ToLower(strings.TrimSuffix(strings.Trim(h, "[]"), "."))
+	if _, err := netip.ParseAddr(h); err == nil || h == "localhost" || strings.HasSuffix(h, ".localhost") {
+		return true
+	}
+	for _, a := range allowed {
+		if strings.EqualFold(strings.TrimSuffix(a, "."), h) {
+			return true
+		}
+	}
+	return false
 }

@@ -389,6 +389,25 @@ func TestEveryLiveKeyApplies(t *testing.T) {
 				t.Errorf("applied %s", got)
 			}
 		},
+		"adminHosts": func(t *testing.T) {
+			get := func() int {
+				req, _ := http.NewRequest("GET", "http://"+lg.gw.AdminAddr().String()+"/healthz", nil)
+				req.Host = "ops.example"
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp.Body.Close()
+				return resp.StatusCode
+			}
+			if code := get(); code != http.StatusMisdirectedRequest {
+				t.Fatalf("ops.example before: %d", code)
+			}
+			lg.reload(func(c *Config) { c.AdminHosts = []string{"ops.example"} })
+			if code := get(); code != http.StatusOK {
+				t.Errorf("ops.example in adminHosts: %d", code)
+			}
+		},
 		"drainDelay": func(t *testing.T) {
 			lg.reload(func(c *Config) { c.DrainDelay = 7 * time.Second })
 			if got := lg.gw.Config().DrainDelay; got != 7*time.Second {

@@ -54,6 +54,8 @@ type metrics struct {
 	nodeTime  *prometheus.HistogramVec
 	reloads   *prometheus.CounterVec
 	loosens   prometheus.Counter
+	// adminRefused counts admin requests for a host not answered to.
+	adminRefused prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -70,6 +72,9 @@ func newMetrics() *metrics {
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "apid_reloads_total", Help: "Reloads of the configuration (what=config) and the certificate files (what=certificates), by result.",
 		}, []string{"what", "result"}),
+		adminRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "apid_admin_host_refusals_total", Help: "Admin endpoint requests refused for a Host it does not answer to (adminHosts).",
+		}),
 		loosens: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "apid_config_loosened_total", Help: "Reloads that loosened a bound or what apid trusts (the log line names the keys).",
 		}),
@@ -80,7 +85,7 @@ func newMetrics() *metrics {
 		}
 	}
 	v := version.Get()
-	m.registry.MustRegister(m.grpc, m.nodeCalls, m.nodeTime, m.reloads, m.loosens,
+	m.registry.MustRegister(m.grpc, m.nodeCalls, m.nodeTime, m.reloads, m.loosens, m.adminRefused,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "apid_build_info", Help: "Always 1; the labels say which apid this is.",
 			ConstLabels: prometheus.Labels{"version": v.Version, "commit": v.Commit, "goversion": v.Go},
