@@ -1,7 +1,10 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -13,6 +16,8 @@ import (
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -23,6 +28,7 @@ import (
 
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/pki"
 )
 
@@ -225,4 +231,161 @@ func TestAdminAnswersOnlyItsHosts(t *testing.T) {
 	if got := get("ops.example"); got != 200 {
 		t.Errorf("ops.example in adminHosts: %d", got)
 	}
+}
+
+// TestHeaderListBoundedByWhatApidAccepts: the header list a client may
+// send is advertised from what apid accepts of routing and forwarded
+// metadata, so that a 900 KiB nodes header is refused by HTTP/2 before it
+// is decoded, and reaches no node.
+func TestHeaderListBoundedByWhatApidAccepts(t *testing.T) {
+	lg := startLive(t)
+	want := headerListBound(lg.base)
+	if want > 256<<10 || want < limits.MaxNodesBytes {
+		t.Fatalf("bound %d bytes", want)
+	}
+	crt, key, err := lg.ca.IssueClient("raw", []string{certs.RoleAdmin}, time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair(crt, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(lg.ca.CertPEM)
+	conn, err := tls.Dial("tcp", lg.addr, &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1", NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(conn, conn)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	var advertised uint32
+	for advertised == 0 {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, ok := f.(*http2.SettingsFrame); ok && !s.IsAck() {
+			v, ok := s.Value(http2.SettingMaxHeaderListSize)
+			if !ok {
+				t.Fatal("the server advertises no header list bound")
+			}
+			advertised = v
+			_ = fr.WriteSettingsAck()
+		}
+	}
+	if advertised != want {
+		t.Errorf("advertised %d, want %d", advertised, want)
+	}
+
+	calls, checked := lg.backend.Calls(), lg.metric(refused("metadataBytes"))
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "https"}, {":path", "/machine.MachineService/Version"},
+		{":authority", "127.0.0.1"}, {"content-type", "application/grpc"}, {"te", "trailers"},
+		{"nodes", strings.Repeat("node-x,", 900<<10/7)}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	const chunk = 16 << 10
+	b := block.Bytes()
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: b[:chunk], EndStream: true}); err != nil {
+		t.Fatal(err)
+	}
+	for b = b[chunk:]; len(b) > 0; {
+		n := min(chunk, len(b))
+		if err := fr.WriteContinuation(1, n == len(b), b[:n]); err != nil {
+			break // the server may close the connection first
+		}
+		b = b[n:]
+	}
+	reset := false
+	for !reset {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			reset = true // the connection closed: refused too
+			break
+		}
+		switch f := f.(type) {
+		case *http2.RSTStreamFrame:
+			reset = true
+		case *http2.GoAwayFrame:
+			reset = true
+		case *http2.MetaHeadersFrame:
+			for _, h := range f.Fields {
+				if h.Name == "grpc-status" && h.Value != "0" {
+					reset = true
+				}
+			}
+		}
+	}
+	if lg.backend.Calls() != calls {
+		t.Error("the oversized request reached the node")
+	}
+	if v := lg.metric(refused("metadataBytes")); v != checked {
+		t.Error("the oversized header list was decoded and reached apid's own metadata check")
+	}
+
+	// The official client hears the bound from the server and does not
+	// send such a list at all.
+	err = callVersion(context.Background(), lg.client("client", certs.RoleAdmin), "nodes", strings.Repeat("node-x,", 900<<10/7))
+	if err == nil || lg.backend.Calls() != calls {
+		t.Errorf("a 900 KiB nodes header through the official client: %v", err)
+	}
+}
+
+// TestHungNodeEjectedThroughTheGateway: a node whose address accepts TCP
+// and never speaks, fanned out to back to back with a caller's deadline
+// (apid-node-timeout) shorter than a connection attempt, is ejected once
+// its connections have failed to establish for longer than an attempt may
+// take (20 s), and the calls after that do not wait for it.
+func TestHungNodeEjectedThroughTheGateway(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs past the 20 s connect timeout")
+	}
+	hung, err := net.Listen("tcp", "127.0.0.77:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hung.Close()
+	go func() {
+		for {
+			c, err := hung.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held, silent, until the test ends
+		}
+	}()
+	_, port, _ := net.SplitHostPort(hung.Addr().String())
+	lg := startLiveWith(t, testbackend.Start(t, "node-1", testbackend.Behaviour{}).Addr, func(c *Config) {
+		c.Nodes.Port, _ = strconv.Atoi(port)
+	})
+	c := lg.client("caller", certs.RoleReader)
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "nodes", "127.0.0.1,127.0.0.77", "apid-node-timeout", "1s")
+	deadline := time.Now().Add(40 * time.Second)
+	calls := 0
+	for lg.metric("apid_node_ejections_total") == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not ejected after %d calls in 40 s", calls)
+		}
+		resp, err := c.Version(ctx, &emptypb.Empty{})
+		if err != nil || len(resp.Messages) != 2 {
+			t.Fatalf("fan-out: %v, %v", resp, err)
+		}
+		calls++
+	}
+	// Ejected: its entry is the ejection's refusal, not a wait for its
+	// deadline.
+	resp, err := c.Version(ctx, &emptypb.Empty{})
+	if err != nil || len(resp.Messages) != 2 || !strings.Contains(resp.Messages[1].GetMetadata().GetError(), "ejected") {
+		t.Fatalf("after ejection: %v, %v", resp, err)
+	}
+	t.Logf("ejected after %d calls", calls)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/limits"
 	"github.com/apid/apid/proxy"
 )
 
@@ -61,7 +62,7 @@ func transportOptions(cfg Config) []grpc.ServerOption {
 		// going to; grpc-go's default waits 120 s.
 		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
-		grpc.MaxHeaderListSize(1 << 20),
+		grpc.MaxHeaderListSize(headerListBound(cfg)),
 		idleConnectionBuffers,
 		// The most eager released client, talosctl v1.13's event
 		// tracker, pings every 10 s; a server that counts pings a hair
@@ -74,6 +75,32 @@ func transportOptions(cfg Config) []grpc.ServerOption {
 		}),
 	}
 }
+
+// headerListBound is the header list a client may send, advertised in
+// HTTP/2's SETTINGS so that the transport refuses a larger one before
+// decoding it: what apid accepts of routing metadata (limits.MaxNodesBytes
+// of node and nodes values, in up to maxNodes fields, as the official
+// client sends one nodes field per node), of each forwarded key
+// (limits.MaxForwardBytes), and room for the request's own headers. HTTP/2
+// counts each field as its name, its value and 32 bytes. It is read at
+// start: a reload that raises maxNodes past it needs a restart to accept
+// lists that long.
+func headerListBound(cfg Config) uint32 {
+	const field = 32
+	maxNodes := cfg.Routing.MaxNodes
+	if maxNodes <= 0 {
+		maxNodes = director.DefaultConfig().MaxNodes
+	}
+	forwarded := len(director.DefaultForwardKeys) + len(cfg.Routing.ForwardKeys)
+	n := limits.MaxNodesBytes + maxNodes*(field+len(director.KeyNodes)) +
+		forwarded*(limits.MaxForwardBytes+field) + requestHeaders
+	return uint32(n)
+}
+
+// requestHeaders is room for what a gRPC request carries besides routing
+// and forwarded metadata (pseudo-headers, content-type, te, user-agent,
+// grpc-timeout, talos-role values, a client's own small keys).
+const requestHeaders = 16 << 10
 
 // connectionAge is d, or "never" for zero, in grpc-go's terms.
 func connectionAge(d time.Duration) time.Duration {
