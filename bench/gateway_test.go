@@ -20,9 +20,9 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/gateway"
+	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/internal/testpki"
 	"github.com/apid/apid/pki"
 )
@@ -56,8 +56,8 @@ type gatewayFleet struct {
 type fleetOptions struct {
 	nodes   int
 	firstIP [4]byte // node i is firstIP + i
-	// backend returns the local backend address of node i (default: an
-	// example agent on a unix socket).
+	// backend returns the local backend address of node i (default: a
+	// test backend on a unix socket).
 	backend func(i int, name string) string
 	// tracing, when set, is the OTLP receiver every gateway exports to.
 	tracing string
@@ -130,19 +130,18 @@ func (f *gatewayFleet) write(tb testing.TB, name string, data []byte) string {
 	return path
 }
 
-// agent runs an example agent on a unix socket and returns its address.
+// agent runs a test backend on a unix socket, as a node's local agent, and
+// returns its address.
 func (f *gatewayFleet) agent(tb testing.TB, name string) string {
 	tb.Helper()
 	sock := filepath.Join(f.dir, name+".sock")
-	lis, err := agent.Listen("unix://" + sock)
+	lis, err := net.Listen("unix", sock)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	a := agent.New(agent.Config{Hostname: name})
-	srv := grpc.NewServer(a.ServerOptions()...)
-	a.Register(srv)
-	go func() { _ = srv.Serve(lis) }()
-	tb.Cleanup(func() { srv.Stop(); a.Close() })
+	b := testbackend.New(name, testbackend.Behaviour{})
+	go func() { _ = b.Serve(lis) }()
+	tb.Cleanup(b.Stop)
 	return "unix://" + sock
 }
 
@@ -162,7 +161,7 @@ func (f *gatewayFleet) clientTLS(tb testing.TB) *tls.Config {
 	return &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}}
 }
 
-// startGateways runs n gateways with example agents on 127.0.66.1 and up,
+// startGateways runs n gateways with test backends on 127.0.66.1 and up,
 // tracing to an OTLP receiver when traced, and returns a client of the
 // first, the node addresses and the receiver.
 func startGateways(tb testing.TB, n int, traced bool) (machine.MachineServiceClient, []string, *spanCounter) {

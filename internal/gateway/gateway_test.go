@@ -21,13 +21,13 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/pki"
 )
 
-// testGateway is a whole gateway and an example agent in this process, on
-// 127.0.0.1.
+// testGateway is a whole gateway and its local node agent, a test backend
+// on a unix socket, in this process, on 127.0.0.1.
 type testGateway struct {
 	t        *testing.T
 	logs     *syncBuffer // the gateway's JSON log
@@ -36,14 +36,13 @@ type testGateway struct {
 	addr     string
 	dir      string
 	ca       *pki.CA
-	agentSrv *grpc.Server
+	agentSrv *testbackend.Server // the local node agent, node-1 among the cluster's members
 	cancel   context.CancelFunc
 	served   chan error
-	agent    *agent.Server
 }
 
-// startGateway starts an agent and a gateway whose configuration edit may
-// change (the admin endpoint is on a free port of 127.0.0.1).
+// startGateway starts a local node agent and a gateway whose configuration
+// edit may change (the admin endpoint is on a free port of 127.0.0.1).
 func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	t.Helper()
 	tg := &testGateway{t: t, dir: t.TempDir(), served: make(chan error, 1), logs: &syncBuffer{}}
@@ -56,16 +55,16 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(tg.dir, "agent.sock")
-	agentLis, err := agent.Listen("unix://" + sock)
+	agentLis, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := agent.New(agent.Config{Hostname: "node-1", Members: []agent.Member{{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true}}})
-	tg.agent = a
-	tg.agentSrv = grpc.NewServer(a.ServerOptions()...)
-	a.Register(tg.agentSrv)
+	tg.agentSrv = testbackend.New("node-1", testbackend.Behaviour{})
+	if err := tg.agentSrv.SetMembers([]testbackend.Member{{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true}}); err != nil {
+		t.Fatal(err)
+	}
 	go func() { _ = tg.agentSrv.Serve(agentLis) }()
-	t.Cleanup(func() { tg.agentSrv.Stop(); a.Close() })
+	t.Cleanup(tg.agentSrv.Stop)
 
 	cfg := Default()
 	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)

@@ -18,9 +18,9 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
-	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/pki"
@@ -162,7 +162,7 @@ func TestClusterInventorySource(t *testing.T) {
 	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
 		t.Fatalf("inventory %q, want %q", nodes(), want)
 	}
-	if err := tg.agent.SetMembers([]agent.Member{
+	if err := tg.agentSrv.SetMembers([]testbackend.Member{
 		{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true},
 		{Hostname: "node-7", Addresses: []string{"127.0.0.7"}},
 	}); err != nil {
@@ -172,7 +172,7 @@ func TestClusterInventorySource(t *testing.T) {
 	if !testkit.Eventually(10*time.Second, func() bool { return nodes() == want }) {
 		t.Fatalf("after a join: %q, want %q", nodes(), want)
 	}
-	if err := tg.agent.SetMembers([]agent.Member{{Hostname: "node-7", Addresses: []string{"127.0.0.7"}}}); err != nil {
+	if err := tg.agentSrv.SetMembers([]testbackend.Member{{Hostname: "node-7", Addresses: []string{"127.0.0.7"}}}); err != nil {
 		t.Fatal(err)
 	}
 	want = "node-7=127.0.0.7/worker/cluster"
@@ -207,7 +207,7 @@ func TestClusterInventoryThroughANode(t *testing.T) {
 		c.Inventory.Cluster = &inventory.ClusterSource{Through: "127.0.0.1"}
 	})
 	// The front gateway's own agent never learns node-7: only the member's does.
-	if err := member.agent.SetMembers([]agent.Member{
+	if err := member.agentSrv.SetMembers([]testbackend.Member{
 		{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true},
 		{Hostname: "node-7", Addresses: []string{"127.0.0.7"}},
 	}); err != nil {

@@ -1,7 +1,8 @@
 // Package testbackend is a node agent for tests and benchmarks whose
 // behaviour can be set per call: slow, failing, hanging, flooding, dying
 // mid-stream. It serves the Talos MachineService types (Version, Dmesg,
-// EtcdRecover) so that replies decode with the real Talos client.
+// Logs, EtcdRecover) so that replies decode with the real Talos client, and
+// the cluster's members through Talos's resource API (SetMembers).
 package testbackend
 
 import (
@@ -66,6 +67,8 @@ type Server struct {
 	mu      sync.Mutex
 	lastMD  metadata.MD
 	payload []byte
+
+	members *members
 }
 
 // Start serves a backend named name on a fresh 127.0.0.1 port until the
@@ -86,9 +89,11 @@ func Start(tb testing.TB, name string, b Behaviour) *Server {
 // New returns a backend not yet serving; Register it on a server or use
 // Serve.
 func New(name string, b Behaviour) *Server {
-	s := &Server{Name: name, ended: make(chan struct{}, 1024), grpc: grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20))}
+	s := &Server{Name: name, ended: make(chan struct{}, 1024), grpc: grpc.NewServer(grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20)),
+		members: newMembers()}
 	s.Set(b)
 	machine.RegisterMachineServiceServer(s.grpc, s)
+	s.members.register(s.grpc)
 	return s
 }
 
@@ -229,6 +234,44 @@ func (s *Server) Dmesg(_ *machine.DmesgRequest, stream machine.MachineService_Dm
 		}
 	}
 	return nil
+}
+
+// Logs streams StreamMessages messages as Dmesg does, after the headers
+// (which mark where a follower starts); with Follow it then holds the
+// stream, as a follower waiting for new lines, until the call ends.
+func (s *Server) Logs(req *machine.LogsRequest, stream machine.MachineService_LogsServer) error {
+	s.active.Add(1)
+	defer s.end()
+	ctx := stream.Context()
+	b, payload, err := s.begin(ctx)
+	if err != nil {
+		return err
+	}
+	if err := stream.SendHeader(nil); err != nil {
+		return err
+	}
+	for i := 0; i < b.StreamMessages; i++ {
+		if err := stream.Send(&common.Data{Bytes: append([]byte(fmt.Sprintf("%s %d ", s.Name, i)), payload...)}); err != nil {
+			return err
+		}
+		s.sent.Add(1)
+	}
+	if !req.GetFollow() {
+		return nil
+	}
+	<-ctx.Done()
+	return status.FromContextError(ctx.Err()).Err()
+}
+
+// GenerateClientConfiguration refuses, as a node that holds no client CA
+// does.
+func (s *Server) GenerateClientConfiguration(ctx context.Context, _ *machine.GenerateClientConfigurationRequest) (*machine.GenerateClientConfigurationResponse, error) {
+	s.active.Add(1)
+	defer s.end()
+	if _, _, err := s.begin(ctx); err != nil {
+		return nil, err
+	}
+	return nil, status.Errorf(codes.FailedPrecondition, "%s holds no client CA", s.Name)
 }
 
 // EtcdRecover reads the upload and reports its size and SHA-256 in the
