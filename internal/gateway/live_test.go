@@ -39,7 +39,7 @@ import (
 // liveGateway is a gateway in this process in front of a test backend as
 // its local agent, for changing its configuration while it runs.
 type liveGateway struct {
-	t       *testing.T
+	t       testing.TB
 	gw      *Gateway
 	base    Config
 	addr    string
@@ -49,7 +49,7 @@ type liveGateway struct {
 	backend *testbackend.Server
 }
 
-func startLive(t *testing.T) *liveGateway {
+func startLive(t testing.TB) *liveGateway {
 	t.Helper()
 	backend := testbackend.Start(t, "node-1", testbackend.Behaviour{})
 	lg := startLiveWith(t, backend.Addr, nil)
@@ -59,7 +59,7 @@ func startLive(t *testing.T) *liveGateway {
 
 // startLiveWith starts a gateway whose local agent is at backend, its
 // configuration changed by edit.
-func startLiveWith(t *testing.T, backend string, edit func(*Config)) *liveGateway {
+func startLiveWith(t testing.TB, backend string, edit func(*Config)) *liveGateway {
 	t.Helper()
 	lg := &liveGateway{t: t, dir: t.TempDir(), logs: &syncBuffer{}}
 	var err error
