@@ -28,7 +28,7 @@ STRESS_TESTS := \
 	clusterhealth:'TestUnhealthyClusters|TestCutOffAttemptKeepsTheFinding|TestConvergingClusterPasses|TestHealthyCluster' \
 	director:'TestCallersDeadlinesEjectNobody|TestEjectionLifecycle|TestPool.*|TestRouteNodeTimeout' \
 	internal/gateway:'TestConcurrentCallsPerIdentity|TestDrain|TestDrainEndsWhenCallsDo|TestObservability|TestEjection|TestHealthAndReadiness' \
-	agent:'TestEventsSlowSubscriber|TestEventsTailSeconds|TestRebootSimulation|TestRebootTrackedLikeTalosctl' \
+	internal/demo/lifecycle:'TestEventsSlowSubscriber|TestEventsTailSeconds|TestRebootSimulation|TestRebootTrackedLikeTalosctl' \
 	certs:'TestSourceWatch|TestNodeToNode' \
 	limits:'TestListenerClosesConnectionsOverTheTotalAtOnce'
 stress:
@@ -105,7 +105,7 @@ soak:
 FUZZTIME ?= 30s
 FUZZ_TARGETS := aggregate:FuzzStampReply aggregate:FuzzStampMessage aggregate:FuzzCheckMessage aggregate:FuzzErrorEntry \
 	director:FuzzParseTargets auth:FuzzPolicy pki:FuzzMergeTalosconfig \
-	agent:FuzzParseMeminfo agent:FuzzFormatKmsgRecord
+	internal/demo/monitoring:FuzzParseMeminfo internal/demo/logs:FuzzFormatKmsgRecord
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  pkg=$${t%%:*}; fn=$${t##*:}; \

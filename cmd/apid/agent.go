@@ -8,14 +8,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"os"
 	"strings"
 
-	"google.golang.org/grpc"
-
-	"github.com/apid/apid/agent"
+	"github.com/apid/apid/internal/demo/node"
 	"github.com/apid/apid/pki"
 )
 
@@ -34,11 +30,11 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 	caKey := fs.String("client-ca-key", "", "PEM `file` of that CA's private key")
 	endpoints := fs.String("endpoints", "", "comma-separated gateway `addresses` written into generated talosconfigs")
 	maxTTL := fs.Duration("max-client-ttl", 0, "longest validity GenerateClientConfiguration grants (0: until the client CA expires, as Talos)")
-	cluster := fs.String("cluster-name", agent.DefaultClusterName, "`name` in generated talosconfig contexts (admin@NAME)")
+	cluster := fs.String("cluster-name", node.DefaultClusterName, "`name` in generated talosconfig contexts (admin@NAME)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	cfg := agent.Config{Hostname: *hostname, ReadRoots: roots, MaxClientTTL: *maxTTL, ClusterName: *cluster}
+	cfg := node.Config{Hostname: *hostname, ReadRoots: roots, MaxClientTTL: *maxTTL, ClusterName: *cluster}
 	if (*caCert == "") != (*caKey == "") {
 		return errors.New("-client-ca-cert and -client-ca-key go together")
 	}
@@ -64,30 +60,13 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer) error {
 		cfg.Endpoints = strings.Split(*endpoints, ",")
 	}
 	log := newLogger(stderr, *level, "text")
-	lis, err := agent.Listen(*listen)
+	lis, err := node.Listen(*listen)
 	if err != nil {
 		return err
 	}
 	cfg.Logger = log
-	a := agent.New(cfg)
+	a := node.New(cfg)
 	defer a.Close() // after the server has stopped: ends a simulation in progress
-	srv := grpc.NewServer(a.ServerOptions()...)
-	a.Register(srv)
 	log.Info("example agent serving", "listen", *listen)
-	return serveUntil(ctx, srv, lis, log)
-}
-
-// serveUntil serves lis until ctx ends, then stops the server.
-func serveUntil(ctx context.Context, srv *grpc.Server, lis net.Listener, log *slog.Logger) error {
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(lis) }()
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		log.Debug("stopping", "listen", lis.Addr().String())
-		srv.Stop()
-		<-done
-		return nil
-	}
+	return a.Serve(ctx, lis, log)
 }

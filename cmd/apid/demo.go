@@ -25,10 +25,11 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/config/machine"
 	"github.com/siderolabs/talos/pkg/machinery/constants"
 	"golang.org/x/sync/errgroup"
-	"google.golang.org/grpc"
 
-	"github.com/apid/apid/agent"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/internal/demo/etcd"
+	"github.com/apid/apid/internal/demo/node"
+	"github.com/apid/apid/internal/demo/resources"
 	"github.com/apid/apid/internal/gateway"
 	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/pki"
@@ -44,7 +45,7 @@ type demoOptions struct {
 	logFmt   string
 }
 
-// demoNode is one node of the demo cluster: an example agent on a unix
+// demoNode is one node of the demo cluster: a demo node on a unix
 // socket and an apid on its own loopback address.
 type demoNode struct {
 	name         string
@@ -121,9 +122,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("machine configurations: %w", err)
 	}
 	// Every node knows the others, as a Talos cluster's discovery does.
-	members := make([]agent.Member, len(nodes))
+	members := make([]resources.Member, len(nodes))
 	for i, n := range nodes {
-		members[i] = agent.Member{Hostname: n.name, Addresses: []string{n.ip}, ControlPlane: n.controlPlane}
+		members[i] = resources.Member{Hostname: n.name, Addresses: []string{n.ip}, ControlPlane: n.controlPlane}
 	}
 
 	etcds, err := startDemoEtcd(ctx, o, nodes)
@@ -140,11 +141,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
 	for _, n := range nodes {
-		agentLis, err := agent.Listen("unix://" + n.sock)
+		agentLis, err := node.Listen("unix://" + n.sock)
 		if err != nil {
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
-		acfg := agent.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}, Members: members}
+		acfg := node.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: demoEndpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}, Members: members}
 		acfg.MachineConfig = workerConfig
 		if n.controlPlane {
 			acfg.MachineConfig = cpConfig
@@ -155,11 +156,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			// configurations (talosctl config new), as in Talos.
 			acfg.ClientCA.Cert, acfg.ClientCA.Key = caCert, caKey
 		}
-		a := agent.New(acfg)
+		a := node.New(acfg)
 		defer a.Close() // after the servers have stopped (g.Wait below)
-		agentSrv := grpc.NewServer(a.ServerOptions()...)
-		a.Register(agentSrv)
-		g.Go(func() error { return serveUntil(ctx, agentSrv, agentLis, log) })
+		g.Go(func() error { return a.Serve(ctx, agentLis, log) })
 
 		cfg := gateway.Default()
 		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.port))
@@ -415,7 +414,7 @@ const (
 // each member on its node's address with its data under the demo's
 // directory, and waits until they serve. Each run starts a new cluster (a
 // member that left the last one would not be let back in).
-func startDemoEtcd(ctx context.Context, o demoOptions, nodes []demoNode) (map[string]*agent.Etcd, error) {
+func startDemoEtcd(ctx context.Context, o demoOptions, nodes []demoNode) (map[string]*etcd.Member, error) {
 	if err := os.RemoveAll(filepath.Join(o.dir, "etcd")); err != nil {
 		return nil, err
 	}
@@ -425,7 +424,7 @@ func startDemoEtcd(ctx context.Context, o demoOptions, nodes []demoNode) (map[st
 			initial = append(initial, n.name+"=http://"+net.JoinHostPort(n.ip, etcdPeerPort))
 		}
 	}
-	etcds := map[string]*agent.Etcd{}
+	etcds := map[string]*etcd.Member{}
 	stopAll := func() {
 		for _, e := range etcds {
 			e.Stop()
@@ -435,7 +434,7 @@ func startDemoEtcd(ctx context.Context, o demoOptions, nodes []demoNode) (map[st
 		if !n.controlPlane {
 			continue
 		}
-		e, err := agent.StartEtcd(agent.EtcdMember{
+		e, err := etcd.Start(etcd.MemberConfig{
 			Name: n.name, DataDir: filepath.Join(o.dir, "etcd", n.name),
 			ClientURL: "http://" + net.JoinHostPort(n.ip, etcdClientPort), PeerURL: "http://" + net.JoinHostPort(n.ip, etcdPeerPort),
 			InitialCluster: strings.Join(initial, ","),

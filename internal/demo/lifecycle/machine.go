@@ -1,0 +1,101 @@
+package lifecycle
+
+import (
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"google.golang.org/protobuf/proto"
+)
+
+// Config describes a simulated machine.
+type Config struct {
+	// Log is the node's log, which says what the machine only simulates.
+	Log *slog.Logger
+	// Beside are services that run beside the node (the demo's apid):
+	// ServiceList shows them running, as a Talos node lists its apid, but
+	// the machine does not manage them.
+	Beside []string
+	// Observe, if set, sees every event the machine publishes, as it is
+	// published (the resource API follows the services and the machine's
+	// stage through it).
+	Observe func(proto.Message)
+	// OnBoot, if set, runs as a simulated reboot's boot begins (a staged
+	// machine configuration is applied then).
+	OnBoot func()
+}
+
+// Machine is the simulated machine: its services, its boot, reboots,
+// shutdowns and upgrades, and the event log that tells of them. Create it
+// with [New]; it is safe for concurrent use.
+type Machine struct {
+	log     *slog.Logger
+	events  *eventLog
+	beside  []string
+	observe func(proto.Message)
+	onBoot  func()
+	started time.Time // when New made the machine
+
+	mu            sync.Mutex
+	reboots       []*machine.RebootRequest
+	services      []*simService // sorted by ID
+	sequence      string        // the simulated lifecycle operation in progress, if any
+	sequenceActor string        // and its actor ID
+
+	closed chan struct{}  // closed by Close
+	sims   sync.WaitGroup // lifecycle simulations in progress
+}
+
+// New returns a machine whose services have not started: Boot starts
+// them.
+func New(cfg Config) *Machine {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Machine{
+		log:      cfg.Log,
+		events:   newEventLog(eventCapacity),
+		beside:   cfg.Beside,
+		observe:  cfg.Observe,
+		onBoot:   cfg.OnBoot,
+		started:  time.Now(),
+		services: newSimServices(SimulatedServices),
+		closed:   make(chan struct{}),
+	}
+}
+
+// Boot puts the machine in the state a booted Talos node is in, and
+// publishes the events of that boot (with no actor): services running and
+// healthy, the machine running and ready.
+func (m *Machine) Boot() {
+	m.publish("", machineStatus(machine.MachineStatusEvent_BOOTING, false))
+	m.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_START})
+	m.publish("", &machine.PhaseEvent{Phase: "startEverything", Action: machine.PhaseEvent_START})
+	m.mu.Lock()
+	for _, svc := range m.services {
+		task := "startService(" + svc.id + ")"
+		m.publish("", &machine.TaskEvent{Task: task, Action: machine.TaskEvent_START})
+		m.startService(svc, "", "agent start")
+		m.publish("", &machine.TaskEvent{Task: task, Action: machine.TaskEvent_STOP})
+	}
+	m.mu.Unlock()
+	m.publish("", &machine.PhaseEvent{Phase: "startEverything", Action: machine.PhaseEvent_STOP})
+	m.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_STOP})
+	m.publish("", machineStatus(machine.MachineStatusEvent_RUNNING, true))
+}
+
+// Close stops the machine's background work: a simulated reboot, shutdown
+// or upgrade in progress stops where it is, and Events streams end with
+// Unavailable. It waits for the simulation's goroutine and may be called
+// more than once; lifecycle calls made afterwards fail with Unavailable.
+func (m *Machine) Close() {
+	m.mu.Lock()
+	select {
+	case <-m.closed:
+	default:
+		close(m.closed)
+	}
+	m.mu.Unlock()
+	m.sims.Wait()
+}
