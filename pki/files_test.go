@@ -67,3 +67,42 @@ func TestWriteFile(t *testing.T) {
 		t.Error("write into a missing directory succeeded")
 	}
 }
+
+// TestWritePair: the certificate is public and its key private, and
+// without force neither is written when either exists.
+func TestWritePair(t *testing.T) {
+	t.Parallel()
+
+	dir := t.TempDir()
+	crt, key := filepath.Join(dir, "n.crt"), filepath.Join(dir, "n.key")
+
+	if err := pki.WritePair(crt, []byte("cert"), key, []byte("key"), false); err != nil {
+		t.Fatal(err)
+	}
+
+	for path, perm := range map[string]fs.FileMode{crt: 0o644, key: 0o600} {
+		if info, err := os.Stat(path); err != nil || info.Mode().Perm() != perm {
+			t.Errorf("%s: %v, %v; want mode %v", path, info, err, perm)
+		}
+	}
+
+	if err := os.Remove(crt); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := pki.WritePair(crt, []byte("new cert"), key, []byte("new key"), false); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("over an existing key: %v, want fs.ErrExist", err)
+	}
+
+	if _, err := os.Stat(crt); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the certificate was written beside a key that was kept: %v", err)
+	}
+
+	if err := pki.WritePair(crt, []byte("new cert"), key, []byte("new key"), true); err != nil {
+		t.Fatal(err)
+	}
+
+	if got, _ := os.ReadFile(key); string(got) != "new key" {
+		t.Errorf("forced: key %q", got)
+	}
+}

@@ -22,15 +22,16 @@ import (
 )
 
 // Main runs a package's tests and fails them if goroutines are left
-// running at the end; call it from TestMain.
-func Main(m *testing.M) {
-	goleak.VerifyTestMain(m,
+// running at the end, but for those opts name; call it from TestMain.
+func Main(m *testing.M, opts ...goleak.Option) {
+	goleak.VerifyTestMain(m, append([]goleak.Option{
 		// etcd's members talk to each other over HTTP; the connections of
 		// a stopped member close on their own timers, after the tests.
 		goleak.IgnoreAnyFunction("net/http.(*persistConn).readLoop"),
 		goleak.IgnoreAnyFunction("net/http.(*persistConn).writeLoop"),
 		goleak.IgnoreAnyFunction("net/http.(*conn).serve"),
-		goleak.IgnoreAnyFunction("net/http.(*connReader).backgroundRead"))
+		goleak.IgnoreAnyFunction("net/http.(*connReader).backgroundRead"),
+	}, opts...)...)
 }
 
 // Start serves a new node on a fresh unix socket ("unix") or on
