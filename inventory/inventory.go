@@ -73,6 +73,15 @@ func (n Node) Validate() error {
 		errs = append(errs, fmt.Errorf("node %q: a name cannot start with %s, which starts a group", n.Name, GroupPrefix))
 	case !validHost(n.Name):
 		errs = append(errs, fmt.Errorf("node %q: a name is a DNS name or an IP address", n.Name))
+	default:
+		// A caller naming an address means the node there: a node named
+		// as one address and reached at another would take that address's
+		// calls (the identity check would still refuse the node, late).
+		if ip, err := netip.ParseAddr(n.Name); err == nil {
+			if addr, err := netip.ParseAddr(n.Address); err != nil || addr.Unmap() != ip.Unmap() {
+				errs = append(errs, fmt.Errorf("node %q: named by an IP address, but reached at %s: a node named by an address is reached there", n.Name, n.Address))
+			}
+		}
 	}
 	if !validHost(n.Address) {
 		errs = append(errs, fmt.Errorf("node %q: address %q is neither an IP address nor a DNS name (no port: use port)", n.Name, n.Address))

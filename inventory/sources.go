@@ -413,10 +413,9 @@ func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Wa
 			inv.log.Warn("inventory file watch", "file", path, "err", err)
 			timer.Reset(settle) // events may have been lost: read again
 		case <-timer.C:
-			next, nodes, err := readWatched(path, last)
-			if err == nil {
-				last = next
-			}
+			var nodes []Node
+			var err error
+			last, nodes, err = readWatched(path, last)
 			inv.update(ctx, "file:"+path, nodes, err)
 		}
 	}
@@ -439,11 +438,13 @@ func readWatched(path string, last file) (file, []Node, error) {
 	if err != nil {
 		return last, nil, err
 	}
+	inPlace := last.info != nil && os.SameFile(last.info, info)
+	last.info = info // what is there now, read or not: a file renamed over it next is a new one
 	nodes, err := readFile(path)
 	if err != nil {
 		return last, nil, err
 	}
-	if last.info != nil && os.SameFile(last.info, info) && len(nodes) < last.nodes {
+	if inPlace && len(nodes) < last.nodes {
 		return last, nil, fmt.Errorf("%s went from %d nodes to %d, rewritten in place: a file rewritten in place may be cut short, so nodes are removed only when the file is replaced whole (write a new file, then rename it over this one)",
 			path, last.nodes, len(nodes))
 	}

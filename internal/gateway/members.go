@@ -94,6 +94,9 @@ func watchMembers(local grpc.ClientConnInterface, pool *director.Pool) inventory
 					if err != nil {
 						return err
 					}
+					if _, known := members[ev.GetResource().GetMetadata().GetId()]; !known && len(members) >= inventory.MaxMembers {
+						return fmt.Errorf("members watch: more than %d members; keeping the last ones", inventory.MaxMembers)
+					}
 					members[ev.GetResource().GetMetadata().GetId()] = n
 					changed = true
 				}
