@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/netip"
 	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -152,9 +154,87 @@ func Decode(data []byte, cfg *Config) error {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(cfg); err != nil && err != io.EOF {
-		return err
+		return typeErrors(err, valueKeys(&doc, ""))
 	}
 	return nil
+}
+
+// DecodeError lists the values of a configuration file that are not of
+// their key's type, one line each with its key. The keys decoded around
+// them keep their values (the others their defaults), so a caller may
+// validate the rest and report every problem at once.
+type DecodeError struct{ Problems []error }
+
+func (e *DecodeError) Error() string { return errors.Join(e.Problems...).Error() }
+
+// Unwrap returns the problems, one per value.
+func (e *DecodeError) Unwrap() []error { return e.Problems }
+
+var typeProblem = regexp.MustCompile("^line (\\d+): cannot unmarshal !!(\\w+) `(.*)` into (.+)$")
+
+// typeErrors words the decoder's errors by key: what the value is not,
+// and how to write it.
+func typeErrors(err error, keys map[int]string) error {
+	var te *yaml.TypeError
+	if !errors.As(err, &te) {
+		if line, rest, ok := cutLine(err.Error()); ok && keys[line] != "" {
+			return &DecodeError{[]error{fmt.Errorf("line %d: %s: %s", line, keys[line], rest)}}
+		}
+		return err
+	}
+	out := &DecodeError{}
+	for _, msg := range te.Errors {
+		m := typeProblem.FindStringSubmatch(msg)
+		if m == nil {
+			if line, rest, ok := cutLine(msg); ok && keys[line] != "" {
+				msg = fmt.Sprintf("line %d: %s: %s", line, keys[line], rest)
+			}
+			out.Problems = append(out.Problems, errors.New(msg))
+			continue
+		}
+		line, _ := strconv.Atoi(m[1])
+		key := keys[line]
+		if key == "" {
+			key = "a value"
+		}
+		out.Problems = append(out.Problems, fmt.Errorf("line %d: %s: %s %s", line, key, m[3], want(m[2], m[3], m[4])))
+	}
+	return out
+}
+
+// want says what a value of the decoder's target type looks like.
+func want(tag, value, target string) string {
+	switch {
+	case target == "time.Duration":
+		if tag == "int" || tag == "float" {
+			return fmt.Sprintf("is not a duration: write %ss (or ms, m, h)", value)
+		}
+		return "is not a duration: write it as 500ms, 30s, 5m or 1h"
+	case strings.HasPrefix(target, "int") || strings.HasPrefix(target, "uint"):
+		return "is not a whole number"
+	case strings.HasPrefix(target, "float"):
+		return "is not a number"
+	case target == "bool":
+		return "is not true or false"
+	case strings.HasPrefix(target, "[]"):
+		return "is not a list: write [a, b] or one item a line, each after -"
+	case strings.HasPrefix(target, "map["):
+		return "is not a mapping: write {key: value}"
+	case target == "string":
+		return "is not a single value"
+	}
+	return "is not a section of keys (" + target + ")"
+}
+
+// cutLine splits "line N: rest" (a custom type's error).
+func cutLine(msg string) (int, string, bool) {
+	rest, ok := strings.CutPrefix(msg, "line ")
+	if !ok {
+		return 0, "", false
+	}
+	num, rest, ok := strings.Cut(rest, ": ")
+	n, err := strconv.Atoi(num)
+	return n, rest, ok && err == nil
 }
 
 // Validate lists every problem of the configuration at once, in the order

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"reflect"
@@ -181,5 +182,37 @@ func TestKeyWithoutValueRefused(t *testing.T) {
 	cfg := Default()
 	if err := Decode([]byte("localOnly: true\nnodeNetworks: []\n"), &cfg); err != nil || !cfg.Routing.LocalOnly {
 		t.Errorf("a complete file: %v", err)
+	}
+}
+
+// TestTypeErrorsNameTheirKeys: a value of the wrong type is reported with
+// its line and key and how to write it, every one at once; the rest of
+// the file is decoded, so validation can report its problems in the same
+// run.
+func TestTypeErrorsNameTheirKeys(t *testing.T) {
+	doc := "logLevel: info\nnodeTimeout: 30\nmaxNodes: many\nlocalOnly: perhaps\nlogFormat: txt\nlimits:\n  bufferedBytes: lots\n"
+	cfg := Default()
+	err := Decode([]byte(doc), &cfg)
+	var de *DecodeError
+	if !errors.As(err, &de) {
+		t.Fatalf("%v: want a DecodeError", err)
+	}
+	for _, w := range []string{
+		"line 2: nodeTimeout: 30 is not a duration: write 30s",
+		"line 3: maxNodes: many is not a whole number",
+		"line 4: localOnly: perhaps is not true or false",
+	} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("no %q in:\n%v", w, err)
+		}
+	}
+	if cfg.LogFormat != "txt" {
+		t.Errorf("the keys around the bad values were not decoded: logFormat %q", cfg.LogFormat)
+	}
+	// A custom type's error (a size) is named by its key too.
+	cfg = Default()
+	err = Decode([]byte("limits:\n  bufferedBytes: lots\n"), &cfg)
+	if err == nil || !strings.Contains(err.Error(), "line 2: limits.bufferedBytes:") {
+		t.Errorf("a bad size: %v", err)
 	}
 }

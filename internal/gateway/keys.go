@@ -168,3 +168,34 @@ func emptyValues(node *yaml.Node, path string) []error {
 	}
 	return nil
 }
+
+// valueKeys maps the line of each value of node to its key's full path,
+// for errors that name a line only (the first key wins on a line that
+// holds several).
+func valueKeys(node *yaml.Node, path string) map[int]string {
+	out := map[int]string{}
+	var walk func(n *yaml.Node, path string)
+	walk = func(n *yaml.Node, path string) {
+		switch n.Kind {
+		case yaml.DocumentNode:
+			for _, c := range n.Content {
+				walk(c, path)
+			}
+		case yaml.SequenceNode:
+			for i, item := range n.Content {
+				walk(item, fmt.Sprintf("%s[%d]", path, i))
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k, v := n.Content[i], n.Content[i+1]
+				key := join(path, k.Value)
+				if _, seen := out[v.Line]; !seen && v.Kind == yaml.ScalarNode {
+					out[v.Line] = key
+				}
+				walk(v, key)
+			}
+		}
+	}
+	walk(node, path)
+	return out
+}
