@@ -197,8 +197,8 @@ func TestRapidReset(t *testing.T) {
 	sock := filepath.Join(dir, "agent.sock")
 	bin := plainBin(t)
 	agent := startBin(t, bin, "example agent serving", "agent", "-listen", "unix://"+sock, "-log-level", "debug")
-	cfg := writeConfig(t, dir, "apid.yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nlogLevel: warn\nmaxConcurrentStreams: 100\n",
-		p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock, adminAddr))
+	cfg := writeConfig(t, dir, "apid.yaml", p.nodeConfig("node-1")+fmt.Sprintf("listen: %q\nbackend: %q\nadminListen: %q\ndrainDelay: 0s\nlogLevel: warn\nmaxConcurrentStreams: 100\n",
+		addr, "unix://"+sock, adminAddr))
 	gw := startBin(t, bin, "", "serve", "-config", cfg)
 	if !testkit.Eventually(20*time.Second, func() bool { return readyz(adminAddr) == 200 }) {
 		t.Fatal("gateway not ready")

@@ -111,8 +111,8 @@ func TestH2spec(t *testing.T) {
 	sock := filepath.Join(dir, "agent.sock")
 	start(t, "example agent serving", "agent", "-listen", "unix://"+sock)
 	addr := net.JoinHostPort(ip, strconv.Itoa(freePort(t, ip)))
-	cfg := writeConfig(t, dir, "apid.yaml", fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nbackend: %q\nadminListen: \"\"\ndrainDelay: 0s\nlogLevel: error\n",
-		p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, "unix://"+sock))
+	cfg := writeConfig(t, dir, "apid.yaml", p.nodeConfig("node-1")+fmt.Sprintf("listen: %q\nbackend: %q\nadminListen: \"\"\ndrainDelay: 0s\nlogLevel: error\n",
+		addr, "unix://"+sock))
 	start(t, "", "serve", "-config", cfg)
 	if !testkit.Eventually(20*time.Second, func() bool { return listening(addr) }) {
 		t.Fatal("apid not listening")

@@ -110,8 +110,8 @@ func TestServeLifecycle(t *testing.T) {
 	})
 	sock := filepath.Join(dir, "agent.sock")
 	start(t, "example agent serving", "agent", "-listen", "unix://"+sock, "-hostname", "node-1")
-	base := fmt.Sprintf("ca: %q\ncert: %q\nkey: %q\nlisten: %q\nadminListen: %q\nbackend: %q\ndrainDelay: 1s\nshutdownTimeout: 1500ms\n",
-		p.path("ca.crt"), p.path("node-1.crt"), p.path("node-1.key"), addr, adminAddr, "unix://"+sock)
+	base := p.nodeConfig("node-1") + fmt.Sprintf("listen: %q\nadminListen: %q\nbackend: %q\ndrainDelay: 1s\nshutdownTimeout: 1500ms\n",
+		addr, adminAddr, "unix://"+sock)
 	cfg := writeConfig(t, dir, "apid.yaml", base)
 	notify, msgs := notifySocket(t, dir)
 	cmd := exec.Command(apidBin, "serve", "-config", cfg)

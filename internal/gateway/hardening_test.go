@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -528,4 +529,33 @@ func BenchmarkOversizedHeader(b *testing.B) {
 			c.close()
 		}
 	})
+}
+
+// TestCheckFilesNamesWhatClientsWouldHitLater: a serving certificate
+// without the listen address, and a forwarding node with no identity to
+// forward with, are problems found before serving, not errors clients meet
+// later.
+func TestCheckFilesNamesWhatClientsWouldHitLater(t *testing.T) {
+	lg := startLive(t) // its files: a node certificate for 127.0.0.1 and node-1, and a forwarding one
+	check := func(edit func(*Config)) (problems, warnings string) {
+		cfg := lg.base
+		edit(&cfg)
+		p, w := CheckFiles(cfg)
+		return fmt.Sprint(p), fmt.Sprint(w)
+	}
+	if p, _ := check(func(c *Config) { c.Listen = "127.0.0.9:50000" }); !strings.Contains(p, "listen 127.0.0.9:50000: cert") || !strings.Contains(p, "does not carry the IP address 127.0.0.9") {
+		t.Errorf("listen on an address the certificate lacks: %s", p)
+	}
+	if p, _ := check(func(c *Config) { c.Listen = "127.0.0.1:50000" }); p != "[]" {
+		t.Errorf("listen on the certificate's address: %s", p)
+	}
+	if _, w := check(func(c *Config) { c.Listen = ":50000" }); !strings.Contains(w, "every address of this machine") || !strings.Contains(w, "node-1, 127.0.0.1") {
+		t.Errorf("a wildcard listen: %s", w)
+	}
+	if p, _ := check(func(c *Config) { c.TLS.ClientCert, c.TLS.ClientKey = "", "" }); !strings.Contains(p, "clientCert: not set, and cert") {
+		t.Errorf("no forwarding identity: %s", p)
+	}
+	if p, _ := check(func(c *Config) { c.TLS.ClientCert, c.TLS.ClientKey, c.Routing.LocalOnly = "", "", true }); p != "[]" {
+		t.Errorf("no forwarding identity on a local-only node: %s", p)
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 
@@ -50,8 +51,22 @@ func checkMaterial(cfg Config, src *certs.Source) (problems, warnings []error) {
 			name, cfg.TLS.Cert, describeNames(leaf)))
 	}
 
+	host, _, _ := net.SplitHostPort(cfg.Listen)
+	if ip := net.ParseIP(strings.Trim(host, "[]")); ip != nil && !ip.IsUnspecified() {
+		if leaf.VerifyHostname(ip.String()) != nil {
+			problems = append(problems, fmt.Errorf("listen %s: cert %s does not carry the IP address %s (it names %s), so clients dialling it fail (\"cannot validate certificate for %s because it doesn't contain any IP SANs\"): reissue it with apid gen node -ip %s",
+				cfg.Listen, cfg.TLS.Cert, ip, describeNames(leaf), ip, ip))
+		}
+	} else if host == "" || (ip != nil && ip.IsUnspecified()) {
+		warnings = append(warnings, fmt.Errorf("listen %s is every address of this machine: clients (and the balancer in front) must reach apid by a name or address cert %s carries: %s",
+			cfg.Listen, cfg.TLS.Cert, describeNames(leaf)))
+	}
+
 	fwd := src.ClientCertificate()
 	switch {
+	case cfg.TLS.ClientCert == "" && !cfg.Routing.LocalOnly && !hasUsage(leaf, x509.ExtKeyUsageClientAuth):
+		problems = append(problems, fmt.Errorf("clientCert: not set, and cert %s (%s) allows server authentication only, so this node has no identity to forward with and every call it forwards would fail at the node (\"tls: bad certificate\"): set clientCert and clientKey (apid gen node writes NAME-client.crt), or localOnly: true on a node that never forwards",
+			cfg.TLS.Cert, subject))
 	case cfg.TLS.ClientCert == "" && !cfg.Routing.LocalOnly:
 		warnings = append(warnings, errors.New("clientCert: not set, so this node forwards with its serving certificate, which Talos's apid (and apid, unless allowCombinedClientCertificates) refuses: set clientCert and clientKey (apid gen node writes NAME-client.crt), or localOnly: true on a node that never forwards"))
 	case cfg.TLS.ClientCert != "":
