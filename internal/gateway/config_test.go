@@ -216,3 +216,13 @@ func TestTypeErrorsNameTheirKeys(t *testing.T) {
 		t.Errorf("a bad size: %v", err)
 	}
 }
+
+// TestRenamedKeySaysWhatToRename: a key of an earlier version is refused
+// naming what it became.
+func TestRenamedKeySaysWhatToRename(t *testing.T) {
+	cfg := Default()
+	err := Decode([]byte("logLevel: info\nmetricsListen: 127.0.0.1:9100\n"), &cfg)
+	if err == nil || !strings.Contains(err.Error(), "line 2: metricsListen is not a configuration key: it was renamed adminListen") || !strings.Contains(err.Error(), "rename it") {
+		t.Errorf("metricsListen: %v", err)
+	}
+}

@@ -43,7 +43,9 @@ func unknownKeys(node *yaml.Node, t reflect.Type, path string) []error {
 			continue
 		}
 		msg := fmt.Sprintf("line %d: %s is not a configuration key", k.Line, join(path, k.Value))
-		if s := suggest(k.Value, fields); s != "" {
+		if now, ok := renamedKeys[join(path, k.Value)]; ok {
+			msg += fmt.Sprintf(": it was renamed %s (%s): rename it", now.key, now.why)
+		} else if s := suggest(k.Value, fields); s != "" {
 			msg += fmt.Sprintf(": did you mean %s?", join(path, s))
 		} else if elsewhere := findKey(reflect.TypeFor[Config](), "", k.Value); elsewhere != "" && elsewhere != join(path, k.Value) {
 			msg += fmt.Sprintf(": did you mean %s?", elsewhere)
@@ -51,6 +53,12 @@ func unknownKeys(node *yaml.Node, t reflect.Type, path string) []error {
 		errs = append(errs, fmt.Errorf("%s", msg))
 	}
 	return errs
+}
+
+// renamedKeys are keys of earlier versions and what they became, so that
+// an old file says what to rename.
+var renamedKeys = map[string]struct{ key, why string }{
+	"metricsListen": {"adminListen", "the endpoint serves /healthz, /readyz and /nodes besides /metrics"},
 }
 
 // yamlFields maps the YAML keys of struct t, inline sections included, to
