@@ -258,16 +258,16 @@ func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) erro
 		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: apid does not know it (it is not in the Talos API apid was built with, nor in unaryMethods, serverStreamingMethods, clientStreamingMethods or bidiStreamingMethods), so it cannot tell how to stamp and merge its replies: call each node with node, or declare the method if its replies carry common.Metadata", fullMethod)
 	}
 	if !rs.kinds.method(fullMethod).Stamped {
-		way := "name one node with node, or call each node"
 		if group := groupIn(md); group != "" && len(md[KeyNode]) > 0 {
-			// A multiplexing client (talosctl v1.13's image and upgrade,
-			// every command since v1.14) sent the group as one node: it
-			// labels the replies of one call as one node, so the group's
-			// nodes must be listed for it to call each.
-			way = fmt.Sprintf("%s names %d nodes (%s), whose replies one call could not tell apart: list them, as in talosctl -n %s",
-				group, len(nodes), stampList(nodes, ", ", 10), stampList(nodes, ",", 10))
+			// A multiplexing client (talosctl v1.13's get, image and
+			// upgrade, every command since v1.14) sent the group as one
+			// node: it labels the replies of one call as one node, so the
+			// group's nodes must be listed for it to call each. Talos's
+			// words first, then the list to type.
+			return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s\n%s names %d nodes: list them, as in talosctl -n %s",
+				fullMethod, group, len(nodes), stampList(nodes, ",", 10))
 		}
-		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: its replies carry no common.Metadata to stamp and merge (the Talos API fans out machine.MachineService, cluster.ClusterService, inspect.InspectService, storage.StorageService and time.TimeService); %s", fullMethod, way)
+		return status.Errorf(codes.InvalidArgument, "one-2-many proxying is not supported for method %s: its replies carry no common.Metadata to stamp and merge (the Talos API fans out machine.MachineService, cluster.ClusterService, inspect.InspectService, storage.StorageService and time.TimeService); name one node with node, or call each node", fullMethod)
 	}
 	command, single := singleNodeMethods[fullMethod]
 	if !single || len(nodes) < 2 {
@@ -276,6 +276,13 @@ func (rs *rules) mayFanOut(fullMethod string, md metadata.MD, nodes []node) erro
 	group := groupIn(md)
 	if group == "" {
 		return nil
+	}
+	if command == "read" {
+		// talosctl reboot, shutdown, upgrade and reset follow each node
+		// themselves (--wait, the default) and read its boot ID, one node
+		// a call: the person typed the command, not this read.
+		return status.Errorf(codes.InvalidArgument, "talosctl read works on one node, and %s names %d (%s)\ntalosctl follows each node of reboot, shutdown, upgrade and reset itself, so list them: talosctl -n %s <command>, or add --wait=false",
+			group, len(nodes), stampList(nodes, ", ", 10), stampList(nodes, ",", 10))
 	}
 	return status.Errorf(codes.InvalidArgument, "talosctl %s works on one node, and %s names %d (%s): name one, as in talosctl -n %s %s",
 		command, group, len(nodes), stampList(nodes, ", ", 10), nodes[0].stamp, command)

@@ -692,10 +692,20 @@ func TestGroupsRefusedForSingleNodeCommands(t *testing.T) {
 
 	// A method whose replies cannot be merged, asked of a group as one node
 	// (a multiplexing client): Talos's words, then the list to type.
+	// Two lines at most.
 	_, err := r.Route(callerContext(admin, metadata.Pairs(KeyNode, "@controlplane")), "/machine.ImageService/Pull")
-	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "one-2-many proxying is not supported for method /machine.ImageService/Pull") ||
-		!strings.HasSuffix(err.Error(), "@controlplane names 3 nodes (cp-1, cp-2, cp-3), whose replies one call could not tell apart: list them, as in talosctl -n cp-1,cp-2,cp-3") {
+	if msg := status.Convert(err).Message(); status.Code(err) != codes.InvalidArgument ||
+		msg != "one-2-many proxying is not supported for method /machine.ImageService/Pull\n@controlplane names 3 nodes: list them, as in talosctl -n cp-1,cp-2,cp-3" {
 		t.Errorf("image pull of a group: %v", err)
+	}
+
+	// talosctl's --wait tracker reads each node's boot ID: the refusal
+	// speaks of the command the person typed.
+	_, err = r.Route(callerContext(admin, metadata.Pairs(KeyNode, "@controlplane")), "/machine.MachineService/Read")
+	if msg := status.Convert(err).Message(); status.Code(err) != codes.InvalidArgument || strings.Count(msg, "\n") != 1 ||
+		!strings.HasPrefix(msg, "talosctl read works on one node, and @controlplane names 3 (cp-1, cp-2, cp-3)\n") ||
+		!strings.Contains(msg, "list them: talosctl -n cp-1,cp-2,cp-3 <command>, or add --wait=false") {
+		t.Errorf("read of a group: %v", err)
 	}
 }
 
