@@ -9,9 +9,12 @@ PKGS := ./...
 build:
 	$(GO) build -buildvcs=auto -tags nodemo -o bin/apid ./cmd/apid
 
-# Everything CI checks: formatting, vet, and every test under the race detector.
+# Everything CI checks: formatting, vet, and every test under the race
+# detector, a line per test as it ends (gotestsum, pinned and fetched from
+# the module proxy, runs go test and closes with its count).
+GOTESTSUM := gotest.tools/gotestsum@v1.13.0
 test: lint
-	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+	$(GO) run $(GOTESTSUM) --format testname --format-hide-empty-pkg -- -race -count=1 -timeout 20m $(PKGS)
 
 # Unit tests only (no end-to-end processes), for a quick loop.
 test-short:
