@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,6 +24,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -557,5 +559,41 @@ func TestCheckFilesNamesWhatClientsWouldHitLater(t *testing.T) {
 	}
 	if p, _ := check(func(c *Config) { c.TLS.ClientCert, c.TLS.ClientKey, c.Routing.LocalOnly = "", "", true }); p != "[]" {
 		t.Errorf("no forwarding identity on a local-only node: %s", p)
+	}
+}
+
+// TestReflectionListsWhatTheGatewayServes: grpcurl's list through apid
+// names the services apid serves itself besides the node API.
+func TestReflectionListsWhatTheGatewayServes(t *testing.T) {
+	lg := startLive(t)
+	stream, err := reflectionpb.NewServerReflectionClient(lg.conn("lister", certs.RoleReader)).ServerReflectionInfo(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	for _, want := range []string{"cluster.ClusterService", "grpc.health.v1.Health", "machine.MachineService", "cosi.resource.State", "grpc.reflection.v1.ServerReflection"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("reflection lists %v, without %s", names, want)
+		}
+	}
+	if slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, "opentelemetry.") }) {
+		t.Errorf("reflection lists a service no client reaches through apid: %v", names)
+	}
+	// A descriptor resolves, so grpcurl can describe and call.
+	if err := stream.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: "cluster.ClusterService"}}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := stream.Recv(); err != nil || len(resp.GetFileDescriptorResponse().GetFileDescriptorProto()) == 0 {
+		t.Errorf("describe cluster.ClusterService: %v, %v", resp, err)
 	}
 }

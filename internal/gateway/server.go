@@ -46,6 +46,7 @@ func (g *Gateway) newServer(cfg Config) *grpc.Server {
 	)...)
 	healthpb.RegisterHealthServer(srv, g.ready.grpc)
 	g.health.Register(srv)
+	g.registerReflection(srv)
 	return srv
 }
 
