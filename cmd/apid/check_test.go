@@ -59,6 +59,8 @@ func TestCheckRefusesWhatCannotWork(t *testing.T) {
 			"is not issued by a CA in ca"},
 		{"a typo in a nested key", own + fwd + "limits:\n  bufferdBytes: 1MiB\n",
 			"limits.bufferdBytes is not a configuration key: did you mean limits.bufferedBytes?"},
+		{"no identity to forward with", own + "selfNames: [127.0.0.1, cp-1]\n",
+			"clientCert: not set, and cert"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			file := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".yaml")
@@ -76,12 +78,30 @@ func TestCheckRefusesWhatCannotWork(t *testing.T) {
 		})
 	}
 
-	// What works, but not in front of Talos: a warning, not a failure.
-	file := filepath.Join(dir, "no-forwarding-identity.yaml")
-	writeFile(t, file, own+"selfNames: [127.0.0.1, cp-1]\n")
+	// What works, but needs a word: a warning, not a failure.
+	file := filepath.Join(dir, "wildcard.yaml")
+	writeFile(t, file, own+fwd+"listen: \":50000\"\n")
 	out, errOut, err := runCmd(t, "check", "-config", file)
-	if err != nil || !strings.Contains(out, "configuration is valid") || !strings.Contains(errOut, "warning: clientCert: not set") {
-		t.Fatalf("check without a forwarding identity: %v\n%s%s", err, out, errOut)
+	if err != nil || !strings.Contains(out, "configuration is valid") || !strings.Contains(errOut, "warning: listen :50000 is every address of this machine") {
+		t.Fatalf("check of a wildcard listen: %v\n%s%s", err, out, errOut)
+	}
+
+	// Checked before serving: a listen address the certificate lacks.
+	file = filepath.Join(dir, "listen.yaml")
+	writeFile(t, file, own+fwd+"listen: 127.0.0.9:50000\n")
+	if _, errOut, err := runCmd(t, "check", "-config", file); err == nil || !strings.Contains(errOut+err.Error(), "does not carry the IP address 127.0.0.9") {
+		t.Fatalf("check of a listen address the certificate lacks: %v\n%s", err, errOut)
+	}
+
+	// Every bad value in one run, each with its key: values of the wrong
+	// type and what validation finds in the rest.
+	file = filepath.Join(dir, "types.yaml")
+	writeFile(t, file, own+fwd+"nodeTimeout: 30\nlogFormat: txt\nmaxNodes: -1\n")
+	_, errOut, err = runCmd(t, "check", "-config", file)
+	for _, want := range []string{"nodeTimeout: 30 is not a duration: write 30s", `logFormat "txt"`, "maxNodes -1"} {
+		if err == nil || !strings.Contains(errOut+err.Error(), want) {
+			t.Errorf("check of bad values: %v\n%s\nwant %q", err, errOut, want)
+		}
 	}
 }
 

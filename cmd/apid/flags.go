@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -32,11 +33,20 @@ func loadConfig(command string, args []string, stderr io.Writer) (gateway.Config
 		return cfg, err
 	}
 	cfg = gateway.Default()
-	if err := gateway.Decode(data, &cfg); err != nil {
-		return cfg, fmt.Errorf("%s: %w", file, err)
+	decodeErr := gateway.Decode(data, &cfg)
+	var wrongTypes *gateway.DecodeError
+	if decodeErr != nil && !errors.As(decodeErr, &wrongTypes) {
+		return cfg, fmt.Errorf("%s: %w", file, decodeErr)
 	}
-	_, err = parse(&cfg)
-	return cfg, err
+	if _, err = parse(&cfg); err != nil {
+		return cfg, err
+	}
+	if wrongTypes != nil {
+		// Every problem in one run: the values of the wrong type, and
+		// what validation finds in the rest of the file.
+		return cfg, fmt.Errorf("%s: %w", file, errors.Join(wrongTypes, cfg.Validate()))
+	}
+	return cfg, nil
 }
 
 // bindConfigFlags binds the flags to c, whose current values are the defaults
