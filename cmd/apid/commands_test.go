@@ -89,7 +89,7 @@ func TestCheck(t *testing.T) {
 		}
 	}
 	good := filepath.Join(dir, "good.yaml")
-	writeFile(t, good, "ca: "+dir+"/ca.crt\ncert: "+dir+"/cp-1.crt\nkey: "+dir+"/cp-1.key\nbackend: 127.0.0.1:1\n")
+	writeFile(t, good, "ca: "+dir+"/ca.crt\ncert: "+dir+"/cp-1.crt\nkey: "+dir+"/cp-1.key\nclientCert: "+dir+"/cp-1-client.crt\nclientKey: "+dir+"/cp-1-client.key\nbackend: 127.0.0.1:1\n")
 	out, _, err := runCmd(t, "check", "-config", good)
 	if err != nil || !strings.Contains(out, "configuration is valid") {
 		t.Fatalf("check of a good file: %v\n%s", err, out)
