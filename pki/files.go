@@ -61,23 +61,6 @@ func WriteFile(path string, data []byte, perm fs.FileMode, force bool) error {
 	return nil
 }
 
-// WritePair writes a certificate (mode 0o644: it is public) and its private
-// key (0o600), each as WriteFile writes it. Unless force is set, neither is
-// written when either path exists, and the error wraps fs.ErrExist.
-func WritePair(crtPath string, crt []byte, keyPath string, key []byte, force bool) error {
-	if !force {
-		for _, p := range []string{crtPath, keyPath} {
-			if _, err := os.Lstat(p); err == nil {
-				return fmt.Errorf("write %s: %w", p, errExist)
-			}
-		}
-	}
-	if err := WriteFile(crtPath, crt, 0o644, force); err != nil {
-		return err
-	}
-	return WriteFile(keyPath, key, 0o600, force)
-}
-
 func writeAndClose(f *os.File, data []byte, perm fs.FileMode) error {
 	err := f.Chmod(perm)
 	if err == nil {

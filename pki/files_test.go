@@ -2,12 +2,16 @@ package pki_test
 
 import (
 	"errors"
+	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testpki"
 	"github.com/apid/apid/pki"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 )
 
 func TestWriteFile(t *testing.T) {
@@ -68,16 +72,21 @@ func TestWriteFile(t *testing.T) {
 	}
 }
 
-// TestWritePair: the certificate is public and its key private, and
-// without force neither is written when either exists.
-func TestWritePair(t *testing.T) {
+// TestDirWritePair: the certificate is public and its key private, and
+// without Force neither is written when either exists.
+func TestDirWritePair(t *testing.T) {
 	t.Parallel()
 
-	dir := t.TempDir()
-	crt, key := filepath.Join(dir, "n.crt"), filepath.Join(dir, "n.key")
+	var wrote []string
+	d := pki.Dir{Path: t.TempDir(), Wrote: func(crt, key string) { wrote = append(wrote, crt, key) }}
 
-	if err := pki.WritePair(crt, []byte("cert"), key, []byte("key"), false); err != nil {
+	crt, key, err := d.WritePair("n", []byte("cert"), []byte("key"))
+	if err != nil {
 		t.Fatal(err)
+	}
+
+	if crt != filepath.Join(d.Path, "n.crt") || key != filepath.Join(d.Path, "n.key") || !slices.Equal(wrote, []string{crt, key}) {
+		t.Errorf("wrote %s and %s, told %v", crt, key, wrote)
 	}
 
 	for path, perm := range map[string]fs.FileMode{crt: 0o644, key: 0o600} {
@@ -90,19 +99,67 @@ func TestWritePair(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := pki.WritePair(crt, []byte("new cert"), key, []byte("new key"), false); !errors.Is(err, fs.ErrExist) {
-		t.Fatalf("over an existing key: %v, want fs.ErrExist", err)
+	_, _, err = d.WritePair("n", []byte("new cert"), []byte("new key"))
+
+	var exists *pki.ExistsError
+	if !errors.Is(err, fs.ErrExist) || !errors.As(err, &exists) || exists.Path != key || err.Error() != key+" exists" {
+		t.Fatalf("over an existing key: %v, want %s named as existing", err, key)
 	}
 
-	if _, err := os.Stat(crt); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("the certificate was written beside a key that was kept: %v", err)
+	if _, err := os.Stat(crt); !errors.Is(err, fs.ErrNotExist) || len(wrote) != 2 {
+		t.Errorf("the certificate was written beside a key that was kept: %v, told %v", err, wrote)
 	}
 
-	if err := pki.WritePair(crt, []byte("new cert"), key, []byte("new key"), true); err != nil {
+	d.Force = true
+	if _, _, err := d.WritePair("n", []byte("new cert"), []byte("new key")); err != nil {
 		t.Fatal(err)
 	}
 
 	if got, _ := os.ReadFile(key); string(got) != "new key" {
 		t.Errorf("forced: key %q", got)
+	}
+}
+
+// TestDirWriteNode: a node's serving pair and forwarding identity, side by
+// side as apid gen node writes them, each told as it is written.
+func TestDirWriteNode(t *testing.T) {
+	t.Parallel()
+
+	ca := testpki.NewCA(t, "cluster")
+
+	var wrote []string
+	d := pki.Dir{Path: t.TempDir(), Wrote: func(crt, key string) { wrote = append(wrote, crt, key) }}
+
+	f, err := d.WriteNode(ca, "cp-1", []string{"cp-1", "lb.example"}, []net.IP{net.ParseIP("10.0.0.1")}, time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	want := pki.NodeFiles{
+		Cert: filepath.Join(d.Path, "cp-1.crt"), Key: filepath.Join(d.Path, "cp-1.key"),
+		ClientCert: filepath.Join(d.Path, "cp-1-client.crt"), ClientKey: filepath.Join(d.Path, "cp-1-client.key"),
+	}
+	if f != want || !slices.Equal(wrote, []string{want.Cert, want.Key, want.ClientCert, want.ClientKey}) {
+		t.Fatalf("files %+v, told %v; want %+v", f, wrote, want)
+	}
+
+	for path, wantFwd := range map[string]bool{f.Cert: false, f.ClientCert: true} {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		c := parseCert(t, data)
+		if fwd := slices.Equal(certs.Roles(c), []string{certs.RoleImpersonator}); fwd != wantFwd || c.Subject.CommonName != "cp-1" {
+			t.Errorf("%s: subject %v", path, c.Subject)
+		}
+
+		if !wantFwd && !slices.Equal(c.DNSNames, []string{"cp-1", "lb.example"}) {
+			t.Errorf("%s: DNS names %v", path, c.DNSNames)
+		}
+	}
+
+	if _, err := d.WriteNode(ca, "cp-1", []string{"cp-1"}, nil, time.Hour, pki.KeyECDSA); !errors.Is(err, fs.ErrExist) {
+		t.Errorf("over an existing node: %v", err)
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"flag"
 	"fmt"
@@ -39,6 +40,21 @@ func printGenUsage(w io.Writer, kinds ...string) {
 	fmt.Fprint(w, genNotes)
 }
 
+// genKinds are apid gen's kinds. Each adds the flags it uses, and no other
+// (so that a flag given to the wrong kind is an error rather than silently
+// ignored), and returns what makes it once they are parsed.
+var genKinds = map[string]func(*flag.FlagSet) func(*gen) error{"ca": genCA, "node": genNode, "client": genClient}
+
+// gen is what a kind is given: the common flags, parsed.
+type gen struct {
+	stdout  io.Writer
+	name    string
+	ttl     time.Duration
+	keyType pki.KeyType
+	out     pki.Dir // -out and -force
+	ca      *pki.CA // read from -ca-dir (node and client)
+}
+
 func runGen(args []string, stdout, stderr io.Writer) error {
 	all := []string{"ca", "node", "client"}
 	if len(args) == 0 {
@@ -46,174 +62,135 @@ func runGen(args []string, stdout, stderr io.Writer) error {
 		return errors.New("gen: what to generate? ca, node or client")
 	}
 	what, args := args[0], args[1:]
-	switch what {
-	case "-h", "-help", "--help", "help":
+	kind, ok := genKinds[what]
+	if slices.Contains([]string{"-h", "-help", "--help", "help"}, what) {
 		printGenUsage(stdout, all...)
 		return nil
-	case "ca", "node", "client":
-	default:
+	} else if !ok {
 		printGenUsage(stderr, all...)
 		return fmt.Errorf("gen: unknown kind %q: want ca, node or client", what)
 	}
 	fs := flag.NewFlagSet("gen "+what, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	if slices.ContainsFunc(args, func(a string) bool { return a == "-h" || a == "-help" || a == "--help" }) {
+		fs.SetOutput(stdout) // asked for: the usage is the output
+	}
 	fs.Usage = func() {
 		printGenUsage(fs.Output(), what)
 		fmt.Fprintln(fs.Output(), "\nflags:")
 		fs.PrintDefaults()
 	}
-	// Each kind has the flags it uses and no other, so a flag given to
-	// the wrong kind is an error rather than silently ignored.
-	var (
-		caDir, ips, dns, roles, talosconfig, endpoints, nodes, contextName string
-		allowUnknown, allowImpersonator                                    bool
-	)
-	out := fs.String("out", ".", "output `directory`")
-	name := fs.String("name", "", "common name (ca: its name; node: its FQDN; client: who it is)")
-	ttl := fs.Duration("ttl", 365*24*time.Hour, "validity")
+	g := &gen{stdout: stdout, out: pki.Dir{Wrote: func(crt, key string) { fmt.Fprintf(stdout, "wrote %s and %s\n", crt, key) }}}
+	fs.StringVar(&g.out.Path, "out", ".", "output `directory`")
+	fs.StringVar(&g.name, "name", "", "common name (ca: its name; node: its FQDN; client: who it is)")
+	fs.DurationVar(&g.ttl, "ttl", 365*24*time.Hour, "validity")
 	keyType := fs.String("key-type", "ecdsa", "ecdsa (P-256) or ed25519")
-	force := fs.Bool("force", false, "overwrite existing files")
+	fs.BoolVar(&g.out.Force, "force", false, "overwrite existing files")
+	var caDir pki.Dir
 	if what != "ca" {
-		fs.StringVar(&caDir, "ca-dir", ".", "`directory` holding ca.crt and ca.key")
+		fs.StringVar(&caDir.Path, "ca-dir", ".", "`directory` holding ca.crt and ca.key")
 	}
-	if what == "node" {
-		fs.StringVar(&ips, "ip", "", "comma-separated IP SANs")
-		fs.StringVar(&dns, "dns", "", "comma-separated DNS SANs (the name is always one)")
-	}
-	if what == "client" {
-		fs.StringVar(&roles, "roles", "", "comma-separated roles, e.g. os:reader")
-		fs.BoolVar(&allowUnknown, "allow-unknown-roles", false, "accept roles outside the built-in ones (for a custom policy)")
-		fs.BoolVar(&allowImpersonator, "allow-impersonator", false, "accept os:impersonator, which lets the holder claim any role (forwarding identities carry it)")
-		fs.StringVar(&talosconfig, "talosconfig", "", "also write (or merge into) this talosconfig `file`")
-		fs.StringVar(&endpoints, "endpoints", "", "talosconfig endpoints, comma-separated")
-		fs.StringVar(&nodes, "nodes", "", "talosconfig default nodes, comma-separated")
-		fs.StringVar(&contextName, "context", "", "talosconfig context name (default: the name)")
-	}
-	for _, a := range args {
-		if a == "-h" || a == "-help" || a == "--help" {
-			fs.SetOutput(stdout) // asked for: the usage is the output
-		}
-	}
+	run := kind(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
+	var err error
+	switch g.keyType, err = pki.ParseKeyType(*keyType); {
+	case fs.NArg() > 0:
 		return fmt.Errorf("gen %s takes flags only; unexpected argument %q", what, fs.Arg(0))
-	}
-	kt, err := pki.ParseKeyType(*keyType)
-	if err != nil {
+	case err != nil:
 		return fmt.Errorf("-key-type: %w", err)
+	case g.ttl <= 0:
+		return fmt.Errorf("-ttl %s: must be positive", g.ttl)
 	}
-	if *ttl <= 0 {
-		return fmt.Errorf("-ttl %s: must be positive", *ttl)
-	}
-	if err := os.MkdirAll(*out, 0o755); err != nil {
+	if err := os.MkdirAll(g.out.Path, 0o755); err != nil {
 		return err
 	}
-	write := func(base string, crt, key []byte) error {
-		crtPath, keyPath := filepath.Join(*out, base+".crt"), filepath.Join(*out, base+".key")
-		for _, p := range []string{crtPath, keyPath} {
-			if _, err := os.Stat(p); err == nil && !*force {
-				return fmt.Errorf("%s exists (use -force to overwrite)", p)
-			}
-		}
-		if err := pki.WriteFile(crtPath, crt, 0o644, *force); err != nil {
+	if what != "ca" && g.name == "" {
+		return fmt.Errorf("gen %s: -name is required", what)
+	} else if what != "ca" {
+		if g.ca, err = caDir.ReadCA(); err != nil {
 			return err
 		}
-		if err := pki.WriteFile(keyPath, key, 0o600, *force); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "wrote %s and %s\n", crtPath, keyPath)
-		return nil
 	}
+	if err = run(g); errors.As(err, new(*pki.ExistsError)) {
+		err = fmt.Errorf("%w (use -force to overwrite)", err)
+	}
+	return err
+}
 
-	if what == "ca" {
-		cn := *name
-		if cn == "" {
-			cn = "apid CA"
-		}
-		ca, err := pki.NewCA(cn, *ttl, kt)
+// genCA makes a CA.
+func genCA(*flag.FlagSet) func(*gen) error {
+	return func(g *gen) error {
+		ca, err := pki.NewCA(cmp.Or(g.name, "apid CA"), g.ttl, g.keyType)
 		if err != nil {
 			return err
 		}
-		return write("ca", ca.CertPEM, ca.KeyPEM)
-	}
-
-	if *name == "" {
-		return fmt.Errorf("gen %s: -name is required", what)
-	}
-	ca, err := pki.ReadCA(filepath.Join(caDir, "ca.crt"), filepath.Join(caDir, "ca.key"))
-	if err != nil {
+		_, _, err = g.out.WritePair("ca", ca.CertPEM, ca.KeyPEM)
 		return err
 	}
-	switch what {
-	case "node":
+}
+
+// genNode makes a node's serving certificate and the identity it forwards
+// with, as Talos control planes hold it.
+func genNode(fs *flag.FlagSet) func(*gen) error {
+	ips := fs.String("ip", "", "comma-separated IP SANs")
+	dns := fs.String("dns", "", "comma-separated DNS SANs (the name is always one)")
+	return func(g *gen) error {
 		var ipList []net.IP
-		for _, s := range splitList(ips) {
+		for _, s := range splitList(*ips) {
 			ip := net.ParseIP(s)
 			if ip == nil {
 				return fmt.Errorf("-ip %q: not an IP address", s)
 			}
 			ipList = append(ipList, ip)
 		}
-		crt, key, err := ca.IssueNode(*name, append([]string{*name}, splitList(dns)...), ipList, *ttl, kt)
-		if err != nil {
+		if _, err := g.out.WriteNode(g.ca, g.name, append([]string{g.name}, splitList(*dns)...), ipList, g.ttl, g.keyType); err != nil {
 			return err
 		}
-		if err := write(*name, crt, key); err != nil {
-			return err
-		}
-		// The forwarding identity, as Talos control planes hold it.
-		crt, key, err = ca.IssueForwarding(*name, *ttl, kt)
-		if err != nil {
-			return err
-		}
-		if err := write(*name+"-client", crt, key); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "serve with cert/key = %[1]s.crt/.key and clientCert/clientKey = %[1]s-client.crt/.key\n", filepath.Join(*out, *name))
-		return nil
-	case "client":
-		roleList := splitList(roles)
-		if len(roleList) == 0 {
-			return errors.New("gen client: -roles is required (e.g. os:reader)")
-		}
-		if slices.Contains(roleList, certs.RoleImpersonator) && !allowImpersonator {
-			return fmt.Errorf("gen client: %s lets the holder assert any role, os:admin included; it belongs on node certificates (use -allow-impersonator if you mean it)", certs.RoleImpersonator)
-		}
-		if !allowUnknown {
-			for _, r := range roleList {
-				if !slices.Contains(certs.BuiltinRoles, r) {
-					return fmt.Errorf("gen client: unknown role %q: the built-in roles are %s (use -allow-unknown-roles for a role of your own policy)",
-						r, strings.Join(certs.BuiltinRoles, ", "))
-				}
-			}
-		}
-		crt, key, err := ca.IssueClient(*name, roleList, *ttl, kt)
-		if err != nil {
-			return err
-		}
-		if err := write(*name, crt, key); err != nil {
-			return err
-		}
-		if talosconfig == "" {
-			return nil
-		}
-		if len(splitList(endpoints)) == 0 {
-			return errors.New("gen client: -talosconfig needs -endpoints")
-		}
-		ctxName := contextName
-		if ctxName == "" {
-			ctxName = *name
-		}
-		tc := pki.TalosContext{Endpoints: splitList(endpoints), Nodes: splitList(nodes), CA: ca.CertPEM, Crt: crt, Key: key}
-		if err := pki.WriteTalosconfig(talosconfig, ctxName, tc, pki.TalosconfigMerge); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "wrote context %q to %s\n", ctxName, talosconfig)
+		fmt.Fprintf(g.stdout, "serve with cert/key = %[1]s.crt/.key and clientCert/clientKey = %[1]s-client.crt/.key\n", filepath.Join(g.out.Path, g.name))
 		return nil
 	}
-	return fmt.Errorf("gen: unknown kind %q", what)
+}
+
+// genClient makes a client certificate with roles and, with -talosconfig,
+// a context for it in that talosconfig.
+func genClient(fs *flag.FlagSet) func(*gen) error {
+	roles := fs.String("roles", "", "comma-separated roles, e.g. os:reader")
+	allowUnknown := fs.Bool("allow-unknown-roles", false, "accept roles outside the built-in ones (for a custom policy)")
+	allowImpersonator := fs.Bool("allow-impersonator", false, "accept os:impersonator, which lets the holder claim any role (forwarding identities carry it)")
+	talosconfig := fs.String("talosconfig", "", "also write (or merge into) this talosconfig `file`")
+	endpoints := fs.String("endpoints", "", "talosconfig endpoints, comma-separated")
+	nodes := fs.String("nodes", "", "talosconfig default nodes, comma-separated")
+	contextName := fs.String("context", "", "talosconfig context name (default: the name)")
+	return func(g *gen) error {
+		roleList := splitList(*roles)
+		switch unknown := slices.IndexFunc(roleList, func(r string) bool { return !slices.Contains(certs.BuiltinRoles, r) }); {
+		case len(roleList) == 0:
+			return errors.New("gen client: -roles is required (e.g. os:reader)")
+		case slices.Contains(roleList, certs.RoleImpersonator) && !*allowImpersonator:
+			return fmt.Errorf("gen client: %s lets the holder assert any role, os:admin included; it belongs on node certificates (use -allow-impersonator if you mean it)", certs.RoleImpersonator)
+		case unknown >= 0 && !*allowUnknown:
+			return fmt.Errorf("gen client: unknown role %q: the built-in roles are %s (use -allow-unknown-roles for a role of your own policy)",
+				roleList[unknown], strings.Join(certs.BuiltinRoles, ", "))
+		}
+		crt, key, err := g.ca.IssueClient(g.name, roleList, g.ttl, g.keyType)
+		if err == nil {
+			_, _, err = g.out.WritePair(g.name, crt, key)
+		}
+		if err != nil || *talosconfig == "" {
+			return err
+		} else if len(splitList(*endpoints)) == 0 {
+			return errors.New("gen client: -talosconfig needs -endpoints")
+		}
+		ctxName := cmp.Or(*contextName, g.name)
+		tc := pki.TalosContext{Endpoints: splitList(*endpoints), Nodes: splitList(*nodes), CA: g.ca.CertPEM, Crt: crt, Key: key}
+		if err := pki.WriteTalosconfig(*talosconfig, ctxName, tc, pki.TalosconfigMerge); err != nil {
+			return err
+		}
+		fmt.Fprintf(g.stdout, "wrote context %q to %s\n", ctxName, *talosconfig)
+		return nil
+	}
 }
 
 func splitList(s string) []string {

@@ -122,9 +122,9 @@ func Run(ctx context.Context, o Options, stdout io.Writer) error {
 
 		cfg := gateway.Default()
 		cfg.Listen = net.JoinHostPort(n.ip, strconv.Itoa(o.Port))
-		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = filepath.Join(o.Dir, "ca.crt"), n.cert, n.key
+		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = filepath.Join(o.Dir, "ca.crt"), n.Cert, n.Key
 		if n.controlPlane {
-			cfg.TLS.ClientCert, cfg.TLS.ClientKey = n.clientCert, n.clientKey
+			cfg.TLS.ClientCert, cfg.TLS.ClientKey = n.ClientCert, n.ClientKey
 		} else {
 			// A Talos worker holds no certificate to forward with and
 			// serves only itself: so do the demo's.

@@ -17,14 +17,11 @@ import (
 // demoNode is one node of the demo cluster: a demo node on a unix socket
 // and an apid on its own loopback address.
 type demoNode struct {
-	name         string
-	controlPlane bool // nodes 1 to 3
-	ip           string
-	sock         string
-	cert         string
-	key          string
-	clientCert   string // the forwarding identity
-	clientKey    string
+	name          string
+	controlPlane  bool // nodes 1 to 3
+	ip            string
+	sock          string
+	pki.NodeFiles // a worker has no forwarding identity
 }
 
 // writePKI writes the demo's certificates and talosconfig into o.Dir.
@@ -34,8 +31,8 @@ func writePKI(o Options) ([]demoNode, error) {
 	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	caCrt, caKey := filepath.Join(o.Dir, "ca.crt"), filepath.Join(o.Dir, "ca.key")
-	ca, err := loadOrCreateCA(caCrt, caKey)
+	dir := pki.Dir{Path: o.Dir, Force: true}
+	ca, err := loadOrCreateCA(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -45,28 +42,19 @@ func writePKI(o Options) ([]demoNode, error) {
 	ips := make([]string, o.Nodes)
 	for i := range nodes {
 		name := fmt.Sprintf("node-%d", i+1)
-		n := demoNode{
-			name:         name,
-			controlPlane: i < controlPlane,
-			ip:           ip.String(),
-			sock:         filepath.Join(o.Dir, name+".sock"),
-			cert:         filepath.Join(o.Dir, name+".crt"),
-			key:          filepath.Join(o.Dir, name+".key"),
-			clientCert:   filepath.Join(o.Dir, name+"-client.crt"),
-			clientKey:    filepath.Join(o.Dir, name+"-client.key"),
-		}
-		crt, key, err := ca.IssueNode(name, []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, year, pki.KeyECDSA)
-		if err != nil {
-			return nil, err
-		}
-		if err := pki.WritePair(n.cert, crt, n.key, key, true); err != nil {
-			return nil, err
-		}
+		n := demoNode{name: name, controlPlane: i < controlPlane, ip: ip.String(), sock: filepath.Join(o.Dir, name+".sock")}
+		names, addrs := []string{name, "localhost"}, []net.IP{net.ParseIP(n.ip)}
 		if n.controlPlane {
-			if crt, key, err = ca.IssueForwarding(name, year, pki.KeyECDSA); err != nil {
+			// Control-plane nodes forward calls to the others.
+			if n.NodeFiles, err = dir.WriteNode(ca, name, names, addrs, year, pki.KeyECDSA); err != nil {
 				return nil, err
 			}
-			if err := pki.WritePair(n.clientCert, crt, n.clientKey, key, true); err != nil {
+		} else {
+			crt, key, err := ca.IssueNode(name, names, addrs, year, pki.KeyECDSA)
+			if err != nil {
+				return nil, err
+			}
+			if n.Cert, n.Key, err = dir.WritePair(name, crt, key); err != nil {
 				return nil, err
 			}
 		}
@@ -79,7 +67,7 @@ func writePKI(o Options) ([]demoNode, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := pki.WritePair(filepath.Join(o.Dir, "admin.crt"), crt, filepath.Join(o.Dir, "admin.key"), key, true); err != nil {
+	if _, _, err := dir.WritePair("admin", crt, key); err != nil {
 		return nil, err
 	}
 	tc := pki.TalosContext{Endpoints: endpoints(o, nodes), Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
@@ -104,8 +92,10 @@ func endpoints(o Options, nodes []demoNode) []string {
 	return endpoints
 }
 
-func loadOrCreateCA(crtPath, keyPath string) (*pki.CA, error) {
-	ca, err := pki.ReadCA(crtPath, keyPath)
+// loadOrCreateCA reads dir's CA, or makes one there when there is none or
+// it is about to expire.
+func loadOrCreateCA(dir pki.Dir) (*pki.CA, error) {
+	ca, err := dir.ReadCA()
 	switch {
 	case err == nil && time.Until(ca.Cert.NotAfter) > 24*time.Hour:
 		return ca, nil
@@ -118,5 +108,6 @@ func loadOrCreateCA(crtPath, keyPath string) (*pki.CA, error) {
 	if err != nil {
 		return nil, err
 	}
-	return ca, pki.WritePair(crtPath, ca.CertPEM, keyPath, ca.KeyPEM, true)
+	_, _, err = dir.WritePair("ca", ca.CertPEM, ca.KeyPEM)
+	return ca, err
 }
