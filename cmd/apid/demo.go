@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"path/filepath"
 
 	"github.com/apid/apid/internal/demo/cluster"
 )
@@ -52,12 +51,5 @@ func parseDemoFlags(args []string, stderr io.Writer) (cluster.Options, error) {
 		errs = append(errs, fmt.Errorf("-port %d: out of range", o.Port))
 	}
 	o.FirstIP = ip
-	// Sockets are addressed as unix:///absolute/path: the default, relative
-	// directory must work from wherever the demo is started.
-	if abs, err := filepath.Abs(o.Dir); err != nil {
-		errs = append(errs, fmt.Errorf("-dir %q: %w", o.Dir, err))
-	} else {
-		o.Dir = abs
-	}
 	return o, errors.Join(errs...)
 }
