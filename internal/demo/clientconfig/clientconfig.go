@@ -61,15 +61,15 @@ func New(cfg Config) *Issuer {
 // The caller's roles are those apid forwards (talos-role): the agent
 // trusts its socket's peer as machined trusts apid's, which is why the
 // command line serves a client CA only on a unix socket.
-func (s *Issuer) GenerateClientConfiguration(ctx context.Context, req *machine.GenerateClientConfigurationRequest) (_ *machine.GenerateClientConfigurationResponse, err error) {
-	if len(s.cfg.CA.Cert) == 0 {
+func (i *Issuer) GenerateClientConfiguration(ctx context.Context, req *machine.GenerateClientConfigurationRequest) (_ *machine.GenerateClientConfigurationResponse, err error) {
+	if len(i.cfg.CA.Cert) == 0 {
 		return nil, status.Error(codes.FailedPrecondition, "this agent holds no client CA: ask a control-plane node")
 	}
 	ttl := req.GetCrtTtl().AsDuration()
 	if ttl <= 0 {
 		return nil, status.Error(codes.InvalidArgument, "crt_ttl should be positive")
 	}
-	ca, err := pki.LoadCA(s.cfg.CA.Cert, s.cfg.CA.Key)
+	ca, err := pki.LoadCA(i.cfg.CA.Cert, i.cfg.CA.Key)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "client CA: %v", err)
 	}
@@ -78,8 +78,8 @@ func (s *Issuer) GenerateClientConfiguration(ctx context.Context, req *machine.G
 	if left := time.Until(ca.Cert.NotAfter).Truncate(time.Hour); ttl > left {
 		return nil, status.Errorf(codes.InvalidArgument, "crt_ttl %s is longer than the client CA's remaining validity (%s, until %s)", ttl, left, ca.Cert.NotAfter.UTC().Format(time.DateOnly))
 	}
-	if s.cfg.MaxTTL > 0 && ttl > s.cfg.MaxTTL {
-		return nil, status.Errorf(codes.InvalidArgument, "crt_ttl %s is longer than the %s this agent grants (-max-client-ttl)", ttl, s.cfg.MaxTTL)
+	if i.cfg.MaxTTL > 0 && ttl > i.cfg.MaxTTL {
+		return nil, status.Errorf(codes.InvalidArgument, "crt_ttl %s is longer than the %s this agent grants (-max-client-ttl)", ttl, i.cfg.MaxTTL)
 	}
 	roles, err := clientRoles(req.GetRoles())
 	if err != nil {
@@ -96,17 +96,17 @@ func (s *Issuer) GenerateClientConfiguration(ctx context.Context, req *machine.G
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	name := s.cfg.ClusterName
+	name := i.cfg.ClusterName
 	if short := shortRoles(roles); len(short) == 1 {
 		name = short[0] + "@" + name
 	}
-	talosconfig, err := pki.MergeTalosconfig(nil, name, pki.TalosContext{Endpoints: s.cfg.Endpoints, CA: s.cfg.CA.Cert, Crt: crt, Key: key})
+	talosconfig, err := pki.MergeTalosconfig(nil, name, pki.TalosContext{Endpoints: i.cfg.Endpoints, CA: i.cfg.CA.Cert, Crt: crt, Key: key})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "talosconfig: %v", err)
 	}
-	s.cfg.Log.Info("client certificate issued", "roles", roles, "ttl", ttl.String(), "context", name)
+	i.cfg.Log.Info("client certificate issued", "roles", roles, "ttl", ttl.String(), "context", name)
 	return &machine.GenerateClientConfigurationResponse{Messages: []*machine.GenerateClientConfiguration{{
-		Ca: s.cfg.CA.Cert, Crt: crt, Key: key, Talosconfig: talosconfig,
+		Ca: i.cfg.CA.Cert, Crt: crt, Key: key, Talosconfig: talosconfig,
 	}}}, nil
 }
 

@@ -15,6 +15,21 @@ import (
 // maxRecordedReboots bounds the history kept for Reboots.
 const maxRecordedReboots = 1000
 
+// Reboot, Shutdown and Upgrade reply at once with a new actor ID and then
+// publish over a few seconds:
+//
+//   - SequenceEvent reboot, shutdown or upgrade START, and MachineStatusEvent
+//     REBOOTING, SHUTTING_DOWN or UPGRADING;
+//   - for Upgrade, an "upgrade" phase and task (no image is pulled);
+//   - the "stopEverything" phase with the "stopAllServices" task, in which
+//     the services go Stopping, then Finished;
+//   - for Reboot and Upgrade, after two seconds of simulated downtime,
+//     SequenceEvent boot, MachineStatusEvent BOOTING, the services Preparing,
+//     then Running and healthy, and MachineStatusEvent RUNNING with ready
+//     set. A simulated shutdown leaves the services Finished.
+//
+// One such operation runs at a time.
+
 // The pace of a simulated reboot, shutdown or upgrade. talosctl's tracker
 // (talosctl reboot, shutdown and upgrade, which wait by default) subscribes
 // to events with tail 0 at the same time as it makes the call, so the first
@@ -45,7 +60,7 @@ var (
 
 // Reboot records the request and simulates a reboot: it replies at once, as
 // Talos does, with a new actor ID, and then publishes the events of a
-// reboot caused by that actor (see the package documentation). Nothing on
+// reboot caused by that actor (see above). Nothing on
 // the host is rebooted. While a simulated reboot, shutdown or upgrade is in
 // progress, Reboot fails with FailedPrecondition and records nothing.
 func (m *Machine) Reboot(ctx context.Context, req *machine.RebootRequest) (_ *machine.RebootResponse, err error) {

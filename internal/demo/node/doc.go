@@ -24,15 +24,8 @@
 // simulated. The node changes nothing on the host, and its replies carry no
 // common.Metadata because stamping is apid's job.
 //
-// Serve it with [New], [Listen] and [Server.Serve] (or
-// [Server.ServerOptions], its call log, and [Server.Register] on a gRPC
-// server of your own):
-//
-//	lis, err := node.Listen("unix:///run/apid-agent.sock")
-//	...
-//	n := node.New(node.Config{})
-//	err = n.Serve(ctx, lis, log) // until ctx ends
-//	n.Close()                    // ends a simulation in progress and the controllers
+// Serve it with [New], [Listen] and [Server.Serve] (see the example), and
+// Close it when the server has stopped.
 //
 // It must not hold what a part does: a method added here rather than in
 // its part is in the wrong place.
