@@ -22,9 +22,11 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 
 	"github.com/apid/apid/internal/gateway"
+	"github.com/apid/apid/internal/version"
 )
 
 func main() {
@@ -68,7 +70,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "check":
 		return runCheck(rest, stdout, stderr)
 	case "version", "-version", "--version":
-		return runVersion(stdout)
+		v := version.Get()
+		fmt.Fprintf(stdout, "apid %s\ncommit %s\ngo %s %s/%s\n", v.Version, v.Commit, v.Go, runtime.GOOS, runtime.GOARCH)
+		return nil
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
