@@ -27,7 +27,10 @@ import (
 //
 // A section that holds goroutines or files also has Close, called once
 // when the gateway closes. A section that exists once per cluster is one
-// value per cluster: nothing here assumes one.
+// value per cluster: nothing here assumes one. A section that holds calls
+// rather than refusing them (a disruption budget, which reads node health)
+// is one more entry here, built above routing, asking the limits through
+// their admission methods like the others.
 type Section[C any] interface {
 	Apply(C) error
 	Loosens(C) []string
