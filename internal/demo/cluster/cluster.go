@@ -62,6 +62,12 @@ func Run(ctx context.Context, o Options, stdout io.Writer) error {
 	}
 	o.Dir = dir
 	log := o.Log
+	// Before anything is written: a second demo on the same addresses
+	// would otherwise fail half-way, deep in etcd, leaving a directory
+	// half-written.
+	if err := addressesFree(o); err != nil {
+		return err
+	}
 	nodes, err := writePKI(o)
 	if err != nil {
 		return err
@@ -165,4 +171,33 @@ func Run(ctx context.Context, o Options, stdout io.Writer) error {
 	}
 	printHelp(stdout, o, nodes)
 	return g.Wait()
+}
+
+// addressesFree checks that every address the cluster o describes listens
+// on is free: each node's apid and admin endpoint, and a control-plane
+// node's etcd ports.
+func addressesFree(o Options) error {
+	ip := o.FirstIP
+	for i := range o.Nodes {
+		ports := []string{strconv.Itoa(o.Port), strconv.Itoa(o.Port + 1)}
+		if i < controlPlane {
+			ports = append(ports, etcdClientPort, etcdPeerPort)
+		}
+		for _, port := range ports {
+			addr := net.JoinHostPort(ip.String(), port)
+			l, err := net.Listen("tcp", addr)
+			if err != nil {
+				next := ip
+				for range o.Nodes + 10 {
+					next = next.Next()
+				}
+				return fmt.Errorf("node-%d: %s is taken (another apid demo running?): stop it, or run this one on other addresses, as in apid demo -first-ip %s", i+1, addr, next)
+			}
+			l.Close()
+		}
+		if ip = ip.Next(); !ip.IsLoopback() {
+			return fmt.Errorf("node %d: ran out of loopback addresses", i+2)
+		}
+	}
+	return nil
 }

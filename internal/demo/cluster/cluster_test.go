@@ -5,8 +5,10 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -15,6 +17,8 @@ import (
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
+	"github.com/siderolabs/talos/pkg/machinery/client"
+	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -100,6 +104,34 @@ func TestRunInProcess(t *testing.T) {
 	}
 	if m := resp.GetMessages(); len(m) != 1 || m[0].GetVersion().GetTag() != identity.VersionTag || m[0].GetMetadata().GetHostname() != "node-1" {
 		t.Errorf("Version of node-1 through the demo's apid: %v", m)
+	}
+
+	// The talosconfig names the first node by name: talosctl, which sends
+	// the talosconfig's nodes as nodes, reaches node-1, stamped so.
+	cfg, err := clientconfig.Open(filepath.Join(dir, "talosconfig"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nodes := cfg.Contexts[cfg.Context].Nodes; len(nodes) != 1 || nodes[0] != "node-1" {
+		t.Errorf("talosconfig nodes %v, want [node-1]", nodes)
+	}
+	cl, err := client.New(ctx, client.WithConfig(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if v, err := cl.Version(client.WithNodes(ctx, cfg.Contexts[cfg.Context].Nodes...)); err != nil || len(v.GetMessages()) != 1 || v.GetMessages()[0].GetMetadata().GetHostname() != "node-1" {
+		t.Errorf("the talosconfig's own node: %v, %v", v, err)
+	}
+
+	// A second demo on the same addresses says so before writing anything.
+	second := t.TempDir()
+	err = cluster.Run(ctx, cluster.Options{Dir: second, Nodes: 1, Port: port, FirstIP: netip.MustParseAddr(ip), LogLevel: "warn", LogFormat: "text"}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), ip+":"+strconv.Itoa(port)+" is taken") || !strings.Contains(err.Error(), "-first-ip 127.0.98.22") {
+		t.Errorf("a second demo on the same addresses: %v", err)
+	}
+	if entries, _ := os.ReadDir(second); len(entries) != 0 {
+		t.Errorf("the refused demo wrote %d files", len(entries))
 	}
 
 	cancel()

@@ -39,7 +39,6 @@ func writePKI(o Options) ([]demoNode, error) {
 	const year = 365 * 24 * time.Hour
 	nodes := make([]demoNode, o.Nodes)
 	ip := o.FirstIP
-	ips := make([]string, o.Nodes)
 	for i := range nodes {
 		name := fmt.Sprintf("node-%d", i+1)
 		n := demoNode{name: name, controlPlane: i < controlPlane, ip: ip.String(), sock: filepath.Join(o.Dir, name+".sock")}
@@ -58,7 +57,7 @@ func writePKI(o Options) ([]demoNode, error) {
 				return nil, err
 			}
 		}
-		nodes[i], ips[i] = n, n.ip
+		nodes[i] = n
 		if ip = ip.Next(); !ip.IsLoopback() {
 			return nil, fmt.Errorf("node %d: ran out of loopback addresses", i+2)
 		}
@@ -70,7 +69,10 @@ func writePKI(o Options) ([]demoNode, error) {
 	if _, _, err := dir.WritePair("admin", crt, key); err != nil {
 		return nil, err
 	}
-	tc := pki.TalosContext{Endpoints: endpoints(o, nodes), Nodes: ips, CA: ca.CertPEM, Crt: crt, Key: key}
+	// The first node by name: one node, so that talosctl health and etcd
+	// members work as typed, and replies are stamped as the README shows
+	// them; -n @all, @controlplane or a list reaches more.
+	tc := pki.TalosContext{Endpoints: endpoints(o, nodes), Nodes: []string{nodes[0].name}, CA: ca.CertPEM, Crt: crt, Key: key}
 	return nodes, pki.WriteTalosconfig(filepath.Join(o.Dir, "talosconfig"), "apid-demo", tc, pki.TalosconfigOverwrite)
 }
 
