@@ -116,8 +116,9 @@ fuzz:
 	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) ./$$pkg/; \
 	done
 
+# DEMO_FLAGS passes apid demo's flags: make demo DEMO_FLAGS='-nodes 5 -first-ip 127.0.0.21'
 demo:
-	$(GO) run ./cmd/apid demo
+	$(GO) run ./cmd/apid demo $(DEMO_FLAGS)
 
 clean:
 	rm -rf bin bench.txt bench-cluster.md bench-one.md bench-fanout.md apid-demo
