@@ -80,6 +80,13 @@ func (m *Machine) Boot() {
 		m.publish("", &machine.TaskEvent{Task: task, Action: machine.TaskEvent_STOP})
 	}
 	m.mu.Unlock()
+	// The services beside the node run already; saying so lets the
+	// resource API list them as talosctl services does (talosctl get
+	// services).
+	for _, id := range m.beside {
+		m.publish("", &machine.ServiceStateEvent{Service: id, Action: machine.ServiceStateEvent_RUNNING,
+			Message: "Runs beside the example agent, which does not manage it", Health: &machine.ServiceHealth{Unknown: true}})
+	}
 	m.publish("", &machine.PhaseEvent{Phase: "startEverything", Action: machine.PhaseEvent_STOP})
 	m.publish("", &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_STOP})
 	m.publish("", machineStatus(machine.MachineStatusEvent_RUNNING, true))

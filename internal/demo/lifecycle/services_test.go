@@ -5,10 +5,12 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cosi-project/runtime/pkg/safe"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	talosclient "github.com/siderolabs/talos/pkg/machinery/client"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"github.com/siderolabs/talos/pkg/machinery/resources/v1alpha1"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/apid/apid/internal/demo/lifecycle"
@@ -132,6 +134,11 @@ func TestServices(t *testing.T) {
 // simulated ones, and cannot be started, stopped or restarted.
 func TestBesideServices(t *testing.T) {
 	mc, _, _ := nodetest.Start(t, node.Config{BesideServices: []string{"apid"}}, "unix")
+	// talosctl get services lists it too, as talosctl services does.
+	c, _ := nodetest.OfficialClient(t, node.Config{BesideServices: []string{"apid"}})
+	if svc, err := safe.StateGetByID[*v1alpha1.Service](testkit.Context(t), c.COSI, "apid"); err != nil || !svc.TypedSpec().Running || !svc.TypedSpec().Unknown {
+		t.Errorf("the apid service resource: %v, %v", svc, err)
+	}
 	resp, err := mc.ServiceList(testkit.Context(t), &emptypb.Empty{})
 	if err != nil {
 		t.Fatal(err)
