@@ -20,12 +20,22 @@ func (a *Authorizer) Apply(cfg Config) error {
 // Loosens lists what in next would let some role call a method the policy
 // enforced now does not let it call: a rule that grants a method to a role
 // the current policy does not allow it to.
-func (a *Authorizer) Loosens(next Config) []string {
+func (a *Authorizer) Loosens(next Config) []string { return loosens(a.Policy(), next) }
+
+// Loosens lists what in next grants a role more than cur does.
+func Loosens(cur, next Config) []string {
+	cp, err := cur.Policy()
+	if err != nil {
+		return nil
+	}
+	return loosens(cp, next)
+}
+
+func loosens(cur *Policy, next Config) []string {
 	np, err := next.Policy()
 	if err != nil {
 		return nil
 	}
-	cur := a.Policy()
 	methods := map[string]bool{}
 	for m := range np.exact {
 		methods[m] = true

@@ -19,8 +19,10 @@ func (r *Router) Applied() Config { return *r.applied.Load() }
 // Loosens lists the keys of next that would let calls reach more than the
 // configuration applied now does: forwarding turned back on, or node
 // networks widened or dropped.
-func (r *Router) Loosens(next Config) []string {
-	cur := r.Applied()
+func (r *Router) Loosens(next Config) []string { return Loosens(r.Applied(), next) }
+
+// Loosens lists the keys of next that let calls reach more than cur does.
+func Loosens(cur, next Config) []string {
 	var keys []string
 	if cur.LocalOnly && !next.LocalOnly {
 		keys = append(keys, "localOnly")

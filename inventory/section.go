@@ -8,8 +8,12 @@ func (inv *Inventory) Apply(cfg Config) error { return inv.Configure(cfg) }
 
 // Loosens lists the keys of next that would let callers reach nodes the
 // inventory applied now does not: names outside it looked up in DNS.
-func (inv *Inventory) Loosens(next Config) []string {
-	if !inv.ResolveUnknown() && (next.ResolveUnknown || !next.Configured()) {
+func (inv *Inventory) Loosens(next Config) []string { return Loosens(*inv.conf.Load(), next) }
+
+// Loosens lists the keys of next that let callers reach nodes cur does not.
+func Loosens(cur, next Config) []string {
+	resolves := func(c Config) bool { return c.ResolveUnknown || !c.Configured() }
+	if !resolves(cur) && resolves(next) {
 		return []string{"inventory.resolveUnknown"}
 	}
 	return nil

@@ -76,8 +76,10 @@ func (l *Limits) Applied() Config { return *l.applied.Load() }
 // Loosens lists the keys of next that would admit more than the bounds
 // applied now: a reload (or a file cut short) that relaxes a bound is
 // worth a line of its own in the log.
-func (l *Limits) Loosens(next Config) []string {
-	cur := l.Applied()
+func (l *Limits) Loosens(next Config) []string { return Loosens(l.Applied(), next) }
+
+// Loosens lists the keys of next that admit more than cur's.
+func Loosens(cur, next Config) []string {
 	var keys []string
 	more := func(key string, a, b float64) {
 		if b > a {

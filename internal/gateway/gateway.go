@@ -130,6 +130,10 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (_ *Gateway, err error) {
 	}
 	g.metrics.register(g.pool, g.nodes, g.gauges())
 	g.server = g.newServer(cfg)
+	if keys := loosenedFromDefaults(cfg); len(keys) > 0 {
+		g.metrics.loosened()
+		log.Warn("configuration loosens apid's defaults", "keys", keys)
+	}
 	g.setLogLevel(cfg.LogLevel)
 	g.cfg.Store(&cfg)
 	g.certs.watchFiles(cfg.TLS.ReloadInterval)

@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/limits"
@@ -595,5 +596,27 @@ func TestReflectionListsWhatTheGatewayServes(t *testing.T) {
 	}
 	if resp, err := stream.Recv(); err != nil || len(resp.GetFileDescriptorResponse().GetFileDescriptorProto()) == 0 {
 		t.Errorf("describe cluster.ClusterService: %v, %v", resp, err)
+	}
+}
+
+// TestStartReportsWhatLoosensTheDefaults: at start, a configuration that
+// relaxes apid's defaults (a bound raised, TLS 1.2, a policy granting more)
+// is a warning naming the keys and counts as a loosening; the defaults
+// are not.
+func TestStartReportsWhatLoosensTheDefaults(t *testing.T) {
+	plain := startLive(t)
+	if strings.Contains(plain.logs.String(), "loosens apid's defaults") || plain.metric("apid_config_loosened_total") != 0 {
+		t.Errorf("the defaults reported as loosening:\n%s", plain.logs.String())
+	}
+	lg := startLiveWith(t, testbackend.Start(t, "node-1", testbackend.Behaviour{}).Addr, func(c *Config) {
+		c.Limits.Connections = 10000
+		c.TLS.AllowTLS12 = true
+		c.Policy.Rules = []auth.Rule{{Method: "/machine.MachineService/Reboot", Roles: []string{certs.RoleReader}}}
+	})
+	if !strings.Contains(lg.logs.String(), `"msg":"configuration loosens apid's defaults","keys":["limits.connections","policy","allowTLS12"]`) {
+		t.Errorf("no warning naming the loosened keys:\n%s", lg.logs.String())
+	}
+	if v := lg.metric("apid_config_loosened_total"); v != 1 {
+		t.Errorf("apid_config_loosened_total %g, want 1", v)
 	}
 }

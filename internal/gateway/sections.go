@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -141,6 +142,35 @@ func (g *Gateway) refuseReload(err error) error {
 	g.metrics.reloaded("config", err)
 	g.log.Error("configuration refused; the running one stays", "err", err)
 	return err
+}
+
+// loosenedFromDefaults lists what cfg relaxes against apid's defaults,
+// reported at start: there is no running configuration to compare with
+// then, and a file cut short or edited by hand should not relax trust or
+// bounds without a word. Restart keys count too (TLS 1.2, combined client
+// certificates, a public admin endpoint, PROXY headers).
+func loosenedFromDefaults(cfg Config) []string {
+	d := Default()
+	keys := slices.Concat(
+		limits.Loosens(d.Limits, cfg.Limits),
+		auth.Loosens(d.Policy, cfg.Policy),
+		director.Loosens(d.Routing, cfg.Routing),
+		inventory.Loosens(d.Inventory, cfg.Inventory),
+	)
+	for _, k := range []struct {
+		key string
+		on  bool
+	}{
+		{"allowTLS12", cfg.TLS.AllowTLS12},
+		{"allowCombinedClientCertificates", cfg.TLS.AllowCombinedClientCertificates},
+		{"adminPublic", cfg.AdminPublic},
+		{"proxyProtocol", len(cfg.ProxyProtocol) > 0},
+	} {
+		if k.on {
+			keys = append(keys, k.key)
+		}
+	}
+	return keys
 }
 
 // own is the gateway's own keys as a section: the log level, and what the
