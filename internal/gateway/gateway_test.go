@@ -29,7 +29,7 @@ import (
 // testGateway is a whole gateway and its local node agent, a test backend
 // on a unix socket, in this process, on 127.0.0.1.
 type testGateway struct {
-	t        *testing.T
+	t        testing.TB
 	logs     *syncBuffer // the gateway's JSON log
 	gw       *Gateway
 	cfg      Config
@@ -45,7 +45,29 @@ type testGateway struct {
 // edit may change (the admin endpoint is on a free port of 127.0.0.1).
 func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	t.Helper()
-	tg := &testGateway{t: t, dir: t.TempDir(), served: make(chan error, 1), logs: &syncBuffer{}}
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "agent.sock")
+	agentLis, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := testbackend.New("node-1", testbackend.Behaviour{})
+	if err := agent.SetMembers([]testbackend.Member{{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true}}); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = agent.Serve(agentLis) }()
+	t.Cleanup(agent.Stop)
+	tg := serveGateway(t, dir, "unix://"+sock, edit)
+	tg.agentSrv = agent
+	return tg
+}
+
+// serveGateway starts a gateway whose local node agent is at backend, with
+// key material for node-1 at 127.0.0.1 and a forwarding identity written
+// in dir, its configuration changed by edit, serving until the test ends.
+func serveGateway(t testing.TB, dir, backend string, edit func(*Config)) *testGateway {
+	t.Helper()
+	tg := &testGateway{t: t, dir: dir, served: make(chan error, 1), logs: &syncBuffer{}}
 	var err error
 	if tg.ca, err = pki.NewCA("test", time.Hour, pki.KeyECDSA); err != nil {
 		t.Fatal(err)
@@ -54,26 +76,14 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(tg.dir, "agent.sock")
-	agentLis, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tg.agentSrv = testbackend.New("node-1", testbackend.Behaviour{})
-	if err := tg.agentSrv.SetMembers([]testbackend.Member{{Hostname: "node-1", Addresses: []string{"127.0.0.1"}, ControlPlane: true}}); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = tg.agentSrv.Serve(agentLis) }()
-	t.Cleanup(tg.agentSrv.Stop)
-
-	cfg := Default()
-	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
 	fwdCrt, fwdKey, err := tg.ca.IssueForwarding("node-1", time.Hour, pki.KeyECDSA)
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg := Default()
+	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = tg.write("ca.crt", tg.ca.CertPEM), tg.write("node.crt", nodeCrt), tg.write("node.key", nodeKey)
 	cfg.TLS.ClientCert, cfg.TLS.ClientKey = tg.write("node-client.crt", fwdCrt), tg.write("node-client.key", fwdKey)
-	cfg.Backend = "unix://" + sock
+	cfg.Backend = backend
 	cfg.Routing.SelfNames = []string{"127.0.0.1", "node-1"}
 	cfg.AdminListen = "127.0.0.1:0"
 	cfg.DrainDelay = 0
@@ -82,7 +92,7 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 	}
 	tg.cfg = cfg
 	level := new(slog.LevelVar)
-	if tg.gw, err = New(cfg, NewLogger(tg.logs, level, "json")); err != nil {
+	if tg.gw, err = New(cfg, NewLogger(tg.logs, level, "json"), WithLogLevel(level)); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(tg.gw.Close)

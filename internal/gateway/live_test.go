@@ -2,13 +2,9 @@ package gateway
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -21,7 +17,6 @@ import (
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -33,19 +28,13 @@ import (
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/inventory"
-	"github.com/apid/apid/pki"
 )
 
 // liveGateway is a gateway in this process in front of a test backend as
 // its local agent, for changing its configuration while it runs.
 type liveGateway struct {
-	t       testing.TB
-	gw      *Gateway
+	*testGateway
 	base    Config
-	addr    string
-	dir     string
-	ca      *pki.CA
-	logs    *syncBuffer
 	backend *testbackend.Server
 }
 
@@ -61,54 +50,9 @@ func startLive(t testing.TB) *liveGateway {
 // configuration changed by edit.
 func startLiveWith(t testing.TB, backend string, edit func(*Config)) *liveGateway {
 	t.Helper()
-	lg := &liveGateway{t: t, dir: t.TempDir(), logs: &syncBuffer{}}
-	var err error
-	if lg.ca, err = pki.NewCA("live", time.Hour, pki.KeyECDSA); err != nil {
-		t.Fatal(err)
-	}
-	crt, key, err := lg.ca.IssueNode("node-1", []string{"node-1"}, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fwdCrt, fwdKey, err := lg.ca.IssueForwarding("node-1", time.Hour, pki.KeyECDSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := Default()
-	cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = lg.write("ca.crt", lg.ca.CertPEM), lg.write("node.crt", crt), lg.write("node.key", key)
-	cfg.TLS.ClientCert, cfg.TLS.ClientKey = lg.write("fwd.crt", fwdCrt), lg.write("fwd.key", fwdKey)
-	cfg.Backend = backend
-	cfg.Routing.SelfNames = []string{"127.0.0.1", "node-1"}
-	cfg.AdminListen = "127.0.0.1:0"
-	cfg.DrainDelay = 0
-	if edit != nil {
-		edit(&cfg)
-	}
-	lg.base = cfg
-	level := new(slog.LevelVar)
-	if lg.gw, err = New(cfg, NewLogger(lg.logs, level, "json"), WithLogLevel(level)); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(lg.gw.Close)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lg.addr = lis.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- lg.gw.Serve(ctx, lis) }()
-	t.Cleanup(func() { lg.gw.StopNow(); cancel(); <-served })
-	<-lg.gw.Serving()
-	return lg
-}
-
-func (lg *liveGateway) write(name string, data []byte) string {
-	path := filepath.Join(lg.dir, name)
-	if err := pki.WriteFile(path, data, 0o600, true); err != nil {
-		lg.t.Fatal(err)
-	}
-	return path
+	tg := serveGateway(t, t.TempDir(), backend, edit)
+	t.Cleanup(tg.gw.StopNow) // a drain waits for nothing in these tests
+	return &liveGateway{testGateway: tg, base: tg.cfg}
 }
 
 // reload applies the base configuration changed by edit.
@@ -130,25 +74,10 @@ func (lg *liveGateway) client(cn string, roles ...string) machine.MachineService
 	return machine.NewMachineServiceClient(lg.conn(cn, roles...))
 }
 
+// conn connects with a new certificate for cn carrying roles.
 func (lg *liveGateway) conn(cn string, roles ...string) *grpc.ClientConn {
 	lg.t.Helper()
-	crt, key, err := lg.ca.IssueClient(cn, roles, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		lg.t.Fatal(err)
-	}
-	pair, err := tls.X509KeyPair(crt, key)
-	if err != nil {
-		lg.t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(lg.ca.CertPEM)
-	cc, err := grpc.NewClient(lg.addr, grpc.WithTransportCredentials(credentials.NewTLS(
-		&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1"})))
-	if err != nil {
-		lg.t.Fatal(err)
-	}
-	lg.t.Cleanup(func() { cc.Close() })
-	return cc
+	return lg.testGateway.client(cn, roles...)
 }
 
 // metrics reads /metrics.
