@@ -143,6 +143,18 @@ func (tg *testGateway) write(name string, data []byte) string {
 // carrying roles.
 func (tg *testGateway) client(cn string, roles ...string) *grpc.ClientConn {
 	tg.t.Helper()
+	cc, err := grpc.NewClient(tg.addr, grpc.WithTransportCredentials(credentials.NewTLS(tg.clientTLS(cn, roles...))))
+	if err != nil {
+		tg.t.Fatal(err)
+	}
+	tg.t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// clientTLS is the TLS configuration of a client with a new certificate for
+// cn carrying roles.
+func (tg *testGateway) clientTLS(cn string, roles ...string) *tls.Config {
+	tg.t.Helper()
 	crt, key, err := tg.ca.IssueClient(cn, roles, time.Hour, pki.KeyECDSA)
 	if err != nil {
 		tg.t.Fatal(err)
@@ -153,13 +165,7 @@ func (tg *testGateway) client(cn string, roles ...string) *grpc.ClientConn {
 	}
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(tg.ca.CertPEM)
-	cc, err := grpc.NewClient(tg.addr, grpc.WithTransportCredentials(credentials.NewTLS(
-		&tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1"})))
-	if err != nil {
-		tg.t.Fatal(err)
-	}
-	tg.t.Cleanup(func() { cc.Close() })
-	return cc
+	return &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1"}
 }
 
 // get fetches path from the admin endpoint: status code and body.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -247,17 +246,9 @@ func TestHeaderListBoundedByWhatApidAccepts(t *testing.T) {
 	if want > 256<<10 || want < limits.MaxNodesBytes {
 		t.Fatalf("bound %d bytes", want)
 	}
-	crt, key, err := lg.ca.IssueClient("raw", []string{certs.RoleAdmin}, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := tls.X509KeyPair(crt, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(lg.ca.CertPEM)
-	conn, err := tls.Dial("tcp", lg.addr, &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1", NextProtos: []string{"h2"}})
+	cfg := lg.clientTLS("raw", certs.RoleAdmin)
+	cfg.NextProtos = []string{"h2"}
+	conn, err := tls.Dial("tcp", lg.addr, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -406,17 +397,9 @@ func (c *rawConn) close() { c.conn.Close() }
 
 func dialRaw(tb testing.TB, lg *liveGateway) *rawConn {
 	tb.Helper()
-	crt, key, err := lg.ca.IssueClient("raw", []string{certs.RoleAdmin}, time.Hour, pki.KeyECDSA)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	pair, err := tls.X509KeyPair(crt, key)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(lg.ca.CertPEM)
-	conn, err := tls.Dial("tcp", lg.addr, &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1", NextProtos: []string{"h2"}})
+	cfg := lg.clientTLS("raw", certs.RoleAdmin)
+	cfg.NextProtos = []string{"h2"}
+	conn, err := tls.Dial("tcp", lg.addr, cfg)
 	if err != nil {
 		tb.Fatal(err)
 	}
