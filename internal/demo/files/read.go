@@ -19,8 +19,8 @@ import (
 // readChunkSize is the payload size of each message sent by Read.
 const readChunkSize = 32 << 10
 
-// bootIDPath is the kernel's boot ID, which Read refuses to serve: see
-// bootIDRefused.
+// bootIDPath is the kernel's boot ID, which Read serves from the simulated
+// machine (WithBootID), or refuses: see bootIDRefused.
 const bootIDPath = "/proc/sys/kernel/random/boot_id"
 
 // bootIDRefused answers a request for the boot ID. talosctl reboot and
@@ -36,8 +36,12 @@ func bootIDRefused() error {
 // Read streams a regular file under one of the read roots in chunks of
 // 32 KiB. Paths outside the roots, including ones that leave them through
 // ".." or a symlink, get PermissionDenied; missing files get NotFound. The
-// kernel's boot ID also gets PermissionDenied (see bootIDRefused).
+// kernel's boot ID is the simulated machine's (WithBootID), or gets
+// PermissionDenied (see bootIDRefused).
 func (rs *Roots) Read(req *machine.ReadRequest, stream grpc.ServerStreamingServer[common.Data]) (err error) {
+	if rs.bootID != nil && rs.namesBootID(req.GetPath()) {
+		return stream.Send(&common.Data{Bytes: []byte(rs.bootID() + "\n")})
+	}
 	f, err := rs.openForRead(req.GetPath())
 	if err != nil {
 		return err
@@ -106,6 +110,16 @@ func (rs *Roots) resolve(p string) (rootedPath, error) {
 		return rootedPath{}, status.Errorf(codes.Internal, "relate %s to %s: %v", real, root, err)
 	}
 	return rootedPath{clean: clean, real: real, root: root, rel: rel}, nil
+}
+
+// namesBootID reports whether p is the kernel's boot ID, written as such or
+// through a symlink.
+func (rs *Roots) namesBootID(p string) bool {
+	if filepath.Clean(p) == bootIDPath {
+		return true
+	}
+	rp, err := rs.resolve(p)
+	return err == nil && rp.real == bootIDPath
 }
 
 // openForRead applies the read-roots rule to p (see resolve) and opens the

@@ -15,19 +15,34 @@ var DefaultReadRoots = []string{"/proc", "/sys", "/etc"}
 type Roots struct {
 	allowed  []string // read roots, cleaned as configured
 	resolved []string // read roots, symlink-resolved
+	bootID   func() string
 }
+
+// Option configures New.
+type Option func(*Roots)
+
+// WithBootID serves the kernel's boot ID (Read of
+// /proc/sys/kernel/random/boot_id) from bootID: the simulated machine's,
+// which changes at each of its simulated boots, so that talosctl's wait for
+// a reboot sees it happen. Without it, the boot ID is refused: the host's
+// would never change.
+func WithBootID(bootID func() string) Option { return func(rs *Roots) { rs.bootID = bootID } }
 
 // New returns the file methods confined to roots (DefaultReadRoots if
 // none). Each root is made absolute, cleaned and symlink-resolved once,
 // here; empty entries are ignored. A request for anything that is not
 // (after cleaning and symlink resolution) inside one of them is refused
 // with PermissionDenied.
-func New(roots []string) *Roots {
+func New(roots []string, opts ...Option) *Roots {
 	if len(roots) == 0 {
 		roots = slices.Clone(DefaultReadRoots)
 	}
 	allowed, resolved := resolveRoots(roots)
-	return &Roots{allowed: allowed, resolved: resolved}
+	rs := &Roots{allowed: allowed, resolved: resolved}
+	for _, o := range opts {
+		o(rs)
+	}
+	return rs
 }
 
 // Resolved are the read roots, symlink-resolved.

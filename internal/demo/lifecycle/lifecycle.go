@@ -187,6 +187,7 @@ func (m *Machine) simulate(seq sequence, actor string) {
 	if !m.pause(time.Until(stopped.Add(simDowntime))) {
 		return
 	}
+	m.newBoot()
 	m.publish(actor, &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_START})
 	if m.onBoot != nil {
 		m.onBoot()

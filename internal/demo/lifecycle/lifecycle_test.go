@@ -129,12 +129,7 @@ func TestRebootTrackedLikeTalosctl(t *testing.T) {
 	c, _ := nodetest.OfficialClient(t, node.Config{})
 	ctx := testkit.Context(t)
 
-	r, err := c.Read(ctx, "/proc/sys/kernel/random/boot_id")
-	if err == nil {
-		_, err = io.ReadAll(r)
-		r.Close()
-	}
-	nodetest.WantCode(t, err, codes.PermissionDenied) // talosctl: "(unauthorized)", post-check skipped
+	before := bootID(t, c)
 
 	w := watchEvents(t, c)
 	resp, err := c.RebootWithResponse(ctx)
@@ -160,6 +155,25 @@ func TestRebootTrackedLikeTalosctl(t *testing.T) {
 	w = watchEvents(t, c)
 	for !isMachineReady(nextEvent(t, w)) {
 	}
+	// talosctl's post-check: the boot ID changed.
+	if after := bootID(t, c); after == before {
+		t.Errorf("boot ID %q unchanged by the reboot", after)
+	}
+}
+
+// bootID reads the kernel's boot ID as talosctl does.
+func bootID(t *testing.T, c *talosclient.Client) string {
+	t.Helper()
+	r, err := c.Read(testkit.Context(t), "/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	b, err := io.ReadAll(r)
+	if err != nil || len(b) != 37 {
+		t.Fatalf("boot ID %q: %v", b, err)
+	}
+	return string(b)
 }
 
 func TestShutdownSimulation(t *testing.T) {

@@ -1,6 +1,8 @@
 package lifecycle
 
 import (
+	"crypto/rand"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -45,6 +47,43 @@ type Machine struct {
 
 	closed chan struct{}  // closed by Close
 	sims   sync.WaitGroup // lifecycle simulations in progress
+
+	// The simulated boot: its ID (as the kernel's boot_id) and time, new at
+	// each simulated reboot, so that a client waiting for a reboot (talosctl
+	// reboot, upgrade) sees one happen.
+	bootID   string
+	bootTime time.Time
+}
+
+// BootID is the simulated boot's ID, as /proc/sys/kernel/random/boot_id
+// reads.
+func (m *Machine) BootID() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bootID
+}
+
+// BootTime is when the simulated machine last booted.
+func (m *Machine) BootTime() time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bootTime
+}
+
+// newBoot starts a new simulated boot.
+func (m *Machine) newBoot() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.bootID, m.bootTime = newBootID(), time.Now()
+}
+
+// newBootID is a random UUID, as the kernel makes one at each boot.
+func newBootID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40 // version 4
+	b[8] = b[8]&0x3f | 0x80 // RFC 4122 variant
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 // New returns a machine whose services have not started: Boot starts
@@ -62,6 +101,8 @@ func New(cfg Config) *Machine {
 		started:  time.Now(),
 		services: newSimServices(SimulatedServices),
 		closed:   make(chan struct{}),
+		bootID:   newBootID(),
+		bootTime: time.Now(),
 	}
 }
 

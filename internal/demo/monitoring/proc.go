@@ -135,7 +135,7 @@ func (*Monitor) LoadAvg(ctx context.Context, _ *emptypb.Empty) (_ *machine.LoadA
 // SystemStat reports /proc/stat. CPU times are in seconds (the kernel's
 // USER_HZ ticks divided by 100), the other counters as the kernel prints
 // them; Cpu is indexed by CPU number.
-func (*Monitor) SystemStat(ctx context.Context, _ *emptypb.Empty) (_ *machine.SystemStatResponse, err error) {
+func (m *Monitor) SystemStat(ctx context.Context, _ *emptypb.Empty) (_ *machine.SystemStatResponse, err error) {
 	pfs, err := procFS()
 	if err != nil {
 		return nil, err
@@ -155,8 +155,12 @@ func (*Monitor) SystemStat(ctx context.Context, _ *emptypb.Empty) (_ *machine.Sy
 		cpus[i] = cpuStat(st.CPU[int64(i)])
 	}
 	sirq := st.SoftIRQ
+	boot := st.BootTime
+	if m.bootTime != nil {
+		boot = uint64(m.bootTime().Unix())
+	}
 	return &machine.SystemStatResponse{Messages: []*machine.SystemStat{{
-		BootTime:        st.BootTime,
+		BootTime:        boot,
 		CpuTotal:        cpuStat(st.CPUTotal),
 		Cpu:             cpus,
 		IrqTotal:        st.IRQTotal,

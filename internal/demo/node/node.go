@@ -8,6 +8,7 @@ import (
 	"net"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -81,7 +82,9 @@ func New(cfg Config) *Server {
 		s.beside[id] = logs.NewLines(cfg.LogCapacity)
 		beside = append(beside, logs.Source{ID: id, Lines: s.beside[id]})
 	}
-	roots := files.New(cfg.ReadRoots)
+	// The simulated machine's boot (its ID and time), not the host's: they
+	// change when it reboots. s.machine is made below, before any call.
+	roots := files.New(cfg.ReadRoots, files.WithBootID(func() string { return s.machine.BootID() }))
 	s.log = slog.New(slog.NewMultiHandler(
 		cfg.Logger.Handler(),
 		slog.NewTextHandler(own, &slog.HandlerOptions{Level: slog.LevelInfo}),
@@ -118,7 +121,7 @@ func New(cfg Config) *Server {
 	s.runtime = containers.New(s.log)
 	s.service = &machineService{
 		Identity: identity.New(cfg.Hostname),
-		Monitor:  monitoring.New(cfg.MeminfoPath),
+		Monitor:  monitoring.New(cfg.MeminfoPath, monitoring.WithBootTime(func() time.Time { return s.machine.BootTime() })),
 		Registry: logs.New(logs.Config{Own: own, Startup: startup, Services: s.machine.ServiceLogs(), Runtime: runtimeLog,
 			Beside: beside, KernelLogPath: cfg.KernelLogPath, Log: s.log}),
 		Roots:   roots,
@@ -132,6 +135,9 @@ func New(cfg Config) *Server {
 	s.machine.Boot()
 	return s
 }
+
+// BootID is the simulated machine's boot ID, which changes when it reboots.
+func (s *Server) BootID() string { return s.machine.BootID() }
 
 // Register adds the node's MachineService, ImageService, LifecycleService,
 // the resource API (COSI State and InspectService) and TimeService, and gRPC
