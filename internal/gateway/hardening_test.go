@@ -220,7 +220,7 @@ func TestAdminAnswersOnlyItsHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, err := io.WriteString(c, "GET /readyz HTTP/1.0\r\n\r\n"); err != nil {
+	if _, err := io.WriteString(c, "GET /healthz HTTP/1.0\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
 	reply, _ := io.ReadAll(c)
