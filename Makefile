@@ -30,7 +30,8 @@ STRESS_TESTS := \
 	proxy:'TestStressMixedFaults|TestOneToMany.*|TestBudgetCountsWhatCallsHoldAndReleasesIt|TestConnectionsAreReleasedAfterTheCallReturns' \
 	clusterhealth:'TestUnhealthyClusters|TestCutOffAttemptKeepsTheFinding|TestConvergingClusterPasses|TestHealthyCluster' \
 	director:'TestCallersDeadlinesEjectNobody|TestEjectionLifecycle|TestPool.*|TestRouteNodeTimeout' \
-	internal/gateway:'TestConcurrentCallsPerIdentity|TestDrain|TestDrainEndsWhenCallsDo|TestObservability|TestEjection|TestHealthAndReadiness' \
+	internal/gateway:'TestConcurrentCallsPerIdentity|TestDrain|TestDrainEndsWhenCallsDo|TestObservability|TestEjection|TestHealthAndReadiness|TestEveryLiveKeyApplies|TestAdminAnswersOnlyItsHosts|TestHungNodeEjectedThroughTheGateway' \
+	inventory:'TestFileShrunkInPlaceKeepsItsNodes|TestClusterSourceCoalescesBursts|TestClusterSourceBounds' \
 	internal/demo/lifecycle:'TestEventsSlowSubscriber|TestEventsTailSeconds|TestRebootSimulation|TestRebootTrackedLikeTalosctl' \
 	certs:'TestSourceWatch|TestNodeToNode' \
 	limits:'TestListenerClosesConnectionsOverTheTotalAtOnce'
