@@ -36,12 +36,16 @@ func loosens(cur *Policy, next Config) []string {
 	if err != nil {
 		return nil
 	}
+	// Every method either policy names: a rule dropped from next can let
+	// its method fall through to a broader pattern that grants more.
 	methods := map[string]bool{}
-	for m := range np.exact {
-		methods[m] = true
-	}
-	for _, r := range np.patterns {
-		methods[r.Method] = true
+	for _, p := range []*Policy{cur, np} {
+		for m := range p.exact {
+			methods[m] = true
+		}
+		for _, r := range p.patterns {
+			methods[r.Method] = true
+		}
 	}
 	for m := range methods {
 		for _, role := range np.Allowed(m) {

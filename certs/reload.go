@@ -320,7 +320,9 @@ func CheckPEMWhole(data []byte) error {
 			break
 		}
 	}
-	if i := bytes.Index(rest, []byte("-----BEGIN ")); i >= 0 {
+	// What follows the last whole block may be text, but not the dashes
+	// of a marker: a file cut inside "-----BEGIN" or a block's body.
+	if i := bytes.Index(rest, []byte("-----")); i >= 0 {
 		line, _, _ := bytes.Cut(rest[i:], []byte("\n"))
 		return fmt.Errorf("a PEM block is cut short (%q has no END line, or its content does not decode): the file was written partly; write the whole file again, then rename it into place", bytes.TrimSpace(line))
 	}

@@ -270,6 +270,7 @@ func TestCutBundleRefused(t *testing.T) {
 		"the other CA cut":   slices.Concat(ca1.CertPEM, ca2.CertPEM[:len(ca2.CertPEM)-40]),
 		"the cluster CA cut": slices.Concat(ca2.CertPEM, ca1.CertPEM[:len(ca1.CertPEM)/2]),
 		"cut in its header":  slices.Concat(ca1.CertPEM, []byte("-----BEGIN CERT")),
+		"cut in its marker":  slices.Concat(ca1.CertPEM, []byte("-----BE")),
 	} {
 		writeFiles(t, dir, bundle, node)
 

@@ -169,9 +169,25 @@ func (s *Server) Apply(cfg Config) error {
 // Applied returns the configuration checks start with now.
 func (s *Server) Applied() Config { return *s.cfg.Load() }
 
-// Loosens lists nothing: what a check may cost is bounded by the limits
-// section, which reports its own loosening.
-func (s *Server) Loosens(Config) []string { return nil }
+// Loosens lists the keys of next that let checks cost more than the
+// configuration applied now: more of them at once, or a longer wait.
+func (s *Server) Loosens(next Config) []string {
+	cur := s.Applied()
+	var keys []string
+	for _, k := range []struct {
+		key       string
+		cur, next int64
+	}{
+		{"health.maxRunning", int64(cur.MaxRunning), int64(next.MaxRunning)},
+		{"health.maxRunningPerIdentity", int64(cur.MaxRunningPerIdentity), int64(next.MaxRunningPerIdentity)},
+		{"health.maxWait", int64(cur.MaxWait), int64(next.MaxWait)},
+	} {
+		if k.next > k.cur {
+			keys = append(keys, k.key)
+		}
+	}
+	return keys
+}
 
 // Running returns the checks running now.
 func (s *Server) Running() int64 { return s.running.Load() }

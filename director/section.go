@@ -30,6 +30,9 @@ func Loosens(cur, next Config) []string {
 	if widens(cur.NodeNetworks, next.NodeNetworks) {
 		keys = append(keys, "nodeNetworks")
 	}
+	if next.MaxNodes > cur.MaxNodes {
+		keys = append(keys, "maxNodes")
+	}
 	return keys
 }
 

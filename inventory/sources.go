@@ -249,9 +249,14 @@ func (inv *Inventory) Configure(cfg Config) error {
 	inv.parts = map[string][]Node{"static": cfg.Nodes}
 	inv.order = []string{"static"}
 	var failed []Event
+	read := map[string]file{} // what was read of each file, for its watch
 	for _, f := range cfg.Files {
 		id := "file:" + f
+		info, _ := os.Stat(f) // the file read here, for the watch's in-place rule
 		nodes, err := readFile(f)
+		if err == nil {
+			read[f] = file{info: info, nodes: len(nodes)}
+		}
 		if err != nil {
 			nodes = old[id]
 			failed = append(failed, Event{Source: id, Nodes: len(nodes), Err: err})
@@ -289,7 +294,7 @@ func (inv *Inventory) Configure(cfg Config) error {
 			continue
 		}
 		inv.running.Add(1)
-		go inv.watchFile(ctx, f, w)
+		go inv.watchFile(ctx, f, w, read[f])
 	}
 	var first sync.WaitGroup
 	for _, d := range cfg.DNS {
@@ -381,7 +386,7 @@ func (inv *Inventory) publishLocked() {
 // rename it over the old one, and Kubernetes' ConfigMap symlink swaps,
 // are seen. An unreadable or invalid version is logged and the last good
 // one stays.
-func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Watcher) {
+func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Watcher, last file) {
 	defer inv.running.Done()
 	defer w.Close()
 	// Events come in bursts (write, chmod, rename); the file is read once
@@ -391,12 +396,6 @@ func (inv *Inventory) watchFile(ctx context.Context, path string, w *fsnotify.Wa
 	// read and the watch.
 	timer := time.NewTimer(settle)
 	defer timer.Stop()
-	var last file
-	if info, err := os.Stat(path); err == nil {
-		inv.mu.Lock()
-		last = file{info: info, nodes: len(inv.parts["file:"+path])}
-		inv.mu.Unlock()
-	}
 	for {
 		select {
 		case <-ctx.Done():

@@ -258,6 +258,7 @@ func TestHeaderListBoundedByWhatApidAccepts(t *testing.T) {
 		t.Fatal(err)
 	}
 	fr := http2.NewFramer(conn, conn)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
@@ -529,8 +530,10 @@ func TestCheckFilesNamesWhatClientsWouldHitLater(t *testing.T) {
 		p, w := CheckFiles(cfg)
 		return fmt.Sprint(p), fmt.Sprint(w)
 	}
-	if p, _ := check(func(c *Config) { c.Listen = "127.0.0.9:50000" }); !strings.Contains(p, "listen 127.0.0.9:50000: cert") || !strings.Contains(p, "does not carry the IP address 127.0.0.9") {
-		t.Errorf("listen on an address the certificate lacks: %s", p)
+	// A warning: behind a TCP balancer, clients may reach it by a name the
+	// certificate carries.
+	if p, w := check(func(c *Config) { c.Listen = "127.0.0.9:50000" }); p != "[]" || !strings.Contains(w, "listen 127.0.0.9:50000: cert") || !strings.Contains(w, "does not carry the IP address 127.0.0.9") {
+		t.Errorf("listen on an address the certificate lacks: problems %s, warnings %s", p, w)
 	}
 	if p, _ := check(func(c *Config) { c.Listen = "127.0.0.1:50000" }); p != "[]" {
 		t.Errorf("listen on the certificate's address: %s", p)

@@ -159,8 +159,10 @@ func TestEveryLiveKeyApplies(t *testing.T) {
 		},
 		"limits.connections": func(t *testing.T) {
 			before := lg.metric(refused("connections"))
+			if err := callVersion(ctx, lg.client("conn-1", certs.RoleReader)); err != nil { // one connection open
+				t.Fatal(err)
+			}
 			lg.reload(func(c *Config) { c.Limits.Connections = 1 })
-			lg.client("conn-1", certs.RoleReader) // the checks before hold one open already
 			if err := callVersion(ctx, lg.client("conn-2", certs.RoleReader)); err == nil {
 				t.Error("a call on a connection over limits.connections went through")
 			}
@@ -533,5 +535,10 @@ func TestReloadReportsRestartAndLooseningKeys(t *testing.T) {
 	lg.reload(nil)
 	if v := lg.metric("apid_config_loosened_total"); v != 2 || !strings.Contains(lg.logs.String(), `"keys":["limits.connections"]`) {
 		t.Errorf("raising limits.connections back: apid_config_loosened_total %g, want 2, and a line naming it", v)
+	}
+	// Bounds of other sections: the health check's, routing's maxNodes.
+	lg.reload(func(c *Config) { c.Health.MaxRunning, c.Health.MaxWait, c.Routing.MaxNodes = 9, time.Hour, 2000 })
+	if !strings.Contains(lg.logs.String(), `"keys":["maxNodes","health.maxRunning","health.maxWait"]`) {
+		t.Errorf("raised health and routing bounds not reported:\n%s", lg.logs.String())
 	}
 }

@@ -53,8 +53,11 @@ func checkMaterial(cfg Config, src *certs.Source) (problems, warnings []error) {
 
 	host, _, _ := net.SplitHostPort(cfg.Listen)
 	if ip := net.ParseIP(strings.Trim(host, "[]")); ip != nil && !ip.IsUnspecified() {
+		// A warning, not a problem: behind a TCP balancer clients dial the
+		// balancer's name, and other apids verify a node by its inventory
+		// identity; only those that dial this address fail.
 		if leaf.VerifyHostname(ip.String()) != nil {
-			problems = append(problems, fmt.Errorf("listen %s: cert %s does not carry the IP address %s (it names %s), so clients dialling it fail (\"cannot validate certificate for %s because it doesn't contain any IP SANs\"): reissue it with apid gen node -ip %s",
+			warnings = append(warnings, fmt.Errorf("listen %s: cert %s does not carry the IP address %s (it names %s), so a client or apid that dials this address fails (\"cannot validate certificate for %s because it doesn't contain any IP SANs\"): reissue it with apid gen node -ip %s, unless everyone reaches it by a name it carries",
 				cfg.Listen, cfg.TLS.Cert, ip, describeNames(leaf), ip, ip))
 		}
 	} else if host == "" || (ip != nil && ip.IsUnspecified()) {

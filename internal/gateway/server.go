@@ -20,8 +20,8 @@ import (
 
 // newServer is the gRPC server every call passes through: the TLS the
 // certificates section serves, wrapped by the limits' connection bounds;
-// four interceptors, one concern each (observe, lifecycle, admit,
-// authorize); the proxy for every method apid does not serve itself.
+// four interceptors, one concern each (observe, admit, lifecycle,
+// authorize: a call admission refuses is never counted in flight); the proxy for every method apid does not serve itself.
 func (g *Gateway) newServer(cfg Config) *grpc.Server {
 	obs := &observer{metrics: g.metrics, nodes: g.nodes}
 	opts := []grpc.ServerOption{grpc.StatsHandler(auditStats{}), grpc.StatsHandler(g.limits.Resets()), grpc.StatsHandler(shutdownConns{g.life.hardStop})}
@@ -40,7 +40,7 @@ func (g *Gateway) newServer(cfg Config) *grpc.Server {
 		// Who the caller is and how the call ended is recorded first, so
 		// that the call log and the metrics see every refusal; the
 		// authorizer comes last, right before the proxy.
-		grpc.ChainStreamInterceptor(g.observe, g.lifecycleInterceptor, g.admit, g.policy.StreamInterceptor()),
+		grpc.ChainStreamInterceptor(g.observe, g.admit, g.lifecycleInterceptor, g.policy.StreamInterceptor()),
 		// Unary calls reach only the services apid serves itself (health).
 		grpc.ChainUnaryInterceptor(g.metrics.grpc.unaryInterceptor(g.label), g.admitUnary, g.policy.UnaryInterceptor()),
 	)...)
