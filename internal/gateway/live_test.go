@@ -426,9 +426,15 @@ func TestEveryLiveKeyApplies(t *testing.T) {
 			lg.kind(t, "/live.Test/BidiStream", "bidi-streaming")
 		},
 		"ejection": func(t *testing.T) {
-			lg.reload(func(c *Config) { c.Routing.Ejection.ConsecutiveFailures = 17 })
-			if got := lg.gw.routing.Applied().Ejection.ConsecutiveFailures; got != 17 {
-				t.Errorf("applied %d", got)
+			// One failure ejects a node now (three by default): a node
+			// that refuses connections, once.
+			before := lg.metric("apid_node_ejections_total")
+			lg.reload(func(c *Config) { c.Routing.Ejection.ConsecutiveFailures = 1 })
+			if err := callVersion(ctx, lg.client("ejector", certs.RoleReader), "nodes", "127.0.0.1,127.0.0.3"); err != nil {
+				t.Fatal(err)
+			}
+			if v := lg.metric("apid_node_ejections_total"); v != before+1 {
+				t.Errorf("ejections %g after one failure, want %g", v, before+1)
 			}
 		},
 		"nodeNetworks": func(t *testing.T) {
