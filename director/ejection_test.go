@@ -2,7 +2,6 @@ package director
 
 import (
 	"context"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -160,20 +159,7 @@ func TestEjectionForgetsAMovedNode(t *testing.T) {
 // its connections have stayed unestablished longer than an attempt may
 // take, across calls, the callers' deadlines count as its failures.
 func TestHungNodeEjectedWhateverCallersDeadlines(t *testing.T) {
-	hung, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hung.Close()
-	go func() {
-		for {
-			c, err := hung.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close() // held, silent, until the test ends
-		}
-	}()
+	hung := testkit.SilentListener(t, "127.0.0.1:0")
 	pool := testPool(t, PoolConfig{Port: port(t, hung.Addr().String())})
 	pool.connectTimeout = 300 * time.Millisecond
 	e := newEjector(nil)

@@ -31,6 +31,7 @@ import (
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/limits"
 	"github.com/apid/apid/pki"
 )
@@ -345,20 +346,7 @@ func TestHungNodeEjectedThroughTheGateway(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs past the 20 s connect timeout")
 	}
-	hung, err := net.Listen("tcp", "127.0.0.77:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hung.Close()
-	go func() {
-		for {
-			c, err := hung.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close() // held, silent, until the test ends
-		}
-	}()
+	hung := testkit.SilentListener(t, "127.0.0.77:0")
 	_, port, _ := net.SplitHostPort(hung.Addr().String())
 	lg := startLiveWith(t, testbackend.Start(t, "node-1", testbackend.Behaviour{}).Addr, func(c *Config) {
 		c.Nodes.Port, _ = strconv.Atoi(port)

@@ -5,6 +5,7 @@ package testkit
 
 import (
 	"context"
+	"net"
 	"testing"
 	"time"
 )
@@ -30,4 +31,40 @@ func Eventually(timeout time.Duration, cond func() bool) bool {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return true
+}
+
+// SilentListener listens on addr (host:port, port 0 for a free one) and
+// accepts every connection without ever speaking on it, holding each open
+// until the test ends: a node that accepts TCP and hangs.
+func SilentListener(t testing.TB, addr string) net.Listener {
+	t.Helper()
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan net.Conn, 1024)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			select {
+			case held <- c:
+			default:
+				c.Close() // bounded: more than a test needs
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+		close(held)
+		for c := range held {
+			c.Close()
+		}
+	})
+	return l
 }
