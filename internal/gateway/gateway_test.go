@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -11,7 +10,6 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +21,7 @@ import (
 
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/internal/testbackend"
+	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/pki"
 )
 
@@ -30,7 +29,7 @@ import (
 // on a unix socket, in this process, on 127.0.0.1.
 type testGateway struct {
 	t        testing.TB
-	logs     *syncBuffer // the gateway's JSON log
+	logs     *testkit.Buffer // the gateway's JSON log
 	gw       *Gateway
 	cfg      Config
 	addr     string
@@ -67,7 +66,7 @@ func startGateway(t *testing.T, edit func(*Config)) *testGateway {
 // in dir, its configuration changed by edit, serving until the test ends.
 func serveGateway(t testing.TB, dir, backend string, edit func(*Config)) *testGateway {
 	t.Helper()
-	tg := &testGateway{t: t, dir: dir, served: make(chan error, 1), logs: &syncBuffer{}}
+	tg := &testGateway{t: t, dir: dir, served: make(chan error, 1), logs: &testkit.Buffer{}}
 	var err error
 	if tg.ca, err = pki.NewCA("test", time.Hour, pki.KeyECDSA); err != nil {
 		t.Fatal(err)
@@ -111,24 +110,6 @@ func serveGateway(t testing.TB, dir, backend string, edit func(*Config)) *testGa
 		t.Fatalf("Serve: %v", err)
 	}
 	return tg
-}
-
-// syncBuffer is a bytes.Buffer safe for the gateway's goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func (tg *testGateway) write(name string, data []byte) string {

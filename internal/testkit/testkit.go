@@ -4,8 +4,10 @@
 package testkit
 
 import (
+	"bytes"
 	"context"
 	"net"
+	"sync"
 	"testing"
 	"time"
 )
@@ -67,4 +69,23 @@ func SilentListener(t testing.TB, addr string) net.Listener {
 		}
 	})
 	return l
+}
+
+// Buffer is a bytes.Buffer safe for concurrent writers and readers: what a
+// server in the test's process logs or prints, read while it runs.
+type Buffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

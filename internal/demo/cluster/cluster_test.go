@@ -1,7 +1,6 @@
 package cluster_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -12,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -37,24 +35,6 @@ func TestMain(m *testing.M) {
 	nodetest.Main(m, goleak.IgnoreTopFunction("github.com/apid/apid/proxy.(*workers).loop"))
 }
 
-// syncBuffer is what Run prints, read while it runs.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestRunInProcess starts a one-node cluster in this process: it says it is
 // up, its apid answers the admin it wrote a certificate for with the demo
 // node's version, under the node's name, and it stops when its context
@@ -70,7 +50,7 @@ func TestRunInProcess(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(testkit.Context(t))
 	defer cancel()
-	var out syncBuffer
+	var out testkit.Buffer
 	ran := make(chan error, 1)
 	go func() {
 		ran <- cluster.Run(ctx, cluster.Options{Dir: dir, Nodes: 1, Port: port, FirstIP: netip.MustParseAddr(ip),
@@ -141,7 +121,7 @@ func TestRunInProcess(t *testing.T) {
 }
 
 func TestRunNeedsANode(t *testing.T) {
-	if err := cluster.Run(testkit.Context(t), cluster.Options{Dir: t.TempDir()}, &syncBuffer{}); err == nil {
+	if err := cluster.Run(testkit.Context(t), cluster.Options{Dir: t.TempDir()}, &testkit.Buffer{}); err == nil {
 		t.Error("a cluster of no nodes ran")
 	}
 }
