@@ -171,3 +171,77 @@ func (b *Remote) unestablished() (time.Duration, bool) {
 	}
 	return b.nodes.Unestablished(b.dest.Node)
 }
+
+// The proxy finds Gated by type assertion too.
+var (
+	_ proxy.Gated    = heldLocal{}
+	_ proxy.Gated    = heldRemote{}
+	_ proxy.Keyed    = heldRemote{}
+	_ proxy.Reporter = heldRemote{}
+)
+
+// gate is a call's turn at the disruption budget for one node.
+type gate struct {
+	budget Budget
+	method string
+	target string // the node's inventory key (or address): what the budget counts
+	self   bool
+}
+
+// held wraps b so that its part of a disruptive call waits for the
+// budget; any other call's backend is returned as it is.
+func (r *Router) held(fullMethod string, b proxy.Backend, node string, self bool) proxy.Backend {
+	if r.d.Budget == nil || !r.d.Budget.Disruptive(fullMethod) {
+		return b
+	}
+	g := gate{budget: r.d.Budget, method: fullMethod, target: node, self: self}
+	switch b := b.(type) {
+	case *Local:
+		return heldLocal{Local: b, gate: g}
+	case *Remote:
+		if b.fail != nil {
+			return b // nobody knows the name: refused when connected, never held
+		}
+		return heldRemote{Remote: b, gate: g}
+	}
+	return b
+}
+
+// heldLocal is the local node as the destination of a disruptive call.
+type heldLocal struct {
+	*Local
+	gate
+}
+
+// Await implements proxy.Gated.
+func (h heldLocal) Await(ctx context.Context, request []byte) (func(codes.Code, []byte), error) {
+	return h.budget.Hold(ctx, h.method, h.target, h.self, request)
+}
+
+// heldRemote is another node as the destination of a disruptive call.
+type heldRemote struct {
+	*Remote
+	gate
+}
+
+// Await implements proxy.Gated. A call the budget refused says nothing of
+// the node.
+func (h heldRemote) Await(ctx context.Context, request []byte) (func(codes.Code, []byte), error) {
+	end, err := h.budget.Hold(ctx, h.method, h.target, h.self, request)
+	if err != nil {
+		h.refused = true
+	}
+	return end, err
+}
+
+// LocalAgent reports whether b is the local agent reached with no node
+// named (held for the disruption budget or not).
+func LocalAgent(b proxy.Backend) bool {
+	switch l := b.(type) {
+	case *Local:
+		return l.name == ""
+	case heldLocal:
+		return l.name == ""
+	}
+	return false
+}

@@ -48,7 +48,8 @@ func ReservedKey(k string) bool {
 	case KeyNode, KeyNodes, auth.KeyProxyFrom, auth.KeyRole, KeyNodeTimeout:
 		return true
 	}
-	return strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-")
+	// apid-: apid's own keys (the node timeout, the disruption budget's).
+	return strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || strings.HasPrefix(k, "apid-")
 }
 
 // Router is the Director of apid: it implements proxy.Director. It is the
@@ -82,6 +83,21 @@ type Admission interface {
 	AdmitMetadata(limits.MetadataSize) error
 }
 
+// Budget holds calls that would take a node down until the node's turn
+// (the disruption section).
+type Budget interface {
+	// Disruptive reports whether calls of fullMethod may take their node
+	// down: only those are held.
+	Disruptive(fullMethod string) bool
+	// Hold waits for the call of fullMethod with request to node (self:
+	// this gateway's own) to fit the budget, for the caller in ctx; end
+	// is told how the call ended.
+	Hold(ctx context.Context, fullMethod, node string, self bool, request []byte) (end func(codes.Code, []byte), err error)
+	// Forwarded vets a call another apid forwarded, which is never held
+	// here.
+	Forwarded(ctx context.Context) error
+}
+
 // Deps are what routing uses and does not own.
 type Deps struct {
 	// Local is the connection to the local node agent.
@@ -95,12 +111,15 @@ type Deps struct {
 	Admission Admission
 	// Log hears of ejections and restorations; nil: discarded.
 	Log *slog.Logger
+	// Budget holds disruptive calls; nil: none is held.
+	Budget Budget
 }
 
 // rules are a Config made ready for routing; SetConfig swaps them whole,
 // so one call sees one configuration.
 type rules struct {
 	self              map[string]bool
+	selfNames         []string       // as configured, in order
 	networks          []netip.Prefix // nil: any address
 	reply             map[string]bool
 	localOnly         bool
@@ -160,6 +179,7 @@ func (r *Router) SetConfig(cfg Config) {
 	for _, n := range cfg.SelfNames {
 		rs.self[canonical(n)] = true
 	}
+	rs.selfNames = slices.Clone(cfg.SelfNames)
 	for _, n := range cfg.NodeNetworks {
 		if p, err := netip.ParsePrefix(n); err == nil { // Validate refused the others
 			rs.networks = append(rs.networks, p.Masked())
@@ -191,6 +211,11 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 		}
 	}
 	out := rs.outgoing(md, caller.Roles)
+	if caller.Forwarded && r.d.Budget != nil && r.d.Budget.Disruptive(fullMethod) {
+		if err := r.d.Budget.Forwarded(ctx); err != nil {
+			return proxy.Route{}, err
+		}
+	}
 	if caller.Forwarded || strings.HasPrefix(fullMethod, reflectionPrefix) {
 		// Forwarded calls are this node's to serve (which also stops loops).
 		// Reflection describes the API, which every node shares, and is a
@@ -210,13 +235,13 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	case len(resolved) == 0:
 		l := r.local("", Dest{}, out)
 		l.share = share
-		return oneToOne(l, kind), nil
+		return oneToOne(r.held(fullMethod, l, rs.selfNode(r.d.Inventory), true), kind), nil
 	case !fanOut:
 		b := r.backendOf(rs, resolved[0], out, forwarded(out, md), share)
 		if rb, ok := b.(*Remote); ok {
 			rb.mayRefuse = true // one node: fail fast while it is ejected
 		}
-		return oneToOne(b, kind), nil
+		return oneToOne(r.held(fullMethod, b, proxy.KeyOf(b), resolved[0].self), kind), nil
 	}
 	if err := rs.mayFanOut(fullMethod, md, resolved); err != nil {
 		return proxy.Route{}, err
@@ -245,7 +270,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 				skippable--
 			}
 		}
-		backends[i] = b
+		backends[i] = r.held(fullMethod, b, proxy.KeyOf(b), n.self)
 	}
 	return proxy.Route{Backends: backends, Mode: proxy.OneToMany, Kind: kind, NodeTimeout: timeout}, nil
 }
@@ -424,4 +449,20 @@ func forwarded(out, in metadata.MD) metadata.MD {
 	}
 	fwd[auth.KeyProxyFrom] = []string{from}
 	return fwd
+}
+
+// selfNode is the inventory name of the node this gateway runs on (its
+// first self name the inventory lists), for a call that names no node.
+func (rs *rules) selfNode(inv Inventory) string {
+	for _, n := range rs.selfNames {
+		if inv != nil {
+			if node, ok := inv.Set().Lookup(n); ok {
+				return node.Name
+			}
+		}
+	}
+	if len(rs.selfNames) > 0 {
+		return canonical(rs.selfNames[0])
+	}
+	return "(local)"
 }

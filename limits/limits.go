@@ -27,6 +27,7 @@ type Limits struct {
 	issued   *Issuance
 	resets   *Resets
 	checks   *Checks
+	held     *Held
 	metadata *Metadata
 
 	collectors []prometheus.Collector
@@ -47,6 +48,7 @@ func New(cfg Config, handshakeTimeout time.Duration, log *slog.Logger) *Limits {
 		perNode:  NewPerNode(cfg.CallsPerIdentityPerNode, cfg.StreamsPerIdentityPerNode),
 		issued:   NewIssuance(cfg.ClientCertificatesPerHour),
 		checks:   &Checks{perID: map[string]int{}},
+		held:     &Held{perID: map[string]int{}},
 		metadata: &Metadata{},
 	}
 	l.conns.SetHandshakeTimeout(handshakeTimeout)
@@ -162,6 +164,12 @@ func (l *Limits) AdmitCheck(id string, maxRunning, perIdentity int) (release fun
 	return l.checks.admit(id, maxRunning, perIdentity)
 }
 
+// AdmitHeld counts one disruptive call of identity id held by the
+// disruption budget, at most perIdentity at once (that section's key).
+func (l *Limits) AdmitHeld(id string, perIdentity int) (release func(), err error) {
+	return l.held.admit(id, perIdentity)
+}
+
 // Describe implements prometheus.Collector.
 func (l *Limits) Describe(ch chan<- *prometheus.Desc) {
 	for _, c := range l.collectors {
@@ -197,6 +205,7 @@ func (l *Limits) newCollectors() []prometheus.Collector {
 		refusals("metadataBytes", l.metadata.Refused),
 		refusals("health.maxRunning", l.checks.refusedRunning.Load),
 		refusals("health.maxRunningPerIdentity", l.checks.refusedPerIdentity.Load),
+		refusals("disruption.maxHeldPerIdentity", l.held.refused.Load),
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 )
 
 // Kind says how many messages each side of a method sends. The proxy cannot
@@ -105,4 +106,20 @@ type Route struct {
 // client as is, so it should be a gRPC status.
 type Director interface {
 	Route(ctx context.Context, fullMethod string) (Route, error)
+}
+
+// Gated is a Backend whose part of a call may have to wait for its turn
+// before anything is sent to it (a disruption budget holding a reboot).
+// The proxy calls Await with the call's own context, before the backend's
+// part starts: the wait counts toward the caller's deadline, never toward
+// NodeTimeout, and not in the backend's latency.
+type Gated interface {
+	Backend
+	// Await returns when the call may go to the backend, or an error (a
+	// gRPC status) and the call is not sent to it. request is the call's
+	// one request message for unary and server-streaming methods, nil for
+	// the others. end, if not nil, is called once, when the backend's
+	// part has ended, with its status code and, for a unary method, its
+	// reply (valid only during the call).
+	Await(ctx context.Context, request []byte) (end func(code codes.Code, reply []byte), err error)
 }

@@ -155,15 +155,43 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	md := replyMD{allow: h.opts.ReplyKey}
 	var held atomic.Int64 // reply bytes kept for the merge so far
 
+	gated := anyGated(backends)
+	var request []byte // what the gates judge: read once, before the workers share it
+	if gated {
+		request = req.bytes()
+	}
 	var wg sync.WaitGroup
 	for i, b := range backends {
 		wg.Add(1)
 		h.workers.run(func() {
 			defer wg.Done()
-			bctx, call := h.started(ctx, b, Unary)
+			nctx := ctx
+			var end func(codes.Code, []byte)
+			if g, ok := b.(Gated); ok {
+				// The node's turn first, on the call's own time; its
+				// deadline starts once it has come.
+				var err error
+				if end, err = g.Await(ss.Context(), request); err != nil {
+					calls[i] = &backendCall{backend: b, start: time.Now(), observed: func(codes.Code, string, time.Duration) {}}
+					st := backendStatus(err)
+					parts[i] = aggregate.Part{Host: b.Name(), Code: st.Code(), Message: st.Message()}
+					return
+				}
+				var cancel context.CancelFunc
+				nctx, cancel = h.nodeContext(ss.Context(), route.NodeTimeout)
+				defer cancel()
+			} else if gated {
+				var cancel context.CancelFunc
+				nctx, cancel = h.nodeContext(ss.Context(), route.NodeTimeout)
+				defer cancel()
+			}
+			bctx, call := h.started(nctx, b, Unary)
 			calls[i] = call
 			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], &md, &held)
 			call.end()
+			if end != nil {
+				end(parts[i].Code, parts[i].Body)
+			}
 		})
 	}
 	wg.Wait()
@@ -187,6 +215,17 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	}
 	ss.SetTrailer(md.takeTrailer())
 	return ss.SendMsg(&frame{raw: reply})
+}
+
+// anyGated reports whether some backend may wait for its turn: then each
+// backend's deadline starts when its part does.
+func anyGated(backends []Backend) bool {
+	for _, b := range backends {
+		if _, ok := b.(Gated); ok {
+			return true
+		}
+	}
+	return false
 }
 
 // nodeContext bounds the nodes' part of a unary fan-out: by the route's

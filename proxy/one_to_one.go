@@ -1,10 +1,13 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"io"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -15,6 +18,9 @@ var relayDesc = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 // oneToOne relays frames both ways between the client and one backend, and
 // hands the backend's header, trailer and status back untouched.
 func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind Kind) (err error) {
+	if g, ok := b.(Gated); ok && kind == Unary {
+		return h.oneToOneGated(ss, method, g)
+	}
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	bctx, call := h.started(ctx, b, kind)
@@ -124,4 +130,64 @@ func (h *Handler) relayReplies(cs grpc.ClientStream, ss grpc.ServerStream) error
 			return err
 		}
 	}
+}
+
+// oneToOneGated relays a unary call to a backend that may have to wait for
+// its turn: the request is read first, for the gate to judge, and the
+// reply is shown to it once relayed.
+func (h *Handler) oneToOneGated(ss grpc.ServerStream, method string, g Gated) (err error) {
+	req, err := readSingleRequest(ss, method)
+	if err != nil {
+		return err
+	}
+	defer req.release()
+	n := req.len()
+	h.hold(n)
+	defer h.hold(-n)
+	end, err := g.Await(ss.Context(), req.bytes())
+	if err != nil {
+		return backendStatus(err).Err()
+	}
+	var reply frame
+	defer reply.release()
+	code, kept := codes.OK, []byte(nil)
+	if end != nil {
+		defer func() { end(code, kept) }()
+	}
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+	bctx, call := h.started(ctx, g, Unary)
+	defer func() {
+		st := status.Convert(err)
+		code = st.Code()
+		call.settle(st.Code(), st.Message())
+	}()
+	outCtx, conn, release, err := g.Connect(bctx, method)
+	if err != nil {
+		return backendStatus(err).Err()
+	}
+	if release != nil {
+		defer func() {
+			cancel()
+			release()
+		}()
+	}
+	var header, trailer metadata.MD
+	err = conn.Invoke(outCtx, method, req.share(), &reply,
+		grpc.ForceCodecV2(h.codec), grpc.Header(&header), grpc.Trailer(&trailer))
+	if len(header) > 0 {
+		if herr := ss.SendHeader(header); herr != nil && err == nil {
+			err = herr
+		}
+	}
+	ss.SetTrailer(trailer)
+	if err != nil {
+		return backendStatus(err).Err()
+	}
+	if end != nil {
+		// The send takes the reply's buffers; the gate reads a copy (the
+		// replies of calls that are gated are a few bytes).
+		kept = bytes.Clone(reply.bytes())
+	}
+	return ss.SendMsg(&reply)
 }

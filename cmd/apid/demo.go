@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"time"
 
 	"github.com/apid/apid/internal/demo/cluster"
 )
@@ -33,6 +34,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (cluster.Options, error) {
 	fs.IntVar(&o.Port, "port", 50000, "`port` every node's apid listens on")
 	fs.StringVar(&o.LogLevel, "log-level", "warn", "debug, info, warn or error (info shows every call's audit line)")
 	fs.StringVar(&o.LogFormat, "log-format", "text", "text or json")
+	fs.DurationVar(&o.Downtime, "downtime", 2*time.Second, "how long a simulated reboot, shutdown or upgrade keeps a node (its API, its etcd member) down")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -46,6 +48,9 @@ func parseDemoFlags(args []string, stderr io.Writer) (cluster.Options, error) {
 	}
 	if o.Nodes < 1 || o.Nodes > 200 {
 		errs = append(errs, fmt.Errorf("-nodes %d: want 1 to 200", o.Nodes))
+	}
+	if o.Downtime < 0 || o.Downtime > time.Hour {
+		errs = append(errs, fmt.Errorf("-downtime %s: want 0s to 1h", o.Downtime))
 	}
 	if o.Port < 1 || o.Port > 65534 {
 		errs = append(errs, fmt.Errorf("-port %d: out of range", o.Port))

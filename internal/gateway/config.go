@@ -19,6 +19,7 @@ import (
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/clusterhealth"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/disruption"
 	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/limits"
 )
@@ -112,6 +113,10 @@ type Config struct {
 	// Health configures the cluster health check apid serves itself
 	// (cluster.ClusterService/HealthCheck, talosctl health).
 	Health clusterhealth.Config `yaml:"health"`
+	// Disruption is the disruption budget: how many nodes of each group
+	// callers may take down at once (reboots, shutdowns, upgrades, etcd
+	// membership); calls over it wait their turn.
+	Disruption disruption.Config `yaml:"disruption"`
 }
 
 // Default returns the configuration with every default filled in; a YAML
@@ -136,6 +141,7 @@ func Default() Config {
 		LogFormat:            "json",
 		Tracing:              TracingConfig{SampleRatio: 1},
 		Health:               clusterhealth.DefaultConfig(),
+		Disruption:           disruption.DefaultConfig(),
 	}
 }
 
@@ -319,6 +325,7 @@ func (c Config) validate() (*auth.Policy, error) {
 	add(err)
 	add(c.Inventory.Validate())
 	add(c.Health.Validate())
+	add(c.Disruption.Validate())
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}

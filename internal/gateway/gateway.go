@@ -14,6 +14,7 @@ import (
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/clusterhealth"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/disruption"
 	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/limits"
 )
@@ -53,6 +54,7 @@ type Gateway struct {
 	inv      *inventory.Inventory
 	routing  *director.Router
 	health   *clusterhealth.Server
+	budget   *disruption.Budget
 	sections []section
 
 	local   *grpc.ClientConn // the local node agent
@@ -121,7 +123,15 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (_ *Gateway, err error) {
 		inventory.WithMembers(watchMembers(g.local, g.pool))); err != nil {
 		return nil, err
 	}
-	g.routing = director.NewRouter(cfg.Routing, director.Deps{Local: g.local, Nodes: g.pool, Inventory: g.inv, Admission: g.limits, Log: log})
+	// The budget reads the nodes through routing, which holds calls
+	// for the budget: built first, it dials once routing exists.
+	g.budget = disruption.New(cfg.Disruption, disruption.Options{
+		Dial: func(ctx context.Context, node string) (context.Context, grpc.ClientConnInterface, func(error), error) {
+			return g.routing.Dial(ctx, node)
+		},
+		Inventory: g.inv.Set, Admission: g.limits, Log: log,
+	})
+	g.routing = director.NewRouter(cfg.Routing, director.Deps{Local: g.local, Nodes: g.pool, Inventory: g.inv, Admission: g.limits, Log: log, Budget: g.budget})
 	g.health = clusterhealth.New(healthConfig(&cfg), g.healthOptions())
 	g.ready = newReadiness(g.certs.src, cfg.Backend, g.policy.Policy().Services())
 	g.sections = g.sectionList()
@@ -212,6 +222,9 @@ func (g *Gateway) Close() {
 	}
 	if g.certs != nil {
 		_ = g.certs.Close()
+	}
+	if g.budget != nil {
+		_ = g.budget.Close()
 	}
 	if g.inv != nil {
 		g.inv.Close()

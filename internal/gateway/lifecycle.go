@@ -111,6 +111,9 @@ func (g *Gateway) drain() {
 	cfg := g.Config()
 	start := time.Now()
 	g.ready.drain()
+	// Held calls would die with this gateway's connections: they are
+	// refused now, telling their callers to retry through another.
+	g.budget.Drain()
 	g.log.Info("draining: readiness is NOT_SERVING; still accepting calls", "drain_delay", cfg.DrainDelay, "calls_in_flight", g.life.inFlight.Load())
 	delay := time.NewTimer(cfg.DrainDelay)
 	select {

@@ -147,10 +147,7 @@ func (o *observer) Routed(ctx context.Context, _ string, r proxy.Route) {
 
 // localAgent reports whether b is the local agent reached with no node
 // named.
-func localAgent(b proxy.Backend) bool {
-	l, ok := b.(*director.Local)
-	return ok && l.Name() == ""
-}
+func localAgent(b proxy.Backend) bool { return director.LocalAgent(b) }
 
 // BackendStarted implements proxy.Observer.
 func (o *observer) BackendStarted(ctx context.Context, b proxy.Backend, kind proxy.Kind) (context.Context, func(codes.Code, string, time.Duration)) {

@@ -10,6 +10,7 @@ import (
 	"github.com/apid/apid/certs"
 	"github.com/apid/apid/clusterhealth"
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/disruption"
 	"github.com/apid/apid/inventory"
 	"github.com/apid/apid/limits"
 )
@@ -45,6 +46,7 @@ var (
 	_ Section[director.Config]      = (*director.Router)(nil)
 	_ Section[inventory.Config]     = (*inventory.Inventory)(nil)
 	_ Section[clusterhealth.Config] = (*clusterhealth.Server)(nil)
+	_ Section[disruption.Config]    = (*disruption.Budget)(nil)
 	_ Section[certs.Config]         = (*certificates)(nil)
 	_ Section[Config]               = (*own)(nil)
 )
@@ -83,6 +85,7 @@ func (g *Gateway) sectionList() []section {
 		bind("policy", g.policy, func(c *Config) auth.Config { return c.Policy }),
 		bind("routing", g.routing, func(c *Config) director.Config { return c.Routing }),
 		bind("health", g.health, healthConfig),
+		bind("disruption", g.budget, func(c *Config) disruption.Config { return c.Disruption }),
 		bind("certificates", g.certs, func(c *Config) certs.Config { return c.TLS }),
 		bind("gateway", &own{g}, func(c *Config) Config { return *c }),
 	}
@@ -156,6 +159,7 @@ func loosenedFromDefaults(cfg Config) []string {
 		auth.Loosens(d.Policy, cfg.Policy),
 		director.Loosens(d.Routing, cfg.Routing),
 		inventory.Loosens(d.Inventory, cfg.Inventory),
+		disruption.Loosens(d.Disruption, cfg.Disruption),
 	)
 	for _, k := range []struct {
 		key string

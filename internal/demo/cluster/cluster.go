@@ -38,6 +38,9 @@ type Options struct {
 	// LogLevel and LogFormat are the apids' (debug, info, warn or error;
 	// text or json).
 	LogLevel, LogFormat string
+	// Downtime is how long a simulated reboot, shutdown or upgrade keeps
+	// a node's API and etcd member down; zero: none.
+	Downtime time.Duration
 	// Log receives the nodes' and the apids' logs.
 	Log *slog.Logger
 }
@@ -111,7 +114,11 @@ func Run(ctx context.Context, o Options, stdout io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("%s: agent: %w", n.name, err)
 		}
-		acfg := node.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: endpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}, Members: members}
+		acfg := node.Config{Hostname: n.name, Logger: log.With("node", n.name), Endpoints: endpoints(o, nodes), ClusterName: "apid-demo", BesideServices: []string{"apid"}, Members: members,
+			Downtime: o.Downtime}
+		if o.Downtime == 0 {
+			acfg.Downtime = -1 // none
+		}
 		acfg.MachineConfig = workerConfig
 		if n.controlPlane {
 			acfg.MachineConfig = cpConfig

@@ -56,6 +56,16 @@ func Start(m MemberConfig) (*Member, error) {
 	if err := os.MkdirAll(m.DataDir, 0o700); err != nil {
 		return nil, err
 	}
+	e, err := start(m, client, peer)
+	if err != nil {
+		return nil, err
+	}
+	return &Member{cfg: m, e: e, done: make(chan struct{})}, nil
+}
+
+// start starts etcd for m: a new cluster's member, or, with data in its
+// directory already, the member that data belongs to.
+func start(m MemberConfig, client, peer *url.URL) (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
 	cfg.Name, cfg.Dir = m.Name, m.DataDir
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
@@ -72,7 +82,34 @@ func Start(m MemberConfig) (*Member, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd member %s: %w", m.Name, err)
 	}
-	return &Member{cfg: m, e: e, done: make(chan struct{})}, nil
+	return e, nil
+}
+
+// Restart starts a stopped member again from its data, as a rebooted node
+// starts its etcd: it rejoins its cluster. A running member is left alone.
+func (e *Member) Restart() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.e != nil {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(e.cfg.DataDir, "member")); err != nil {
+		return fmt.Errorf("etcd member %s: no data to restart from (it left the cluster): %w", e.cfg.Name, err)
+	}
+	client, err := url.Parse(e.cfg.ClientURL)
+	if err != nil {
+		return err
+	}
+	peer, err := url.Parse(e.cfg.PeerURL)
+	if err != nil {
+		return err
+	}
+	srv, err := start(e.cfg, client, peer)
+	if err != nil {
+		return err
+	}
+	e.e = srv
+	return nil
 }
 
 // Ready waits until the member serves (it has joined a quorum), or ctx

@@ -37,6 +37,28 @@ func watchEvents(t *testing.T, c *talosclient.Client, opts ...talosclient.Events
 	return ch
 }
 
+// watchUntilUp subscribes as watchEvents does, retrying while the node is
+// down, as talosctl's tracker does (go-retry, a second apart; here
+// faster), for at most ten seconds.
+func watchUntilUp(t *testing.T, c *talosclient.Client) <-chan talosclient.EventResult {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithCancel(testkit.Context(t))
+		ch := make(chan talosclient.EventResult)
+		err := c.EventsWatchV2(ctx, ch)
+		if err == nil {
+			t.Cleanup(cancel)
+			return ch
+		}
+		cancel()
+		if time.Now().After(deadline) {
+			t.Fatalf("events: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 func nextEvent(t *testing.T, ch <-chan talosclient.EventResult) talosclient.Event {
 	t.Helper()
 	select {

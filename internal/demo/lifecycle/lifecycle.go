@@ -23,10 +23,15 @@ const maxRecordedReboots = 1000
 //   - for Upgrade, an "upgrade" phase and task (no image is pulled);
 //   - the "stopEverything" phase with the "stopAllServices" task, in which
 //     the services go Stopping, then Finished;
-//   - for Reboot and Upgrade, after two seconds of simulated downtime,
-//     SequenceEvent boot, MachineStatusEvent BOOTING, the services Preparing,
-//     then Running and healthy, and MachineStatusEvent RUNNING with ready
-//     set. A simulated shutdown leaves the services Finished.
+//   - the machine is then down for its downtime (Config.Downtime, two
+//     seconds by default): its API refuses every call, as a node that is
+//     off does not answer, and its etcd member is stopped (OnDown);
+//   - it comes back with a new boot ID and boot time (OnUp restarts the
+//     etcd member), leaves clients a moment to reconnect, and boots:
+//     SequenceEvent boot, MachineStatusEvent BOOTING, the services
+//     Preparing, then Running and healthy, and MachineStatusEvent RUNNING
+//     with ready set. A shutdown comes back too, as if someone powered the
+//     machine on again.
 //
 // One such operation runs at a time.
 
@@ -34,14 +39,15 @@ const maxRecordedReboots = 1000
 // (talosctl reboot, shutdown and upgrade, which wait by default) subscribes
 // to events with tail 0 at the same time as it makes the call, so the first
 // event waits simStartDelay for that subscription to land. After the
-// stopAllServices task event the tracker drops its subscription, waits a
-// second and subscribes again, with tail 0 again, to wait for the machine to
-// be ready: simDowntime must leave room for that before the simulated boot
-// reports RUNNING, or the tracker would wait for an event already sent.
+// stopAllServices task event the tracker drops its subscription and
+// subscribes again, with tail 0 again, retrying while the node does not
+// answer, to wait for the machine to be ready: simReconnect leaves room for
+// that between the API's return and the boot's events, or the tracker
+// would wait for an event already sent.
 const (
 	simStartDelay = 250 * time.Millisecond
 	simStep       = 100 * time.Millisecond
-	simDowntime   = 2 * time.Second
+	simReconnect  = 1500 * time.Millisecond
 )
 
 // sequence describes a simulated lifecycle operation.
@@ -49,13 +55,12 @@ type sequence struct {
 	name    string // as Talos names it in SequenceEvent
 	stage   machine.MachineStatusEvent_MachineStage
 	upgrade bool // starts with a simulated "upgrade" phase
-	boots   bool // ends with a simulated boot, back to RUNNING and ready
 }
 
 var (
-	seqReboot   = sequence{name: "reboot", stage: machine.MachineStatusEvent_REBOOTING, boots: true}
+	seqReboot   = sequence{name: "reboot", stage: machine.MachineStatusEvent_REBOOTING}
 	seqShutdown = sequence{name: "shutdown", stage: machine.MachineStatusEvent_SHUTTING_DOWN}
-	seqUpgrade  = sequence{name: "upgrade", stage: machine.MachineStatusEvent_UPGRADING, upgrade: true, boots: true}
+	seqUpgrade  = sequence{name: "upgrade", stage: machine.MachineStatusEvent_UPGRADING, upgrade: true}
 )
 
 // Reboot records the request and simulates a reboot: it replies at once, as
@@ -87,9 +92,9 @@ func (m *Machine) Reboots() []*machine.RebootRequest {
 	return cloneAll(m.reboots)
 }
 
-// Shutdown simulates a shutdown like Reboot simulates a reboot, except that
-// the simulated machine stays down: its services stay Finished until they
-// are started or the machine is rebooted. Nothing on the host is shut down.
+// Shutdown simulates a shutdown like Reboot simulates a reboot: the
+// machine stops its services and is down for its downtime, then comes back
+// as if powered on again. Nothing on the host is shut down.
 func (m *Machine) Shutdown(ctx context.Context, req *machine.ShutdownRequest) (_ *machine.ShutdownResponse, err error) {
 	actor := newActorID()
 	if err := m.beginSequence(seqShutdown, actor); err != nil {
@@ -173,21 +178,25 @@ func (m *Machine) simulate(seq sequence, actor string) {
 		return
 	}
 	m.publish(actor, &machine.TaskEvent{Task: "stopAllServices", Action: machine.TaskEvent_STOP})
-	if !seq.boots {
-		// A client that saw the last event may start another operation.
-		m.endSequence(actor)
-		m.publish(actor, &machine.PhaseEvent{Phase: "stopEverything", Action: machine.PhaseEvent_STOP})
-		m.log.Info("simulated shutdown done: services stopped; a real node would power off now, the example agent keeps serving",
-			"actor_id", actor)
-		return
-	}
 	m.publish(actor, &machine.PhaseEvent{Phase: "stopEverything", Action: machine.PhaseEvent_STOP})
-	m.log.Info("simulated "+seq.name+": services stopped; the simulated node is down", "downtime", simDowntime, "actor_id", actor)
-
-	if !m.pause(time.Until(stopped.Add(simDowntime))) {
+	m.log.Info("simulated "+seq.name+": services stopped; the simulated node is down, its API refuses calls", "downtime", m.downtime, "actor_id", actor)
+	m.down.Store(true)
+	if m.onDown != nil {
+		m.onDown()
+	}
+	if !m.pause(time.Until(stopped.Add(m.downtime))) {
+		m.down.Store(false)
 		return
 	}
 	m.newBoot()
+	if m.onUp != nil {
+		m.onUp()
+	}
+	m.down.Store(false)
+	m.log.Info("simulated "+seq.name+": the simulated node is up again, booting", "actor_id", actor)
+	if !m.pause(simReconnect) {
+		return
+	}
 	m.publish(actor, &machine.SequenceEvent{Sequence: "boot", Action: machine.SequenceEvent_START})
 	if m.onBoot != nil {
 		m.onBoot()

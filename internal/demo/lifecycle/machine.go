@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/siderolabs/talos/pkg/machinery/api/machine"
@@ -26,7 +27,18 @@ type Config struct {
 	// OnBoot, if set, runs as a simulated reboot's boot begins (a staged
 	// machine configuration is applied then).
 	OnBoot func()
+	// Downtime is how long a simulated reboot, shutdown or upgrade keeps
+	// the machine down: its API refuses calls (Down) and OnDown has taken
+	// its etcd member away. Default DefaultDowntime; negative: none.
+	Downtime time.Duration
+	// OnDown and OnUp, if set, run as the machine goes down and as it
+	// comes back, before its boot: the demo stops and restarts the node's
+	// etcd member there, so that a reboot costs the cluster a member.
+	OnDown, OnUp func()
 }
+
+// DefaultDowntime is how long a simulated reboot keeps a machine down.
+const DefaultDowntime = 2 * time.Second
 
 // Machine is the simulated machine: its services, its boot, reboots,
 // shutdowns and upgrades, and the event log that tells of them. Create it
@@ -38,6 +50,10 @@ type Machine struct {
 	observe func(proto.Message)
 	onBoot  func()
 	started time.Time // when New made the machine
+
+	downtime     time.Duration
+	onDown, onUp func()
+	down         atomic.Bool // the simulated machine is down: its API refuses calls
 
 	mu            sync.Mutex
 	reboots       []*machine.RebootRequest
@@ -92,7 +108,16 @@ func New(cfg Config) *Machine {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	switch {
+	case cfg.Downtime == 0:
+		cfg.Downtime = DefaultDowntime
+	case cfg.Downtime < 0:
+		cfg.Downtime = 0
+	}
 	return &Machine{
+		downtime: cfg.Downtime,
+		onDown:   cfg.OnDown,
+		onUp:     cfg.OnUp,
 		log:      cfg.Log,
 		events:   newEventLog(eventCapacity),
 		beside:   cfg.Beside,
@@ -105,6 +130,11 @@ func New(cfg Config) *Machine {
 		bootTime: time.Now(),
 	}
 }
+
+// Down reports whether the simulated machine is down (between the end of
+// a reboot's, shutdown's or upgrade's stopping and its next boot): a real
+// node does not answer then, and the demo node refuses every call.
+func (m *Machine) Down() bool { return m.down.Load() }
 
 // Boot puts the machine in the state a booted Talos node is in, and
 // publishes the events of that boot (with no actor): services running and

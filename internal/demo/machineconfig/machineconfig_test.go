@@ -51,7 +51,9 @@ func machineConfig(t *testing.T, name string) []byte {
 // and what machineconfig then holds.
 func TestApplyConfiguration(t *testing.T) {
 	first, second := machineConfig(t, "first"), machineConfig(t, "second")
-	c, _ := nodetest.OfficialClient(t, node.Config{MachineConfig: first})
+	// No downtime: the reboot that applies the staged configuration is
+	// not what is tested, and the node refuses calls while down.
+	c, _ := nodetest.OfficialClient(t, node.Config{MachineConfig: first, Downtime: -1})
 	ctx := testkit.Context(t)
 	admin := metadata.AppendToOutgoingContext(ctx, "talos-role", "os:admin")
 	reader := metadata.AppendToOutgoingContext(ctx, "talos-role", "os:reader")

@@ -79,6 +79,10 @@ type Config struct {
 	// Members are the cluster's nodes, as the resource API's cluster
 	// members (talosctl get members): the demo names its nodes.
 	Members []resources.Member
+	// Downtime is how long a simulated reboot, shutdown or upgrade keeps
+	// the node down (its API refusing calls, its etcd member stopped).
+	// Default lifecycle.DefaultDowntime; negative: none.
+	Downtime time.Duration
 	// ClusterName names generated talosconfig contexts (admin@NAME).
 	// Default: DefaultClusterName.
 	ClusterName string

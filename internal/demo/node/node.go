@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/apid/apid/internal/demo/clientconfig"
@@ -108,7 +109,17 @@ func New(cfg Config) *Server {
 	if err := configs.Load(cfg.MachineConfig); err != nil {
 		s.log.Error("machine configuration not loaded", "error", err)
 	}
-	s.machine = lifecycle.New(lifecycle.Config{Log: s.log, Beside: cfg.BesideServices, Observe: observe, OnBoot: configs.ApplyStaged})
+	lc := lifecycle.Config{Log: s.log, Beside: cfg.BesideServices, Observe: observe, OnBoot: configs.ApplyStaged, Downtime: cfg.Downtime}
+	if m := cfg.Etcd; m != nil {
+		// A rebooting control-plane node takes its etcd member with it.
+		lc.OnDown = m.Stop
+		lc.OnUp = func() {
+			if err := m.Restart(); err != nil {
+				s.log.Warn("etcd member not restarted after the simulated reboot", "error", err)
+			}
+		}
+	}
+	s.machine = lifecycle.New(lc)
 	if s.res != nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		if done, err := s.res.StartControllers(ctx, runtimeLog); err != nil {
@@ -173,8 +184,8 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 			return logging.DefaultServerCodeToLevel(code)
 		}),
 	}
-	unary := []grpc.UnaryServerInterceptor{logging.UnaryServerInterceptor(logger, opts...)}
-	stream := []grpc.StreamServerInterceptor{logging.StreamServerInterceptor(logger, opts...)}
+	unary := []grpc.UnaryServerInterceptor{logging.UnaryServerInterceptor(logger, opts...), s.unaryUp}
+	stream := []grpc.StreamServerInterceptor{logging.StreamServerInterceptor(logger, opts...), s.streamUp}
 	if s.res != nil {
 		unary, stream = append(unary, s.res.UnaryAccess), append(stream, s.res.StreamAccess)
 	}
@@ -243,3 +254,22 @@ func (s *Server) SetMembers(ms []resources.Member) error {
 // Reboots returns copies of the reboot requests the node received, oldest
 // first (at most the latest 1,000).
 func (s *Server) Reboots() []*machine.RebootRequest { return s.machine.Reboots() }
+
+// errDown is what every call meets while the simulated machine is down.
+var errDown = status.Error(codes.Unavailable, "the simulated node is down (rebooting): it answers again once it has booted")
+
+// unaryUp and streamUp refuse calls while the simulated machine is down,
+// as a node that is off does not answer.
+func (s *Server) unaryUp(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+	if s.machine.Down() {
+		return nil, errDown
+	}
+	return next(ctx, req)
+}
+
+func (s *Server) streamUp(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, next grpc.StreamHandler) error {
+	if s.machine.Down() {
+		return errDown
+	}
+	return next(srv, ss)
+}
