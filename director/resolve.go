@@ -142,6 +142,17 @@ var ErrNoCaller = errors.New("no authorized caller in the context")
 // the call ended: a node that keeps failing is ejected, and then refused
 // at once, as in any fan-out. target may be a group of exactly one node.
 func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(error), error) {
+	return r.dial(ctx, target, true)
+}
+
+// DialEjected is Dial for a caller whose point is to learn whether a node
+// answers (the disruption budget, watching a rebooted node come back): an
+// ejected node is tried all the same, and its answer restores it.
+func (r *Router) DialEjected(ctx context.Context, target string) (context.Context, grpc.ClientConnInterface, func(error), error) {
+	return r.dial(ctx, target, false)
+}
+
+func (r *Router) dial(ctx context.Context, target string, refuseEjected bool) (context.Context, grpc.ClientConnInterface, func(error), error) {
 	caller, ok := auth.CallerFrom(ctx)
 	if !ok {
 		return nil, nil, nil, ErrNoCaller
@@ -157,7 +168,7 @@ func (r *Router) Dial(ctx context.Context, target string) (context.Context, grpc
 	out := rs.outgoing(metadata.MD{}, caller.Roles)
 	b := r.backendOf(rs, n, out, forwarded(out, metadata.MD{}), share{})
 	if rb, ok := b.(*Remote); ok {
-		rb.mayRefuse = true
+		rb.mayRefuse = refuseEjected
 		// The caller's service sets each attempt's deadline itself: a
 		// node that misses it did not answer in time.
 		rb.ownDeadline = true

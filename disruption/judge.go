@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/apid/apid/inventory"
 )
@@ -73,9 +74,10 @@ func (b *Budget) dispatch() {
 	}
 	cfg := b.Applied()
 	v := b.view(cfg)
+	pending := b.queue
 	var blocked []*waiter
-	kept := b.queue[:0]
-	for _, w := range b.queue {
+	kept := make([]*waiter, 0, len(pending))
+	for _, w := range pending {
 		if w.slot != nil || w.err != nil {
 			continue
 		}
@@ -83,25 +85,26 @@ func (b *Budget) dispatch() {
 			b.admit(w)
 			continue
 		}
-		if w.why = b.judge(v, w, blocked); w.why == "" {
+		if w.why = b.judge(v, w, blocked, pending); w.why == "" {
 			b.admit(w)
 			continue
 		}
 		blocked = append(blocked, w)
 		kept = append(kept, w)
 	}
-	clear(b.queue[len(kept):])
 	b.queue = kept
 }
 
 // judge says what holds w, or "" when it may go (b.mu held). blocked are
-// the calls ahead of it that wait.
-func (b *Budget) judge(v view, w *waiter, blocked []*waiter) string {
+// the calls ahead of it that wait; pending every call held before this
+// dispatch.
+func (b *Budget) judge(v view, w *waiter, blocked, pending []*waiter) string {
 	if b.unavailable(w.node) {
 		return "" // down already: counted once, and fixing it is the point
 	}
 	for _, o := range blocked {
-		if o.node != w.node && v.share(o.node, w.node) {
+		// The gateway's own node yields to the calls behind it.
+		if !o.self && o.node != w.node && v.share(o.node, w.node) {
 			return fmt.Sprintf("held: waiting for its turn behind %s (held since %s); %s", o.node,
 				o.since.UTC().Format("15:04:05"), strings.TrimPrefix(o.why, "held: "))
 		}
@@ -135,7 +138,13 @@ func (b *Budget) judge(v view, w *waiter, blocked []*waiter) string {
 		}
 	}
 	if w.self {
-		for _, o := range b.queue {
+		if wait := selfGrace - b.o.Now().Sub(w.since); wait > 0 {
+			// talosctl sends each node's call on a goroutine of its own:
+			// the others of one command arrive within moments.
+			return fmt.Sprintf("held: %s is the node this gateway runs on, which goes last in its group: waiting %s for calls sent with this one",
+				w.node, selfGrace)
+		}
+		for _, o := range pending {
 			if o != w && !o.self && o.slot == nil && o.err == nil && v.share(o.node, w.node) {
 				return fmt.Sprintf("held: %s is the node this gateway runs on, which goes last in its group: %s is waiting", w.node, o.node)
 			}
@@ -143,6 +152,10 @@ func (b *Budget) judge(v view, w *waiter, blocked []*waiter) string {
 	}
 	return ""
 }
+
+// selfGrace is how long a disruption of the gateway's own node waits for
+// disruptions of other nodes sent with it, which go first.
+const selfGrace = time.Second
 
 // states describes the unavailable nodes (b.mu held).
 func (b *Budget) states(nodes []string) string {

@@ -174,6 +174,9 @@ func (b *Budget) observe(ctx context.Context, nodes []string) {
 	}
 	b.mu.Unlock()
 	if len(stale) == 0 {
+		b.mu.Lock()
+		b.settle(v) // time alone may have changed what may go
+		b.mu.Unlock()
 		return
 	}
 	seen := make([]observation, len(stale))

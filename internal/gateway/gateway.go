@@ -127,7 +127,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (_ *Gateway, err error) {
 	// for the budget: built first, it dials once routing exists.
 	g.budget = disruption.New(cfg.Disruption, disruption.Options{
 		Dial: func(ctx context.Context, node string) (context.Context, grpc.ClientConnInterface, func(error), error) {
-			return g.routing.Dial(ctx, node)
+			return g.routing.DialEjected(ctx, node)
 		},
 		Inventory: g.inv.Set, Admission: g.limits, Log: log,
 	})
