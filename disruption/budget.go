@@ -92,6 +92,7 @@ type slot struct {
 	ended   time.Time
 	counted bool // in the metrics' active gauge
 	listed  bool // its node was in the inventory when admitted
+	wasUp   bool // its node answered when admitted
 }
 
 // what describes the slot for a person: "rebooting since 12:03:01, asked by CN=ops".
@@ -355,6 +356,7 @@ func (b *Budget) admit(w *waiter) *slot {
 	n := b.node(w.node)
 	s := &slot{id: w.seq, method: w.method, caller: w.caller, since: b.o.Now(), effect: w.effect, boot: n.seen.boot}
 	_, s.listed = b.o.Inventory().Lookup(w.node)
+	s.wasUp = n.seen.up
 	if !n.seen.up {
 		s.boot = 0
 	}
@@ -392,6 +394,11 @@ func (b *Budget) ender(s *slot, node string) func(codes.Code, []byte) {
 		case code != codes.OK && !ambiguous(code):
 			// The node refused the call: nothing happened to it.
 			b.release(node, s, "the call failed: "+code.String())
+			return
+		case code != codes.OK && !s.wasUp:
+			// A node seen down cannot have been taken down by a call that
+			// failed: it stays unavailable while it is seen down.
+			b.release(node, s, "the call to a node seen down failed: "+code.String())
 			return
 		case code == codes.OK && s.effect == maybeReboots && !rebootedPerReply(reply):
 			s.effect = degrades // back once its gates pass, no new boot needed

@@ -557,8 +557,30 @@ func TestDemoClusterAPI(t *testing.T) {
 		}
 
 		// Lifecycle calls come last, one after the other: one simulated
-		// operation runs at a time (others get FailedPrecondition), and a
-		// shut-down node's services stay stopped.
+		// operation runs at a time on a node (others get
+		// FailedPrecondition), the gateway's disruption budget takes node-3
+		// and node-1 down one after the other, and each comes back: the
+		// next call goes once both run every service again.
+		settled := func() bool {
+			if c.disruptions("held") != 0 || c.disruptions("active") != 0 {
+				return false // a node the last step took down is not back yet
+			}
+			resp, err := cl.ServiceList(client.WithNodes(testkit.Context(t), "node-1", "node-3"))
+			if err != nil || len(resp.GetMessages()) != 2 {
+				return false
+			}
+			for _, m := range resp.GetMessages() {
+				if m.GetMetadata().GetError() != "" {
+					return false
+				}
+				for _, svc := range m.GetServices() {
+					if svc.GetState() != "Running" {
+						return false
+					}
+				}
+			}
+			return true
+		}
 		for _, step := range []struct {
 			name string
 			call func(ctx context.Context) (proto.Message, error)
@@ -572,7 +594,10 @@ func TestDemoClusterAPI(t *testing.T) {
 			}},
 		} {
 			name, call := step.name, step.call
-			deadline := time.Now().Add(20 * time.Second)
+			if !testkit.Eventually(30*time.Second, settled) {
+				t.Fatalf("before %s: node-1 and node-3 not running every service within 30s", name)
+			}
+			deadline := time.Now().Add(30 * time.Second)
 			for {
 				resp, err := call(client.WithNodes(testkit.Context(t), nodes...))
 				if err != nil {

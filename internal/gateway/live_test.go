@@ -25,6 +25,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/certs"
+	"github.com/apid/apid/disruption"
 	"github.com/apid/apid/internal/testbackend"
 	"github.com/apid/apid/internal/testkit"
 	"github.com/apid/apid/inventory"
@@ -317,6 +318,47 @@ func TestEveryLiveKeyApplies(t *testing.T) {
 		"health.maxWait": func(t *testing.T) {
 			lg.reload(func(c *Config) { c.Health.MaxWait = 7 * time.Second })
 			if got := lg.gw.health.Applied().MaxWait; got != 7*time.Second {
+				t.Errorf("applied %s", got)
+			}
+		},
+		"disruption.enabled": func(t *testing.T) {
+			// Off, a reboot is not even judged; on, it is (admitted: the
+			// test backend's node has nothing held against it).
+			admitted := `apid_disruption_decisions_total{decision="admitted"}`
+			c := lg.client("rebooter", certs.RoleAdmin)
+			lg.reload(func(c *Config) { c.Disruption.Enabled = false })
+			before := lg.metric(admitted)
+			_, _ = c.Reboot(ctx, &machine.RebootRequest{})
+			if v := lg.metric(admitted); v != before {
+				t.Fatalf("off: %g admitted, want %g", v, before)
+			}
+			lg.reload(nil)
+			_, _ = c.Reboot(ctx, &machine.RebootRequest{})
+			if v := lg.metric(admitted); v != before+1 {
+				t.Errorf("on: %g admitted, want %g", v, before+1)
+			}
+		},
+		"disruption.maxUnavailable": func(t *testing.T) {
+			lg.reload(func(c *Config) { c.Disruption.MaxUnavailable = map[string]disruption.Amount{"zone=a": {N: 2}} })
+			if got := lg.gw.budget.Applied().MaxUnavailable["zone=a"]; got.N != 2 {
+				t.Errorf("applied %v", got)
+			}
+		},
+		"disruption.maxWait": func(t *testing.T) {
+			lg.reload(func(c *Config) { c.Disruption.MaxWait = 7 * time.Second })
+			if got := lg.gw.budget.Applied().MaxWait; got != 7*time.Second {
+				t.Errorf("applied %s", got)
+			}
+		},
+		"disruption.maxHeldPerIdentity": func(t *testing.T) {
+			lg.reload(func(c *Config) { c.Disruption.MaxHeldPerIdentity = 3 })
+			if got := lg.gw.budget.Applied().MaxHeldPerIdentity; got != 3 {
+				t.Errorf("applied %d", got)
+			}
+		},
+		"disruption.probeInterval": func(t *testing.T) {
+			lg.reload(func(c *Config) { c.Disruption.ProbeInterval = 7 * time.Second })
+			if got := lg.gw.budget.Applied().ProbeInterval; got != 7*time.Second {
 				t.Errorf("applied %s", got)
 			}
 		},
