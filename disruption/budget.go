@@ -2,6 +2,7 @@ package disruption
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -51,6 +52,9 @@ type Options struct {
 	Log *slog.Logger
 	// Now is the clock (tests); nil: time.Now.
 	Now func() time.Time
+	// Gateway names this gateway in the records other gateways read
+	// (disruption.etcd).
+	Gateway string
 }
 
 // Budget is the disruption section: it holds calls that would take a node
@@ -60,9 +64,11 @@ type Budget struct {
 	o       Options
 	applied atomic.Pointer[Config]
 	m       *metrics
+	shared  *shared // nil: the budget is this gateway's own
 
 	mu       sync.Mutex
 	nodes    map[string]*nodeState // nodes with a slot or an observation
+	remote   map[string][]record   // other gateways' disruptions, by node (disruption.etcd)
 	queue    []*waiter             // held calls, in arrival order
 	draining bool
 	seq      uint64
@@ -90,9 +96,10 @@ type slot struct {
 	effect  effect
 	boot    uint64 // the node's boot time when admitted; 0: unknown (it was down)
 	ended   time.Time
-	counted bool // in the metrics' active gauge
-	listed  bool // its node was in the inventory when admitted
-	wasUp   bool // its node answered when admitted
+	counted bool   // in the metrics' active gauge
+	key     string // its record in etcd, if shared
+	listed  bool   // its node was in the inventory when admitted
+	wasUp   bool   // its node answered when admitted
 }
 
 // what describes the slot for a person: "rebooting since 12:03:01, asked by CN=ops".
@@ -118,12 +125,17 @@ type waiter struct {
 	since   time.Time
 	why     string        // what holds it now
 	granted chan struct{} // closed when admitted (slot set) or refused (err set)
-	slot    *slot
-	err     error
+	// With a shared budget, dispatch marks a call that fits as a
+	// candidate and signals maybe; the call's own goroutine then asks etcd.
+	candidate bool
+	maybe     chan struct{}
+	slot      *slot
+	err       error
 }
 
 // New returns the budget for cfg (already validated) and starts watching.
-func New(cfg Config, o Options) *Budget {
+// It fails only when the etcd client cannot be made (its files).
+func New(cfg Config, o Options) (*Budget, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
@@ -134,11 +146,24 @@ func New(cfg Config, o Options) *Budget {
 		o.Inventory = func() *inventory.Set { return nil }
 	}
 	b := &Budget{o: o, nodes: map[string]*nodeState{}, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	if cfg.Etcd.Configured() {
+		if o.Gateway == "" {
+			return nil, errors.New("disruption.etcd: the gateway needs a name for its records")
+		}
+		var err error
+		if b.shared, err = newShared(cfg.Etcd, o.Gateway); err != nil {
+			return nil, err
+		}
+	}
 	b.m = newMetrics(b)
 	b.applied.Store(&cfg)
 	go b.watch()
-	return b
+	return b, nil
 }
+
+// Shared reports whether the budget is shared with the cluster's other
+// gateways through etcd; false: it is this gateway's alone.
+func (b *Budget) Shared() bool { return b.shared != nil }
 
 // Apply makes cfg the budget from now on; held calls are judged by it at
 // once.
@@ -166,6 +191,9 @@ func (b *Budget) Close() error {
 		close(b.stop)
 	}
 	<-b.done
+	if b.shared != nil {
+		b.shared.close()
+	}
 	return nil
 }
 
@@ -224,9 +252,12 @@ func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, r
 		who = "an unnamed caller"
 	}
 	now := b.o.Now()
-	w := &waiter{node: node, self: self, method: fullMethod, caller: who, effect: e, since: now, granted: make(chan struct{})}
+	w := &waiter{node: node, self: self, method: fullMethod, caller: who, effect: e, since: now,
+		granted: make(chan struct{}), maybe: make(chan struct{}, 1)}
 
-	// Fresh eyes on the nodes this call is judged against, before judging.
+	// Fresh eyes on the nodes this call is judged against, and on the
+	// other gateways' disruptions, before judging.
+	b.refreshRemote(ctx)
 	b.observe(ctx, b.relevant(cfg, node))
 
 	b.mu.Lock()
@@ -242,10 +273,23 @@ func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, r
 		b.mu.Unlock()
 		b.m.decided("forced")
 		b.o.Log.Warn("disruption forced", "node", node, "method", fullMethod, "caller", who, "reason", reason)
+		if b.shared != nil {
+			// Counted for every gateway, whatever they would decide.
+			b.recordForced(ctx, s, node)
+		}
 		return b.ender(s, node), nil
 	}
 	b.queue = append(b.queue, w)
 	b.dispatch()
+	if w.candidate {
+		b.mu.Unlock()
+		if b.claim(ctx, w) {
+			b.m.decided("admitted")
+			b.o.Log.Info("disruption admitted", "node", node, "method", fullMethod, "caller", who, "shared", true)
+			return b.ender(w.slot, node), nil
+		}
+		b.mu.Lock()
+	}
 	if w.slot != nil {
 		b.mu.Unlock()
 		b.m.decided("admitted")
@@ -276,10 +320,20 @@ func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, r
 	}
 	timer := time.NewTimer(max(wait, 0))
 	defer timer.Stop()
-	select {
-	case <-w.granted:
-	case <-timer.C:
-	case <-ctx.Done():
+wait:
+	for {
+		select {
+		case <-w.granted:
+			break wait
+		case <-w.maybe:
+			if b.claim(ctx, w) {
+				break wait
+			}
+		case <-timer.C:
+			break wait
+		case <-ctx.Done():
+			break wait
+		}
 	}
 	b.mu.Lock()
 	s, err, why := w.slot, w.err, w.why
@@ -432,6 +486,14 @@ func (b *Budget) release(node string, s *slot, why string) {
 	if s.counted {
 		b.m.active.Add(-1)
 	}
+	if s.key != "" {
+		go func() {
+			if err := b.shared.drop(s.key); err != nil {
+				b.o.Log.Warn("disruption record not deleted from etcd: it expires with this gateway's lease", "key", s.key, "error", err)
+			}
+		}()
+	}
+	b.syncShared()
 	b.o.Log.Info("disruption released", "node", node, "method", s.method, "caller", s.caller,
 		"after", b.o.Now().Sub(s.since).Round(time.Millisecond).String(), "why", why)
 	b.dispatch()

@@ -38,6 +38,9 @@ type Config struct {
 	// ProbeInterval is how often a node taken down is asked whether it is
 	// back (its boot, its services, its etcd member). Default 1s.
 	ProbeInterval time.Duration `yaml:"probeInterval" reload:"live"`
+	// Etcd shares the budget between every gateway of the cluster through
+	// leases in its etcd; without it, the budget is this gateway's own.
+	Etcd EtcdConfig `yaml:"etcd" reload:"restart"`
 }
 
 // Amount is a count of nodes, or a percentage of a group's nodes.
@@ -138,6 +141,7 @@ func (c Config) Validate() error {
 	if c.ProbeInterval < 100*time.Millisecond || c.ProbeInterval > time.Minute {
 		errs = append(errs, fmt.Errorf("disruption.probeInterval %s: want 100ms to 1m", c.ProbeInterval))
 	}
+	errs = append(errs, c.Etcd.validate()...)
 	return errors.Join(errs...)
 }
 

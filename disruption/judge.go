@@ -50,6 +50,9 @@ func (v view) share(a, b string) bool {
 // unavailable reports whether node is down for the budget: a disruption of
 // it not over, or seen down or not ready (b.mu held).
 func (b *Budget) unavailable(node string) bool {
+	if len(b.remote[node]) > 0 {
+		return true // another gateway took it down
+	}
 	n := b.nodes[node]
 	return n != nil && (len(n.slots) > 0 || (!n.seen.at.IsZero() && !n.seen.ready))
 }
@@ -57,6 +60,12 @@ func (b *Budget) unavailable(node string) bool {
 // state says why node is unavailable, for a person (b.mu held).
 func (b *Budget) state(node string) string {
 	n := b.nodes[node]
+	if n != nil && len(n.slots) > 0 {
+		return node + " is " + n.slots[0].what()
+	}
+	if r := b.remote[node]; len(r) > 0 {
+		return node + " is " + r[0].what()
+	}
 	if n == nil {
 		return node + " is available"
 	}
@@ -86,8 +95,17 @@ func (b *Budget) dispatch() {
 			continue
 		}
 		if w.why = b.judge(v, w, blocked, pending); w.why == "" {
-			b.admit(w)
-			continue
+			if b.shared == nil {
+				b.admit(w)
+				continue
+			}
+			// The other gateways have their say: the call's goroutine
+			// asks etcd; those behind it in its groups wait for that.
+			w.candidate, w.why = true, "held: being admitted through the budget shared in etcd"
+			select {
+			case w.maybe <- struct{}{}:
+			default:
+			}
 		}
 		blocked = append(blocked, w)
 		kept = append(kept, w)

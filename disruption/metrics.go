@@ -10,7 +10,6 @@ import (
 // metrics are the section's series.
 type metrics struct {
 	active    atomic.Int64 // disruptions admitted and not over
-	held      *prometheus.GaugeVec
 	wait      prometheus.Histogram
 	decisions *prometheus.CounterVec
 	all       []prometheus.Collector

@@ -116,21 +116,22 @@ func servicesNotReady(resp *machine.ServiceListResponse) string {
 // etcdNotReady says why the node's etcd member is not a healthy voting
 // member of a cluster with a leader; "" when it is.
 func etcdNotReady(resp *machine.EtcdStatusResponse) string {
-	for _, m := range resp.GetMessages() {
-		st := m.GetMemberStatus()
-		switch {
-		case st == nil:
-			return "no member status"
-		case len(st.GetErrors()) > 0:
-			return strings.Join(st.GetErrors(), "; ")
-		case st.GetIsLearner():
-			return "a learner, not a voting member"
-		case st.GetLeader() == 0:
-			return "no leader: the cluster has no quorum"
-		}
-		return ""
+	if len(resp.GetMessages()) == 0 {
+		return "no member status"
 	}
-	return "no member status"
+	// One message: the node's own member.
+	st := resp.GetMessages()[0].GetMemberStatus()
+	switch {
+	case st == nil:
+		return "no member status"
+	case len(st.GetErrors()) > 0:
+		return strings.Join(st.GetErrors(), "; ")
+	case st.GetIsLearner():
+		return "a learner, not a voting member"
+	case st.GetLeader() == 0:
+		return "no leader: the cluster has no quorum"
+	}
+	return ""
 }
 
 // describe is an error's message for a person (a status's, without the
@@ -266,6 +267,9 @@ func (b *Budget) watch() {
 			nodes = append(nodes, w.node)
 		}
 		b.mu.Unlock()
+		if len(nodes) > 0 {
+			b.refreshRemote(ctx)
+		}
 		var all []string
 		for _, n := range nodes {
 			all = append(all, b.relevant(cfg, n)...)

@@ -125,12 +125,22 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (_ *Gateway, err error) {
 	}
 	// The budget reads the nodes through routing, which holds calls
 	// for the budget: built first, it dials once routing exists.
-	g.budget = disruption.New(cfg.Disruption, disruption.Options{
+	if err = cfg.Disruption.Etcd.CheckFiles(cfg.TLS.Key, cfg.TLS.ClientKey); err != nil {
+		return nil, err
+	}
+	if g.budget, err = disruption.New(cfg.Disruption, disruption.Options{
 		Dial: func(ctx context.Context, node string) (context.Context, grpc.ClientConnInterface, func(error), error) {
 			return g.routing.DialEjected(ctx, node)
 		},
-		Inventory: g.inv.Set, Admission: g.limits, Log: log,
-	})
+		Inventory: g.inv.Set, Admission: g.limits, Log: log, Gateway: instanceName(cfg, g.certs),
+	}); err != nil {
+		return nil, err
+	}
+	if g.budget.Shared() {
+		log.Info("disruption budget shared with the cluster's other gateways through etcd", "endpoints", cfg.Disruption.Etcd.Endpoints)
+	} else if cfg.Disruption.Enabled {
+		log.Info("disruption budget kept by this gateway alone: set disruption.etcd to share it with the cluster's other gateways")
+	}
 	g.routing = director.NewRouter(cfg.Routing, director.Deps{Local: g.local, Nodes: g.pool, Inventory: g.inv, Admission: g.limits, Log: log, Budget: g.budget})
 	g.health = clusterhealth.New(healthConfig(&cfg), g.healthOptions())
 	g.ready = newReadiness(g.certs.src, cfg.Backend, g.policy.Policy().Services())

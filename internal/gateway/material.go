@@ -124,7 +124,14 @@ func CheckFiles(cfg Config) (problems, warnings []error) {
 		return append(problems, fmt.Errorf("certificates: %w", err)), nil
 	}
 	p, w := checkMaterial(cfg, src)
-	return append(problems, p...), w
+	problems = append(problems, p...)
+	if err := cfg.Disruption.Etcd.CheckFiles(cfg.TLS.Key, cfg.TLS.ClientKey); err != nil {
+		problems = append(problems, err)
+	}
+	if cfg.Disruption.Enabled && !cfg.Disruption.Etcd.Configured() && !cfg.Routing.LocalOnly {
+		w = append(w, errors.New("disruption.etcd: not set, so the disruption budget is this gateway's alone: callers reaching the cluster through two gateways at once may each take a node of a group down; set disruption.etcd to share it through the cluster's etcd"))
+	}
+	return problems, w
 }
 
 // unjoin splits errors.Join's error into its parts.

@@ -29,10 +29,10 @@ import (
 //
 // A section that holds goroutines or files also has Close, called once
 // when the gateway closes. A section that exists once per cluster is one
-// value per cluster: nothing here assumes one. A section that holds calls
-// rather than refusing them (a disruption budget, which reads node health)
-// is one more entry here, built above routing, asking the limits through
-// their admission methods like the others.
+// value per cluster: nothing here assumes one. The disruption budget holds
+// calls rather than refusing them: it is built before routing, which holds
+// disruptive calls for it, and reads the nodes through routing; what it
+// bounds per caller (held calls), it asks the limits.
 type Section[C any] interface {
 	Apply(C) error
 	Loosens(C) []string

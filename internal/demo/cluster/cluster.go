@@ -138,6 +138,10 @@ func Run(ctx context.Context, o Options, stdout io.Writer) error {
 		cfg.TLS.CA, cfg.TLS.Cert, cfg.TLS.Key = filepath.Join(o.Dir, "ca.crt"), n.Cert, n.Key
 		if n.controlPlane {
 			cfg.TLS.ClientCert, cfg.TLS.ClientKey = n.ClientCert, n.ClientKey
+			// The control plane's gateways share one disruption budget
+			// through the cluster's etcd.
+			cfg.Disruption.Etcd.Endpoints = etcdEndpoints(nodes)
+			cfg.Disruption.Etcd.CA, cfg.Disruption.Etcd.Cert, cfg.Disruption.Etcd.Key = apidEtcdFiles(o)
 		} else {
 			// A Talos worker holds no certificate to forward with and
 			// serves only itself: so do the demo's.

@@ -50,6 +50,12 @@ type rollingCluster struct {
 }
 
 func startRollingCluster(t *testing.T, first string) *rollingCluster {
+	return startCluster(t, first, 5, time.Second)
+}
+
+// startCluster starts a demo of n nodes whose reboots keep a node down
+// for downtime.
+func startCluster(t *testing.T, first string, n int, downtime time.Duration) *rollingCluster {
 	l, err := net.Listen("tcp", first+":0")
 	if err != nil {
 		t.Skipf("no %s here: %v", first, err)
@@ -61,12 +67,12 @@ func startRollingCluster(t *testing.T, first string) *rollingCluster {
 	c.cancel = cancel
 	var out testkit.Buffer
 	go func() {
-		c.ran <- cluster.Run(ctx, cluster.Options{Dir: c.dir, Nodes: 5, Port: port, FirstIP: netip.MustParseAddr(first),
-			Downtime: time.Second, LogLevel: "warn", LogFormat: "text",
+		c.ran <- cluster.Run(ctx, cluster.Options{Dir: c.dir, Nodes: n, Port: port, FirstIP: netip.MustParseAddr(first),
+			Downtime: downtime, LogLevel: "warn", LogFormat: "text",
 			Log: slog.New(slog.NewJSONHandler(c.log, &slog.HandlerOptions{Level: slog.LevelInfo}))}, &out)
 	}()
 	t.Cleanup(c.stop)
-	if !testkit.Eventually(2*time.Minute, func() bool { return strings.Contains(out.String(), "5 nodes up") }) {
+	if !testkit.Eventually(2*time.Minute, func() bool { return strings.Contains(out.String(), fmt.Sprintf("%d nodes up", n)) }) {
 		c.stop()
 		t.Fatalf("not up:\n%s", out.String())
 	}
@@ -98,6 +104,21 @@ func (c *rollingCluster) stop() {
 	case <-time.After(time.Minute):
 		c.t.Error("the cluster did not stop within a minute")
 	}
+}
+
+// clientThrough returns the admin's official client through the apid at
+// endpoint.
+func (c *rollingCluster) clientThrough(endpoint string) *client.Client {
+	cfg, err := clientconfig.Open(filepath.Join(c.dir, "talosconfig"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	cl, err := client.New(context.Background(), client.WithConfig(cfg), client.WithEndpoints(endpoint))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(func() { cl.Close() })
+	return cl
 }
 
 // clientWith returns the official client of a certificate the demo's CA
@@ -312,6 +333,28 @@ func TestRollingByDefault(t *testing.T) {
 		})
 		if order := checkOneAtATime(t, c.downtimes(since), workers); len(order) != 2 {
 			t.Errorf("went down: %v, want both workers", order)
+		}
+	})
+
+	t.Run("two gateways, two callers at once", func(t *testing.T) {
+		// Through node-1's apid one caller reboots node-2; through
+		// node-2's, another reboots node-3: one budget, shared through
+		// etcd, takes them down one after the other.
+		c.settle()
+		other := c.clientThrough(net.JoinHostPort("127.0.97.12", strconv.Itoa(c.port)))
+		since := time.Now()
+		var wg sync.WaitGroup
+		errs := make([]error, 2)
+		wg.Go(func() { errs[0] = rebootLikeTalosctl(ctx, c.admin, "node-2") })
+		wg.Go(func() { errs[1] = rebootLikeTalosctl(ctx, other, "node-3") })
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
+				t.Error(err)
+			}
+		}
+		if order := checkOneAtATime(t, c.downtimes(since), controlPlane); len(order) != 2 {
+			t.Errorf("went down: %v, want node-2 and node-3", order)
 		}
 	})
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/apid/apid/internal/demo/etcd"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/pki"
 )
 
 // inventoryOf lists the demo's nodes by name for every apid: the first
@@ -79,6 +80,10 @@ func startEtcd(ctx context.Context, o Options, nodes []demoNode) (map[string]*et
 	if err := os.RemoveAll(filepath.Join(o.Dir, "etcd")); err != nil {
 		return nil, err
 	}
+	files, err := writeEtcdPKI(o, nodes)
+	if err != nil {
+		return nil, err
+	}
 	var initial []string
 	for _, n := range nodes {
 		if n.controlPlane {
@@ -97,8 +102,8 @@ func startEtcd(ctx context.Context, o Options, nodes []demoNode) (map[string]*et
 		}
 		e, err := etcd.Start(etcd.MemberConfig{
 			Name: n.name, DataDir: filepath.Join(o.Dir, "etcd", n.name),
-			ClientURL: "http://" + net.JoinHostPort(n.ip, etcdClientPort), PeerURL: "http://" + net.JoinHostPort(n.ip, etcdPeerPort),
-			InitialCluster: strings.Join(initial, ","),
+			ClientURL: etcdClientURL(n), PeerURL: "http://" + net.JoinHostPort(n.ip, etcdPeerPort),
+			InitialCluster: strings.Join(initial, ","), TLS: files[n.name],
 		})
 		if err != nil {
 			stopAll()
@@ -115,4 +120,84 @@ func startEtcd(ctx context.Context, o Options, nodes []demoNode) (map[string]*et
 		}
 	}
 	return etcds, nil
+}
+
+// etcdClientURL is where node n's etcd member serves clients: with TLS and
+// client certificates, as Talos's does.
+func etcdClientURL(n demoNode) string { return "https://" + net.JoinHostPort(n.ip, etcdClientPort) }
+
+// etcdEndpoints are the client URLs of every member.
+func etcdEndpoints(nodes []demoNode) []string {
+	var out []string
+	for _, n := range nodes {
+		if n.controlPlane {
+			out = append(out, etcdClientURL(n))
+		}
+	}
+	return out
+}
+
+// The demo's etcd key material, under DIR/etcd-pki: a CA of its own, apart
+// from the API's (as Talos keeps etcd's), each member's serving pair, the
+// client pair the nodes' etcd API presents, and apid's, whose key is a
+// file of its own: an etcd client certificate reads everything etcd holds.
+const (
+	etcdPKIDir    = "etcd-pki"
+	apidEtcdName  = "apid-etcd"
+	etcdCAName    = "ca"
+	etcdAgentName = "agent"
+)
+
+// writeEtcdPKI issues the etcd key material anew (etcd itself starts anew
+// each run) and returns each member's files.
+func writeEtcdPKI(o Options, nodes []demoNode) (map[string]*etcd.TLSFiles, error) {
+	path := filepath.Join(o.Dir, etcdPKIDir)
+	if err := os.MkdirAll(path, 0o700); err != nil {
+		return nil, err
+	}
+	dir := pki.Dir{Path: path, Force: true}
+	ca, err := pki.NewCA("apid-demo etcd", 365*24*time.Hour, pki.KeyECDSA)
+	if err != nil {
+		return nil, err
+	}
+	caFile, _, err := dir.WritePair(etcdCAName, ca.CertPEM, ca.KeyPEM)
+	if err != nil {
+		return nil, err
+	}
+	issue := func(name string, roles []string) (string, string, error) {
+		crt, key, err := ca.IssueClient(name, roles, 365*24*time.Hour, pki.KeyECDSA)
+		if err != nil {
+			return "", "", err
+		}
+		return dir.WritePair(name, crt, key)
+	}
+	agentCrt, agentKey, err := issue(etcdAgentName, []string{"etcd-client"})
+	if err != nil {
+		return nil, err
+	}
+	if _, _, err := issue(apidEtcdName, []string{"etcd-client"}); err != nil {
+		return nil, err
+	}
+	out := map[string]*etcd.TLSFiles{}
+	for _, n := range nodes {
+		if !n.controlPlane {
+			continue
+		}
+		crt, key, err := ca.IssueNode(n.name, []string{n.name, "localhost"}, []net.IP{net.ParseIP(n.ip)}, 365*24*time.Hour, pki.KeyECDSA)
+		if err != nil {
+			return nil, err
+		}
+		crtFile, keyFile, err := dir.WritePair("member-"+n.name, crt, key)
+		if err != nil {
+			return nil, err
+		}
+		out[n.name] = &etcd.TLSFiles{CA: caFile, Cert: crtFile, Key: keyFile, ClientCert: agentCrt, ClientKey: agentKey}
+	}
+	return out, nil
+}
+
+// apidEtcdFiles are the files of apid's etcd client identity.
+func apidEtcdFiles(o Options) (ca, cert, key string) {
+	path := filepath.Join(o.Dir, etcdPKIDir)
+	return filepath.Join(path, etcdCAName+".crt"), filepath.Join(path, apidEtcdName+".crt"), filepath.Join(path, apidEtcdName+".key")
 }

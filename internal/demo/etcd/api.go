@@ -47,7 +47,11 @@ func (a *API) etcdClient(ctx context.Context, api string) (*clientv3.Client, err
 	if !e.Running() {
 		return nil, status.Errorf(codes.FailedPrecondition, "%s: etcd is not running on this node (it left the cluster)", api)
 	}
-	c, err := clientv3.New(clientv3.Config{Endpoints: []string{e.ClientURL()}, Context: ctx, DialTimeout: 5 * time.Second, Logger: etcdClientLogger})
+	tlsConfig, err := e.ClientTLS()
+	if err != nil {
+		return nil, fmt.Errorf("failed to create etcd client: %w", err)
+	}
+	c, err := clientv3.New(clientv3.Config{Endpoints: []string{e.ClientURL()}, TLS: tlsConfig, Context: ctx, DialTimeout: 5 * time.Second, Logger: etcdClientLogger})
 	if err != nil {
 		return nil, fmt.Errorf("failed to create etcd client: %w", err)
 	}
@@ -212,7 +216,8 @@ func (a *API) EtcdLeaveCluster(ctx context.Context, _ *machine.EtcdLeaveClusterR
 	// that checks a removal is the one asked, and this one's own view of
 	// its peers is the least settled.
 	if others, err := a.otherMembers(ctx, c, id); err == nil && len(others) > 0 {
-		if oc, err := clientv3.New(clientv3.Config{Endpoints: others, Context: ctx, DialTimeout: 5 * time.Second, Logger: etcdClientLogger}); err == nil {
+		tlsConfig, _ := a.member.ClientTLS() // made once already by etcdClient
+		if oc, err := clientv3.New(clientv3.Config{Endpoints: others, TLS: tlsConfig, Context: ctx, DialTimeout: 5 * time.Second, Logger: etcdClientLogger}); err == nil {
 			defer oc.Close()
 			c = oc
 		}
