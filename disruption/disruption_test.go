@@ -1,6 +1,7 @@
 package disruption
 
 import (
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/pki"
 )
 
 func marshal(t *testing.T, m proto.Message) []byte {
@@ -265,5 +267,57 @@ func TestReadiness(t *testing.T) {
 		if etcdNotReady(bad) == "" {
 			t.Errorf("%v read as ready", bad)
 		}
+	}
+}
+
+// TestEtcdConfig: the shared budget's keys and files, each problem named.
+func TestEtcdConfig(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Etcd = EtcdConfig{Endpoints: []string{"http://10.0.0.2:2379", "https://10.0.0.3:2379"}, Prefix: "apid", LeaseTTL: time.Second}
+	err := cfg.Validate()
+	for _, want := range []string{`endpoints "http://10.0.0.2:2379": want https://`, "disruption.etcd.ca: required", "disruption.etcd.cert: required",
+		"disruption.etcd.key: required", `prefix "apid"`, "leaseTTL 1s: at least 5s"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q not in %v", want, err)
+		}
+	}
+	cfg.Etcd = EtcdConfig{Key: "/k"}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "no endpoints") {
+		t.Errorf("files without endpoints: %v", err)
+	}
+
+	dir := t.TempDir()
+	ca, err := pki.NewCA("etcd", time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crt, key, err := ca.IssueClient("apid", []string{"etcd-client"}, time.Hour, pki.KeyECDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := pki.Dir{Path: dir}
+	caFile, _, err := d.WritePair("ca", ca.CertPEM, ca.KeyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crtFile, keyFile, err := d.WritePair("apid", crt, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := EtcdConfig{Endpoints: []string{"https://127.0.0.1:2379"}, CA: caFile, Cert: crtFile, Key: keyFile}
+	if err := e.CheckFiles("/etc/apid/node.key"); err != nil {
+		t.Fatalf("good files: %v", err)
+	}
+	if err := e.CheckFiles(keyFile); err == nil || !strings.Contains(err.Error(), "also apid's own key") {
+		t.Errorf("the forwarding key as the etcd key: %v", err)
+	}
+	if err := os.Chmod(keyFile, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.CheckFiles(); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("a key others may read: %v", err)
+	}
+	if _, err := New(Config{Etcd: e, ProbeInterval: time.Second}, Options{Gateway: "gw", Dial: nil}); err == nil {
+		t.Error("a budget was made with a key others may read")
 	}
 }

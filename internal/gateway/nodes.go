@@ -8,6 +8,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
+
+	"github.com/apid/apid/disruption"
 )
 
 // latencyBuckets are the upper bounds, in seconds, of the per-node latency
@@ -115,6 +117,10 @@ type NodeStatus struct {
 	Ejected    *NodeEjection     `json:"ejected,omitempty"`
 	// Inventory is what the inventory says of the node, when it lists it.
 	Inventory *NodeInventory `json:"inventory,omitempty"`
+	// Disruption is what the disruption budget says of the node: calls
+	// that took it down and are not over, calls held for its turn, why it
+	// counts as down.
+	Disruption *disruption.View `json:"disruption,omitempty"`
 }
 
 // NodeInventory is a node's entry in the inventory.

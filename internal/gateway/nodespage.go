@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/apid/apid/director"
+	"github.com/apid/apid/disruption"
 )
 
 // nodesPage is what /nodes answers: at most limit nodes, from the first
@@ -73,6 +74,15 @@ func (g *Gateway) nodeStatuses() []NodeStatus {
 		}
 		nodes[i].Ejected = &NodeEjection{Since: e.Since, Until: e.Until, Failures: e.Failures, LastError: e.LastError}
 	}
+	for node, v := range g.budget.Snapshot() {
+		i, ok := byName[node]
+		if !ok {
+			nodes = append(nodes, NodeStatus{Node: node, Connection: "none", Calls: noCalls})
+			i = len(nodes) - 1
+			byName[node] = i
+		}
+		nodes[i].Disruption = &v
+	}
 	for _, e := range g.pool.Snapshot() {
 		i, ok := byName[e.Node]
 		if !ok {
@@ -128,7 +138,7 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tROLE\tADDRESS\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tLAST ERROR")
+	fmt.Fprintln(tw, "NODE\tROLE\tADDRESS\tCONNECTION\tIN FLIGHT\tCALLS\tERRORS\tP50 ms\tP90 ms\tP99 ms\tEJECTED\tDISRUPTION\tLAST ERROR")
 	for _, n := range page.Nodes {
 		var calls, errs uint64
 		for code, v := range n.Calls {
@@ -160,7 +170,7 @@ func (g *Gateway) serveNodes(w http.ResponseWriter, r *http.Request) {
 		if n.Inventory != nil {
 			role, address = n.Inventory.Role, n.Inventory.Address
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", n.Node, role, address, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, last)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Node, role, address, n.Connection, n.InFlight, calls, errs, p50, p90, p99, ejected, disruptionText(n.Disruption), last)
 	}
 	if page.Next != "" {
 		fmt.Fprintf(tw, "… %d of %d nodes shown: next page ?after=%s\n", len(page.Nodes), page.Total, url.QueryEscape(page.Next))
@@ -204,4 +214,30 @@ func (p *nodesPage) writeJSON(w io.Writer) error {
 	}
 	_, err := io.WriteString(w, end)
 	return err
+}
+
+// disruptionText sums up what the disruption budget says of a node, for
+// the table: the call that took it down, since when, and the calls held.
+func disruptionText(v *disruption.View) string {
+	if v == nil {
+		return "-"
+	}
+	var parts []string
+	if len(v.Active) > 0 {
+		a := v.Active[0]
+		what := strings.TrimPrefix(a.Method, "/machine.MachineService/") + " since " + a.Since.UTC().Format("15:04:05")
+		if a.Gateway != "" {
+			what += " via " + a.Gateway
+		}
+		parts = append(parts, what)
+	} else if v.Unavailable != "" {
+		parts = append(parts, "unavailable")
+	}
+	if len(v.Held) > 0 {
+		parts = append(parts, fmt.Sprintf("%d held", len(v.Held)))
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ", ")
 }

@@ -373,6 +373,29 @@ func TestRollingByDefault(t *testing.T) {
 			t.Errorf("a call held past its deadline: %v, want DeadlineExceeded naming node-2's reboot and the budget", err)
 		}
 
+		// The node page shows the disruption not over.
+		var page struct {
+			Nodes []struct {
+				Node       string
+				Disruption *struct {
+					Active []struct{ Method, Caller string }
+				}
+			}
+		}
+		body := c.nodesPage()
+		if err := json.Unmarshal([]byte(body), &page); err != nil {
+			t.Fatalf("/nodes: %v\n%s", err, body)
+		}
+		shown := false
+		for _, n := range page.Nodes {
+			if n.Node == "node-2" && n.Disruption != nil && len(n.Disruption.Active) > 0 {
+				shown = n.Disruption.Active[0].Method == "/machine.MachineService/Reboot" && strings.Contains(n.Disruption.Active[0].Caller, "admin")
+			}
+		}
+		if !shown {
+			t.Errorf("/nodes does not show node-2's reboot:\n%s", body)
+		}
+
 		// Calls that take nothing down pass at once.
 		start := time.Now()
 		if _, err := c.admin.Version(client.WithNode(ctx, "node-3")); err != nil {
@@ -433,6 +456,17 @@ func TestRollingByDefault(t *testing.T) {
 			t.Error("no call was held when the gateway drained")
 		}
 	})
+}
+
+// nodesPage reads node-1's /nodes as JSON.
+func (c *rollingCluster) nodesPage() string {
+	resp, err := http.Get(fmt.Sprintf("http://%s/nodes?format=json", net.JoinHostPort(c.ip, strconv.Itoa(c.port+1))))
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return string(body)
 }
 
 // heldNow reads apid_disruptions{state="held"} from node-1's admin endpoint.
