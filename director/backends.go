@@ -189,10 +189,14 @@ type gate struct {
 }
 
 // held wraps b so that its part of a disruptive call waits for the
-// budget; any other call's backend is returned as it is.
+// budget; any other call's backend is returned as it is. node is what the
+// budget counts, b's key when empty.
 func (r *Router) held(fullMethod string, b proxy.Backend, node string, self bool) proxy.Backend {
 	if r.d.Budget == nil || !r.d.Budget.Disruptive(fullMethod) {
 		return b
+	}
+	if node == "" {
+		node = proxy.KeyOf(b)
 	}
 	g := gate{budget: r.d.Budget, method: fullMethod, target: node, self: self}
 	switch b := b.(type) {
@@ -205,6 +209,15 @@ func (r *Router) held(fullMethod string, b proxy.Backend, node string, self bool
 		return heldRemote{Remote: b, gate: g}
 	}
 	return b
+}
+
+// holdLocal holds a disruptive call to the local node that names no
+// node: the budget counts it against this node's inventory name.
+func (r *Router) holdLocal(fullMethod string, l *Local, rs *rules) proxy.Backend {
+	if r.d.Budget == nil || !r.d.Budget.Disruptive(fullMethod) {
+		return l
+	}
+	return r.held(fullMethod, l, rs.selfNode(r.d.Inventory), true)
 }
 
 // heldLocal is the local node as the destination of a disruptive call.

@@ -235,13 +235,13 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	case len(resolved) == 0:
 		l := r.local("", Dest{}, out)
 		l.share = share
-		return oneToOne(r.held(fullMethod, l, rs.selfNode(r.d.Inventory), true), kind), nil
+		return oneToOne(r.holdLocal(fullMethod, l, rs), kind), nil
 	case !fanOut:
 		b := r.backendOf(rs, resolved[0], out, forwarded(out, md), share)
 		if rb, ok := b.(*Remote); ok {
 			rb.mayRefuse = true // one node: fail fast while it is ejected
 		}
-		return oneToOne(r.held(fullMethod, b, proxy.KeyOf(b), resolved[0].self), kind), nil
+		return oneToOne(r.held(fullMethod, b, "", resolved[0].self), kind), nil
 	}
 	if err := rs.mayFanOut(fullMethod, md, resolved); err != nil {
 		return proxy.Route{}, err
@@ -270,7 +270,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 				skippable--
 			}
 		}
-		backends[i] = r.held(fullMethod, b, proxy.KeyOf(b), n.self)
+		backends[i] = r.held(fullMethod, b, "", n.self)
 	}
 	return proxy.Route{Backends: backends, Mode: proxy.OneToMany, Kind: kind, NodeTimeout: timeout}, nil
 }

@@ -155,46 +155,22 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	md := replyMD{allow: h.opts.ReplyKey}
 	var held atomic.Int64 // reply bytes kept for the merge so far
 
-	gated := anyGated(backends)
-	var request []byte // what the gates judge: read once, before the workers share it
-	if gated {
-		request = req.bytes()
+	if anyGated(backends) {
+		h.callGated(ss, method, route, req, parts, calls, replies, &md, &held)
+	} else {
+		var wg sync.WaitGroup
+		for i, b := range backends {
+			wg.Add(1)
+			h.workers.run(func() {
+				defer wg.Done()
+				bctx, call := h.started(ctx, b, Unary)
+				calls[i] = call
+				parts[i] = h.callUnary(bctx, method, b, req, &replies[i], &md, &held)
+				call.end()
+			})
+		}
+		wg.Wait()
 	}
-	var wg sync.WaitGroup
-	for i, b := range backends {
-		wg.Add(1)
-		h.workers.run(func() {
-			defer wg.Done()
-			nctx := ctx
-			var end func(codes.Code, []byte)
-			if g, ok := b.(Gated); ok {
-				// The node's turn first, on the call's own time; its
-				// deadline starts once it has come.
-				var err error
-				if end, err = g.Await(ss.Context(), request); err != nil {
-					calls[i] = &backendCall{backend: b, start: time.Now(), observed: func(codes.Code, string, time.Duration) {}}
-					st := backendStatus(err)
-					parts[i] = aggregate.Part{Host: b.Name(), Code: st.Code(), Message: st.Message()}
-					return
-				}
-				var cancel context.CancelFunc
-				nctx, cancel = h.nodeContext(ss.Context(), route.NodeTimeout)
-				defer cancel()
-			} else if gated {
-				var cancel context.CancelFunc
-				nctx, cancel = h.nodeContext(ss.Context(), route.NodeTimeout)
-				defer cancel()
-			}
-			bctx, call := h.started(nctx, b, Unary)
-			calls[i] = call
-			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], &md, &held)
-			call.end()
-			if end != nil {
-				end(parts[i].Code, parts[i].Body)
-			}
-		})
-	}
-	wg.Wait()
 
 	// The merged parts say each node's outcome as the client sees it (a
 	// malformed reply is Internal, one left out of an oversized merge
@@ -215,6 +191,41 @@ func (h *Handler) fanOutUnary(ss grpc.ServerStream, method string, route Route, 
 	}
 	ss.SetTrailer(md.takeTrailer())
 	return ss.SendMsg(&frame{raw: reply})
+}
+
+// callGated calls every backend of a unary fan-out some of whose backends
+// wait for their turn first (Gated): each waits on the call's own time, and
+// its node deadline starts when its part does.
+func (h *Handler) callGated(ss grpc.ServerStream, method string, route Route, req *frame,
+	parts []aggregate.Part, calls []*backendCall, replies []frame, md *replyMD, held *atomic.Int64) {
+	request := req.bytes() // what the gates judge: read once, before the workers share it
+	var wg sync.WaitGroup
+	for i, b := range route.Backends {
+		wg.Add(1)
+		h.workers.run(func() {
+			defer wg.Done()
+			var end func(codes.Code, []byte)
+			if g, ok := b.(Gated); ok {
+				var err error
+				if end, err = g.Await(ss.Context(), request); err != nil {
+					calls[i] = &backendCall{backend: b, start: time.Now(), observed: func(codes.Code, string, time.Duration) {}}
+					st := backendStatus(err)
+					parts[i] = aggregate.Part{Host: b.Name(), Code: st.Code(), Message: st.Message()}
+					return
+				}
+			}
+			ctx, cancel := h.nodeContext(ss.Context(), route.NodeTimeout)
+			defer cancel()
+			bctx, call := h.started(ctx, b, Unary)
+			calls[i] = call
+			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], md, held)
+			call.end()
+			if end != nil {
+				end(parts[i].Code, parts[i].Body)
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // anyGated reports whether some backend may wait for its turn: then each
