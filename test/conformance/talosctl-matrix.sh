@@ -6,10 +6,13 @@
 # ok|FAIL, the talosctl version, how the nodes were named, the command,
 # and the first line of its error. A command marked FOLLOW streams until
 # stopped: it passes if it printed something before 5 s and was still
-# running. upgrade, shutdown and reboot run last, in that order (the
-# reboot brings the shut-down services back), each given 4 s to finish its
-# simulation, and without --wait (which tracks the node through resources
-# the demo node does not serve yet); upgrade also with --drain=false where
+# running. upgrade, shutdown and reboot run last, in that order, without
+# --wait (which tracks the node through resources the demo node does not
+# serve yet), and then reboot with --wait (talosctl follows each node
+# itself, one node call per node: with a list only, as a group cannot be
+# followed); apid's disruption budget takes the nodes down one at a time,
+# and the next command starts once node-1's apid counts no disruption held
+# or active (every node back). upgrade also with --drain=false where
 # talosctl has it (draining needs Kubernetes).
 #
 #   TALOSCTL=/path/to/talosctl test/conformance/talosctl-matrix.sh [OUT]
@@ -31,6 +34,16 @@ drain=""
 # apply-config applies what talosctl gen config writes for the demo.
 "$TALOSCTL" gen config apid-demo https://127.0.0.11:6443 --output-types controlplane -o "$work/cp.yaml" >/dev/null 2>&1
 "$TALOSCTL" upgrade --help 2>&1 | grep -q -- '--drain ' && drain="--drain=false "
+
+# settle waits (at most 60 s) until node-1's apid counts no disruption
+# held or active: every node a command took down is back.
+settle() {
+	for _ in $(seq 1 120); do
+		m=$(curl -s http://127.0.0.11:50001/metrics)
+		echo "$m" | grep -q '^apid_disruptions{state="active"} 0$' && echo "$m" | grep -q '^apid_disruptions{state="held"} 0$' && return
+		sleep 0.5
+	done
+}
 
 read -r -d '' commands <<'CMDS'
 version
@@ -63,11 +76,14 @@ health --wait-timeout 30s
 upgrade DRAIN--wait=false
 shutdown --wait=false
 reboot --wait=false
+reboot
 CMDS
 : > "$out"
 for nodes in node-1 node-1,node-2,node-3 @controlplane; do
 	while IFS= read -r cmd; do
 		[ -n "$cmd" ] || continue
+		# talosctl follows each node of reboot --wait by name.
+		[ "$cmd" = reboot ] && [ "${nodes#@}" != "$nodes" ] && continue
 		c=${cmd//CONFIG/$work/cfg-$RANDOM}
 		c=${c//DRAIN/$drain}
 		c=${c//CPFILE/$work/cp.yaml}
@@ -84,7 +100,7 @@ for nodes in node-1 node-1,node-2,node-3 @controlplane; do
 		else
 			[ $status -eq 0 ] || result=FAIL
 		fi
-		case $c in upgrade* | shutdown* | reboot*) sleep 4 ;; esac
+		case $c in upgrade* | shutdown* | reboot*) settle ;; esac
 		printf '%s\t%s\t-n %s\t%s\t%s\n' "$result" "$version" "$nodes" "${cmd//DRAIN/$drain}" "$(printf '%s' "$err" | head -1)" >> "$out"
 	done <<< "$commands"
 done
