@@ -189,14 +189,16 @@ type gate struct {
 }
 
 // held wraps b so that its part of a disruptive call waits for the
-// budget; any other call's backend is returned as it is. node is what the
-// budget counts, b's key when empty.
-func (r *Router) held(fullMethod string, b proxy.Backend, node string, self bool) proxy.Backend {
+// budget; any other call's backend is returned as it is. The budget counts
+// the call against b's node: this gateway's own by its inventory name
+// (whatever name the caller used), another by its key.
+func (r *Router) held(rs *rules, fullMethod string, b proxy.Backend, self bool) proxy.Backend {
 	if r.d.Budget == nil || !r.d.Budget.Disruptive(fullMethod) {
 		return b
 	}
-	if node == "" {
-		node = proxy.KeyOf(b)
+	node := proxy.KeyOf(b)
+	if self {
+		node = rs.selfNode(r.d.Inventory)
 	}
 	g := gate{budget: r.d.Budget, method: fullMethod, target: node, self: self}
 	switch b := b.(type) {
@@ -211,15 +213,6 @@ func (r *Router) held(fullMethod string, b proxy.Backend, node string, self bool
 	return b
 }
 
-// holdLocal holds a disruptive call to the local node that names no
-// node: the budget counts it against this node's inventory name.
-func (r *Router) holdLocal(fullMethod string, l *Local, rs *rules) proxy.Backend {
-	if r.d.Budget == nil || !r.d.Budget.Disruptive(fullMethod) {
-		return l
-	}
-	return r.held(fullMethod, l, rs.selfNode(r.d.Inventory), true)
-}
-
 // heldLocal is the local node as the destination of a disruptive call.
 type heldLocal struct {
 	*Local
@@ -227,7 +220,7 @@ type heldLocal struct {
 }
 
 // Await implements proxy.Gated.
-func (h heldLocal) Await(ctx context.Context, request []byte) (func(codes.Code, []byte), error) {
+func (h heldLocal) Await(ctx context.Context, request []byte) (func(proxy.Outcome), error) {
 	return h.budget.Hold(ctx, h.method, h.target, h.self, request)
 }
 
@@ -239,7 +232,7 @@ type heldRemote struct {
 
 // Await implements proxy.Gated. A call the budget refused says nothing of
 // the node.
-func (h heldRemote) Await(ctx context.Context, request []byte) (func(codes.Code, []byte), error) {
+func (h heldRemote) Await(ctx context.Context, request []byte) (func(proxy.Outcome), error) {
 	end, err := h.budget.Hold(ctx, h.method, h.target, h.self, request)
 	if err != nil {
 		h.refused = true

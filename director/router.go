@@ -92,7 +92,7 @@ type Budget interface {
 	// Hold waits for the call of fullMethod with request to node (self:
 	// this gateway's own) to fit the budget, for the caller in ctx; end
 	// is told how the call ended.
-	Hold(ctx context.Context, fullMethod, node string, self bool, request []byte) (end func(codes.Code, []byte), err error)
+	Hold(ctx context.Context, fullMethod, node string, self bool, request []byte) (end func(proxy.Outcome), err error)
 	// Forwarded vets a call another apid forwarded, which is never held
 	// here.
 	Forwarded(ctx context.Context) error
@@ -235,13 +235,13 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	case len(resolved) == 0:
 		l := r.local("", Dest{}, out)
 		l.share = share
-		return oneToOne(r.holdLocal(fullMethod, l, rs), kind), nil
+		return oneToOne(r.held(rs, fullMethod, l, true), kind), nil
 	case !fanOut:
 		b := r.backendOf(rs, resolved[0], out, forwarded(out, md), share)
 		if rb, ok := b.(*Remote); ok {
 			rb.mayRefuse = true // one node: fail fast while it is ejected
 		}
-		return oneToOne(r.held(fullMethod, b, "", resolved[0].self), kind), nil
+		return oneToOne(r.held(rs, fullMethod, b, resolved[0].self), kind), nil
 	}
 	if err := rs.mayFanOut(fullMethod, md, resolved); err != nil {
 		return proxy.Route{}, err
@@ -270,7 +270,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 				skippable--
 			}
 		}
-		backends[i] = r.held(fullMethod, b, "", n.self)
+		backends[i] = r.held(rs, fullMethod, b, n.self)
 	}
 	return proxy.Route{Backends: backends, Mode: proxy.OneToMany, Kind: kind, NodeTimeout: timeout}, nil
 }

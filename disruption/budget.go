@@ -18,6 +18,7 @@ import (
 
 	"github.com/apid/apid/auth"
 	"github.com/apid/apid/inventory"
+	"github.com/apid/apid/proxy"
 )
 
 // Metadata keys of the escape hatch: an admin's call with
@@ -96,15 +97,24 @@ type slot struct {
 	effect  effect
 	boot    uint64 // the node's boot time when admitted; 0: unknown (it was down)
 	ended   time.Time
-	counted bool   // in the metrics' active gauge
-	key     string // its record in etcd, if shared
-	listed  bool   // its node was in the inventory when admitted
-	wasUp   bool   // its node answered when admitted
+	counted bool // in the metrics' active gauge
+	// failed: the call failed in a way that leaves open whether the node
+	// acted; the slot ends when the node has kept running, ready, on the
+	// same boot for ambiguousGrace after it.
+	failed bool
+	// What probes saw after the call ended, for a reboot whose node's
+	// boot was unknown when admitted: down at some point, and its boot
+	// time when first seen up.
+	sawDown  bool
+	postBoot uint64
+	key      string // its record in etcd, if shared
+	listed   bool   // its node was in the inventory when admitted
+	wasUp    bool   // its node answered when admitted
 }
 
 // what describes the slot for a person: "rebooting since 12:03:01, asked by CN=ops".
 func (s *slot) what() string {
-	verb := map[string]string{mReboot: "rebooting", mShutdown: "shut down", mReset: "being reset", mUpgrade: "upgrading",
+	verb := map[string]string{mReboot: "rebooting", mShutdown: "shut down", mReset: "being reset", mUpgrade: "upgrading", mRollback: "rolling back",
 		mApply: "applying a configuration", mEtcdLeave: "leaving etcd", mEtcdRemove: "losing its etcd member",
 		mServiceStop: "stopping etcd", mServiceRestart: "restarting etcd"}[s.method]
 	out := fmt.Sprintf("%s since %s, asked by %s", verb, s.since.UTC().Format(time.TimeOnly), s.caller)
@@ -230,7 +240,7 @@ func (b *Budget) Forwarded(ctx context.Context) error {
 // Hold waits until the call of fullMethod with request may go to node (self:
 // the node this gateway runs on), and returns what to tell the budget when
 // the call has ended. The caller is in ctx.
-func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, request []byte) (func(codes.Code, []byte), error) {
+func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, request []byte) (func(proxy.Outcome), error) {
 	cfg := b.Applied()
 	caller, _ := auth.CallerFrom(ctx)
 	force, reason, err := forced(ctx, caller)
@@ -245,7 +255,9 @@ func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, r
 		return nil, nil
 	}
 	if fullMethod == mEtcdRemove {
-		node = b.memberNode(ctx, node, request)
+		if node = b.memberNode(ctx, node, request); node == "" {
+			return nil, nil // a member of no node the inventory lists: removing it is recovery
+		}
 	}
 	who := caller.Subject
 	if who == "" {
@@ -254,6 +266,16 @@ func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, r
 	now := b.o.Now()
 	w := &waiter{node: node, self: self, method: fullMethod, caller: who, effect: e, since: now,
 		granted: make(chan struct{}), maybe: make(chan struct{}, 1)}
+
+	// Bounded per identity: counted before it may be held, so that a call
+	// admitted while being counted is never refused after.
+	if b.o.Admission != nil {
+		release, err := b.o.Admission.AdmitHeld(who, cfg.MaxHeldPerIdentity)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
 
 	// Fresh eyes on the nodes this call is judged against, and on the
 	// other gateways' disruptions, before judging.
@@ -299,17 +321,9 @@ func (b *Budget) Hold(ctx context.Context, fullMethod, node string, self bool, r
 	why := w.why
 	b.mu.Unlock()
 
-	// Held: bounded per identity, by maxWait and by the caller's deadline
-	// (less a margin, so that the status saying what held the call reaches
-	// the caller before its own deadline does).
-	if b.o.Admission != nil {
-		release, err := b.o.Admission.AdmitHeld(who, cfg.MaxHeldPerIdentity)
-		if err != nil {
-			b.leave(w)
-			return nil, err
-		}
-		defer release()
-	}
+	// Held: bounded by maxWait and by the caller's deadline (less a margin,
+	// so that the status saying what held the call reaches the caller
+	// before its own deadline does).
 	b.m.decided("held")
 	b.o.Log.Info("disruption held", "node", node, "method", fullMethod, "caller", who, "held_by", why)
 	b.poke()
@@ -382,13 +396,6 @@ func forced(ctx context.Context, caller auth.Caller) (bool, string, error) {
 	return true, reason, nil
 }
 
-// leave takes w out of the queue.
-func (b *Budget) leave(w *waiter) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.leaveLocked(w)
-}
-
 // leaveLocked takes w out of the queue (b.mu held).
 func (b *Budget) leaveLocked(w *waiter) {
 	if i := slices.Index(b.queue, w); i >= 0 {
@@ -439,12 +446,18 @@ func (b *Budget) node(name string) *nodeState {
 }
 
 // ender returns what the proxy calls when the call to node has ended.
-func (b *Budget) ender(s *slot, node string) func(codes.Code, []byte) {
-	return func(code codes.Code, reply []byte) {
+func (b *Budget) ender(s *slot, node string) func(proxy.Outcome) {
+	return func(out proxy.Outcome) {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		s.ended = b.o.Now()
+		code, reply := out.Code, out.Reply
 		switch {
+		case !out.Sent:
+			b.release(node, s, "the call was never sent")
+			return
+		case code != codes.OK && ambiguous(code) && s.wasUp:
+			s.failed = true // the node may have acted: watched a while
 		case code != codes.OK && !ambiguous(code):
 			// The node refused the call: nothing happened to it.
 			b.release(node, s, "the call failed: "+code.String())

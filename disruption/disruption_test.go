@@ -39,6 +39,7 @@ func TestClassify(t *testing.T) {
 		{"reboot", mReboot, marshal(t, &machine.RebootRequest{}), reboots},
 		{"shutdown", mShutdown, nil, reboots},
 		{"reset", mReset, marshal(t, &machine.ResetRequest{Graceful: true}), reboots},
+		{"rollback", mRollback, nil, reboots},
 		{"legacy upgrade", mUpgrade, marshal(t, &machine.UpgradeRequest{Image: "x"}), reboots},
 		{"apply, reboot mode", mApply, apply(machine.ApplyConfigurationRequest_REBOOT, false), reboots},
 		{"apply, auto mode", mApply, apply(machine.ApplyConfigurationRequest_AUTO, false), maybeReboots},
@@ -228,7 +229,12 @@ func TestBack(t *testing.T) {
 		{"new boot, not ready", reboot, observation{at: after, up: true, boot: 200}, false},
 		{"down", reboot, observation{at: after}, false},
 		{"new boot, ready", reboot, observation{at: after, up: true, ready: true, boot: 200}, true},
-		{"was down when admitted", &slot{effect: reboots, ended: ended}, observation{at: after, up: true, ready: true, boot: 100}, true},
+		{"boot unknown when admitted, not seen down since", &slot{effect: reboots, ended: ended}, observation{at: after, up: true, ready: true, boot: 100}, false},
+		{"boot unknown when admitted, seen down since", &slot{effect: reboots, ended: ended, sawDown: true}, observation{at: after, up: true, ready: true, boot: 100}, true},
+		{"boot unknown when admitted, a newer boot since", &slot{effect: reboots, ended: ended, postBoot: 90}, observation{at: after, up: true, ready: true, boot: 100}, true},
+		{"failed, same boot a moment later", &slot{effect: reboots, boot: 100, ended: ended, failed: true}, observation{at: after, up: true, ready: true, boot: 100}, false},
+		{"failed, same boot for the grace", &slot{effect: reboots, boot: 100, ended: ended, failed: true}, observation{at: ended.Add(ambiguousGrace), up: true, ready: true, boot: 100}, true},
+		{"failed, rebooted all the same", &slot{effect: reboots, boot: 100, ended: ended, failed: true}, observation{at: after, up: true, ready: true, boot: 200}, true},
 		{"etcd left, ready again", &slot{effect: degrades, boot: 100, ended: ended}, observation{at: after, up: true, ready: true, boot: 100}, true},
 	} {
 		if got := back(c.s, c.seen) != ""; got != c.back {

@@ -28,6 +28,7 @@ const (
 	mShutdown       = "/machine.MachineService/Shutdown"
 	mReset          = "/machine.MachineService/Reset"
 	mUpgrade        = "/machine.MachineService/Upgrade"
+	mRollback       = "/machine.MachineService/Rollback"
 	mApply          = "/machine.MachineService/ApplyConfiguration"
 	mEtcdLeave      = "/machine.MachineService/EtcdLeaveCluster"
 	mEtcdRemove     = "/machine.MachineService/EtcdRemoveMemberByID"
@@ -44,6 +45,7 @@ var methods = map[string]effect{
 	mShutdown:       reboots,
 	mReset:          reboots,
 	mUpgrade:        reboots, // the legacy upgrade reboots by itself
+	mRollback:       reboots, // reverts the boot entry, then reboots
 	mApply:          maybeReboots,
 	mEtcdLeave:      degrades,
 	mEtcdRemove:     degrades,

@@ -205,6 +205,13 @@ func (b *Budget) observe(ctx context.Context, nodes []string) {
 func (b *Budget) settle(v view) {
 	for name, n := range b.nodes {
 		for _, s := range slices.Clone(n.slots) {
+			if !s.ended.IsZero() && n.seen.at.After(s.ended) {
+				if !n.seen.up {
+					s.sawDown = true
+				} else if s.postBoot == 0 {
+					s.postBoot = n.seen.boot
+				}
+			}
 			if why := back(s, n.seen); why != "" {
 				b.release(name, s, why)
 			} else if _, listed := v.inv.Lookup(name); !listed && v.inv.Len() > 0 && s.listed {
@@ -219,16 +226,32 @@ func (b *Budget) settle(v view) {
 // not: the call has ended, a probe begun after it found the node answering
 // and ready, and, for a reboot, on a new boot.
 func back(s *slot, seen observation) string {
+	newBoot := fmt.Sprintf("back: a new boot (boot time %d), services healthy", seen.boot)
 	switch {
 	case s.ended.IsZero() || !seen.at.After(s.ended) || !seen.up || !seen.ready:
 		return ""
+	case s.failed && s.boot != 0 && seen.boot != s.boot:
+		return newBoot
+	case s.failed && seen.at.Sub(s.ended) >= ambiguousGrace:
+		return fmt.Sprintf("the call failed and the node kept running, ready, on the same boot for %s", ambiguousGrace)
+	case s.failed:
+		return ""
 	case s.effect == reboots && s.boot != 0 && seen.boot == s.boot:
 		return "" // not rebooted yet
+	case s.effect == reboots && s.boot == 0 && !s.sawDown && (s.postBoot == 0 || seen.boot == s.postBoot):
+		// Its boot was unknown when admitted: seen down since, or on a
+		// boot newer than the first seen after the call.
+		return ""
 	case s.effect == reboots:
-		return fmt.Sprintf("back: a new boot (boot time %d), services healthy", seen.boot)
+		return newBoot
 	}
 	return "back: services healthy"
 }
+
+// ambiguousGrace is how long a node whose disruptive call failed without
+// saying whether it acted must keep running on the same boot for the
+// call's slot to end.
+const ambiguousGrace = 30 * time.Second
 
 // watch probes, every probe interval, the nodes with a disruption not over
 // and those held calls are judged against, until Close.
@@ -308,6 +331,7 @@ func (b *Budget) memberNode(ctx context.Context, node string, request []byte) st
 			if n, ok := b.o.Inventory().Lookup(mem.GetHostname()); ok {
 				return n.Name
 			}
+			return "" // its node is gone from the inventory: the member of a dead node
 		}
 	}
 	return node

@@ -95,6 +95,9 @@ type record struct {
 	Caller  string    `json:"caller"`
 	Since   time.Time `json:"since"`
 	Forced  bool      `json:"forced,omitempty"`
+	// Lease is the writer's lease: a gateway knows its own records by it,
+	// not by its name, which two gateways may share.
+	Lease int64 `json:"lease"`
 }
 
 // what describes r for a person, as slot.what does.
@@ -116,8 +119,14 @@ type shared struct {
 	cli    *clientv3.Client     // replaced when steered
 	sess   *concurrency.Session // nil until needed, or once lost or idle
 	claims int                  // claims running on sess
-	avoid  []string             // endpoints left out (their members' nodes are down)
+	keys   int                  // records written on sess and not deleted
+	closed bool
+	avoid  []string // endpoints left out (their members' nodes are down)
 }
+
+// errNoLease wraps the failure to get a lease: etcd cannot be asked at
+// all (no quorum, unreachable), unlike a lock that is merely busy.
+var errNoLease = errors.New("no lease from etcd")
 
 // steer keeps this gateway's etcd client off the members of the nodes in
 // hosts (addresses), while others serve: a lease's keep-alive stream on a
@@ -138,7 +147,7 @@ func (s *shared) steer(hosts []string) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if slices.Equal(avoid, s.avoid) || s.claims > 0 {
+	if slices.Equal(avoid, s.avoid) || s.claims > 0 || s.closed {
 		return // the same, or later: a claim uses the client now
 	}
 	// A new client on the members kept, the lease carried over to it;
@@ -172,10 +181,16 @@ func (s *shared) client() *clientv3.Client {
 // claim runs: a session keeps a stream open on one member, for nothing.
 func (s *shared) idle() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.sess != nil && s.claims == 0 {
-		_ = s.sess.Close()
-		s.sess = nil
+	var sess *concurrency.Session
+	if s.sess != nil && s.claims == 0 && s.keys == 0 {
+		sess, s.sess = s.sess, nil
+	}
+	s.mu.Unlock()
+	if sess != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), etcdTimeout)
+		defer cancel()
+		_, _ = sess.Client().Revoke(ctx, sess.Lease())
+		sess.Orphan()
 	}
 }
 
@@ -253,12 +268,12 @@ func (s *shared) session(ctx context.Context) (*concurrency.Session, error) {
 	grant, err := s.cli.Grant(ctx, int64(s.cfg.LeaseTTL/time.Second))
 	if err != nil {
 		s.claims--
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", errNoLease, err)
 	}
 	sess, err := concurrency.NewSession(s.cli, concurrency.WithLease(grant.ID))
 	if err != nil {
 		s.claims--
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", errNoLease, err)
 	}
 	s.sess = sess
 	return sess, nil
@@ -266,14 +281,20 @@ func (s *shared) session(ctx context.Context) (*concurrency.Session, error) {
 
 // list reads every gateway's records, by node, without this gateway's.
 func (s *shared) list(ctx context.Context) (map[string][]record, error) {
-	resp, err := s.client().Get(ctx, s.cfg.Prefix, clientv3.WithPrefix())
+	s.mu.Lock()
+	cli, own := s.cli, clientv3.NoLease
+	if s.sess != nil {
+		own = s.sess.Lease()
+	}
+	s.mu.Unlock()
+	resp, err := cli.Get(ctx, s.cfg.Prefix, clientv3.WithPrefix())
 	if err != nil {
 		return nil, err
 	}
 	out := map[string][]record{}
 	for _, kv := range resp.Kvs {
 		var r record
-		if json.Unmarshal(kv.Value, &r) != nil || r.Node == "" || r.Gateway == s.gateway {
+		if json.Unmarshal(kv.Value, &r) != nil || r.Node == "" || (own != clientv3.NoLease && clientv3.LeaseID(r.Lease) == own) {
 			continue
 		}
 		out[r.Node] = append(out[r.Node], r)
@@ -281,9 +302,9 @@ func (s *shared) list(ctx context.Context) (map[string][]record, error) {
 	return out, nil
 }
 
-// key is where a record of this gateway's call id lives.
-func (s *shared) key(node string, id uint64) string {
-	return fmt.Sprintf("%s%s/%s/%d", s.cfg.Prefix, node, s.gateway, id)
+// key is where a record of this gateway's call id lives, on lease.
+func (s *shared) key(node string, lease clientv3.LeaseID, id uint64) string {
+	return fmt.Sprintf("%s%s/%s-%x/%d", s.cfg.Prefix, node, s.gateway, int64(lease), id)
 }
 
 // claim takes the cluster-wide lock of the budget, reads the others'
@@ -340,22 +361,38 @@ func (s *shared) record(ctx context.Context, r record, id uint64) (string, error
 }
 
 func (s *shared) put(ctx context.Context, sess *concurrency.Session, r record, id uint64) (string, bool, error) {
+	r.Lease = int64(sess.Lease())
 	v, err := json.Marshal(r)
 	if err != nil {
 		return "", false, err
 	}
-	key := s.key(r.Node, id)
+	key := s.key(r.Node, sess.Lease(), id)
 	if _, err := sess.Client().Put(ctx, key, string(v), clientv3.WithLease(sess.Lease())); err != nil {
 		return "", false, err
 	}
+	s.mu.Lock()
+	s.keys++
+	s.mu.Unlock()
 	return key, true, nil
 }
 
-// drop deletes a record once its disruption is over.
+// drop deletes a record once its disruption is over (trying again once
+// on the client of the moment, if steer replaced the one it began with).
 func (s *shared) drop(key string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), etcdTimeout)
-	defer cancel()
-	_, err := s.client().Delete(ctx, key)
+	defer func() {
+		s.mu.Lock()
+		s.keys--
+		s.mu.Unlock()
+	}()
+	var err error
+	for range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), etcdTimeout)
+		_, err = s.client().Delete(ctx, key)
+		cancel()
+		if err == nil {
+			return nil
+		}
+	}
 	return err
 }
 
@@ -363,6 +400,7 @@ func (s *shared) drop(key string) error {
 // disconnects.
 func (s *shared) close() {
 	s.mu.Lock()
+	s.closed = true
 	if s.sess != nil {
 		_ = s.sess.Close()
 	}
@@ -396,6 +434,11 @@ func (b *Budget) claim(ctx context.Context, w *waiter) bool {
 	}, func(key string) {
 		b.mu.Lock()
 		defer b.mu.Unlock()
+		if w.slot != nil || w.err != nil {
+			// Refused meanwhile (a drain): the record goes again.
+			go func() { _ = b.shared.drop(key) }()
+			return
+		}
 		b.admitFromQueue(w).key = key
 		b.syncShared()
 	})
@@ -412,6 +455,11 @@ func (b *Budget) claim(ctx context.Context, w *waiter) bool {
 	}
 	w.candidate = false
 	if ctx.Err() != nil {
+		return false
+	}
+	if !errors.Is(err, errNoLease) {
+		// The lock is busy or etcd slow: asked again at the next turn.
+		w.why = "held: the budget shared in etcd did not answer in time (" + describe(err) + "); asking again"
 		return false
 	}
 	if !slices.Contains(b.view(b.Applied()).cp, w.node) {

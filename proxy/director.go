@@ -117,9 +117,19 @@ type Gated interface {
 	Backend
 	// Await returns when the call may go to the backend, or an error (a
 	// gRPC status) and the call is not sent to it. request is the call's
-	// one request message for unary and server-streaming methods, nil for
-	// the others. end, if not nil, is called once, when the backend's
-	// part has ended, with its status code and, for a unary method, its
-	// reply (valid only during the call).
-	Await(ctx context.Context, request []byte) (end func(code codes.Code, reply []byte), err error)
+	// one request message (only unary methods are gated). end, if not
+	// nil, is called once, when the backend's part has ended, with how.
+	Await(ctx context.Context, request []byte) (end func(Outcome), err error)
+}
+
+// Outcome is how a gated backend's part of a call ended.
+type Outcome struct {
+	// Sent: the call reached the backend's connection (it may have acted
+	// on it); false when it was refused before (no connection, a share
+	// refused, the caller gone).
+	Sent bool
+	// Code is the backend's status.
+	Code codes.Code
+	// Reply is the backend's reply message, valid only during the call.
+	Reply []byte
 }

@@ -31,6 +31,9 @@ func (h *Handler) oneToMany(ss grpc.ServerStream, method string, route Route) er
 		return status.Errorf(codes.InvalidArgument,
 			"%s is %s: a call to several nodes must send exactly one request; address one node instead", method, route.Kind)
 	}
+	if route.Kind != Unary && anyGated(route.Backends) {
+		return status.Errorf(codes.FailedPrecondition, "%s may take its nodes down, and is declared %s: the disruption budget holds unary calls only", method, route.Kind)
+	}
 	req, err := readSingleRequest(ss, method)
 	if err != nil {
 		return err
@@ -204,7 +207,7 @@ func (h *Handler) callGated(ss grpc.ServerStream, method string, route Route, re
 		wg.Add(1)
 		h.workers.run(func() {
 			defer wg.Done()
-			var end func(codes.Code, []byte)
+			var end func(Outcome)
 			if g, ok := b.(Gated); ok {
 				var err error
 				if end, err = g.Await(ss.Context(), request); err != nil {
@@ -218,10 +221,11 @@ func (h *Handler) callGated(ss grpc.ServerStream, method string, route Route, re
 			defer cancel()
 			bctx, call := h.started(ctx, b, Unary)
 			calls[i] = call
-			parts[i] = h.callUnary(bctx, method, b, req, &replies[i], md, held)
+			var sent bool
+			parts[i] = h.callUnaryFrom(bctx, method, b, req, &replies[i], md, held, &sent)
 			call.end()
 			if end != nil {
-				end(parts[i].Code, parts[i].Body)
+				end(Outcome{Sent: sent, Code: parts[i].Code, Reply: parts[i].Body})
 			}
 		})
 	}
@@ -275,8 +279,17 @@ func replyMargin(left time.Duration) time.Duration {
 // error entry) instead of held, so one call cannot hoard memory for a merge
 // that could never be sent (the reference was OOM-killed this way).
 func (h *Handler) callUnary(ctx context.Context, method string, b Backend, req *frame, reply *frame, md *replyMD, held *atomic.Int64) aggregate.Part {
+	return h.callUnaryFrom(ctx, method, b, req, reply, md, held, nil)
+}
+
+// callUnaryFrom is callUnary telling, through sent when not nil, whether
+// the call went past Connect.
+func (h *Handler) callUnaryFrom(ctx context.Context, method string, b Backend, req *frame, reply *frame, md *replyMD, held *atomic.Int64, sent *bool) aggregate.Part {
 	part := aggregate.Part{Host: b.Name()}
 	outCtx, conn, release, err := b.Connect(ctx, method)
+	if err == nil && sent != nil {
+		*sent = ctx.Err() == nil
+	}
 	if err == nil {
 		var header, trailer metadata.MD
 		sent := req.share()

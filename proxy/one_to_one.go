@@ -18,7 +18,12 @@ var relayDesc = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 // oneToOne relays frames both ways between the client and one backend, and
 // hands the backend's header, trailer and status back untouched.
 func (h *Handler) oneToOne(ss grpc.ServerStream, method string, b Backend, kind Kind) (err error) {
-	if g, ok := b.(Gated); ok && kind == Unary {
+	if g, ok := b.(Gated); ok {
+		if kind != Unary {
+			// The budget judges one request and its reply: a method
+			// declared as streaming is refused rather than let past it.
+			return status.Errorf(codes.FailedPrecondition, "%s may take its node down, and is declared %s: the disruption budget holds unary calls only", method, kind)
+		}
 		return h.oneToOneGated(ss, method, g)
 	}
 	ctx, cancel := context.WithCancel(ss.Context())
@@ -150,16 +155,15 @@ func (h *Handler) oneToOneGated(ss grpc.ServerStream, method string, g Gated) (e
 	}
 	var reply frame
 	defer reply.release()
-	code, kept := codes.OK, []byte(nil)
+	var out Outcome // what the gate hears: the node's status, not the relay's
 	if end != nil {
-		defer func() { end(code, kept) }()
+		defer func() { end(out) }()
 	}
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	bctx, call := h.started(ctx, g, Unary)
 	defer func() {
 		st := status.Convert(err)
-		code = st.Code()
 		call.settle(st.Code(), st.Message())
 	}()
 	outCtx, conn, release, err := g.Connect(bctx, method)
@@ -173,8 +177,12 @@ func (h *Handler) oneToOneGated(ss grpc.ServerStream, method string, g Gated) (e
 		}()
 	}
 	var header, trailer metadata.MD
-	err = conn.Invoke(outCtx, method, req.share(), &reply,
+	sent := req.share()
+	out.Sent = ss.Context().Err() == nil
+	err = conn.Invoke(outCtx, method, sent, &reply,
 		grpc.ForceCodecV2(h.codec), grpc.Header(&header), grpc.Trailer(&trailer))
+	sent.release() // a no-op unless the send never reached the codec
+	out.Code = status.Code(err)
 	if len(header) > 0 {
 		if herr := ss.SendHeader(header); herr != nil && err == nil {
 			err = herr
@@ -187,7 +195,7 @@ func (h *Handler) oneToOneGated(ss grpc.ServerStream, method string, g Gated) (e
 	if end != nil {
 		// The send takes the reply's buffers; the gate reads a copy (the
 		// replies of calls that are gated are a few bytes).
-		kept = bytes.Clone(reply.bytes())
+		out.Reply = bytes.Clone(reply.bytes())
 	}
 	return ss.SendMsg(&reply)
 }
