@@ -178,6 +178,20 @@ func TestJudge(t *testing.T) {
 	if why := b.judge(v, at("cp-1", false), nil, nil); why != "" {
 		t.Errorf("the down node itself held: %s", why)
 	}
+	// A control-plane node seen down once counts as down for the others,
+	// but is not let through itself on one probe: two in a row.
+	b.node("cp-1").slots = nil
+	b.node("cp-3").seen = observation{at: time.Now(), why: "down since 12:00:00 (Unavailable: no route)", streak: 1}
+	b.node("cp-2").seen = observation{at: time.Now(), why: "down since 12:00:00 (Unavailable: no route)", streak: 1}
+	if why := b.judge(v, at("cp-2", false), nil, nil); !strings.Contains(why, "below its quorum") {
+		t.Errorf("a node down on one probe let through while another is down: %q", why)
+	}
+	b.node("cp-2").seen.streak = 2
+	if why := b.judge(v, at("cp-2", false), nil, nil); why != "" {
+		t.Errorf("a node down on two probes in a row held: %q", why)
+	}
+	b.node("cp-2").seen, b.node("cp-3").seen = observation{}, observation{}
+
 	// Workers: one at a time, and a node seen down counts.
 	b.node("w-1").seen = observation{at: time.Now(), why: "down since 12:00:00 (Unavailable: no route)"}
 	why = b.judge(v, at("w-2", false), nil, nil)

@@ -57,6 +57,20 @@ func (b *Budget) unavailable(node string) bool {
 	return n != nil && (len(n.slots) > 0 || (!n.seen.at.IsZero() && !n.seen.ready))
 }
 
+// downAlready reports whether node is down for certain enough to be
+// disrupted again whatever the budget (b.mu held): a disruption of it not
+// over, or two probes in a row that found it down or not ready. One
+// failed probe is enough to count it as down for the others (the safe
+// side) but not to let a second disruption through (a blip on a healthy
+// control-plane node must not cost etcd its quorum).
+func (b *Budget) downAlready(node string) bool {
+	if len(b.remote[node]) > 0 {
+		return true
+	}
+	n := b.nodes[node]
+	return n != nil && (len(n.slots) > 0 || n.seen.streak >= 2)
+}
+
 // state says why node is unavailable, for a person (b.mu held).
 func (b *Budget) state(node string) string {
 	n := b.nodes[node]
@@ -117,7 +131,7 @@ func (b *Budget) dispatch() {
 // the calls ahead of it that wait; pending every call held before this
 // dispatch.
 func (b *Budget) judge(v view, w *waiter, blocked, pending []*waiter) string {
-	if b.unavailable(w.node) {
+	if b.downAlready(w.node) {
 		return "" // down already: counted once, and fixing it is the point
 	}
 	for _, o := range blocked {
@@ -133,7 +147,7 @@ func (b *Budget) judge(v view, w *waiter, blocked, pending []*waiter) string {
 		}
 		var down []string
 		for _, m := range v.members[i] {
-			if b.unavailable(m) {
+			if m != w.node && b.unavailable(m) {
 				down = append(down, m)
 			}
 		}
@@ -145,7 +159,7 @@ func (b *Budget) judge(v view, w *waiter, blocked, pending []*waiter) string {
 	if slices.Contains(v.cp, w.node) {
 		var down []string
 		for _, m := range v.cp {
-			if b.unavailable(m) {
+			if m != w.node && b.unavailable(m) {
 				down = append(down, m)
 			}
 		}

@@ -23,6 +23,9 @@ type observation struct {
 	boot  uint64    // its boot time (SystemStat), when up
 	ready bool      // its services healthy and, on the control plane, its etcd member
 	why   string    // why not ready, for a person
+	// streak counts the probes in a row, this one included, that found
+	// the node down or not ready.
+	streak int
 }
 
 // probeTimeout bounds one probe of one node.
@@ -193,6 +196,12 @@ func (b *Budget) observe(ctx context.Context, nodes []string) {
 		}
 		st := b.node(n)
 		if seen[i].at.After(st.seen.at) {
+			if !seen[i].ready {
+				seen[i].streak = 1
+				if !st.seen.at.IsZero() && !st.seen.ready {
+					seen[i].streak = st.seen.streak + 1
+				}
+			}
 			st.seen = seen[i]
 		}
 	}

@@ -8,7 +8,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +20,8 @@ import (
 
 	"github.com/siderolabs/talos/pkg/machinery/client"
 	clientconfig "github.com/siderolabs/talos/pkg/machinery/client/config"
+
+	"github.com/apid/apid/internal/testkit"
 )
 
 // apidBin is the apid binary built once for all tests, with the race
@@ -242,22 +243,7 @@ type cluster struct {
 // disruptions reads apid_disruptions{state} from node-1's apid (its admin
 // endpoint is on the next port up); -1 when it cannot.
 func (c *cluster) disruptions(state string) int {
-	resp, err := http.Get(fmt.Sprintf("http://%s/metrics", net.JoinHostPort(c.nodes[0], strconv.Itoa(c.port+1))))
-	if err != nil {
-		return -1
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	for line := range strings.SplitSeq(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, `apid_disruptions{state="`+state+`"} `); ok {
-			n, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil {
-				return -1
-			}
-			return n
-		}
-	}
-	return -1
+	return int(testkit.Metric(net.JoinHostPort(c.nodes[0], strconv.Itoa(c.port+1)), `apid_disruptions{state="`+state+`"}`))
 }
 
 // startDemo runs `apid demo` with n nodes on 127.0.<subnet>.11 and up.

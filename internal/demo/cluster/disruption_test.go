@@ -484,19 +484,7 @@ func (c *rollingCluster) settle() {
 // disruptions reads apid_disruptions{state=...} from node-1's admin
 // endpoint; -1 when it cannot.
 func (c *rollingCluster) disruptions(state string) int {
-	resp, err := http.Get(fmt.Sprintf("http://%s/metrics", net.JoinHostPort(c.ip, strconv.Itoa(c.port+1))))
-	if err != nil {
-		return -1
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	for line := range strings.SplitSeq(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, `apid_disruptions{state="`+state+`"} `); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n
-		}
-	}
-	return -1
+	return int(testkit.Metric(net.JoinHostPort(c.ip, strconv.Itoa(c.port+1)), `apid_disruptions{state="`+state+`"}`))
 }
 
 func b64(pem []byte) string { return base64.StdEncoding.EncodeToString(pem) }
