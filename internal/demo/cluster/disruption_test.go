@@ -38,7 +38,7 @@ import (
 // etcd member down for a second, and the admin's official client, through
 // node-1's apid.
 type rollingCluster struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	ip      string // node-1's
 	port    int
@@ -55,7 +55,7 @@ func startRollingCluster(t *testing.T, first string) *rollingCluster {
 
 // startCluster starts a demo of n nodes whose reboots keep a node down
 // for downtime.
-func startCluster(t *testing.T, first string, n int, downtime time.Duration) *rollingCluster {
+func startCluster(t testing.TB, first string, n int, downtime time.Duration) *rollingCluster {
 	l, err := net.Listen("tcp", first+":0")
 	if err != nil {
 		t.Skipf("no %s here: %v", first, err)
@@ -488,3 +488,42 @@ func (c *rollingCluster) disruptions(state string) int {
 }
 
 func b64(pem []byte) string { return base64.StdEncoding.EncodeToString(pem) }
+
+// BenchmarkRollingReboot: the 3 + 2 demo with its default downtime (2 s),
+// talosctl's per-node sequence through node-1's apid, each figure timed
+// until node-1's apid counts no disruption held or active (every node back
+// and ready): the five nodes rebooted one after another (seq-s), and all
+// five asked at once, the budget ordering them (at-once-s).
+func BenchmarkRollingReboot(b *testing.B) {
+	c := startCluster(b, "127.0.89.11", 5, 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	all := []string{"node-2", "node-3", "node-4", "node-5", "node-1"}
+	var seq, atOnce time.Duration
+	for b.Loop() {
+		for _, n := range all {
+			c.settle()
+			start := time.Now()
+			if err := rebootLikeTalosctl(ctx, c.admin, n); err != nil {
+				b.Fatal(err)
+			}
+			c.settle()
+			seq += time.Since(start)
+		}
+		start := time.Now()
+		var wg sync.WaitGroup
+		for _, n := range all {
+			wg.Go(func() {
+				if err := rebootLikeTalosctl(ctx, c.admin, n); err != nil {
+					b.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		c.settle()
+		atOnce += time.Since(start)
+	}
+	b.ReportMetric(seq.Seconds()/float64(b.N), "seq-s")
+	b.ReportMetric(atOnce.Seconds()/float64(b.N), "at-once-s")
+	b.ReportMetric(0, "ns/op")
+}
