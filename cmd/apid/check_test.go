@@ -61,6 +61,8 @@ func TestCheckRefusesWhatCannotWork(t *testing.T) {
 			"limits.bufferdBytes is not a configuration key: did you mean limits.bufferedBytes?"},
 		{"no identity to forward with", own + "selfNames: [127.0.0.1, cp-1]\n",
 			"clientCert: not set, and cert"},
+		{"the forwarding key as the etcd client's", own + fwd + "disruption:\n  etcd:\n    endpoints: [https://127.0.0.1:2379]\n    ca: " + dir + "/ca.crt\n    cert: " + dir + "/cp-1-client.crt\n    key: " + dir + "/cp-1-client.key\n",
+			"disruption.etcd.key " + dir + "/cp-1-client.key is also apid's own key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			file := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".yaml")
@@ -84,6 +86,11 @@ func TestCheckRefusesWhatCannotWork(t *testing.T) {
 	out, errOut, err := runCmd(t, "check", "-config", file)
 	if err != nil || !strings.Contains(out, "configuration is valid") || !strings.Contains(errOut, "warning: listen :50000 is every address of this machine") {
 		t.Fatalf("check of a wildcard listen: %v\n%s%s", err, out, errOut)
+	}
+	// Without disruption.etcd, the disruption budget is this gateway's
+	// alone: a warning.
+	if !strings.Contains(errOut, "warning: disruption.etcd: not set, so the disruption budget is this gateway's alone") {
+		t.Errorf("check without disruption.etcd does not say the budget is per gateway:\n%s", errOut)
 	}
 
 	// A listen address the certificate lacks: a warning (behind a TCP
