@@ -431,29 +431,34 @@ func TestRollingByDefault(t *testing.T) {
 
 	t.Run("drain refuses what is held", func(t *testing.T) {
 		c.settle()
-		// Whatever is down now, node-2 after node-3 after node-1 cannot
-		// all be admitted: hold one, then stop the cluster.
+		// Three control-plane reboots at once: one goes, two are held
+		// (a turn lasts seconds); then the cluster stops.
 		var wg sync.WaitGroup
 		errs := make([]error, len(controlPlane))
 		for i, n := range controlPlane {
 			wg.Go(func() { errs[i] = c.admin.Reboot(client.WithNode(ctx, n)) })
 		}
-		if !testkit.Eventually(10*time.Second, func() bool { return c.heldNow() > 0 }) {
-			t.Error("no call held")
+		if !testkit.Eventually(10*time.Second, func() bool { return c.heldNow() >= 2 }) {
+			t.Errorf("%d calls held, want 2", c.heldNow())
 		}
 		c.stop()
 		wg.Wait()
 		refused := 0
 		for _, err := range errs {
-			if err != nil {
-				if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "retry through another gateway") {
-					t.Errorf("a held call at drain: %v", err)
-				}
+			switch {
+			case err == nil:
+			case status.Code(err) == codes.Unavailable && strings.Contains(err.Error(), "retry through another gateway"):
 				refused++
+			case status.Code(err) == codes.Unavailable && !strings.Contains(err.Error(), "held"):
+				// Admitted as the gateway stopped, and cut by the stop
+				// (the connection closed under it): not a held call.
+				t.Logf("a call admitted as the cluster stopped: %v", err)
+			default:
+				t.Errorf("a held call at drain: %v", err)
 			}
 		}
 		if refused == 0 {
-			t.Error("no call was held when the gateway drained")
+			t.Error("no held call was refused with the retry message when the gateway drained")
 		}
 	})
 }
