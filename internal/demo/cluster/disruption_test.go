@@ -364,7 +364,7 @@ func TestRollingByDefault(t *testing.T) {
 		if err := c.admin.Reboot(client.WithNode(ctx, "node-2")); err != nil {
 			t.Fatal(err)
 		}
-		short, cancelShort := context.WithTimeout(ctx, 1500*time.Millisecond)
+		short, cancelShort := context.WithTimeout(ctx, 2500*time.Millisecond)
 		err := c.admin.Reboot(client.WithNode(short, "node-3"))
 		cancelShort()
 		st := status.Convert(err)
