@@ -193,7 +193,7 @@ type gate struct {
 // the call against b's node: this gateway's own by its inventory name
 // (whatever name the caller used), another by its key.
 func (r *Router) held(rs *rules, fullMethod string, b proxy.Backend, self bool) proxy.Backend {
-	if r.d.Budget == nil || !r.d.Budget.Disruptive(fullMethod) {
+	if !r.holds(fullMethod) {
 		return b
 	}
 	node := proxy.KeyOf(b)
@@ -211,6 +211,11 @@ func (r *Router) held(rs *rules, fullMethod string, b proxy.Backend, self bool) 
 		return heldRemote{Remote: b, gate: g}
 	}
 	return b
+}
+
+// holds reports whether calls of fullMethod are held for the budget.
+func (r *Router) holds(fullMethod string) bool {
+	return r.d.Budget != nil && r.d.Budget.Disruptive(fullMethod)
 }
 
 // heldLocal is the local node as the destination of a disruptive call.

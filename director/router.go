@@ -259,6 +259,7 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 	if d, ok := ctx.Deadline(); ok && time.Until(d) <= timeout {
 		own = false
 	}
+	holds := r.holds(fullMethod) // asked once, not per node
 	for i, n := range resolved {
 		b := r.backendOf(rs, n, out, remote, share)
 		if rb, ok := b.(*Remote); ok {
@@ -270,7 +271,11 @@ func (r *Router) Route(ctx context.Context, fullMethod string) (proxy.Route, err
 				skippable--
 			}
 		}
-		backends[i] = r.held(rs, fullMethod, b, n.self)
+		if holds {
+			backends[i] = r.held(rs, fullMethod, b, n.self)
+		} else {
+			backends[i] = b
+		}
 	}
 	return proxy.Route{Backends: backends, Mode: proxy.OneToMany, Kind: kind, NodeTimeout: timeout}, nil
 }

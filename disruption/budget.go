@@ -232,10 +232,13 @@ func (b *Budget) Disruptive(fullMethod string) bool { return Disruptive(fullMeth
 func (b *Budget) Forwarded(ctx context.Context) error {
 	md, _ := metadata.FromIncomingContext(ctx)
 	if len(md[KeyDisruption]) > 0 {
-		return status.Errorf(codes.PermissionDenied, "%s is honoured only from the caller itself, never from a forwarded (proxyfrom) call", KeyDisruption)
+		return errForcedForwarded
 	}
 	return nil
 }
+
+// errForcedForwarded refuses the escape hatch on a forwarded call.
+var errForcedForwarded = status.Errorf(codes.PermissionDenied, "%s is honoured only from the caller itself, never from a forwarded (proxyfrom) call", KeyDisruption)
 
 // Hold waits until the call of fullMethod with request may go to node (self:
 // the node this gateway runs on), and returns what to tell the budget when
@@ -384,7 +387,7 @@ func forced(ctx context.Context, caller auth.Caller) (bool, string, error) {
 		return false, "", status.Errorf(codes.InvalidArgument, "%s: the one value is %q", KeyDisruption, Force)
 	}
 	if caller.Forwarded {
-		return false, "", status.Errorf(codes.PermissionDenied, "%s is honoured only from the caller itself, never from a forwarded (proxyfrom) call", KeyDisruption)
+		return false, "", errForcedForwarded
 	}
 	if !slices.Contains(caller.Roles, "os:admin") {
 		return false, "", status.Errorf(codes.PermissionDenied, "%s: force needs the os:admin role", KeyDisruption)

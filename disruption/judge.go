@@ -83,9 +83,6 @@ func (b *Budget) state(node string) string {
 	if n == nil {
 		return node + " is available"
 	}
-	if len(n.slots) > 0 {
-		return node + " is " + n.slots[0].what()
-	}
 	return node + " is " + n.seen.why
 }
 
